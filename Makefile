@@ -1,0 +1,43 @@
+# Every install step lives here (or in pyproject.toml). Targets are idempotent: `make setup`
+# is a no-op when pyproject.toml has not changed since the last install.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
+TORCH_CPU := torch==2.13.0
+DEEPSPEED := deepspeed>=0.18.6
+
+export DS_ACCELERATOR ?= cpu
+export RAY_USAGE_STATS_ENABLED = 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE = 1
+
+.PHONY: setup test quickstart lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH_CPU)
+	# DeepSpeed is an sdist: build it against the torch above, without build isolation
+	# (an isolated build environment would fetch a CUDA torch). No ops are pre-built.
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+quickstart: setup
+	$(BIN)/prolongctl quickstart
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/spec_plan.py
+
+clean:
+	rm -rf runs .pytest_cache

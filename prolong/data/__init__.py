@@ -1,0 +1,1 @@
+"""The data pipeline: sources, tokenization into shards, long-document builders, mixture, packing."""

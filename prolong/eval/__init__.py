@@ -1,0 +1,1 @@
+"""HELMET evaluation: task definitions, generators, metrics, reports."""

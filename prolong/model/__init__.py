@@ -1,0 +1,1 @@
+"""Model loading, RoPE theta, attention backends, loss, and FLOPs accounting."""

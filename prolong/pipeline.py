@@ -1,0 +1,87 @@
+"""The stage graph: stage identities, output locations, run order. Pure functions, no I/O.
+
+A stage's id is a short hash of its canonical spec, the ids of the stages it starts from, and its
+``rerun`` counter (part of the spec). The same id means the same run: resubmitting resumes it or,
+when complete, does nothing. Changing a spec changes the id of that stage and of every stage after
+it that starts from it; stages before it keep their ids and are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from prolong.spec import Job, ProLongPipeline
+
+ID_LENGTH = 8
+
+# Fields that decide where and how pods are scheduled, not what is computed. Changing them must not
+# re-run a finished 12K GPU-hour stage, so they stay out of the identity.
+SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
+    ("cluster", "image"),
+    ("cluster", "nodeSelector"),
+    ("cluster", "tolerations"),
+    ("cluster", "maxFailures"),
+    ("checkpoint", "keep"),
+    ("storage", "volumeClaim"),
+)
+
+DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """Where a stage lives: its pipeline, name, id and output directory."""
+
+    pipeline: str
+    stage: str
+    kind: str
+    id: str
+    upstream: tuple[str, ...]
+    """Ids of the stages this one starts from."""
+    storage_root: str
+
+    @property
+    def directory(self) -> str:
+        """<storageRoot>/<pipeline>/<stage>-<id>"""
+        return f"{self.storage_root.rstrip('/')}/{self.pipeline}/{self.stage}-{self.id}"
+
+
+def identity_payload(job: Job) -> dict[str, Any]:
+    """The part of a job's spec that determines its result (defaults filled in)."""
+    spec = job.spec.model_dump(mode="json", by_alias=True)
+    for path in SCHEDULING_ONLY:
+        node = spec
+        for key in path[:-1]:
+            node = node.get(key, {})
+        node.pop(path[-1], None)
+    return {"kind": job.kind, "spec": spec}
+
+
+def stage_id(job: Job, upstream_ids: tuple[str, ...] = ()) -> str:
+    canonical = json.dumps({"job": identity_payload(job), "upstream": list(upstream_ids)},
+                           sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH]
+
+
+def pipeline_stages(pipeline: ProLongPipeline, jobs: dict[str, Job]) -> list[StageRef]:
+    """Every stage of a validated pipeline, in run order, with ids chained through fromStage."""
+    refs: dict[str, StageRef] = {}
+    for stage in pipeline.spec.stages:
+        job = jobs[stage.name]
+        src = job.spec.model.from_stage
+        upstream = (refs[src].id,) if src else ()
+        refs[stage.name] = StageRef(pipeline.metadata.name, stage.name, job.kind,
+                                    stage_id(job, upstream), upstream, job.spec.storage.root)
+    return list(refs.values())
+
+
+def standalone_stage(job: Job) -> StageRef:
+    """A job run on its own: pipeline = its name, stage = its kind's default name. A fromStage in a
+    standalone file is unresolved here, so it enters the id by name."""
+    src = job.spec.model.from_stage
+    upstream = (f"unresolved:{src}",) if src else ()
+    return StageRef(job.metadata.name, DEFAULT_STAGE_NAME[job.kind], job.kind,
+                    stage_id(job, upstream), upstream, job.spec.storage.root)

@@ -1,0 +1,929 @@
+"""Job specs: the single source of truth for what a ProLong stage is.
+
+Every spec file is a Kubernetes-style object (``apiVersion: prolong.dev/v1alpha1``, ``kind``,
+``metadata.name``, ``spec``). Validation happens in two passes:
+
+1. **Structure** (pydantic): types, ranges, enums, unknown fields (``extra="forbid"``: a typo must
+   never be silently ignored).
+2. **Recipe rules** (:func:`check_job`, :func:`check_pipeline`): cross-field rules such as
+   "proportions sum to 1" or "sequence length divisible by SP x 256". They live in plain functions
+   that return :class:`SpecIssue` objects with an exact field path, because a pydantic model
+   validator can only point at the whole model, and a user needs to know *which* field to fix.
+
+YAML uses camelCase (Kubernetes convention); Python attributes are snake_case. Attribute
+docstrings become field descriptions (``use_attribute_docstrings``), which the CRD generator reuses.
+Loading files, resolving pipeline references and turning errors into one-line messages live in
+:mod:`prolong.specfile`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from prolong.eval.tasks import HELMET_TASKS
+
+API_VERSION = "prolong.dev/v1alpha1"
+JOB_KINDS = ("PretrainJob", "SFTJob", "EvalJob")
+KINDS = (*JOB_KINDS, "ProLongPipeline")
+
+# Ulysses splits the sequence into SP shards; each shard must stay a multiple of 256 tokens so that
+# flash-attention tiles and the tiled-loss chunks line up.
+SEQ_ALIGN = 256
+PROPORTION_TOLERANCE = 1e-6
+
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+# Local corpora that `prolongctl data prepare` builds without any download (see prolong.data).
+EMBEDDED_CORPORA = ("code-repos", "books", "short-text", "sft-conversations")
+
+
+class SpecModel(BaseModel):
+    """Base for every spec section: camelCase in YAML, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        validate_default=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+ArchitecturePreset = Literal["llama3-8b", "llama3.2-1b", "tiny"]
+
+ARCHITECTURE_PRESETS: dict[str, dict[str, Any]] = {
+    # Llama-3-8B (RECIPE.md): 32 layers, hidden 4096, 32 query heads, 8 KV heads, MLP 14336.
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+                      tie_word_embeddings=False),
+    # Llama-3.2-1B: the "1B-shape" model used for single-GPU throughput checks.
+    "llama3.2-1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=32,
+                        num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                        tie_word_embeddings=True),
+    # A Llama small enough to train on a 2-core CPU in seconds (quickstart and tests).
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=176, vocab_size=4096, tie_word_embeddings=False),
+}
+
+
+class ArchitectureSpec(SpecModel):
+    """Shape of a Llama-style decoder. Fields left out are taken from ``preset``."""
+
+    preset: ArchitecturePreset | None = None
+    """Named shape to start from: llama3-8b, llama3.2-1b or tiny. Explicit fields override it."""
+    num_layers: int | None = Field(None, ge=1)
+    """Number of transformer blocks (L)."""
+    hidden_size: int | None = Field(None, ge=8)
+    """Model width; the head dimension is hiddenSize / numAttentionHeads."""
+    num_attention_heads: int | None = Field(None, ge=1)
+    """Query heads (H)."""
+    num_key_value_heads: int | None = Field(None, ge=1)
+    """Key/value heads (grouped-query attention); must divide numAttentionHeads."""
+    intermediate_size: int | None = Field(None, ge=1)
+    """Width of the gated MLP."""
+    vocab_size: int | None = Field(None, ge=2)
+    """Vocabulary size; must equal the tokenizer's."""
+    tie_word_embeddings: bool | None = None
+    """Whether the LM head shares the input embedding matrix."""
+
+    @model_validator(mode="after")
+    def _fill_from_preset(self) -> ArchitectureSpec:
+        base = ARCHITECTURE_PRESETS.get(self.preset or "", {})
+        for name, value in base.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        missing = [to_camel(n) for n in ARCHITECTURE_PRESETS["tiny"] if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"needs a preset or explicit {', '.join(missing)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hiddenSize {self.hidden_size} is not divisible by "
+                             f"numAttentionHeads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"numAttentionHeads {self.num_attention_heads} is not divisible by "
+                             f"numKeyValueHeads {self.num_key_value_heads}")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+AttentionBackend = Literal["auto", "flash_attn", "torch_varlen", "flex", "sdpa"]
+
+
+class ModelSpec(SpecModel):
+    """Where the weights come from and how the model is configured for long context."""
+
+    source: str | None = None
+    """HF model id or local path of a pretrained causal LM (e.g. meta-llama/Meta-Llama-3-8B-Instruct).
+    Leave out, together with fromStage, to start from random weights of ``architecture``."""
+    from_stage: str | None = None
+    """Name of an earlier stage of the same pipeline whose final weights this stage starts from."""
+    init: Literal["weights", "weightsAndOptimizer"] = "weights"
+    """With fromStage: take only the weights (SFT, eval), or the weights and the AdamW state with a
+    fresh LR schedule (ProLong's stage 1 -> stage 2)."""
+    architecture: ArchitectureSpec | None = None
+    """Model shape. Required for random initialisation; with source or fromStage it is checked
+    against the loaded config and used by ``prolongctl plan``."""
+    rope_theta: float | None = Field(None, gt=0)
+    """RoPE base frequency. Left out: keep the checkpoint's (Llama-3: 5e5)."""
+    attention: AttentionBackend = "auto"
+    """Attention kernel: auto picks flash_attn, then torch_varlen, then flex, then sdpa (the
+    per-document CPU reference). All of them mask across packed documents."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+SourceFormat = Literal["jsonl", "parquet", "arrow", "hf_disk", "repo_dir", "text_dir", "mds",
+                       "embedded"]
+Packing = Literal["concat", "long", "conversation"]
+
+
+class TokenizerSpec(SpecModel):
+    """Which tokenizer turns text into ids."""
+
+    source: str | None = None
+    """HF id or local path. Left out: the model's source (or the upstream stage's tokenizer)."""
+    train_vocab_size: int | None = Field(None, ge=256)
+    """Train a byte-level BPE tokenizer of this size on the job's own streams (the quickstart
+    does this: no download). Must equal the architecture's vocabSize."""
+
+
+class DataStream(SpecModel):
+    """One source of documents and its share of the training tokens."""
+
+    domain: str = Field(pattern=DOMAIN_NAME)
+    """Name used in per-domain token counts and metrics; unique within a job."""
+    path: str
+    """File, directory or glob (or, with format embedded, the name of a local corpus)."""
+    format: SourceFormat
+    """jsonl / parquet / arrow / hf_disk (datasets.save_to_disk); repo_dir: every sub-directory is
+    one repository whose files are concatenated into one document; text_dir: one document per
+    file; mds: ProLong's released Mosaic shards (already tokenized); embedded: a corpus built
+    locally without download (code-repos, books, short-text, sft-conversations)."""
+    proportion: float = Field(gt=0, le=1)
+    """Share of the stage's training tokens drawn from this stream; shares sum to 1."""
+    packing: Packing = "concat"
+    """concat: short documents concatenated, the cut remainder starts the next row. long: each
+    document (at least targetLength tokens) is cut to targetLength and sequenceLength /
+    targetLength of them fill a row (one per row when equal). conversation: SFT conversations
+    concatenated, the cut remainder discarded."""
+    target_length: int | None = Field(None, ge=1)
+    """For long streams: tokens per document slot (default: the sequence length). 65536 inside a
+    524288 row packs 64K documents eight to a row, as ProLong's stage 2 does."""
+    min_length: int | None = Field(None, ge=1)
+    """Documents shorter than this are dropped (default: targetLength for long streams, 1
+    otherwise)."""
+    text_field: str = "text"
+    """Column holding the document text (jsonl, parquet, arrow, hf_disk)."""
+    messages_field: str = "messages"
+    """Column holding a conversation as a list of {role, content} (packing conversation)."""
+
+
+class DataSpec(SpecModel):
+    """The stage's data mixture."""
+
+    streams: list[DataStream] = Field(min_length=1)
+    """The mixture. Proportions are token shares and must sum to 1."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    """Tokenizer used for every stream."""
+    prepared_dir: str | None = None
+    """Where ``prolongctl data prepare`` writes token shards. Default: <storage.root>/data."""
+    seed: int = 0
+    """Seed of the mixture order (the same seed gives the same rows)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+
+class OptimizerSpec(SpecModel):
+    """AdamW settings (ProLong: betas 0.9/0.95, weight decay 0.1, clip 1.0)."""
+
+    name: Literal["adamw"] = "adamw"
+    """Only AdamW is supported."""
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    """Adam beta1 and beta2."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+
+
+class ScheduleSpec(SpecModel):
+    """Learning-rate schedule: linear warmup, then decay to a floor."""
+
+    peak_lr: float = Field(alias="peakLR", gt=0)
+    """Learning rate at the end of warmup."""
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    """Warmup as a fraction of all steps (ProLong: 0.1; SFT: 0.05). Default 0.1 when warmupSteps is
+    not given either."""
+    warmup_steps: int | None = Field(None, ge=0)
+    """Warmup in steps, instead of warmupRatio."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape after warmup."""
+    min_lr_ratio: float | None = Field(None, alias="minLRRatio", ge=0, le=1)
+    """Floor as a fraction of peakLR (ProLong: 0.1). Default 0.1 when minLR is not given either."""
+    min_lr: float | None = Field(None, alias="minLR", ge=0)
+    """Floor as an absolute value (ProLong SFT: 2e-6), instead of minLRRatio."""
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> ScheduleSpec:
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("give warmupRatio or warmupSteps, not both")
+        if self.min_lr_ratio is not None and self.min_lr is not None:
+            raise ValueError("give minLRRatio or minLR, not both")
+        return self
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        ratio = 0.1 if self.warmup_ratio is None else self.warmup_ratio
+        return round(ratio * total_steps)
+
+    @property
+    def floor_lr(self) -> float:
+        if self.decay == "constant":
+            return self.peak_lr
+        if self.min_lr is not None:
+            return self.min_lr
+        return self.peak_lr * (0.1 if self.min_lr_ratio is None else self.min_lr_ratio)
+
+
+class ParallelismSpec(SpecModel):
+    """How one stage is split across workers."""
+
+    sequence_parallel: int = Field(1, ge=1)
+    """Ulysses sequence-parallel degree (SP): each row is split over SP workers of one node.
+    ProLong's stage 2 uses 8."""
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    """DeepSpeed ZeRO stage (3 shards parameters, like ProLong's FSDP full sharding)."""
+    activation_checkpointing: bool = True
+    """Recompute activations in the backward pass (needed at 64K and beyond)."""
+    reorder_micro_batches: bool = True
+    """Sort each worker's micro-batches within a step by the sum of squared document lengths, so
+    that the k-th micro-step costs about the same everywhere (ProLong: +11.7% throughput)."""
+    offload_optimizer: bool = False
+    """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+
+
+class CheckpointSpec(SpecModel):
+    """Checkpoint cadence and retention."""
+
+    every_steps: int = Field(125, ge=1)
+    """Save every N optimizer steps (ProLong: 125 for pretraining, 250 for SFT). The last step is
+    always saved."""
+    keep: int = Field(2, ge=1)
+    """How many recent checkpoints to keep."""
+
+
+class StorageSpec(SpecModel):
+    """Where stage outputs live: <root>/<pipeline>/<stage>-<id>/."""
+
+    root: str = "./runs"
+    """Directory (local or a shared mount) or object-store URI (s3://, gs://)."""
+    volume_claim: str | None = None
+    """On Kubernetes: a ReadWriteMany PersistentVolumeClaim mounted at root."""
+
+
+class Toleration(SpecModel):
+    """A Kubernetes toleration for the worker pods."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+GPUType = Literal["H100", "H200", "A100", "B200"]
+
+
+class ClusterSpec(SpecModel):
+    """Where the stage runs: the shape of the Ray cluster."""
+
+    device: Literal["gpu", "cpu"] = "gpu"
+    """gpu: one worker per GPU; cpu: workers are CPU processes (gloo), for laptops and CI."""
+    nodes: int = Field(1, ge=1)
+    """Number of machines."""
+    workers_per_node: int = Field(8, ge=1)
+    """Training processes per machine (one per GPU)."""
+    gpu_type: GPUType = "H100"
+    """GPU model: used for scheduling and for the peak FLOP/s behind MFU and GPU-hour estimates."""
+    image: str | None = None
+    """Container image for the Ray pods (Kubernetes)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Kubernetes node selector for the worker pods."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Kubernetes tolerations for the worker pods."""
+    max_failures: int = Field(3, ge=0)
+    """Worker-group failures Ray Train recovers from (restarting from the last checkpoint)."""
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.workers_per_node
+
+
+# --------------------------------------------------------------------------------------------
+# Job kinds
+# --------------------------------------------------------------------------------------------
+
+class TrainSpec(SpecModel):
+    """What PretrainJob and SFTJob share: one training run over a packed data mixture."""
+
+    model: ModelSpec
+    """Starting weights and model configuration."""
+    data: DataSpec
+    """The data mixture."""
+    sequence_length: int = Field(ge=1)
+    """Tokens per packed row (S). Every micro-batch is one row."""
+    global_batch_tokens: int = Field(ge=1)
+    """Tokens per optimizer step across all workers (ProLong: 4,194,304 at 64K, 8,388,608 at 512K)."""
+    steps: int | None = Field(None, ge=1)
+    """Optimizer steps. Give steps or tokens."""
+    tokens: int | None = Field(None, ge=1)
+    """Token budget, instead of steps: a multiple of globalBatchTokens."""
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    """AdamW settings."""
+    schedule: ScheduleSpec
+    """Learning-rate schedule."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    parallelism: ParallelismSpec = Field(default_factory=ParallelismSpec)
+    """Sequence parallelism, ZeRO, activation checkpointing, micro-batch order."""
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    """Checkpoint cadence."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Where outputs go."""
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    """Cluster shape."""
+    seed: int = 0
+    """Seed for initialisation and dropout-free training randomness."""
+    rerun: int = Field(0, ge=0)
+    """Bump to run this stage again with an identical spec (it changes the stage id)."""
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self) -> TrainSpec:
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of steps or tokens")
+        return self
+
+    # Derived quantities, used by rules, the planner and the trainer alike.
+    @property
+    def sp_size(self) -> int:
+        return self.parallelism.sequence_parallel
+
+    @property
+    def dp_size(self) -> int:
+        return max(1, self.cluster.world_size // self.sp_size)
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.global_batch_tokens // self.sequence_length
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        """Gradient-accumulation steps: rows each data-parallel group processes per step."""
+        return max(1, self.rows_per_step // self.dp_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else self.tokens // self.global_batch_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self.total_steps * self.global_batch_tokens
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule.warmup_steps_for(self.total_steps)
+
+    def stream_target_length(self, stream: DataStream) -> int:
+        return stream.target_length or self.sequence_length
+
+    def stream_min_length(self, stream: DataStream) -> int:
+        if stream.min_length is not None:
+            return stream.min_length
+        return self.stream_target_length(stream) if stream.packing == "long" else 1
+
+
+class PretrainSpec(TrainSpec):
+    """Continued pretraining on long and short data (ProLong stages 1 and 2)."""
+
+
+class SFTOptions(SpecModel):
+    """How conversations become training rows."""
+
+    chat_template: Literal["auto", "llama3", "chatml"] = "auto"
+    """auto: the tokenizer's own chat template when it has one, else chatml (documented fallback)."""
+    assistant_only_loss: bool = True
+    """Put labels on assistant turns only (ProLong's SFT)."""
+
+
+class SFTSpec(TrainSpec):
+    """Supervised fine-tuning on packed conversations (ProLong: UltraChat)."""
+
+    sft: SFTOptions = Field(default_factory=SFTOptions)
+    """Chat formatting and label masking."""
+
+
+class GenerationSpec(SpecModel):
+    """Decoding settings for evaluation (HELMET: greedy)."""
+
+    backend: Literal["auto", "hf", "vllm"] = "auto"
+    """auto: vLLM when importable on a GPU, else transformers generate."""
+    batch_size: int = Field(1, ge=1)
+    """Prompts decoded together."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Override every task's own output budget."""
+
+
+class EvalSpec(SpecModel):
+    """HELMET evaluation of a model at several context lengths."""
+
+    model: ModelSpec
+    """The model to evaluate (normally fromStage: the SFT stage)."""
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    """Tokenizer (default: the model's)."""
+    tasks: list[str] = Field(min_length=1)
+    """HELMET task names (json_kv, ruler_mk_needle, nq, msmarco, banking77, narrativeqa, ...)."""
+    lengths: list[Annotated[int, Field(ge=256)]] = Field(min_length=1)
+    """Context lengths in tokens (HELMET: 8192 ... 131072)."""
+    samples: int = Field(100, ge=1)
+    """Samples per task and length (HELMET: 100)."""
+    icl_samples: int = Field(500, ge=1, alias="iclSamples")
+    """Samples per ICL task and length (HELMET: 500)."""
+    data_dir: str | None = None
+    """Directory holding HELMET's released data files; needed by every non-synthetic task."""
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    """Decoding settings."""
+    seed: int = 42
+    """Seed for synthetic generators and demo selection."""
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    """Where results go."""
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    """Samples are sharded over workers (one GPU each)."""
+    rerun: int = Field(0, ge=0)
+    """Bump to evaluate again with an identical spec."""
+
+
+class Metadata(SpecModel):
+    """Kubernetes-style object metadata."""
+
+    name: str = Field(pattern=DNS_LABEL, max_length=38)
+    """Lowercase DNS label; at most 38 characters so that <name>-<stage id> fits KubeRay's
+    47-character RayJob limit."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Free-form labels copied to rendered Kubernetes objects."""
+
+
+class _Object(SpecModel):
+    api_version: Literal["prolong.dev/v1alpha1"] = Field(alias="apiVersion")
+    """Always prolong.dev/v1alpha1."""
+    metadata: Metadata
+    """Name and labels."""
+
+
+class PretrainJob(_Object):
+    """A continued-pretraining stage."""
+
+    kind: Literal["PretrainJob"]
+    spec: PretrainSpec
+
+
+class SFTJob(_Object):
+    """A supervised fine-tuning stage."""
+
+    kind: Literal["SFTJob"]
+    spec: SFTSpec
+
+
+class EvalJob(_Object):
+    """A HELMET evaluation stage."""
+
+    kind: Literal["EvalJob"]
+    spec: EvalSpec
+
+
+Job = PretrainJob | SFTJob | EvalJob
+TrainJobs = (PretrainJob, SFTJob)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline
+# --------------------------------------------------------------------------------------------
+
+class _StageBase(SpecModel):
+    name: str = Field(pattern=DNS_LABEL, max_length=20)
+    """Stage name, unique in the pipeline; other stages refer to it with fromStage."""
+
+
+class RefStage(_StageBase):
+    """A stage kept in its own file (jobs/ only; render and submit inline it)."""
+
+    ref: str
+    """Path of the job file, relative to the pipeline file."""
+
+
+class PretrainStage(_StageBase):
+    """An inline PretrainJob stage."""
+
+    kind: Literal["PretrainJob"]
+    spec: PretrainSpec
+
+
+class SFTStage(_StageBase):
+    """An inline SFTJob stage."""
+
+    kind: Literal["SFTJob"]
+    spec: SFTSpec
+
+
+class EvalStage(_StageBase):
+    """An inline EvalJob stage."""
+
+    kind: Literal["EvalJob"]
+    spec: EvalSpec
+
+
+InlineStage = PretrainStage | SFTStage | EvalStage
+
+
+def _stage_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return "ref" if "ref" in value else str(value.get("kind", "ref"))
+    return "ref" if isinstance(value, RefStage) else getattr(value, "kind", "ref")
+
+
+Stage = Annotated[
+    Annotated[RefStage, Tag("ref")]
+    | Annotated[PretrainStage, Tag("PretrainJob")]
+    | Annotated[SFTStage, Tag("SFTJob")]
+    | Annotated[EvalStage, Tag("EvalJob")],
+    Discriminator(_stage_tag, custom_error_type="invalid_stage",
+                  custom_error_message="a stage needs either ref: FILE or kind (PretrainJob, "
+                                       "SFTJob, EvalJob) and spec"),
+]
+STAGE_TAGS = ("ref", *JOB_KINDS)
+
+
+class PipelineSpec(SpecModel):
+    """The stages of a ProLong pipeline, run in order; each may start from an earlier one."""
+
+    stages: list[Stage] = Field(min_length=1)
+    """Stages in run order (ProLong: stage1 -> stage2 -> sft -> eval)."""
+    max_stage_retries: int = Field(2, ge=0)
+    """Times a failed stage is resubmitted before the pipeline is marked Failed."""
+
+
+class ProLongPipeline(_Object):
+    """A pipeline of stages; in the cluster its stages are always inline."""
+
+    kind: Literal["ProLongPipeline"]
+    spec: PipelineSpec
+
+    def stage(self, name: str) -> InlineStage | RefStage:
+        return next(s for s in self.spec.stages if s.name == name)
+
+
+Document = Job | ProLongPipeline
+KIND_MODELS: dict[str, type[BaseModel]] = {
+    "PretrainJob": PretrainJob,
+    "SFTJob": SFTJob,
+    "EvalJob": EvalJob,
+    "ProLongPipeline": ProLongPipeline,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe rules
+# --------------------------------------------------------------------------------------------
+
+_NO_VALUE = object()
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One broken rule: where (file, field path), what was there, and the rule."""
+
+    path: str
+    rule: str
+    value: Any = _NO_VALUE
+    file: str | None = None
+
+    def located(self, file: str | None = None, prefix: str = "") -> SpecIssue:
+        path = f"{prefix}.{self.path}" if prefix and self.path else (prefix or self.path)
+        return SpecIssue(path, self.rule, self.value, file if file is not None else self.file)
+
+    def __str__(self) -> str:
+        where = ": ".join(p for p in (self.file, self.path) if p)
+        got = "" if self.value is _NO_VALUE else f" (got {_short_repr(self.value)})"
+        return f"{where}: {self.rule}{got}" if where else f"{self.rule}{got}"
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class SpecError(Exception):
+    """A spec file that cannot be used; carries every issue found."""
+
+    issues: list[SpecIssue] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return str(self.issues[0]) if self.issues else "invalid spec"
+
+    def one_line(self) -> str:
+        more = len(self.issues) - 1
+        return str(self) + (f" (+{more} more: prolongctl validate -v)" if more > 0 else "")
+
+
+def check_job(job: Job) -> list[SpecIssue]:
+    """Recipe rules for one job on its own. Rules that relate a stage to the stages before it
+    (fromStage) are checked by :func:`check_pipeline`."""
+    if isinstance(job, EvalJob):
+        issues = _check_eval(job.spec)
+    else:
+        issues = _check_train(job.spec, is_sft=isinstance(job, SFTJob))
+    issues += _check_model_source(job.spec.model, job_kind=job.kind)
+    return [i.located(prefix="spec") for i in issues]
+
+
+def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
+    out: list[SpecIssue] = []
+    streams = spec.data.streams
+    total = math.fsum(s.proportion for s in streams)
+    if abs(total - 1.0) > PROPORTION_TOLERANCE:
+        out.append(SpecIssue("data.streams", "stream proportions must sum to 1", round(total, 9)))
+    seen: dict[str, int] = {}
+    for i, s in enumerate(streams):
+        where = f"data.streams[{i}]"
+        if s.domain in seen:
+            out.append(SpecIssue(f"{where}.domain", f"domain repeats data.streams[{seen[s.domain]}]"
+                                 "; give each stream its own domain name", s.domain))
+        seen.setdefault(s.domain, i)
+        if s.format == "embedded" and s.path not in EMBEDDED_CORPORA:
+            out.append(SpecIssue(f"{where}.path", "embedded corpus must be one of "
+                                 + ", ".join(EMBEDDED_CORPORA) + did_you_mean(s.path, EMBEDDED_CORPORA),
+                                 s.path))
+        if is_sft and s.packing != "conversation":
+            out.append(SpecIssue(f"{where}.packing", "SFTJob streams must use packing: conversation",
+                                 s.packing))
+        if not is_sft and s.packing == "conversation":
+            out.append(SpecIssue(f"{where}.packing", "packing conversation belongs to SFTJob; "
+                                 "pretraining streams use concat or long", s.packing))
+        if s.packing != "long":
+            if s.target_length is not None:
+                out.append(SpecIssue(f"{where}.targetLength", "targetLength applies to packing: "
+                                     "long only", s.target_length))
+            continue
+        target = spec.stream_target_length(s)
+        if target > spec.sequence_length or spec.sequence_length % target:
+            out.append(SpecIssue(f"{where}.targetLength", "must divide sequenceLength "
+                                 f"{spec.sequence_length} (documents fill whole rows)", target))
+        if s.min_length is not None and s.min_length < target:
+            out.append(SpecIssue(f"{where}.minLength", f"long documents must be at least "
+                                 f"targetLength {target} tokens", s.min_length))
+
+    sp = spec.sp_size
+    if spec.sequence_length % (sp * SEQ_ALIGN):
+        out.append(SpecIssue("sequenceLength", f"must be divisible by sequenceParallel x {SEQ_ALIGN}"
+                             f" = {sp * SEQ_ALIGN}", spec.sequence_length))
+    out += _check_sp_heads(spec.model.architecture, sp)
+    cluster = spec.cluster
+    if sp > 1 and cluster.workers_per_node % sp:
+        out.append(SpecIssue("parallelism.sequenceParallel", "sequence-parallel groups stay within a"
+                             f" node: must divide cluster.workersPerNode {cluster.workers_per_node}", sp))
+    elif cluster.world_size % sp:
+        out.append(SpecIssue("parallelism.sequenceParallel", "must divide the number of workers "
+                             f"{cluster.world_size}", sp))
+    row_quantum = spec.sequence_length * spec.dp_size
+    if spec.global_batch_tokens % row_quantum:
+        out.append(SpecIssue("globalBatchTokens", f"must be a multiple of sequenceLength x "
+                             f"data-parallel size = {spec.sequence_length} x {spec.dp_size} = "
+                             f"{row_quantum}", spec.global_batch_tokens))
+    if spec.tokens is not None and spec.tokens % spec.global_batch_tokens:
+        out.append(SpecIssue("tokens", f"must be a multiple of globalBatchTokens "
+                             f"{spec.global_batch_tokens}", spec.tokens))
+    sched = spec.schedule
+    if spec.total_steps >= 1 and spec.warmup_steps >= spec.total_steps:
+        field_ = "schedule.warmupSteps" if sched.warmup_steps is not None else "schedule.warmupRatio"
+        out.append(SpecIssue(field_, f"warmup ({spec.warmup_steps} steps) must be shorter than the "
+                             f"run ({spec.total_steps} steps)",
+                             sched.warmup_steps if sched.warmup_steps is not None else sched.warmup_ratio))
+    if sched.min_lr is not None and sched.min_lr > sched.peak_lr:
+        out.append(SpecIssue("schedule.minLR", f"must not exceed peakLR {sched.peak_lr}", sched.min_lr))
+
+    tok = spec.data.tokenizer
+    if tok.train_vocab_size is not None:
+        if tok.source is not None:
+            out.append(SpecIssue("data.tokenizer", "give source or trainVocabSize, not both"))
+        if spec.model.source is not None or spec.model.from_stage is not None:
+            out.append(SpecIssue("data.tokenizer.trainVocabSize", "a freshly trained tokenizer only"
+                                 " fits a randomly initialised model (no model.source/fromStage)",
+                                 tok.train_vocab_size))
+        arch = spec.model.architecture
+        if arch is not None and arch.vocab_size != tok.train_vocab_size:
+            out.append(SpecIssue("data.tokenizer.trainVocabSize", "must equal "
+                                 f"model.architecture.vocabSize {arch.vocab_size}",
+                                 tok.train_vocab_size))
+    if cluster.device == "cpu" and spec.precision == "bf16":
+        out.append(SpecIssue("precision", "bf16 training needs cluster.device: gpu (CPU runs fp32)",
+                             spec.precision))
+    return out
+
+
+def _check_sp_heads(arch: ArchitectureSpec | None, sp: int) -> list[SpecIssue]:
+    """Ulysses gives each SP rank numAttentionHeads / SP query heads, so SP must divide them.
+    KV heads are either split the same way or, when fewer than SP, replicated: SP must then be a
+    multiple of numKeyValueHeads (DeepSpeed's UlyssesSPAttentionHF does exactly this)."""
+    if sp == 1 or arch is None:
+        return []
+    out = []
+    if arch.num_attention_heads % sp:
+        out.append(SpecIssue("parallelism.sequenceParallel", "must divide "
+                             f"model.architecture.numAttentionHeads {arch.num_attention_heads}", sp))
+    kv = arch.num_key_value_heads
+    if kv % sp and sp % kv:
+        out.append(SpecIssue("parallelism.sequenceParallel", f"must divide, or be a multiple of, "
+                             f"model.architecture.numKeyValueHeads {kv}", sp))
+    return out
+
+
+def _check_eval(spec: EvalSpec) -> list[SpecIssue]:
+    out: list[SpecIssue] = []
+    released = []
+    for i, name in enumerate(spec.tasks):
+        info = HELMET_TASKS.get(name)
+        if info is None:
+            out.append(SpecIssue(f"tasks[{i}]", "unknown HELMET task" + did_you_mean(name, HELMET_TASKS)
+                                 + " (see prolong.eval.tasks)", name))
+        elif not info.synthetic:
+            released.append(name)
+    if len(set(spec.tasks)) != len(spec.tasks):
+        out.append(SpecIssue("tasks", "lists a task twice", spec.tasks))
+    if released and not spec.data_dir:
+        out.append(SpecIssue("dataDir", "required for tasks that read HELMET's released data: "
+                             + ", ".join(released)))
+    if len(set(spec.lengths)) != len(spec.lengths):
+        out.append(SpecIssue("lengths", "lists a length twice", spec.lengths))
+    return out
+
+
+def _check_model_source(model: ModelSpec, job_kind: str) -> list[SpecIssue]:
+    out: list[SpecIssue] = []
+    if model.source is not None and model.from_stage is not None:
+        out.append(SpecIssue("model", "give model.source or model.fromStage, not both"))
+    if model.source is None and model.from_stage is None:
+        if job_kind == "EvalJob":
+            out.append(SpecIssue("model", "an EvalJob needs model.source or model.fromStage"))
+        elif model.architecture is None:
+            out.append(SpecIssue("model.architecture", "random initialisation (no source, no "
+                                 "fromStage) needs an architecture"))
+    if model.init == "weightsAndOptimizer" and model.from_stage is None:
+        out.append(SpecIssue("model.init", "weightsAndOptimizer needs model.fromStage", model.init))
+    if job_kind == "EvalJob" and model.init != "weights":
+        out.append(SpecIssue("model.init", "evaluation loads weights only", model.init))
+    return out
+
+
+def _check_lineage(job: Job, upstream: dict[str, Job]) -> list[SpecIssue]:
+    """Rules between a stage and the earlier stage it starts from (paths relative to its spec)."""
+    model = job.spec.model
+    src = upstream.get(model.from_stage) if model.from_stage else None
+    if src is None:
+        return []
+    if isinstance(src, EvalJob):
+        return [SpecIssue("model.fromStage", "must name a training stage, not an EvalJob",
+                          model.from_stage)]
+    out = []
+    if model.init == "weightsAndOptimizer" and isinstance(job, TrainJobs) and \
+            src.spec.parallelism.zero_stage != job.spec.parallelism.zero_stage:
+        out.append(SpecIssue("parallelism.zeroStage", "continuing the optimizer state of stage "
+                             f"{model.from_stage} needs its ZeRO stage "
+                             f"{src.spec.parallelism.zero_stage}", job.spec.parallelism.zero_stage))
+    up_arch = resolved_architecture(src, upstream)
+    if model.architecture is not None and up_arch is not None and \
+            _arch_shape(model.architecture) != _arch_shape(up_arch):
+        out.append(SpecIssue("model.architecture", f"differs from stage {model.from_stage}'s; a "
+                             "stage inherits the shape of the weights it starts from"))
+    return out
+
+
+def _arch_shape(arch: ArchitectureSpec) -> dict[str, Any]:
+    return arch.model_dump(exclude={"preset"})
+
+
+def resolved_architecture(job: Job, upstream: dict[str, Job] | None = None) -> ArchitectureSpec | None:
+    """The job's architecture, following fromStage through ``upstream`` when it states none."""
+    seen = set()
+    while job is not None:
+        arch = job.spec.model.architecture
+        if arch is not None:
+            return arch
+        name = job.spec.model.from_stage
+        if name is None or upstream is None or name in seen:
+            return None
+        seen.add(name)
+        job = upstream.get(name)
+    return None
+
+
+def check_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job]) -> list[SpecIssue]:
+    """Rules across stages. ``jobs`` maps each stage name to its (inlined) job."""
+    out: list[SpecIssue] = []
+    names = [s.name for s in pipeline.spec.stages]
+    index = {}
+    for i, name in enumerate(names):
+        if name in index:
+            out.append(SpecIssue(f"spec.stages[{i}].name", f"repeats spec.stages[{index[name]}]", name))
+        index.setdefault(name, i)
+    storage_roots: dict[str, str] = {}
+    for i, name in enumerate(names):
+        job = jobs.get(name)
+        if job is None:
+            continue
+        src = job.spec.model.from_stage
+        where = f"spec.stages[{i}]"
+        if src is not None:
+            j = index.get(src)
+            if j is None:
+                out.append(SpecIssue(f"{where}.spec.model.fromStage", "names no stage of this "
+                                     "pipeline" + did_you_mean(src, names), src))
+            elif j == i:
+                out.append(SpecIssue(f"{where}.spec.model.fromStage", "a stage cannot start from "
+                                     "itself", src))
+            elif j > i:
+                out.append(SpecIssue(f"{where}.spec.model.fromStage", f"names stage {src}, which "
+                                     "runs later (stages start from earlier stages only, so there "
+                                     "are no cycles)", src))
+        before = {n: jobs[n] for n in names[:i] if n in jobs}
+        out += [x.located(prefix=f"{where}.spec") for x in _check_lineage(job, before)]
+        storage_roots[name] = job.spec.storage.root
+    roots = set(storage_roots.values())
+    if len(roots) > 1:
+        first = names[0]
+        for i, name in enumerate(names):
+            if name in storage_roots and storage_roots[name] != storage_roots.get(first):
+                out.append(SpecIssue(f"spec.stages[{i}].spec.storage.root", "every stage of a "
+                                     f"pipeline shares one storage root ({first} uses "
+                                     f"{storage_roots.get(first)!r})", storage_roots[name]))
+    return out
+
+
+def did_you_mean(word: str, options: Any) -> str:
+    match = difflib.get_close_matches(str(word), list(options), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def all_field_aliases() -> set[str]:
+    """Every camelCase field name any spec section accepts (for typo suggestions)."""
+    names: set[str] = set()
+    todo: list[type[BaseModel]] = list(KIND_MODELS.values())
+    done: set[type[BaseModel]] = set()
+    while todo:
+        model = todo.pop()
+        if model in done:
+            continue
+        done.add(model)
+        for fname, finfo in model.model_fields.items():
+            names.add(finfo.alias or fname)
+            todo.extend(_models_in(finfo.annotation))
+    return names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    found = []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        found.append(annotation)
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found += _models_in(arg)
+    for meta in getattr(annotation, "__metadata__", ()) or ():
+        found += _models_in(meta)
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and origin is not annotation:
+        found += _models_in(origin) if isinstance(origin, type) else []
+    return found

@@ -1,0 +1,202 @@
+"""Reading spec files: YAML -> validated objects, with errors that name file, field and rule.
+
+A pipeline file in ``jobs/`` may reference its stage files (``ref: stage1-64k.yaml``); loading it
+inlines them, so a resolved pipeline always carries one copy of each number (the same object is
+what ``render``/``submit`` put into the custom resource).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from prolong.spec import (
+    API_VERSION,
+    JOB_KINDS,
+    KIND_MODELS,
+    KINDS,
+    STAGE_TAGS,
+    Document,
+    Job,
+    ProLongPipeline,
+    RefStage,
+    SpecError,
+    SpecIssue,
+    all_field_aliases,
+    check_job,
+    check_pipeline,
+    did_you_mean,
+)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A validated document. For a pipeline, ``pipeline`` has every stage inline and ``jobs`` maps
+    stage names to standalone job objects (named ``<pipeline>-<stage>``)."""
+
+    path: str
+    document: Document
+    jobs: dict[str, Job]
+
+    @property
+    def is_pipeline(self) -> bool:
+        return isinstance(self.document, ProLongPipeline)
+
+
+def load(path: str | Path) -> Loaded:
+    """Load and fully validate a spec file (structure and recipe rules). Raises SpecError."""
+    path = str(path)
+    raw = read_yaml(path)
+    doc = parse_document(raw, file=path)
+    if isinstance(doc, ProLongPipeline):
+        pipeline, jobs = _resolve_pipeline(doc, raw, file=path)
+        return Loaded(path, pipeline, jobs)
+    issues = [i.located(file=path) for i in check_job(doc)]
+    if issues:
+        raise SpecError(issues)
+    return Loaded(path, doc, {doc.metadata.name: doc})
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([SpecIssue("", "file not found", file=path)]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([SpecIssue("", f"cannot read: {exc}", file=path)]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([SpecIssue(where, f"invalid YAML: {problem}", file=path)]) from None
+    if not isinstance(data, dict):
+        raise SpecError([SpecIssue("", "a spec file must be a YAML mapping with apiVersion, kind, "
+                                   "metadata and spec", type(data).__name__, file=path)])
+    return data
+
+
+def parse_document(data: dict[str, Any], *, file: str | None = None) -> Document:
+    """Structural validation of one object (no recipe rules)."""
+    kind = data.get("kind")
+    if kind not in KIND_MODELS:
+        hint = did_you_mean(str(kind), KINDS)
+        rule = f"unknown kind; expected one of {', '.join(KINDS)}{hint}"
+        raise SpecError([SpecIssue("kind", rule, kind, file=file)])
+    if data.get("apiVersion") != API_VERSION:
+        raise SpecError([SpecIssue("apiVersion", f"must be {API_VERSION}", data.get("apiVersion"),
+                                   file=file)])
+    try:
+        return KIND_MODELS[kind].model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(issues_from_validation(exc, file=file)) from None
+
+
+def issues_from_validation(exc: ValidationError, *, file: str | None = None,
+                           prefix: str = "") -> list[SpecIssue]:
+    """Turn pydantic's errors into SpecIssues with dotted camelCase paths."""
+    out = []
+    aliases = None
+    for err in exc.errors(include_url=False):
+        path = _format_loc(err["loc"])
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        kind = err["type"]
+        rule = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            aliases = aliases if aliases is not None else all_field_aliases()
+            name = str(err["loc"][-1])
+            rule = "unknown field" + did_you_mean(name, aliases)
+            out.append(SpecIssue(path, rule, file=file))
+        elif kind == "missing":
+            out.append(SpecIssue(path, "required field is missing", file=file))
+        elif isinstance(value, dict | list) or kind in ("model_type", "invalid_stage"):
+            out.append(SpecIssue(path, rule, file=file))
+        else:
+            out.append(SpecIssue(path, _lowercase_first(rule), value, file=file))
+    return out
+
+
+def _lowercase_first(text: str) -> str:
+    return text[:1].lower() + text[1:] if text[:2].isalpha() and not text[:2].isupper() else text
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in STAGE_TAGS or str(item).startswith("function-"):
+            continue  # discriminated-union branch names are not part of the user's path
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
+                      *, file: str) -> tuple[ProLongPipeline, dict[str, Job]]:
+    """Inline ``ref`` stages, validate every stage job and the rules between stages."""
+    base = Path(file).parent
+    issues: list[SpecIssue] = []
+    stages_out: list[dict[str, Any]] = []
+    jobs: dict[str, Job] = {}
+    raw_stages = raw["spec"]["stages"]
+    for i, stage in enumerate(doc.spec.stages):
+        where = f"spec.stages[{i}]"
+        if isinstance(stage, RefStage):
+            ref_path = str((base / stage.ref))
+            try:
+                ref_raw = read_yaml(ref_path)
+                job = parse_document(ref_raw, file=ref_path)
+            except SpecError as err:
+                issues += err.issues
+                continue
+            if job.kind not in JOB_KINDS:
+                issues.append(SpecIssue(f"{where}.ref", f"must name a job file ({', '.join(JOB_KINDS)})",
+                                        stage.ref, file=file))
+                continue
+            issues += [i_.located(file=ref_path) for i_ in check_job(job)]
+            stage_dict = {"name": stage.name, "kind": job.kind,
+                          "spec": job.spec.model_dump(mode="json", by_alias=True)}
+        else:
+            stage_dict = raw_stages[i]
+            job = KIND_MODELS[stage.kind].model_validate({
+                "apiVersion": API_VERSION, "kind": stage.kind,
+                "metadata": {"name": _stage_job_name(doc.metadata.name, stage.name)},
+                "spec": stage.spec.model_dump(by_alias=True)})
+            issues += [i_.located(file=file, prefix=f"spec.stages[{i}]") for i_ in check_job(job)]
+        jobs[stage.name] = _rename(job, _stage_job_name(doc.metadata.name, stage.name))
+        stages_out.append(stage_dict)
+    if issues:
+        raise SpecError(issues)
+    resolved = ProLongPipeline.model_validate({
+        "apiVersion": API_VERSION, "kind": "ProLongPipeline",
+        "metadata": doc.metadata.model_dump(by_alias=True),
+        "spec": {**doc.spec.model_dump(by_alias=True, exclude={"stages"}), "stages": stages_out},
+    })
+    issues = [i_.located(file=file) for i_ in check_pipeline(resolved, jobs)]
+    if issues:
+        raise SpecError(issues)
+    return resolved, jobs
+
+
+def _stage_job_name(pipeline: str, stage: str) -> str:
+    return f"{pipeline}-{stage}"
+
+
+def _rename(job: Job, name: str) -> Job:
+    meta = job.metadata.model_copy(update={"name": name})
+    return job.model_copy(update={"metadata": meta})
+
+
+def dump_yaml(doc: Document) -> str:
+    """The resolved object (defaults filled in) as YAML, in the file's own field names."""
+    data = doc.model_dump(mode="json", by_alias=True)
+    return yaml.safe_dump(data, sort_keys=False, width=100)
+
