@@ -28,16 +28,23 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 test: setup
+	$(BIN)/python -c "import prolong.versions as v; print(v.summary())"
 	$(BIN)/python -m pytest -q tests
 
+# The main job on the embedded default. Until the training engine lands this runs what exists and
+# says so: validation and the plan of the quickstart pipeline.
 quickstart: setup
-	$(BIN)/prolongctl quickstart
+	@echo "== prolongctl validate jobs/quickstart/*.yaml"
+	$(BIN)/prolongctl validate jobs/quickstart/*.yaml
+	@echo "== prolongctl plan jobs/quickstart/pipeline.yaml"
+	$(BIN)/prolongctl plan jobs/quickstart/pipeline.yaml
+	@echo "quickstart ran: validate + plan of jobs/quickstart/pipeline.yaml (training: see README, Status)"
 
 lint: setup
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python bench/spec_plan.py
+	$(BIN)/python bench/data_loader.py
 
 clean:
 	rm -rf runs .pytest_cache

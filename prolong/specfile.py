@@ -7,6 +7,7 @@ what ``render``/``submit`` put into the custom resource).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,14 @@ def parse_document(data: dict[str, Any], *, file: str | None = None) -> Document
 
 def issues_from_validation(exc: ValidationError, *, file: str | None = None,
                            prefix: str = "") -> list[SpecIssue]:
-    """Turn pydantic's errors into SpecIssues with dotted camelCase paths."""
-    out = []
+    """Turn pydantic's errors into SpecIssues with dotted camelCase paths.
+
+    A misspelled field shows up twice in pydantic (an unknown field and a missing one); the typo,
+    with its suggestion, explains both, so it comes first and the matching "missing" is dropped.
+    """
+    typos: list[SpecIssue] = []
+    explained: set[str] = set()
+    rest: list[SpecIssue] = []
     aliases = None
     for err in exc.errors(include_url=False):
         path = _format_loc(err["loc"])
@@ -112,15 +119,20 @@ def issues_from_validation(exc: ValidationError, *, file: str | None = None,
         if kind == "extra_forbidden":
             aliases = aliases if aliases is not None else all_field_aliases()
             name = str(err["loc"][-1])
-            rule = "unknown field" + did_you_mean(name, aliases)
-            out.append(SpecIssue(path, rule, file=file))
+            match = difflib.get_close_matches(name, aliases, n=1, cutoff=0.6)
+            if match:
+                parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
+                explained.add(parent + match[0])
+            hint = f" (did you mean {match[0]}?)" if match else ""
+            typos.append(SpecIssue(path, "unknown field" + hint, file=file))
         elif kind == "missing":
-            out.append(SpecIssue(path, "required field is missing", file=file))
+            rest.append(SpecIssue(path, "required field is missing", file=file))
         elif isinstance(value, dict | list) or kind in ("model_type", "invalid_stage"):
-            out.append(SpecIssue(path, rule, file=file))
+            rest.append(SpecIssue(path, rule, file=file))
         else:
-            out.append(SpecIssue(path, _lowercase_first(rule), value, file=file))
-    return out
+            rest.append(SpecIssue(path, _lowercase_first(rule), value, file=file))
+    rest = [i for i in rest if not (i.rule == "required field is missing" and i.path in explained)]
+    return typos + rest
 
 
 def _lowercase_first(text: str) -> str:
@@ -150,7 +162,7 @@ def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
     for i, stage in enumerate(doc.spec.stages):
         where = f"spec.stages[{i}]"
         if isinstance(stage, RefStage):
-            ref_path = str((base / stage.ref))
+            ref_path = str(base / stage.ref)
             try:
                 ref_raw = read_yaml(ref_path)
                 job = parse_document(ref_raw, file=ref_path)

@@ -1,0 +1,210 @@
+"""``prolongctl``: validate, inspect, plan and run ProLong job specs.
+
+Exit codes: 0 success, 2 bad input (one line naming file, field and rule), 1 failure while running.
+Set PROLONG_DEBUG=1 to see tracebacks of unexpected failures.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prolong import plan as planning
+from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
+from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
+from prolong.specfile import Loaded, dump_yaml, load
+
+app = typer.Typer(
+    name="prolongctl",
+    help="Train long-context models with the ProLong recipe: validate, plan and run job specs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Bad input becomes one line on stderr and exit code 2."""
+    try:
+        yield
+    except SpecError as exc:
+        err.print(exc.one_line(), markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+FILES_ARG = typer.Argument(..., help="Spec files (job or pipeline YAML).", show_default=False)
+FILE_ARG = typer.Argument(..., help="A job or pipeline spec file.", show_default=False)
+
+
+@app.command()
+def validate(
+    files: list[Path] = FILES_ARG,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="List every issue, not just the first."),
+) -> None:
+    """Check spec files: structure, recipe rules, and (for pipelines) the stages they reference.
+
+    Prints one line per file and exits 2 if any file is invalid.
+
+    [bold]Examples[/bold]
+
+      prolongctl validate jobs/prolong-8b/*.yaml
+
+      prolongctl validate -v my-stage2.yaml
+    """
+    failed = 0
+    for path in files:
+        try:
+            loaded = load(path)
+        except SpecError as exc:
+            failed += 1
+            err.print(exc.one_line() if not verbose else str(exc), markup=False)
+            if verbose:
+                for issue in exc.issues[1:]:
+                    err.print(f"  {issue}", markup=False)
+            continue
+        doc = loaded.document
+        detail = (f"{len(doc.spec.stages)} stages" if isinstance(doc, ProLongPipeline)
+                  else doc.metadata.name)
+        out.print(f"ok  {path}  ({doc.kind}: {detail})", markup=False)
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def show(file: Path = FILE_ARG) -> None:
+    """Print the resolved spec: defaults filled in, a pipeline's stage files inlined.
+
+    [bold]Examples[/bold]
+
+      prolongctl show jobs/prolong-8b/stage2-512k.yaml
+
+      prolongctl show jobs/quickstart/pipeline.yaml > quickstart-resolved.yaml
+    """
+    with user_errors():
+        loaded = load(file)
+    out.print(dump_yaml(loaded.document), markup=False, end="")
+
+
+@app.command()
+def plan(
+    file: Path = FILE_ARG,
+    mfu: float = typer.Option(planning.DEFAULT_MFU, min=0.01, max=1.0,
+                              help="Model FLOPs utilisation assumed for GPU-hour estimates."),
+    short_doc_tokens: int = typer.Option(planning.DEFAULT_SHORT_DOC_TOKENS, min=1,
+                                         help="Assumed length of short documents for the "
+                                              "document-causal FLOPs figure."),
+) -> None:
+    """Show what a job or pipeline will do: steps, tokens per stage and per domain, rows per
+    step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu.
+
+    [bold]Examples[/bold]
+
+      prolongctl plan jobs/prolong-8b/pipeline.yaml
+
+      prolongctl plan jobs/prolong-8b/stage2-512k.yaml --mfu 0.3
+    """
+    with user_errors():
+        loaded = load(file)
+    plans = [planning.plan_stage(job, ref, resolved_architecture(job, loaded.jobs), mfu=mfu,
+                                 short_doc_tokens=short_doc_tokens)
+             for job, ref in _stages(loaded)]
+    _print_plan(loaded, plans, mfu)
+
+
+def _stages(loaded: Loaded) -> list[tuple]:
+    doc = loaded.document
+    if isinstance(doc, ProLongPipeline):
+        refs = pipeline_stages(doc, loaded.jobs)
+        return [(loaded.jobs[r.stage], r) for r in refs]
+    return [(doc, standalone_stage(doc))]
+
+
+def format_count(value: float | None) -> str:
+    """Large counts as 20.97e9, small ones with thousands separators."""
+    if value is None:
+        return "-"
+    if abs(value) >= 1e8:
+        return f"{value / 1e9:.2f}e9"
+    return f"{value:,.0f}"
+
+
+def format_hours(plan: planning.StagePlan) -> str:
+    if plan.gpu_hours is None:
+        return "n/a (CPU)" if plan.device == "cpu" else "unknown"
+    return f"{plan.gpu_hours:,.0f}"
+
+
+def _print_plan(loaded: Loaded, plans: list[planning.StagePlan], mfu: float) -> None:
+    doc = loaded.document
+    out.print(f"[bold]{doc.metadata.name}[/bold] ({doc.kind}, {loaded.path}): "
+              f"GPU-hours at MFU {mfu:.2f} on 6N+12LHdS")
+    summary = Table(show_edge=False, pad_edge=False)
+    for col in ("stage", "kind", "steps", "tokens", "GPUs", "GPU-hours"):
+        summary.add_column(col, justify="left" if col in ("stage", "kind") else "right",
+                           no_wrap=True)
+    for p in plans:
+        gpus = f"{p.gpus}x {p.gpu_type}" if p.device == "gpu" else f"{p.gpus} CPU"
+        summary.add_row(p.stage.stage, p.kind, format_count(p.steps), format_count(p.tokens), gpus,
+                        format_hours(p))
+    out.print(summary)
+    for p in plans:
+        _print_stage(p)
+
+
+def _print_stage(p: planning.StagePlan) -> None:
+    ref: StageRef = p.stage
+    out.print()
+    out.print(f"[bold]{ref.stage}[/bold] {p.kind} id {ref.id} -> {ref.directory}")
+    if p.kind == "EvalJob":
+        out.print(f"  prompts {p.prompts:,} | prompt tokens {format_count(p.tokens)}")
+        if p.flops_dense is not None:
+            out.print(f"  FLOPs/prompt token (prefill 2N+4LHdS) {format_count(p.flops_dense)}")
+    else:
+        out.print(f"  steps {p.steps:,} | tokens {format_count(p.tokens)} | sequence "
+                  f"{p.sequence_length:,} | rows/step {p.rows_per_step} | micro-batches/rank "
+                  f"{p.micro_batches_per_rank} | warmup {p.warmup_steps} steps")
+        out.print(f"  parallel: {p.gpus} workers = SP {p.sp} x DP {p.dp}")
+        if p.flops_dense is not None:
+            out.print(f"  FLOPs/token: dense 6N+12LHdS {format_count(p.flops_dense)} | "
+                      f"document-causal 6N+6LHd·Σd²/S {format_count(p.flops_doc_causal)}")
+        domains = Table(show_edge=False, pad_edge=False, box=None)
+        domains.add_column("  domain", no_wrap=True)
+        domains.add_column("share", justify="right", no_wrap=True)
+        domains.add_column("tokens", justify="right", no_wrap=True)
+        for d in p.domains:
+            domains.add_row(f"  {d.domain}", f"{d.proportion:.1%}", format_count(d.tokens))
+        out.print(domains)
+    if p.gpu_hours is not None:
+        wall = p.gpu_hours / max(1, p.gpus)
+        out.print(f"  GPU-hours {p.gpu_hours:,.0f} (about {wall:,.1f} h on {p.gpus} GPUs)")
+    for note in p.notes:
+        out.print(f"  [dim]note: {note}[/dim]")
+
+
+def main() -> None:
+    """Console-script entry: unexpected failures exit 1 with one line (traceback with PROLONG_DEBUG)."""
+    try:
+        app()
+    except Exception as exc:  # the last line of defence of a CLI
+        if os.environ.get("PROLONG_DEBUG"):
+            raise
+        err.print(f"prolongctl: {type(exc).__name__}: {exc}", markup=False)
+        sys.exit(EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Shared fixtures: the repository's job files as dicts, and a writer for mutated copies."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = REPO / "jobs"
+
+# Tests never reach a model hub, and DeepSpeed runs on the CPU accelerator here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def job_dict(relpath: str) -> dict[str, Any]:
+    """A job file under jobs/ as a fresh dict (safe to mutate)."""
+    return copy.deepcopy(yaml.safe_load((JOBS / relpath).read_text()))
+
+
+@pytest.fixture
+def write_spec(tmp_path: Path) -> Callable[..., Path]:
+    """write_spec(data, name="job.yaml") -> path of a YAML file holding ``data``."""
+
+    def write(data: Any, name: str = "job.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False) if not isinstance(data, str) else data)
+        return path
+
+    return write

@@ -1,0 +1,188 @@
+"""prolongctl validate / show / plan: exit codes, one-line errors, and no tracebacks ever."""
+
+from __future__ import annotations
+
+import copy
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from prolong.cli import app
+from tests.conftest import JOBS, REPO, job_dict
+
+runner = CliRunner()
+ALL_JOB_FILES = sorted(str(p) for p in JOBS.glob("*/*.yaml"))
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_validate_all_recipe_files():
+    result = run("validate", *ALL_JOB_FILES)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("\nok  ") + result.output.startswith("ok  ") == len(ALL_JOB_FILES)
+
+
+@pytest.mark.parametrize("case", ["broken_yaml", "string_for_number", "misspelled", "proportions_09"])
+def test_malformed_files_exit_2_with_one_line(write_spec, case):
+    data = job_dict("quickstart/stage1.yaml")
+    if case == "broken_yaml":
+        content, field = "apiVersion: prolong.dev/v1alpha1\nkind: [PretrainJob\n", "line 3"
+    else:
+        if case == "string_for_number":
+            data["spec"]["globalBatchTokens"] = "lots"
+            field = "spec.globalBatchTokens"
+        elif case == "misspelled":
+            data["spec"]["schedule"]["peakLr"] = data["spec"]["schedule"].pop("peakLR")
+            field = "spec.schedule.peakLr"
+        else:
+            data["spec"]["data"]["streams"][0]["proportion"] = 0.2
+            field = "spec.data.streams"
+        content = data
+    path = write_spec(content, f"{case}.yaml")
+    result = run("validate", str(path))
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"{path}: {field}"), lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_validate_reports_each_file_and_fails_if_any_fails(write_spec):
+    bad = job_dict("quickstart/stage1.yaml")
+    bad["spec"]["steps"] = 0
+    result = run("validate", ALL_JOB_FILES[0], str(write_spec(bad)))
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 2
+
+
+def test_verbose_lists_every_issue(write_spec):
+    bad = job_dict("quickstart/stage1.yaml")
+    bad["spec"]["steps"] = "x"
+    bad["spec"]["seqLen"] = 4
+    result = run("validate", "-v", str(write_spec(bad)))
+    assert result.exit_code == 2
+    assert "spec.steps" in result.output and "spec.seqLen" in result.output
+
+
+def test_show_prints_resolved_spec_with_defaults():
+    result = run("show", str(JOBS / "prolong-8b/pipeline.yaml"))
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output)
+    stages = resolved["spec"]["stages"]
+    assert [s["name"] for s in stages] == ["stage1", "stage2", "sft", "eval"]
+    assert stages[1]["spec"]["parallelism"]["sequenceParallel"] == 8
+    assert stages[0]["spec"]["optimizer"]["eps"] == 1e-8  # a default, filled in
+
+
+def test_plan_prints_the_recipe_budget():
+    result = run("plan", str(JOBS / "prolong-8b/pipeline.yaml"))
+    assert result.exit_code == 0, result.output
+    text = result.output
+    for stage, steps, tokens in (("stage1", "5,000", "20.97e9"), ("stage2", "2,500", "20.97e9"),
+                                 ("sft", "250", "1.05e9")):
+        row = next(line for line in text.splitlines() if line.startswith(stage + " "))
+        assert steps in row and tokens in row, row
+        assert re.search(r"\d[\d,]* *$", row), row  # GPU-hours column
+    assert "document-causal" in text and "GPU-hours" in text
+
+
+def test_plan_mfu_option_scales_hours():
+    def hours(mfu: str) -> int:
+        text = run("plan", str(JOBS / "prolong-8b/stage1-64k.yaml"), "--mfu", mfu).output
+        return int(re.search(r"GPU-hours ([\d,]+)", text).group(1).replace(",", ""))
+    assert hours("0.2") == pytest.approx(2 * hours("0.4"), abs=1)
+
+
+def test_plan_of_invalid_file_exits_2(write_spec):
+    result = run("plan", str(write_spec("kind: Nope\n")))
+    assert result.exit_code == 2 and "unknown kind" in result.output
+
+
+@pytest.mark.parametrize("command", ["validate", "show", "plan"])
+def test_help_has_examples(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Examples" in result.output
+
+
+def test_console_script_exit_codes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: PretrainJob\napiVersion: prolong.dev/v1alpha1\nmetadata: {name: x}\nspec: 3\n")
+    cmd = [sys.executable, "-m", "prolong.cli", "validate"]
+    ok = subprocess.run([*cmd, str(JOBS / "quickstart/pipeline.yaml")], capture_output=True,
+                        text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    failed = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, cwd=REPO)
+    assert failed.returncode == 2 and failed.stderr.strip().startswith(f"{bad}: spec")
+    assert "Traceback" not in failed.stderr
+
+
+# ---- random mutations: validate or exit 2 naming a field, never a traceback -------------------
+
+_SEEDS = ["quickstart/stage1.yaml", "quickstart/stage2.yaml", "quickstart/sft.yaml",
+          "quickstart/eval.yaml", "prolong-8b/stage2-512k.yaml", "prolong-8b/eval.yaml"]
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**7, 10**9),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=5),
+                                                                               st.integers(), max_size=2))
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, (*prefix, i))
+
+
+def _mutate(doc, path, action, value, key):
+    doc = copy.deepcopy(doc)
+    if not path:
+        return value if action == "replace" else doc
+    parent = doc
+    for p in path[:-1]:
+        parent = parent[p]
+    last = path[-1]
+    if action == "delete":
+        parent.pop(last)
+    elif action == "replace":
+        parent[last] = value
+    elif action == "rename" and isinstance(parent, dict):
+        parent[str(last) + key] = parent.pop(last)
+    elif action == "add" and isinstance(parent[last], dict):
+        parent[last][key or "extra"] = value
+    return doc
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_mutations_never_traceback(tmp_path_factory, data):
+    seed = data.draw(st.sampled_from(_SEEDS))
+    doc = job_dict(seed)
+    path = data.draw(st.sampled_from(list(_paths(doc))))
+    action = data.draw(st.sampled_from(["delete", "replace", "rename", "add"]))
+    value = data.draw(_VALUES)
+    key = data.draw(st.text(alphabet="abcxyzE_", min_size=1, max_size=3))
+    mutated = _mutate(doc, path, action, value, key)
+    out = Path(tmp_path_factory.mktemp("m")) / "job.yaml"
+    out.write_text(yaml.safe_dump(mutated, sort_keys=False))
+    result = run("validate", str(out))
+    assert result.exit_code in (0, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code == 2:
+        line = result.output.strip()
+        assert len(line.splitlines()) == 1
+        # names the file and a field (or, for a non-mapping document, says what it must be)
+        assert re.match(rf"{re.escape(str(out))}: ((apiVersion|kind|metadata|spec)\S*: |a spec file must)",
+                        line), line
