@@ -24,6 +24,7 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "nodeSelector"),
     ("cluster", "tolerations"),
     ("cluster", "maxFailures"),
+    ("cluster", "kubernetes"),
     ("checkpoint", "keep"),
     ("storage", "volumeClaim"),
 )

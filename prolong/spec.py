@@ -318,6 +318,60 @@ class Toleration(SpecModel):
 
 
 GPUType = Literal["H100", "H200", "A100", "B200"]
+ClusterNetwork = Literal["tcp", "infiniband", "efa"]
+SubmissionMode = Literal["K8sJobMode", "HTTPMode"]
+
+
+class KubernetesSpec(SpecModel):
+    """How the stage's Ray cluster is laid out on Kubernetes (the rendered KubeRay RayJob).
+
+    Scheduling only: no field here changes what is computed, so none of them changes a stage's
+    id (see prolong.pipeline.SCHEDULING_ONLY). Defaults fit an 8 x H100 node (a3-highgpu-8g,
+    p5.48xlarge: 192-208 vCPUs, 1.8-2 TiB memory) with room left for system daemons.
+    """
+
+    cpus_per_worker: float | None = Field(None, gt=0)
+    """CPU cores requested (and limited) per training worker; a worker pod asks for this x
+    workersPerNode. Default: 22 with device gpu (176 cores for 8 GPUs), 2 with device cpu."""
+    memory_per_worker_gi: int | None = Field(None, ge=1)
+    """Memory in GiB requested (and limited) per training worker; a worker pod asks for this x
+    workersPerNode. Default: 200 with device gpu (1600Gi for 8 GPUs), 4 with device cpu."""
+    shm_fraction: float = Field(0.25, gt=0, le=0.5)
+    """Size of the memory-backed /dev/shm (NCCL, data-loader workers) as a fraction of the pod's
+    memory; it counts against the pod's memory limit."""
+    head_cpus: int = Field(8, ge=1)
+    """CPU cores of the Ray head pod (no GPU; it runs the driver and the dashboard only)."""
+    head_memory_gi: int = Field(32, ge=1)
+    """Memory in GiB of the Ray head pod."""
+    network: ClusterNetwork = "tcp"
+    """Inter-node fabric. tcp: the pod network. infiniband: RDMA devices from the NVIDIA network
+    operator (default resource rdma/rdma_shared_device_a: 1, NCCL_IB_DISABLE=0). efa: AWS EFA
+    (default resource vpc.amazonaws.com/efa: 32 as on p5.48xlarge, FI_PROVIDER=efa,
+    FI_EFA_USE_DEVICE_RDMA=1). RDMA fabrics also get the IPC_LOCK capability."""
+    network_resources: dict[str, int] | None = None
+    """Extended resources per worker pod for the fabric, replacing the network's default, e.g.
+    {rdma/ib: 8} or {vpc.amazonaws.com/efa: 16}."""
+    nccl_env: dict[str, str] = Field(default_factory=dict)
+    """Extra environment for every Ray container (NCCL_*, FI_*, ...); wins over the network's
+    defaults."""
+    queue: str | None = Field(None, pattern=DNS_LABEL)
+    """Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label, so Kueue admits the RayJob."""
+    submission_mode: SubmissionMode = "K8sJobMode"
+    """How KubeRay submits the entrypoint: K8sJobMode (a Kubernetes Job runs ray job submit, logs
+    kept in its pod) or HTTPMode (the KubeRay operator calls the dashboard's job API directly)."""
+    ttl_seconds_after_finished: int = Field(3600, ge=0)
+    """Seconds KubeRay keeps the finished Ray cluster (for logs) before deleting it."""
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    """Wall-clock limit of the whole RayJob in seconds; the job fails when it is exceeded."""
+    backoff_limit: int = Field(0, ge=0)
+    """Times KubeRay re-creates the Ray cluster and resubmits after a failed Ray job. 0: Ray
+    Train's maxFailures handles worker failures and the pipeline's maxStageRetries the rest."""
+    object_store_secret: str | None = Field(None, pattern=DNS_LABEL)
+    """Secret whose keys become environment variables of every Ray container (e.g.
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) when storage.root is s3:// or
+    gs://."""
+    service_account: str | None = Field(None, pattern=DNS_LABEL)
+    """ServiceAccount of the Ray pods (e.g. one bound to a cloud role for object-store access)."""
 
 
 class ClusterSpec(SpecModel):
@@ -339,6 +393,8 @@ class ClusterSpec(SpecModel):
     """Kubernetes tolerations for the worker pods."""
     max_failures: int = Field(3, ge=0)
     """Worker-group failures Ray Train recovers from (restarting from the last checkpoint)."""
+    kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
+    """Pod resources, fabric, queue and RayJob lifecycle on Kubernetes (scheduling only)."""
 
     @property
     def world_size(self) -> int:

@@ -178,9 +178,11 @@ def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
                           "spec": job.spec.model_dump(mode="json", by_alias=True)}
         else:
             stage_dict = raw_stages[i]
+            # Validated under the pipeline's own name (already within the name limit); the
+            # stage job's longer <pipeline>-<stage> name is set below without re-validation.
             job = KIND_MODELS[stage.kind].model_validate({
                 "apiVersion": API_VERSION, "kind": stage.kind,
-                "metadata": {"name": _stage_job_name(doc.metadata.name, stage.name)},
+                "metadata": {"name": doc.metadata.name},
                 "spec": stage.spec.model_dump(by_alias=True)})
             issues += [i_.located(file=file, prefix=f"spec.stages[{i}]") for i_ in check_job(job)]
         jobs[stage.name] = _rename(job, _stage_job_name(doc.metadata.name, stage.name))

@@ -136,3 +136,10 @@ def test_bad_stage_shape(write_spec):
 def test_yaml_lists_read_as_mapping(tmp_path):
     (tmp_path / "x.yaml").write_text("kind: PretrainJob\n")
     assert read_yaml(str(tmp_path / "x.yaml")) == {"kind": "PretrainJob"}
+
+
+def test_inline_stages_of_a_long_pipeline_name_load(write_spec):
+    data = _inline_quickstart()
+    data["metadata"]["name"] = "a" * 38  # the longest name allowed
+    loaded = load(write_spec(data, "pipeline.yaml"))
+    assert loaded.jobs["stage1"].metadata.name == "a" * 38 + "-stage1"

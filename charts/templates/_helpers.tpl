@@ -1,0 +1,59 @@
+{{/* Chart name. */}}
+{{- define "prolong.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: <release>-<chart>, or <release> when it already contains the chart name. */}}
+{{- define "prolong.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prolong.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of one component. Call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "prolong.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "prolong.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Common labels. Call with (dict "ctx" $ "component" "operator"). */}}
+{{- define "prolong.labels" -}}
+helm.sh/chart: {{ include "prolong.chart" .ctx }}
+{{ include "prolong.selectorLabels" . }}
+app.kubernetes.io/part-of: prolong
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- end -}}
+
+{{- define "prolong.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "prolong.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "prolong.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{- define "prolong.rayImage" -}}
+{{- printf "%s:%s" .Values.rayCluster.image.repository (default .Chart.AppVersion .Values.rayCluster.image.tag) -}}
+{{- end -}}
+
+{{/* Long-lived RayCluster name: at most 47 characters (KubeRay derives longer names from it). */}}
+{{- define "prolong.rayClusterName" -}}
+{{- default (printf "%s-ray" (include "prolong.fullname" .)) .Values.rayCluster.name | trunc 47 | trimSuffix "-" -}}
+{{- end -}}

@@ -1,0 +1,125 @@
+"""The Grafana dashboard for our training metrics, generated from one list of metric names.
+
+The engine exports each per-step metric as a ``ray.util.metrics.Gauge`` named ``prolong_<metric>``
+with the tag keys below; Ray's metrics agent prefixes ``ray_``, so Prometheus sees
+``ray_prolong_<metric>``. ``python -m prolong.k8s.dashboard`` writes
+``charts/dashboards/prolong-training.json`` (shipped by the chart as a Grafana sidecar ConfigMap);
+a test fails when the committed file drifts from this module.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GAUGE_PREFIX = "prolong_"
+PROMETHEUS_PREFIX = "ray_"
+TAG_KEYS = ("pipeline", "stage", "stage_id")
+"""Tags of every gauge; tokens per domain adds ``domain``."""
+DASHBOARD_PATH = Path(__file__).resolve().parents[2] / "charts" / "dashboards" / "prolong-training.json"
+DASHBOARD_UID = "prolong-training"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    """Gauge name without the prolong_ prefix."""
+    title: str
+    unit: str
+    description: str
+    by_domain: bool = False
+
+    @property
+    def gauge(self) -> str:
+        return GAUGE_PREFIX + self.name
+
+    @property
+    def prometheus(self) -> str:
+        return PROMETHEUS_PREFIX + self.gauge
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("loss", "Loss", "none", "Token-averaged cross-entropy of the step."),
+    Metric("tokens_per_second", "Tokens/s", "short", "Training tokens per second, all workers."),
+    Metric("mfu", "MFU (dense)", "percentunit",
+           "Model FLOPs utilisation with 6N + 12LHdS FLOPs per token (full causal attention)."),
+    Metric("mfu_doc_causal", "MFU (document-causal)", "percentunit",
+           "MFU counting attention only within packed documents (sum of squared lengths)."),
+    Metric("grad_norm", "Gradient norm", "none", "Global gradient norm before clipping."),
+    Metric("lr", "Learning rate", "sci", "Learning rate of the step."),
+    Metric("domain_tokens", "Tokens per domain", "short",
+           "Training tokens consumed so far from each data domain.", by_domain=True),
+    Metric("step", "Step", "none", "Optimizer step."),
+)
+
+
+def _panel(i: int, metric: Metric) -> dict[str, Any]:
+    sel = 'pipeline=~"$pipeline", stage=~"$stage"'
+    if metric.by_domain:
+        expr = f"sum by (pipeline, stage, domain) ({metric.prometheus}{{{sel}}})"
+        legend = "{{stage}} {{domain}}"
+    else:
+        expr = f"max by (pipeline, stage) ({metric.prometheus}{{{sel}}})"
+        legend = "{{pipeline}}/{{stage}}"
+    return {
+        "id": i + 1,
+        "type": "timeseries",
+        "title": metric.title,
+        "description": metric.description,
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+        "fieldConfig": {"defaults": {"unit": metric.unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"},
+                    "tooltip": {"mode": "multi"}},
+        "targets": [{"refId": "A", "expr": expr, "legendFormat": legend,
+                     "datasource": {"type": "prometheus", "uid": "${datasource}"}}],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    anchor = METRICS[0].prometheus
+
+    def var(name: str, query: str) -> dict[str, Any]:
+        return {"name": name, "label": name, "type": "query", "query": query,
+                "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                "includeAll": True, "multi": True, "refresh": 2, "allValue": ".*",
+                "current": {"text": "All", "value": "$__all"}}
+
+    return {
+        "uid": DASHBOARD_UID,
+        "title": "ProLong training",
+        "description": "Per-step training metrics of ProLong stages (Ray gauges prolong_*).",
+        "tags": ["prolong", "ray"],
+        "timezone": "utc",
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-6h", "to": "now"},
+        "templating": {"list": [
+            {"name": "datasource", "label": "Prometheus", "type": "datasource",
+             "query": "prometheus", "current": {}},
+            var("pipeline", f"label_values({anchor}, pipeline)"),
+            var("stage", f'label_values({anchor}{{pipeline=~"$pipeline"}}, stage)'),
+        ]},
+        "panels": [_panel(i, m) for i, m in enumerate(METRICS)],
+    }
+
+
+def dashboard_json() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0]) if args else DASHBOARD_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dashboard_json(), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

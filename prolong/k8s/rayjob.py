@@ -1,0 +1,359 @@
+"""Render one stage (a PretrainJob, SFTJob or EvalJob) into a KubeRay v1 ``RayJob``.
+
+The output is a list of two plain dicts, applied together:
+
+* a ConfigMap ``<rayjob>-spec`` holding the job spec (``job.yaml``, defaults filled in) and the
+  stage's identity (``stage.json``: pipeline, stage, id, upstream ids and directories), mounted at
+  ``/etc/prolong`` in the Ray head pod, where the driver runs;
+* the RayJob: one head group (no GPU, ``num-cpus: 0`` so no training work lands there) and one
+  worker group of ``cluster.nodes`` pods, each asking for ``workersPerNode`` GPUs, with a
+  memory-backed ``/dev/shm``, the shared storage and the fabric's devices and NCCL environment.
+  Its entrypoint is :data:`ENTRYPOINT`, run by KubeRay against the cluster it created.
+
+Pure functions: no cluster access. KubeRay facts this relies on (ray-operator/apis/ray/v1):
+RayJob names are at most 47 characters (the RayCluster and its head Service derive longer names
+from it) and DNS-1035; a RayJob is run-once (spec edits after creation are ignored), so a new
+stage id gives a new name; ``ttlSecondsAfterFinished`` needs ``shutdownAfterJobFinishes``; the Ray
+container is the first container of each pod template; KubeRay derives the Ray resources
+(``num-gpus``, ``num-cpus``, memory) from the container limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from importlib import metadata
+from typing import Any
+
+import yaml
+
+from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
+from prolong.spec import API_VERSION, ClusterSpec, Job, Metadata, ProLongPipeline, StorageSpec
+
+
+def _package_version() -> str:
+    try:
+        return metadata.version("prolong")
+    except metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0.0.0"
+
+
+__version__ = _package_version()
+
+ENTRYPOINT = "prolongctl run /etc/prolong/job.yaml --ray-address auto"
+"""What the RayJob runs on the head pod (the engine's ``prolongctl run``)."""
+SPEC_MOUNT = "/etc/prolong"
+JOB_FILE = "job.yaml"
+STAGE_FILE = "stage.json"
+DEFAULT_IMAGE = f"ghcr.io/prolong-dev/prolong-train:{__version__}"
+"""Image used when cluster.image is not set (built from images/train/Dockerfile)."""
+
+RAYJOB_NAME_MAX = 47
+JOB_NAME_MAX = next(m.max_length for m in Metadata.model_fields["name"].metadata
+                    if hasattr(m, "max_length"))  # 38: a job file's metadata.name
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+NAME_HASH_LENGTH = 6
+KUBERAY_SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+"""Every mode KubeRay v1 accepts (rayjob_types.go); the CRD schema itself has no enum."""
+
+GPU_RESOURCE = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+LABEL_PREFIX = "prolong.dev/"
+RAY_METRICS_PORT = 8080
+DASHBOARD_PORT = 8265
+
+# Per-worker defaults (see KubernetesSpec): an 8 x H100 node has 192-208 vCPUs and 1.8-2 TiB.
+DEFAULT_CPUS_PER_WORKER = {"gpu": 22.0, "cpu": 2.0}
+DEFAULT_MEMORY_PER_WORKER_GI = {"gpu": 200, "cpu": 4}
+
+NETWORK_RESOURCES: dict[str, dict[str, int]] = {
+    "tcp": {},
+    "infiniband": {"rdma/rdma_shared_device_a": 1},
+    "efa": {"vpc.amazonaws.com/efa": 32},
+}
+NETWORK_ENV: dict[str, dict[str, str]] = {
+    "tcp": {},
+    "infiniband": {"NCCL_IB_DISABLE": "0"},
+    "efa": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"},
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Names and labels
+# ------------------------------------------------------------------------------------------
+
+def rayjob_name(job_name: str, stage_id: str) -> str:
+    """``<job name>-<stage id>``, at most 47 characters and DNS-1035.
+
+    A pipeline stage's job name is ``<pipeline>-<stage>`` (up to 59 characters); when the whole
+    name does not fit, the job name is cut and a short hash of the full job name keeps distinct
+    stages apart. The stage id stays whole: it is what makes a re-run a new RayJob.
+    """
+    name = f"{fit_name(job_name, RAYJOB_NAME_MAX - len(stage_id) - 1)}-{stage_id}"
+    if not DNS_1035.match(name):
+        raise ValueError(f"RayJob name {name!r} is not a DNS-1035 label")
+    return name
+
+
+def fit_name(name: str, limit: int) -> str:
+    """``name`` when it has at most ``limit`` characters, else its head plus a hash of all of it."""
+    name = name.lower()
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:NAME_HASH_LENGTH]
+    return f"{name[:limit - NAME_HASH_LENGTH - 1].rstrip('-')}-{digest}"
+
+
+def stage_labels(job: Job, ref: StageRef, *, managed_by: str = "prolongctl") -> dict[str, str]:
+    """Labels of every object rendered for a stage (user labels first, ours win)."""
+    labels = dict(job.metadata.labels)
+    labels.update({
+        "app.kubernetes.io/name": "prolong",
+        "app.kubernetes.io/instance": ref.pipeline,
+        "app.kubernetes.io/component": ref.stage,
+        "app.kubernetes.io/part-of": "prolong",
+        "app.kubernetes.io/version": __version__,
+        "app.kubernetes.io/managed-by": managed_by,
+        f"{LABEL_PREFIX}pipeline": ref.pipeline,
+        f"{LABEL_PREFIX}stage": ref.stage,
+        f"{LABEL_PREFIX}stage-id": ref.id,
+        f"{LABEL_PREFIX}kind": job.kind,
+    })
+    return labels
+
+
+# ------------------------------------------------------------------------------------------
+# Pod layout
+# ------------------------------------------------------------------------------------------
+
+def worker_resources(cluster: ClusterSpec) -> dict[str, str]:
+    """Requests (= limits) of one worker pod: GPUs, CPU, memory and fabric devices."""
+    k8s = cluster.kubernetes
+    workers = cluster.workers_per_node
+    cpus = k8s.cpus_per_worker or DEFAULT_CPUS_PER_WORKER[cluster.device]
+    mem = k8s.memory_per_worker_gi or DEFAULT_MEMORY_PER_WORKER_GI[cluster.device]
+    out = {"cpu": _cpu_quantity(cpus * workers), "memory": f"{mem * workers}Gi"}
+    if cluster.device == "gpu":
+        out[GPU_RESOURCE] = str(workers)
+        fabric = k8s.network_resources if k8s.network_resources is not None \
+            else NETWORK_RESOURCES[k8s.network]
+        out.update({name: str(count) for name, count in fabric.items()})
+    return out
+
+
+def _cpu_quantity(cores: float) -> str:
+    return str(int(cores)) if float(cores).is_integer() else f"{round(cores * 1000)}m"
+
+
+def _memory_gi(resources: dict[str, str]) -> int:
+    return int(resources["memory"].removesuffix("Gi"))
+
+
+def ray_env(cluster: ClusterSpec, ref: StageRef) -> list[dict[str, Any]]:
+    env = {
+        "PROLONG_PIPELINE": ref.pipeline,
+        "PROLONG_STAGE": ref.stage,
+        "PROLONG_STAGE_ID": ref.id,
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    env.update(NETWORK_ENV[cluster.kubernetes.network] if cluster.device == "gpu" else {})
+    env.update(cluster.kubernetes.nccl_env)
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def _storage_volume(storage: StorageSpec) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) for the shared storage; none for an object-store root."""
+    if storage.volume_claim is None or _is_object_store(storage.root):
+        return [], []
+    return ([{"name": "storage", "persistentVolumeClaim": {"claimName": storage.volume_claim}}],
+            [{"name": "storage", "mountPath": storage.root}])
+
+
+def _is_object_store(root: str) -> bool:
+    return "://" in root
+
+
+def _container(name: str, image: str, resources: dict[str, str], env: list[dict],
+               mounts: list[dict], ports: list[dict], env_from: list[dict],
+               capabilities: list[str]) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "env": [dict(e) for e in env],  # copies: head and workers never share objects
+        "ports": ports,
+        "volumeMounts": [dict(m) for m in mounts],
+        # Ray stops itself on SIGTERM; give it time to flush logs and checkpoints.
+        "lifecycle": {"preStop": {"exec": {"command": ["/bin/sh", "-c", "ray stop"]}}},
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    if capabilities:
+        container["securityContext"] = {"capabilities": {"add": capabilities}}
+    return container
+
+
+def _pod_spec(container: dict[str, Any], volumes: list[dict], cluster: ClusterSpec, *,
+              workers: bool) -> dict[str, Any]:
+    tolerations = [t.model_dump(exclude_none=True) for t in cluster.tolerations]
+    if workers and cluster.device == "gpu":
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    pod: dict[str, Any] = {"containers": [container], "volumes": [dict(v) for v in volumes]}
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if workers and cluster.node_selector:
+        pod["nodeSelector"] = dict(cluster.node_selector)
+    if cluster.kubernetes.service_account:
+        pod["serviceAccountName"] = cluster.kubernetes.service_account
+    return pod
+
+
+def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
+                     pod_labels: dict[str, str]) -> dict[str, Any]:
+    cluster = job.spec.cluster
+    k8s = cluster.kubernetes
+    image = cluster.image or DEFAULT_IMAGE
+    env = ray_env(cluster, ref)
+    env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
+                if k8s.object_store_secret else [])
+    storage_volumes, storage_mounts = _storage_volume(job.spec.storage)
+    rdma = cluster.device == "gpu" and (k8s.network != "tcp" or bool(k8s.network_resources))
+
+    def shm(resources: dict[str, str]) -> tuple[dict, dict]:
+        size = max(1, int(_memory_gi(resources) * k8s.shm_fraction))
+        return ({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{size}Gi"}},
+                {"name": "dshm", "mountPath": "/dev/shm"})
+
+    head_res = {"cpu": str(k8s.head_cpus), "memory": f"{k8s.head_memory_gi}Gi"}
+    head_shm_vol, head_shm_mount = shm(head_res)
+    spec_vol = {"name": "prolong-spec", "configMap": {"name": spec_configmap}}
+    spec_mount = {"name": "prolong-spec", "mountPath": SPEC_MOUNT, "readOnly": True}
+    head_ports = [{"name": "gcs-server", "containerPort": 6379},
+                  {"name": "dashboard", "containerPort": DASHBOARD_PORT},
+                  {"name": "client", "containerPort": 10001},
+                  {"name": "metrics", "containerPort": RAY_METRICS_PORT}]
+    head = _container("ray-head", image, head_res, env, [head_shm_mount, spec_mount,
+                      *storage_mounts], head_ports, env_from, [])
+    head_pod = _pod_spec(head, [head_shm_vol, spec_vol, *storage_volumes], cluster, workers=False)
+
+    worker_res = worker_resources(cluster)
+    worker_shm_vol, worker_shm_mount = shm(worker_res)
+    worker = _container("ray-worker", image, worker_res, env, [worker_shm_mount, *storage_mounts],
+                        [{"name": "metrics", "containerPort": RAY_METRICS_PORT}], env_from,
+                        ["IPC_LOCK"] if rdma else [])
+    worker_pod = _pod_spec(worker, [worker_shm_vol, *storage_volumes], cluster, workers=True)
+
+    group = "gpu-workers" if cluster.device == "gpu" else "cpu-workers"
+    return {
+        "enableInTreeAutoscaling": False,
+        "headGroupSpec": {
+            # num-cpus 0: Ray schedules no task or actor with resources on the head pod.
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
+                               "metrics-export-port": str(RAY_METRICS_PORT)},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": head_pod},
+        },
+        "workerGroupSpecs": [{
+            "groupName": group,
+            "replicas": cluster.nodes,
+            "minReplicas": cluster.nodes,
+            "maxReplicas": cluster.nodes,
+            "numOfHosts": 1,
+            "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT)},
+            "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
+        }],
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Objects
+# ------------------------------------------------------------------------------------------
+
+def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None = None,
+               namespace: str | None = None, managed_by: str = "prolongctl") -> list[dict[str, Any]]:
+    """[ConfigMap, RayJob] for one stage. ``upstream`` maps stage names this stage starts from to
+    their refs (recorded in stage.json so the engine finds their outputs)."""
+    name = rayjob_name(job.metadata.name, ref.id)
+    labels = stage_labels(job, ref, managed_by=managed_by)
+    k8s = job.spec.cluster.kubernetes
+    meta: dict[str, Any] = {"name": name, "labels": labels}
+    if namespace:
+        meta["namespace"] = namespace
+    cm_name = f"{name}-spec"
+    cm_meta = {**meta, "name": cm_name, "labels": dict(labels)}
+
+    dumped = job.model_dump(mode="json", by_alias=True)
+    job_doc = {key: dumped[key] for key in ("apiVersion", "kind", "metadata", "spec")}
+    # A pipeline stage's job is named <pipeline>-<stage>, which may exceed what a job file allows;
+    # the real names travel in the labels and stage.json.
+    job_doc["metadata"]["name"] = fit_name(job.metadata.name, JOB_NAME_MAX)
+    job_doc["metadata"]["labels"] = {**job_doc["metadata"]["labels"],
+                                     **{k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)}}
+    stage_info = {
+        "pipeline": ref.pipeline, "stage": ref.stage, "kind": ref.kind, "id": ref.id,
+        "upstream": list(ref.upstream), "storageRoot": ref.storage_root,
+        "directory": ref.directory,
+        "upstreamStages": {n: {"id": r.id, "directory": r.directory}
+                           for n, r in (upstream or {}).items()},
+    }
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap", "metadata": cm_meta,
+        "data": {JOB_FILE: yaml.safe_dump(job_doc, sort_keys=False, width=100),
+                 STAGE_FILE: json.dumps(stage_info, indent=2, sort_keys=True) + "\n"},
+    }
+
+    rj_labels = dict(labels)
+    if k8s.queue:
+        rj_labels[QUEUE_LABEL] = k8s.queue
+    pod_labels = {k: v for k, v in labels.items() if k.startswith(("app.kubernetes.io/",
+                                                                       LABEL_PREFIX))}
+    spec: dict[str, Any] = {
+        "entrypoint": ENTRYPOINT,
+        "submissionMode": k8s.submission_mode,
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
+        "backoffLimit": k8s.backoff_limit,
+        "rayClusterSpec": ray_cluster_spec(job, ref, cm_name, pod_labels),
+        "metadata": {"pipeline": ref.pipeline, "stage": ref.stage, "stageId": ref.id},
+    }
+    if k8s.active_deadline_seconds is not None:
+        spec["activeDeadlineSeconds"] = k8s.active_deadline_seconds
+    rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
+              "metadata": {**meta, "labels": rj_labels,
+                           "annotations": {f"{LABEL_PREFIX}directory": ref.directory}},
+              "spec": spec}
+    return [configmap, rayjob]
+
+
+def render_standalone(job: Job, *, namespace: str | None = None) -> list[dict[str, Any]]:
+    """A job file submitted on its own (pipeline = its name, stage = its kind's default)."""
+    return render_job(job, standalone_stage(job), namespace=namespace)
+
+
+def render_stage(pipeline: ProLongPipeline, jobs: dict[str, Job], stage: str, *,
+                 namespace: str | None = None,
+                 managed_by: str = "prolong-operator") -> list[dict[str, Any]]:
+    """[ConfigMap, RayJob] of one stage of a resolved pipeline (what the operator creates)."""
+    refs = {r.stage: r for r in pipeline_stages(pipeline, jobs)}
+    if stage not in refs:
+        raise KeyError(f"pipeline {pipeline.metadata.name} has no stage {stage!r}")
+    job = jobs[stage]
+    src = job.spec.model.from_stage
+    upstream = {src: refs[src]} if src else {}
+    return render_job(job, refs[stage], upstream=upstream, namespace=namespace,
+                      managed_by=managed_by)
+
+
+def pipeline_resource(pipeline: ProLongPipeline, *,
+                      namespace: str | None = None) -> dict[str, Any]:
+    """The ProLongPipeline custom resource with every stage inline (what render/submit apply)."""
+    for stage in pipeline.spec.stages:
+        if not hasattr(stage, "spec"):
+            raise ValueError(f"stage {stage.name} is not inline; load the pipeline with "
+                             "prolong.specfile.load, which inlines ref stages")
+    doc = pipeline.model_dump(mode="json", by_alias=True)
+    doc["apiVersion"] = API_VERSION
+    if namespace:
+        doc["metadata"]["namespace"] = namespace
+    return doc

@@ -1,0 +1,123 @@
+"""Shared checks for the Kubernetes tests: KubeRay's CRD schemas, kubernetes-validate, and a
+strict reading of OpenAPI schemas (the API server silently prunes unknown fields; here they fail)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KUBERAY_SCHEMAS = Path("/work/shared/schemas/kuberay")
+if not KUBERAY_SCHEMAS.is_dir():  # a checkout with shared/ inside the repository
+    KUBERAY_SCHEMAS = REPO / "shared" / "schemas" / "kuberay"
+KUBE_VERSION = "1.30"
+# Objects whose kind is a custom resource: kubernetes-validate has no schema for them.
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/", "prolong.dev/")
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def strict_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAPI v3 (CRD) schema as plain JSON Schema that rejects unknown fields and honours
+    ``nullable``."""
+    node = copy.deepcopy(schema)
+
+    def walk(n: Any) -> None:
+        if isinstance(n, list):
+            for item in n:
+                walk(item)
+            return
+        if not isinstance(n, dict):
+            return
+        if n.pop("nullable", False) and "type" in n:
+            n["type"] = [n["type"], "null"]
+            if "enum" in n:
+                n["enum"] = [*n["enum"], None]
+        if ("properties" in n and "additionalProperties" not in n
+                and not n.get("x-kubernetes-preserve-unknown-fields")):
+            n["additionalProperties"] = False
+        for key, value in n.items():
+            if key == "properties":
+                for sub in value.values():
+                    walk(sub)
+            elif key not in ("enum", "default", "required", "example"):
+                walk(value)
+
+    walk(node)
+    # The root metadata is ObjectMeta, validated by the API server itself, never pruned.
+    node.get("properties", {}).get("metadata", {}).pop("additionalProperties", None)
+    return node
+
+
+def crd_validator(crd: dict[str, Any], version: str) -> jsonschema.Validator:
+    (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    schema = strict_openapi(ver["schema"]["openAPIV3Schema"])
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+def errors_of(validator: jsonschema.Validator, obj: dict[str, Any]) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(obj)]
+
+
+@pytest.fixture(scope="session")
+def kuberay() -> dict[str, jsonschema.Validator]:
+    """Validators for RayJob and RayCluster (KubeRay CRDs, version v1)."""
+    out = {}
+    for kind, file in (("RayJob", "ray.io_rayjobs.yaml"), ("RayCluster", "ray.io_rayclusters.yaml")):
+        # 1-1.4 MB each: libyaml's loader takes 0.5 s where the pure-Python one takes 7 s.
+        crd = yaml.load((KUBERAY_SCHEMAS / file).read_text(), Loader=_YAML_LOADER)
+        out[kind] = crd_validator(crd, "v1")
+    return out
+
+
+def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every pod template of a RayJob or RayCluster, as a Pod object."""
+    spec = obj["spec"].get("rayClusterSpec", obj["spec"])
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": "template", **g["template"].get("metadata", {})},
+             "spec": g["template"]["spec"]} for g in groups]
+
+
+@pytest.fixture(scope="session")
+def validate_object(kuberay) -> Callable[[dict[str, Any]], None]:
+    """Validate one rendered object: built-in kinds with kubernetes-validate (strict), KubeRay
+    kinds with KubeRay's CRD schema plus their pod templates as Pods."""
+
+    def check(obj: dict[str, Any]) -> None:
+        kind = obj["kind"]
+        where = f"{kind}/{obj['metadata'].get('name')}"
+        if kind in kuberay:
+            errs = errors_of(kuberay[kind], obj)
+            assert not errs, f"{where} fails KubeRay's schema: {errs[:5]}"
+            for pod in pod_templates(obj):
+                kube_validate(pod, where)
+        elif not obj["apiVersion"].startswith(CUSTOM_GROUPS):
+            kube_validate(obj, where)
+
+    return check
+
+
+def kube_validate(obj: dict[str, Any], where: str) -> None:
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(map(str, exc.path))
+        raise AssertionError(f"{where}: {path}: {exc.message}") from None
+
+
+@pytest.fixture(scope="session")
+def k8s() -> SimpleNamespace:
+    """The helpers above, for test modules (conftest cannot be imported under importlib mode)."""
+    return SimpleNamespace(crd_validator=crd_validator, errors_of=errors_of,
+                           kube_validate=kube_validate, strict_openapi=strict_openapi,
+                           pod_templates=pod_templates)

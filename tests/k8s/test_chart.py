@@ -1,0 +1,176 @@
+"""The Helm chart, rendered offline with Helm's own engine (helm-python-sdk): lint-clean, every
+object valid for Kubernetes 1.30 / KubeRay, least-privilege RBAC, values schema enforced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+from prolong.k8s.crd import crd_yaml
+from prolong.k8s.dashboard import METRICS
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts"
+H100 = yaml.safe_load((CHART / "ci" / "h100-values.yaml").read_text())
+VALUES = {"default": {}, "h100": H100,
+          "cluster-wide": {"rbac": {"clusterWide": True}, "rayCluster": {"enabled": True},
+                           "monitoring": {"podMonitor": {"enabled": True},
+                                          "serviceMonitor": {"enabled": True}}}}
+NAMESPACE = "ml"
+# What the operator may touch: (apiGroup, resource).
+ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipelines/status"),
+           ("ray.io", "rayjobs"), ("", "configmaps"), ("", "events"),
+           ("events.k8s.io", "events")}
+CLUSTER_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm.Chart.load(CHART) as loaded:
+        yield loaded
+
+
+@pytest.fixture(scope="module")
+def rendered(chart):
+    """values name -> (objects, NOTES.txt)."""
+    out = {}
+    for name, values in VALUES.items():
+        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        notes = manifests.pop("prolong/templates/NOTES.txt", "")
+        objs = [o for text in manifests.values() for o in yaml.safe_load_all(text) if o]
+        out[name] = (objs, notes)
+    return out
+
+
+def _kinds(objs):
+    return [o["kind"] for o in objs]
+
+
+def _one(objs, kind):
+    (obj,) = [o for o in objs if o["kind"] == kind]
+    return obj
+
+
+@pytest.mark.parametrize("values", ["default", "h100"])
+def test_lint_clean(values):
+    report = helm.lint(CHART, VALUES[values], strict=True, namespace=NAMESPACE,
+                       kube_version="v1.30.0")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_every_object_is_valid(values, rendered, validate_object):
+    objs, notes = rendered[values]
+    assert objs
+    for obj in objs:
+        validate_object(obj)
+        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert obj["metadata"]["namespace"] in (NAMESPACE,)
+    assert "KubeRay" in notes
+
+
+def test_default_install(rendered):
+    objs, _ = rendered["default"]
+    assert sorted(_kinds(objs)) == sorted(["ServiceAccount", "Role", "RoleBinding", "Deployment",
+                                           "PersistentVolumeClaim", "ConfigMap"])
+    pvc = _one(objs, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "prolong-runs"  # what jobs/prolong-8b mount
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    deploy = _one(objs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["kopf"]
+    args = container["args"]
+    assert args[:2] == ["run", "--standalone"] and args[-1] == "/app/operator/handlers.py"
+    assert f"--namespace={NAMESPACE}" in args and "--all-namespaces" not in args
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def _rules(objs, kind):
+    return _one(objs, kind)["rules"]
+
+
+def test_rbac_is_least_privilege(rendered):
+    for values, kind, extra in (("default", "Role", set()), ("h100", "Role", set()),
+                                ("cluster-wide", "ClusterRole", CLUSTER_ONLY)):
+        objs, _ = rendered[values]
+        assert not [o for o in objs if o["kind"] == ("ClusterRole" if kind == "Role" else "Role")]
+        granted = set()
+        for rule in _rules(objs, kind):
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+            assert "*" not in rule["apiGroups"]
+            granted |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+            if "events" not in rule["resources"]:
+                assert "deletecollection" not in rule["verbs"]
+        assert granted == ALLOWED | extra, values
+        binding = _one(objs, f"{kind}Binding")
+        assert binding["roleRef"]["kind"] == kind
+        assert binding["subjects"][0]["name"] == _one(objs, "ServiceAccount")["metadata"]["name"]
+    args = _one(rendered["cluster-wide"][0], "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]
+    assert "--all-namespaces" in args
+
+
+def test_h100_ray_cluster(rendered):
+    objs, notes = rendered["h100"]
+    assert "PersistentVolumeClaim" not in _kinds(objs)  # storage.create: false -> existing claim
+    cluster = _one(objs, "RayCluster")
+    assert len(cluster["metadata"]["name"]) <= 47
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2
+    pod = group["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "8" and limits["vpc.amazonaws.com/efa"] == "32"
+    assert pod["containers"][0]["resources"]["requests"] == limits
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    assert {"name": "storage", "persistentVolumeClaim": {"claimName": "prolong-runs"}} in pod["volumes"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    service = _one(objs, "Service")
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                           "ray.io/node-type": "head"}
+    assert {p["port"] for p in service["spec"]["ports"]} == {8265, 8080}
+    monitor = _one(objs, "PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/is-ray-node": "yes"}
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert "port-forward" in notes
+
+
+def test_grafana_dashboard(rendered):
+    objs, _ = rendered["default"]
+    cm = _one(objs, "ConfigMap")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(cm["data"]["prolong-training.json"])
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
+    for name in ("loss", "tokens_per_second", "mfu", "mfu_doc_causal", "grad_norm", "lr",
+                 "domain_tokens"):
+        assert f"ray_prolong_{name}" in exprs
+    assert {m.name for m in METRICS} >= {"loss", "mfu", "mfu_doc_causal"}
+
+
+def test_chart_ships_the_generated_crd(chart):
+    (crd,) = chart.crds
+    assert crd["filename"].endswith("crds/prolong.dev_prolongpipelines.yaml")
+    assert crd["data"] == crd_yaml()
+    assert chart.metadata["name"] == "prolong" and chart.metadata["apiVersion"] == "v2"
+
+
+@pytest.mark.parametrize("bad", [
+    {"rbac": {"clusterWide": "yes"}},
+    {"storage": {"accessModes": ["ReadWriteEverywhere"]}},
+    {"rayCluster": {"workers": {"gpusPerNode": -1}}},
+    {"operator": {"logFormat": "xml"}},
+    {"rayCluster": {"name": "x" * 48}},
+    {"monitoring": {"podMonitor": {"enable": True}}},
+])
+def test_values_schema_rejects_bad_values(chart, bad):
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(bad)
+    chart.validate_schema(H100)

@@ -1,0 +1,259 @@
+"""RayJob rendering: valid for KubeRay and Kubernetes, the right shape for the recipe, stable names."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prolong.k8s import dump_all, render
+from prolong.k8s.rayjob import (
+    ENTRYPOINT,
+    JOB_FILE,
+    KUBERAY_SUBMISSION_MODES,
+    QUEUE_LABEL,
+    RAYJOB_NAME_MAX,
+    STAGE_FILE,
+    rayjob_name,
+    render_stage,
+    render_standalone,
+)
+from prolong.pipeline import pipeline_stages, stage_id, standalone_stage
+from prolong.spec import API_VERSION, PretrainJob
+from prolong.specfile import load, parse_document
+
+REPO = Path(__file__).resolve().parents[2]
+JOB_FILES = sorted((REPO / "jobs").glob("*/*.yaml"))
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+STAGE2 = REPO / "jobs" / "prolong-8b" / "stage2-512k.yaml"
+
+
+def _all_renders():
+    """(label, [ConfigMap, RayJob]) for every job file and every stage of every pipeline file."""
+    out = []
+    for path in JOB_FILES:
+        loaded = load(path)
+        if loaded.is_pipeline:
+            for stage in loaded.jobs:
+                out.append((f"{path.parent.name}/{stage}",
+                            render_stage(loaded.document, loaded.jobs, stage, namespace="ml")))
+        else:
+            out.append((f"{path.parent.name}/{path.name}", render(loaded)))
+    return out
+
+
+ALL = _all_renders()
+
+
+def _by_kind(objs):
+    return {o["kind"]: o for o in objs}
+
+
+def _worker(rayjob):
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    return group
+
+
+def _with_kubernetes(path: Path, **k8s) -> PretrainJob:
+    raw = yaml.safe_load(path.read_text())
+    raw["spec"]["cluster"]["kubernetes"] = k8s
+    return parse_document(raw)
+
+
+@pytest.mark.parametrize(("label", "objs"), ALL, ids=[a for a, _ in ALL])
+def test_rendered_objects_are_valid(label, objs, validate_object):
+    assert [o["kind"] for o in objs] == ["ConfigMap", "RayJob"]
+    for obj in objs:
+        validate_object(obj)
+    cm, rj = objs
+    spec = rj["spec"]
+    # What KubeRay's CRD cannot check (no enum, no CEL) but its operator rejects.
+    assert spec["submissionMode"] in KUBERAY_SUBMISSION_MODES
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    assert spec["entrypoint"] == ENTRYPOINT
+    name = rj["metadata"]["name"]
+    assert len(name) <= RAYJOB_NAME_MAX and DNS_1035.match(name), name
+    assert cm["metadata"]["name"] == f"{name}-spec"
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert {"name": "prolong-spec", "configMap": {"name": cm["metadata"]["name"]}} in head["volumes"]
+    assert "nvidia.com/gpu" not in head["containers"][0]["resources"]["limits"]
+    for label_key in ("prolong.dev/stage-id", "prolong.dev/pipeline", "prolong.dev/stage",
+                      "app.kubernetes.io/name", "app.kubernetes.io/managed-by"):
+        assert label_key in rj["metadata"]["labels"]
+
+
+@pytest.mark.parametrize(("label", "objs"), ALL, ids=[a for a, _ in ALL])
+def test_configmap_carries_a_loadable_spec_with_the_same_id(label, objs):
+    cm, rj = objs
+    job = parse_document(yaml.safe_load(cm["data"][JOB_FILE]))
+    stage = json.loads(cm["data"][STAGE_FILE])
+    # The engine recomputes the id from what it receives: it must be the id in the name.
+    assert stage_id(job, tuple(stage["upstream"])) == stage["id"]
+    assert rj["metadata"]["name"].endswith("-" + stage["id"])
+    assert rj["metadata"]["labels"]["prolong.dev/stage-id"] == stage["id"]
+    assert stage["directory"] == f"{stage['storageRoot'].rstrip('/')}/{stage['pipeline']}/" \
+                                 f"{stage['stage']}-{stage['id']}"
+
+
+def test_stage2_asks_for_eight_h100_nodes_with_shm_and_sp8():
+    cm, rj = render(load(STAGE2))
+    job = load(STAGE2).document
+    nodes = job.spec.cluster.nodes
+    worker = _worker(rj)
+    assert worker["replicas"] == worker["minReplicas"] == worker["maxReplicas"] == nodes == 8
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    for kind in ("requests", "limits"):
+        assert container["resources"][kind]["nvidia.com/gpu"] == "8"
+        assert container["resources"][kind]["cpu"] == "176"
+        assert container["resources"][kind]["memory"] == "1600Gi"
+    assert nodes * int(container["resources"]["limits"]["nvidia.com/gpu"]) == 64
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+    assert {"name": "storage", "mountPath": "/mnt/prolong"} in container["volumeMounts"]
+    assert {"name": "storage", "persistentVolumeClaim": {"claimName": "prolong-runs"}} in pod["volumes"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    spec = yaml.safe_load(cm["data"][JOB_FILE])
+    assert spec["spec"]["parallelism"]["sequenceParallel"] == 8
+    assert spec["spec"]["sequenceLength"] == 524288
+    assert rj["spec"]["submissionMode"] == "K8sJobMode"
+    assert QUEUE_LABEL not in rj["metadata"]["labels"]
+
+
+def test_pipeline_stages_record_their_upstream():
+    loaded = load(REPO / "jobs" / "prolong-8b" / "pipeline.yaml")
+    refs = {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
+    cm, rj = render_stage(loaded.document, loaded.jobs, "stage2")
+    stage = json.loads(cm["data"][STAGE_FILE])
+    assert stage["upstreamStages"] == {"stage1": {"id": refs["stage1"].id,
+                                                  "directory": refs["stage1"].directory}}
+    assert stage["directory"] == refs["stage2"].directory == \
+        f"/mnt/prolong/prolong-8b/stage2-{refs['stage2'].id}"
+    assert rj["metadata"]["labels"]["prolong.dev/pipeline"] == "prolong-8b"
+    assert rj["metadata"]["labels"]["prolong.dev/stage"] == "stage2"
+    assert rj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "prolong-operator"
+    # The long pipeline-stage name is shortened but keeps the whole stage id.
+    assert rj["metadata"]["name"].endswith(refs["stage2"].id)
+
+
+def test_names_fit_for_long_pipelines(tmp_path):
+    # Stages by ref: prolong.specfile names an inline stage's job <pipeline>-<stage> and
+    # validates it against the 38-character Metadata limit, which long names exceed.
+    (tmp_path / "stage.yaml").write_text((REPO / "jobs" / "quickstart" / "stage1.yaml").read_text())
+    longest = "p" + "x" * 36 + "e"  # 38 characters, the Metadata limit
+    stages = ["a" * 19 + str(i) for i in range(3)]  # 20 characters, the stage-name limit
+    pipeline = {"apiVersion": API_VERSION, "kind": "ProLongPipeline",
+                "metadata": {"name": longest},
+                "spec": {"stages": [{"name": s, "ref": "stage.yaml"} for s in stages]}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
+    loaded = load(tmp_path / "pipeline.yaml")
+    names = []
+    for stage in stages:
+        objs = render_stage(loaded.document, loaded.jobs, stage)
+        name = objs[1]["metadata"]["name"]
+        assert len(name) <= RAYJOB_NAME_MAX and DNS_1035.match(name), name
+        assert objs == render_stage(loaded.document, loaded.jobs, stage)  # deterministic
+        # The engine can load the delivered spec (its name shortened to a job file's limit).
+        job = parse_document(yaml.safe_load(objs[0]["data"][JOB_FILE]))
+        assert job.metadata.labels["prolong.dev/pipeline"] == longest
+        assert job.metadata.labels["prolong.dev/stage"] == stage
+        names.append(name)
+    assert len(set(names)) == len(names)  # same id, different stages: still distinct
+
+
+def test_rayjob_name_random_inputs():
+    rng = random.Random()
+    alphabet = string.ascii_lowercase + string.digits + "-"
+    seen = {}
+    for _ in range(500):
+        length = rng.randint(1, 59)
+        body = "".join(rng.choice(alphabet) for _ in range(length - 1))
+        job = (rng.choice(string.ascii_lowercase) + body).rstrip("-") or "a"
+        sid = "".join(rng.choice("0123456789abcdef") for _ in range(8))
+        name = rayjob_name(job, sid)
+        assert len(name) <= RAYJOB_NAME_MAX and DNS_1035.match(name), (job, name)
+        assert name.endswith("-" + sid)
+        if len(job) + 9 <= RAYJOB_NAME_MAX:
+            assert name == f"{job}-{sid}"  # short names are kept as they are
+        assert seen.setdefault((job, sid), name) == name
+    assert len(set(seen.values())) == len(seen)
+
+
+def test_kubernetes_knobs(validate_object):
+    job = _with_kubernetes(STAGE2, network="efa", queue="h100-queue", submissionMode="HTTPMode",
+                           activeDeadlineSeconds=86400, backoffLimit=1,
+                           ttlSecondsAfterFinished=600, cpusPerWorker=20.5, memoryPerWorkerGi=180,
+                           ncclEnv={"NCCL_DEBUG": "INFO"}, serviceAccount="trainer")
+    objs = render_standalone(job)
+    for obj in objs:
+        validate_object(obj)
+    _, rj = objs
+    spec = rj["spec"]
+    assert spec["submissionMode"] == "HTTPMode" in KUBERAY_SUBMISSION_MODES
+    assert spec["activeDeadlineSeconds"] == 86400 and spec["backoffLimit"] == 1
+    assert spec["ttlSecondsAfterFinished"] == 600
+    assert rj["metadata"]["labels"][QUEUE_LABEL] == "h100-queue"
+    pod = _worker(rj)["template"]["spec"]
+    container = pod["containers"][0]
+    limits = container["resources"]["limits"]
+    assert limits["vpc.amazonaws.com/efa"] == "32"
+    assert limits["cpu"] == "164" and limits["memory"] == "1440Gi"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["FI_PROVIDER"] == "efa" and env["NCCL_DEBUG"] == "INFO"
+    assert container["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+    assert pod["serviceAccountName"] == "trainer"
+    # Scheduling-only: none of it changes the stage id.
+    assert standalone_stage(job).id == standalone_stage(load(STAGE2).document).id
+
+
+def test_object_store_root_uses_a_secret_not_a_volume(validate_object):
+    raw = yaml.safe_load(STAGE2.read_text())
+    raw["spec"]["storage"] = {"root": "s3://bucket/prolong"}
+    raw["spec"]["cluster"]["kubernetes"] = {"objectStoreSecret": "s3-credentials",
+                                            "network": "infiniband"}
+    objs = render_standalone(parse_document(raw))
+    for obj in objs:
+        validate_object(obj)
+    rj = objs[1]
+    for group in (rj["spec"]["rayClusterSpec"]["headGroupSpec"], _worker(rj)):
+        container = group["template"]["spec"]["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+        assert not any(v.get("persistentVolumeClaim") for v in group["template"]["spec"]["volumes"])
+    limits = _worker(rj)["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["rdma/rdma_shared_device_a"] == "1"
+    assert "s3://bucket/prolong/prolong-8b-stage2-512k/pretrain-" in \
+        json.loads(objs[0]["data"][STAGE_FILE])["directory"]
+
+
+def test_cpu_jobs_ask_for_no_gpu():
+    _, rj = render(load(REPO / "jobs" / "quickstart" / "stage1.yaml"))
+    worker = _worker(rj)
+    limits = worker["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits and limits["cpu"] == "4"
+    assert worker["groupName"] == "cpu-workers"
+
+
+def test_pipeline_file_renders_its_custom_resource():
+    (cr,) = render(load(REPO / "jobs" / "prolong-8b" / "pipeline.yaml"), namespace="ml")
+    assert cr["kind"] == "ProLongPipeline" and cr["metadata"]["namespace"] == "ml"
+    assert [s["name"] for s in cr["spec"]["stages"]] == ["stage1", "stage2", "sft", "eval"]
+    assert all("spec" in s and "ref" not in s for s in cr["spec"]["stages"])
+    text = dump_all([cr])
+    assert "&id" not in text and yaml.safe_load(text) == cr
+
+
+def test_kubernetes_section_is_documented_and_scheduling_only():
+    from prolong.pipeline import SCHEDULING_ONLY
+    from prolong.spec import KubernetesSpec
+
+    assert ("cluster", "kubernetes") in SCHEDULING_ONLY
+    for name, field in KubernetesSpec.model_fields.items():
+        assert field.description, f"KubernetesSpec.{name} has no docstring"
+    assert set(KubernetesSpec.model_fields["submission_mode"].annotation.__args__) <= \
+        set(KUBERAY_SUBMISSION_MODES)
