@@ -125,6 +125,28 @@ def plan(
     _print_plan(loaded, plans, mfu)
 
 
+@app.command()
+def render(
+    file: Path = FILE_ARG,
+    namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace to put on the objects."),
+) -> None:
+    """Print the Kubernetes objects for a spec as YAML: a ConfigMap and a KubeRay RayJob for a job,
+    the ProLongPipeline custom resource (stages inline) for a pipeline.
+
+    [bold]Examples[/bold]
+
+      prolongctl render jobs/prolong-8b/stage2-512k.yaml
+
+      prolongctl render jobs/prolong-8b/pipeline.yaml | kubectl apply -f -
+    """
+    from prolong.k8s import dump_all
+    from prolong.k8s import render as render_objects
+
+    with user_errors():
+        loaded = load(file)
+    out.print(dump_all(render_objects(loaded, namespace=namespace)), markup=False, end="")
+
+
 def _stages(loaded: Loaded) -> list[tuple]:
     doc = loaded.document
     if isinstance(doc, ProLongPipeline):

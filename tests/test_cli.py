@@ -107,7 +107,7 @@ def test_plan_of_invalid_file_exits_2(write_spec):
     assert result.exit_code == 2 and "unknown kind" in result.output
 
 
-@pytest.mark.parametrize("command", ["validate", "show", "plan"])
+@pytest.mark.parametrize("command", ["validate", "show", "plan", "render"])
 def test_help_has_examples(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Examples" in result.output
@@ -186,3 +186,15 @@ def test_random_mutations_never_traceback(tmp_path_factory, data):
         # names the file and a field (or, for a non-mapping document, says what it must be)
         assert re.match(rf"{re.escape(str(out))}: ((apiVersion|kind|metadata|spec)\S*: |a spec file must)",
                         line), line
+
+
+def test_render_prints_a_rayjob_for_stage2():
+    result = run("render", str(JOBS / "prolong-8b/stage2-512k.yaml"), "-n", "training")
+    assert result.exit_code == 0, result.output
+    objects = list(yaml.safe_load_all(result.output))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "RayJob"]
+    assert all(o["metadata"]["namespace"] == "training" for o in objects)
+    workers = objects[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 8
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] in (8, "8")
