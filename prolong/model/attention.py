@@ -1,0 +1,415 @@
+"""Document-masked causal attention: one signature, several backends.
+
+A packed row holds several documents back to back; ``position_ids`` restart at 0 where a document
+starts (see "Packed batch" in ARCHITECTURE.md). Every backend here computes causal attention
+*inside* each document and never across documents, so a packed row trains exactly like its
+documents run one by one. Shapes follow transformers: query ``[B, H, S, D]``, key/value
+``[B, KV, S, D]`` (grouped-query attention when KV < H), output ``[B, S, H, D]``.
+
+Backends, in the order ``auto`` tries them:
+
+- ``flash_attn``: ``flash_attn_varlen_func`` from flash-attn-4 (``flash_attn.cute``, Hopper and
+  newer) or flash-attn 2. Fastest; CUDA, fp16/bf16 only.
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (a flash kernel shipped inside CUDA
+  builds of torch). Same layout as flash-attn, no extra package; CUDA, fp16/bf16 only.
+- ``flex``: FlexAttention with a document ``mask_mod``, compiled. Any dtype the compiler supports,
+  but building the block mask costs O(S²/128²) per new row (cached for the layers of one row). On
+  CPU torch 2.13 runs it forward-only (no backward), so it is not selectable there.
+- ``sdpa``: the reference. A Python loop over documents, ``scaled_dot_product_attention`` with
+  ``is_causal=True`` per document, KV heads repeated for GQA. Obviously correct, any device and
+  dtype (float64 included), slow with many short documents. The tests hold every other backend
+  to it.
+
+Documents come from ``position_ids`` alone: a token starts a new document when it is the first of
+its row or its position is not the previous position + 1 (a restart at 0 is the normal case; any
+other jump is treated the same way, as transformers' packed-sequence detection does). Nothing uses
+``attention_mask``: padding is not part of the packed-batch contract, and under sequence
+parallelism DeepSpeed discards the mask anyway.
+
+Each backend is registered with transformers under its own name (``prolong_sdpa``, ...). Building a
+model with ``attn_implementation=<name>`` routes every layer through :func:`hf_attention_forward`.
+transformers builds no mask for names it does not know, so no O(S²) mask is ever materialised.
+DeepSpeed's ALST (``UlyssesSPAttentionHF.register_with_transformers(model, <name>, sp, ...)``)
+looks the name up, wraps the function and stores the wrapper under the same name in
+``ALL_ATTENTION_FUNCTIONS``' local mapping, which takes precedence over our global registration
+(so registering again later cannot undo it). After its all-to-all, the wrapper calls our function
+with query ``[B, H/SP, S, D]`` and key/value ``[B, KV/SP (or 1, replicated), S, D]`` for the *full*
+sequence, ``attention_mask=None``, and ``position_ids`` all-gathered over the SP group and
+concatenated along dim 1 (``[B, S]``). The document layout derived from them is therefore exactly
+the single-process one, and attention over a subset of heads is independent of the other heads.
+
+Trade-off: the document layout is derived again in every layer (a ``nonzero`` and, for the varlen
+kernels, one host sync per layer). Passing precomputed ``cu_seqlens`` through the model kwargs
+would avoid it, but under ALST only ``position_ids`` are gathered, so a caller-computed layout
+from the local shard would be silently wrong; correctness first.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import inspect
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
+"""Concrete backends, in the order ``auto`` prefers them."""
+
+HF_NAMES = {name: f"prolong_{name}" for name in BACKENDS}
+"""The transformers ``attn_implementation`` name of each backend."""
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class AttentionBackendError(RuntimeError):
+    """A requested attention backend cannot run here (missing package, device or dtype)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Documents from position_ids
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DocumentLayout:
+    """Where the documents of a ``[B, S]`` batch lie once its rows are flattened to ``B*S`` tokens.
+
+    A row boundary is always a document boundary: a document never spans two rows.
+    """
+
+    cu_seqlens: torch.Tensor
+    """int32 ``[N+1]``: offsets of the N documents in the flattened batch (0 first, B*S last)."""
+    doc_ids: torch.Tensor
+    """int32 ``[B, S]``: index of each token's document (0..N-1, increasing along the row)."""
+    max_seqlen: int
+    """Length of the longest document."""
+
+    @property
+    def lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+
+def document_starts(position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, S]``: True where a token starts a document (first of its row, or a position that
+    does not continue the previous one — normally a restart at 0)."""
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts
+
+
+def document_layout(position_ids: torch.Tensor) -> DocumentLayout:
+    """Documents of a packed ``[B, S]`` batch from its position ids."""
+    starts = document_starts(position_ids).reshape(-1)
+    total = starts.numel()
+    doc_ids = (starts.cumsum(0) - 1).to(torch.int32)
+    offsets = starts.nonzero().flatten()  # host sync: the number of documents is data-dependent
+    end = torch.tensor([total], device=offsets.device, dtype=offsets.dtype)
+    cu_seqlens = torch.cat([offsets, end]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return DocumentLayout(cu_seqlens, doc_ids.reshape(position_ids.shape), max_seqlen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends. Each takes q [B, H, S, D], k/v [B, KV, S, D], a layout and a scale; returns [B, S, H, D].
+# ----------------------------------------------------------------------------------------------
+
+def _tokens_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] -> [B*S, H, D], the varlen kernels' layout."""
+    b, h, s, d = x.shape
+    return x.transpose(1, 2).reshape(b * s, h, d)
+
+
+def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
+                   scale: float) -> torch.Tensor:
+    """Per-document SDPA: the reference every other backend is tested against."""
+    b, h, s, d = q.shape
+    groups = h // k.shape[1]
+    # Repeating KV heads (rather than enable_gqa) keeps the reference free of kernel-specific
+    # GQA handling: head i of the query reads KV head i // groups, as in transformers' repeat_kv.
+    qt, kt, vt = _tokens_major(q), _tokens_major(k), _tokens_major(v)
+    outs = []
+    bounds = layout.cu_seqlens.tolist()
+    for start, end in itertools.pairwise(bounds):
+        qd = qt[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
+        kd = kt[start:end].transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+        vd = vt[start:end].transpose(0, 1).repeat_interleave(groups, dim=0).unsqueeze(0)
+        od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale)
+        outs.append(od.squeeze(0).transpose(0, 1))  # [L, H, D]
+    return torch.cat(outs).reshape(b, s, h, d)
+
+
+@functools.cache
+def _flash_varlen_fn() -> tuple[str, Callable[..., Any]] | None:
+    """The flash-attn varlen function, preferring flash-attn-4 (Hopper and newer) over flash-attn 2."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        try:
+            from flash_attn.cute import flash_attn_varlen_func as fa4
+
+            return "flash-attn-4", fa4
+        except Exception:  # a broken optional install means "not available"
+            pass
+    try:
+        from flash_attn import flash_attn_varlen_func as fa2
+
+        return "flash-attn-2", fa2
+    except Exception:
+        return None
+
+
+def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` with only the keyword arguments its signature names (the flash-attn 2 and 4 and
+    torch signatures differ in optional extras)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs = {key: val for key, val in kwargs.items() if key in params}
+    return fn(*args, **kwargs)
+
+
+def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
+                      scale: float) -> torch.Tensor:
+    found = _flash_varlen_fn()
+    if found is None:
+        raise AttentionBackendError("flash_attn: neither flash-attn-4 nor flash-attn 2 is importable")
+    _, fn = found
+    b, h, s, d = q.shape
+    cu = layout.cu_seqlens
+    out = _call_with_supported(
+        fn, _tokens_major(q), _tokens_major(k), _tokens_major(v),
+        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=layout.max_seqlen,
+        max_seqlen_k=layout.max_seqlen, softmax_scale=scale, causal=True)
+    out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 returns (out, lse)
+    return out.reshape(b, s, h, d)
+
+
+def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
+                 scale: float) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, s, d = q.shape
+    kv = k.shape[1]
+    params = inspect.signature(varlen_attn).parameters
+    extra: dict[str, Any] = {}
+    # Causality is spelled window_size=(-1, 0) since torch 2.11 and is_causal=True before.
+    if "window_size" in params:
+        extra["window_size"] = (-1, 0)
+    else:
+        extra["is_causal"] = True
+    if kv != h:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(h // kv, dim=1)
+            v = v.repeat_interleave(h // kv, dim=1)
+    if "scale" in params:
+        extra["scale"] = scale
+    elif abs(scale - d ** -0.5) > 1e-12:
+        q = q * (scale / d ** -0.5)  # no scale argument: fold a non-default scale into q
+    cu = layout.cu_seqlens
+    out = varlen_attn(_tokens_major(q), _tokens_major(k), _tokens_major(v), cu, cu,
+                      layout.max_seqlen, layout.max_seqlen, **extra)
+    return out.reshape(b, s, h, d)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Any]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled flex_attention materialises the full score matrix: compile once per process.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class _BlockMaskCache:
+    """One-entry cache: every layer of one forward sees the same documents, and building a
+    BlockMask is far costlier than comparing the document ids."""
+
+    def __init__(self) -> None:
+        self.doc_ids: torch.Tensor | None = None
+        self.block_mask: Any = None
+
+    def get(self, doc_ids: torch.Tensor, compile_mask: bool) -> Any:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        cached = self.doc_ids
+        if cached is not None and cached.shape == doc_ids.shape and \
+                cached.device == doc_ids.device and torch.equal(cached, doc_ids):
+            return self.block_mask
+        ids = doc_ids.clone()
+
+        def same_doc_causal(b, h, q_idx, kv_idx):
+            return (ids[b, q_idx] == ids[b, kv_idx]) & (q_idx >= kv_idx)
+
+        bsz, seq = ids.shape
+        self.block_mask = create_block_mask(same_doc_causal, bsz, None, seq, seq,
+                                            device=ids.device, _compile=compile_mask)
+        self.doc_ids = ids
+        return self.block_mask
+
+
+_block_masks = _BlockMaskCache()
+
+
+def flex_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
+                  scale: float, *, compiled: bool | None = None) -> torch.Tensor:
+    """FlexAttention with a same-document causal mask. ``compiled`` defaults to "on CUDA"; eager
+    mode (CPU tests) is exact but materialises the scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if compiled is None:
+        compiled = q.is_cuda
+    block_mask = _block_masks.get(layout.doc_ids.to(q.device), compile_mask=compiled)
+    fn = _compiled_flex() if compiled else flex_attention
+    out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)
+
+
+_KERNELS: dict[str, Callable[..., torch.Tensor]] = {
+    "flash_attn": flash_attn_varlen,
+    "torch_varlen": torch_varlen,
+    "flex": flex_document,
+    "sdpa": sdpa_reference,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing a backend (pure: requested name, what is installed, device, dtype)
+# ----------------------------------------------------------------------------------------------
+
+def _has_torch_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def _has_flex() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def unavailable_reason(backend: str, device: str | torch.device,
+                       dtype: torch.dtype | None = None) -> str | None:
+    """Why ``backend`` cannot train on ``device``/``dtype`` here, or None when it can."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of "
+                         f"{', '.join(('auto', *BACKENDS))}")
+    dev = torch.device(device).type
+    if backend == "sdpa":
+        return None
+    if backend == "flex":
+        if not _has_flex():
+            return "this torch has no torch.nn.attention.flex_attention"
+        if dev != "cuda":
+            return (f"FlexAttention has no backward on {dev} in torch {torch.__version__} "
+                    "(forward-only), so it cannot train there")
+        return None
+    if dev != "cuda":
+        return f"needs a CUDA device, not {dev}"
+    if dtype is not None and dtype not in _HALF:
+        return f"supports only float16/bfloat16, not {dtype}"
+    if backend == "flash_attn":
+        found = _flash_varlen_fn()
+        return None if found is not None else "neither flash-attn-4 nor flash-attn 2 is importable"
+    if not _has_torch_varlen():
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def select_backend(requested: str, device: str | torch.device,
+                   dtype: torch.dtype | None = None,
+                   reason: Callable[[str, Any, Any], str | None] = unavailable_reason) -> str:
+    """The concrete backend for ``requested`` (``auto`` or a backend name) on ``device``.
+
+    ``auto`` takes the first available of flash_attn, torch_varlen, flex, sdpa (sdpa always is).
+    An explicitly requested backend that cannot run raises :class:`AttentionBackendError` with the
+    reason. ``reason`` is injectable so the choice can be tested for any combination of installs.
+    """
+    if requested == "auto":
+        for backend in BACKENDS:
+            if reason(backend, device, dtype) is None:
+                return backend
+        raise AttentionBackendError("no attention backend available")  # unreachable: sdpa
+    why = reason(requested, device, dtype)
+    if why is not None:
+        raise AttentionBackendError(f"attention backend {requested!r} is unavailable on "
+                                    f"{torch.device(device).type}: {why}")
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------
+# The one signature, and the transformers entry point
+# ----------------------------------------------------------------------------------------------
+
+def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       position_ids: torch.Tensor, *, backend: str,
+                       scale: float | None = None) -> torch.Tensor:
+    """Causal attention within the documents that ``position_ids`` delimit.
+
+    query ``[B, H, S, D]``, key/value ``[B, KV, S, D]`` (KV divides H), position_ids ``[B, S]``
+    (or ``[1, S]``, broadcast over the batch). Returns ``[B, S, H, D]`` in query's dtype.
+    """
+    if backend not in _KERNELS:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    b, h, s, d = query.shape
+    if key.shape[2] != s or value.shape != key.shape:
+        raise ValueError(f"query {tuple(query.shape)} and key/value {tuple(key.shape)} must cover "
+                         "the same tokens (no KV cache: these backends are for training)")
+    if h % key.shape[1]:
+        raise ValueError(f"{key.shape[1]} key/value heads do not divide {h} query heads")
+    if position_ids.shape[-1] != s:
+        raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens, attention {s}")
+    position_ids = position_ids.to(query.device).expand(b, s)
+    layout = document_layout(position_ids)
+    return _KERNELS[backend](query, key, value, layout, d ** -0.5 if scale is None else scale)
+
+
+def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                         value: torch.Tensor, attention_mask: torch.Tensor | None,
+                         scaling: float | None = None, dropout: float = 0.0, *,
+                         backend: str, position_ids: torch.Tensor | None = None,
+                         **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature around :func:`document_attention`.
+
+    Called by ``LlamaAttention`` as ``fn(module, q, k, v, attention_mask, dropout=..., scaling=...,
+    position_ids=..., **kwargs)``, directly or through DeepSpeed's Ulysses wrapper.
+    """
+    del kwargs  # output_attentions, cache positions, ...: nothing here depends on them
+    if dropout:
+        raise ValueError("attention dropout is not supported by the document-masked backends "
+                         f"(got {dropout}); ProLong trains without it")
+    if attention_mask is not None:
+        # transformers builds no mask for our names (and ALST drops any), so a mask here was made
+        # by the caller: honouring it is not supported, ignoring it would be silently wrong.
+        raise ValueError("document attention takes its mask from position_ids; a prepared "
+                         "attention_mask is not supported (padding is not part of packed rows)")
+    if position_ids is None:
+        # Plain (unpacked) rows: one document per row.
+        position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
+    return document_attention(query, key, value, position_ids, backend=backend,
+                              scale=scaling), None
+
+
+def register_attention_backends() -> dict[str, str]:
+    """Register every backend with transformers (idempotent). Returns backend -> HF name.
+
+    Registration imports nothing optional: a backend that cannot run fails when first called.
+    """
+    from transformers import AttentionInterface
+
+    for backend, name in HF_NAMES.items():
+        AttentionInterface.register(name, functools.partial(hf_attention_forward, backend=backend))
+    return dict(HF_NAMES)
+
+
+def hf_name(backend: str) -> str:
+    """The transformers ``attn_implementation`` for a concrete backend."""
+    return HF_NAMES[backend]
+
+
+register_attention_backends()

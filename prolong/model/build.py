@@ -1,0 +1,201 @@
+"""Build the transformers ``LlamaForCausalLM`` a stage trains, and run its decoder body.
+
+Two ways in:
+
+- **random weights** from an :class:`~prolong.spec.ArchitectureSpec` (the tiny preset for tests
+  and the quickstart);
+- **pretrained weights** from ``ModelSpec.source`` (an HF id or local path) or a resolved
+  ``fromStage`` directory. The loaded config is checked against the stated architecture, and a
+  mismatch raises :class:`ArchitectureMismatch` naming every differing field: training the wrong
+  shape for days because a path pointed elsewhere is the failure this guards against.
+
+Either way the RoPE base frequency comes from ``ModelSpec.rope_theta`` when given (ProLong raises
+Llama-3's 5e5 to 8e6 for 64K and 1.28e8 for 512K), the attention implementation is one of ours
+(:mod:`prolong.model.attention`, chosen by :func:`~prolong.model.attention.select_backend`), and
+activation checkpointing uses transformers' own, non-reentrant, per decoder layer.
+
+Precision: fp32 on CPU, bf16 on GPU unless the caller says otherwise (``TrainSpec.precision``).
+Weights are never downloaded by tests: they load from local directories with
+``local_files_only=True``.
+
+:func:`decoder_hidden_states` runs the decoder body only (embeddings, layers, final norm) so that
+:func:`~prolong.model.loss.chunked_lm_loss` applies the LM head chunk by chunk; calling the full
+``LlamaForCausalLM.forward`` would materialise the logits of the whole row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prolong.model.attention import hf_name, register_attention_backends, select_backend
+from prolong.model.loss import chunked_lm_loss
+from prolong.spec import ArchitectureSpec, ModelSpec
+
+# ArchitectureSpec field -> LlamaConfig attribute.
+_CONFIG_FIELDS = {
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
+
+
+class ArchitectureMismatch(ValueError):
+    """A loaded model's config differs from the architecture the spec states."""
+
+
+def default_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU (``precision`` auto); or what ``precision`` says."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp32":
+        return torch.float32
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def llama_config(arch: ArchitectureSpec, *, rope_theta: float | None = None,
+                 max_position_embeddings: int = 131072) -> Any:
+    """A ``LlamaConfig`` of the given shape (Llama-3 defaults elsewhere: RMSNorm eps 1e-5,
+    RoPE theta 5e5 unless ``rope_theta`` is given)."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
+        use_cache=False,
+    )
+    set_rope_theta(cfg, 5e5 if rope_theta is None else rope_theta)
+    return cfg
+
+
+def set_rope_theta(config: Any, theta: float) -> None:
+    """Set the RoPE base frequency (transformers 5 keeps it in ``rope_parameters``; 4.x used a
+    ``rope_theta`` attribute)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict):
+        config.rope_parameters = {**params, "rope_theta": float(theta)}
+    else:
+        config.rope_theta = float(theta)
+
+
+def rope_theta_of(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(config.rope_theta)
+
+
+def architecture_mismatches(config: Any, arch: ArchitectureSpec) -> list[str]:
+    """Human-readable differences between a model config and the stated architecture."""
+    out = []
+    for field, attr in _CONFIG_FIELDS.items():
+        want, have = getattr(arch, field), getattr(config, attr, None)
+        if want != have:
+            out.append(f"{field}: spec says {want}, model has {have}")
+    return out
+
+
+def check_architecture(config: Any, arch: ArchitectureSpec, *, where: str = "the model") -> None:
+    """Raise :class:`ArchitectureMismatch` unless ``config`` has exactly ``arch``'s shape."""
+    diffs = architecture_mismatches(config, arch)
+    if diffs:
+        raise ArchitectureMismatch(f"{where} does not match model.architecture: " + "; ".join(diffs))
+
+
+def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None, source: str | None = None,
+                activation_checkpointing: bool = False, local_files_only: bool = False,
+                seed: int | None = None) -> Any:
+    """A ``LlamaForCausalLM`` (or the checkpoint's causal-LM class) ready to train.
+
+    ``source`` overrides ``spec.source`` (the train loop passes a ``fromStage`` weights directory
+    here). With neither, the model is randomly initialised from ``spec.architecture`` (seeded by
+    ``seed`` when given). ``dtype`` defaults to :func:`default_dtype` of ``device``.
+    """
+    register_attention_backends()
+    dtype = dtype or default_dtype(device)
+    backend = select_backend(spec.attention, device, dtype)
+    attn = hf_name(backend)
+    source = source or spec.source
+    if source is None:
+        if spec.architecture is None:
+            raise ValueError("random initialisation needs model.architecture")
+        from transformers import LlamaForCausalLM
+
+        cfg = llama_config(spec.architecture, rope_theta=spec.rope_theta)
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    else:
+        model = _load_pretrained(source, spec, attn=attn, dtype=dtype,
+                                 local_files_only=local_files_only)
+    model.to(device)
+    model.config.use_cache = False
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def enable_activation_checkpointing(model: Any, *, offload: bool = False) -> None:
+    """Recompute each decoder layer in the backward (non-reentrant checkpoint). ``offload`` keeps
+    the saved layer inputs in pinned host memory (transformers >= 5.23), as ALST does at 512K+."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                              offload=offload)
+    else:
+        if offload:
+            raise ValueError("activation offload needs transformers >= 5.23")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dtype,
+                     local_files_only: bool) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if local_files_only and not Path(source).is_dir():
+        raise FileNotFoundError(f"model source {source!r} is not a local directory "
+                                "(local_files_only: nothing is downloaded)")
+    config = AutoConfig.from_pretrained(source, local_files_only=local_files_only)
+    if spec.architecture is not None:
+        check_architecture(config, spec.architecture, where=f"model at {source}")
+    if spec.rope_theta is not None:
+        set_rope_theta(config, spec.rope_theta)
+    config.use_cache = False
+    return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
+                                                attn_implementation=attn,
+                                                local_files_only=local_files_only)
+
+
+def decoder_hidden_states(model: Any, input_ids: torch.Tensor,
+                          position_ids: torch.Tensor) -> torch.Tensor:
+    """Final-norm hidden states ``[B, S, Hd]`` of a causal LM's decoder body (no LM head).
+
+    ``position_ids`` are required: they carry the document boundaries (and, under Ulysses, ALST
+    asserts they are present in every attention call).
+    """
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def packed_lm_loss(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                   shift_labels: torch.Tensor, *, normalizer: float, chunk_tokens: int = 8192,
+                   checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder body + chunked, globally normalised LM loss for one packed micro-batch."""
+    hidden = decoder_hidden_states(model, input_ids, position_ids)
+    return chunked_lm_loss(hidden, model.get_output_embeddings(), shift_labels,
+                           normalizer=normalizer, chunk_tokens=chunk_tokens, checkpoint=checkpoint)
