@@ -1,0 +1,114 @@
+"""Per-step training metrics: throughput, MFU in both conventions, tokens per domain.
+
+One ``StepMetrics`` per optimizer step goes three ways: ``ray.train.report`` (the driver's progress
+bar and Ray Train's result), ``ray.util.metrics`` gauges (Prometheus / the Ray dashboard's Grafana
+panels, names ``prolong_<metric>``, exported as ``ray_prolong_<metric>``), and ``metrics.jsonl`` in
+the stage directory.
+
+MFU is model FLOPs per second per device over the device's dense bf16 peak. The dense convention
+charges every token full attention over the row (6N + 12·L·H·d·S); the document-causal one charges
+what a document-masked causal kernel actually computes (6N + 6·L·H·d·Σdᵢ²/S), from the real
+document lengths of the step's rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from prolong.model.flops import PEAK_BF16_FLOPS, dense_flops_per_token, doc_causal_flops_per_token
+from prolong.spec import ArchitectureSpec
+
+# Dashboard metric name (prolong.k8s.dashboard.METRICS, the single list of exported names) ->
+# StepMetrics field.
+GAUGE_FIELDS = {
+    "loss": "loss",
+    "tokens_per_second": "tokens_per_s",
+    "mfu": "mfu_dense",
+    "mfu_doc_causal": "mfu_doc_causal",
+    "grad_norm": "grad_norm",
+    "lr": "lr",
+    "step": "step",
+    "domain_tokens": "tokens_per_domain",
+}
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+    """Tokens processed in this step across all workers (rows x sequence length)."""
+    valid_tokens: int
+    """Tokens that were prediction targets (the loss normaliser)."""
+    seconds: float
+    tokens_per_s: float
+    tokens_per_s_per_device: float
+    mfu_dense: float | None
+    mfu_doc_causal: float | None
+    tokens_per_domain: dict[str, int] = field(default_factory=dict)
+    """Cumulative tokens consumed per domain since the start of the stage."""
+
+    def as_record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def step_flops(arch: ArchitectureSpec, seq_len: int, rows_doc_lengths: Iterable[Sequence[int]]
+               ) -> tuple[float, float]:
+    """(dense, document-causal) FLOPs of one step's rows."""
+    dense = causal = 0.0
+    for lengths in rows_doc_lengths:
+        tokens = sum(lengths)
+        eff = sum(d * d for d in lengths) / tokens if tokens else 0.0
+        dense += tokens * dense_flops_per_token(arch, seq_len)
+        causal += tokens * doc_causal_flops_per_token(arch, eff)
+    return dense, causal
+
+
+def make_step_metrics(*, step: int, loss: float, lr: float, grad_norm: float | None,
+                      seconds: float, seq_len: int, rows_doc_lengths: list[Sequence[int]],
+                      valid_tokens: int, devices: int, arch: ArchitectureSpec,
+                      device_kind: str, gpu_type: str,
+                      tokens_per_domain: dict[str, int]) -> StepMetrics:
+    """Throughput and MFU for a step whose rows (all DP ranks) had these document lengths."""
+    tokens = sum(sum(r) for r in rows_doc_lengths)
+    seconds = max(seconds, 1e-9)
+    dense, causal = step_flops(arch, seq_len, rows_doc_lengths)
+    peak = PEAK_BF16_FLOPS.get(gpu_type) if device_kind == "gpu" else None
+    denom = peak * devices * seconds if peak else None
+    return StepMetrics(
+        step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, valid_tokens=valid_tokens,
+        seconds=seconds, tokens_per_s=tokens / seconds,
+        tokens_per_s_per_device=tokens / seconds / devices,
+        mfu_dense=dense / denom if denom else None,
+        mfu_doc_causal=causal / denom if denom else None,
+        tokens_per_domain=dict(tokens_per_domain))
+
+
+class RayGauges:
+    """``ray.util.metrics`` gauges named and tagged as the Grafana dashboard expects
+    (:mod:`prolong.k8s.dashboard`), created inside a Ray worker (they need a connected Ray)."""
+
+    def __init__(self, *, pipeline: str, stage: str, stage_id: str):
+        from ray.util.metrics import Gauge
+
+        from prolong.k8s.dashboard import METRICS, TAG_KEYS
+
+        self._tags = {"pipeline": pipeline, "stage": stage, "stage_id": stage_id}
+        self._gauges = {}
+        for metric in METRICS:
+            keys = (*TAG_KEYS, "domain") if metric.by_domain else TAG_KEYS
+            self._gauges[metric.name] = (Gauge(metric.gauge, description=metric.description,
+                                               tag_keys=keys), metric.by_domain)
+
+    def update(self, m: StepMetrics) -> None:
+        for name, (gauge, by_domain) in self._gauges.items():
+            value = getattr(m, GAUGE_FIELDS[name])
+            if by_domain:
+                for domain, count in value.items():
+                    gauge.set(float(count), tags={**self._tags, "domain": domain})
+            elif value is not None:
+                gauge.set(float(value), tags=self._tags)

@@ -1,0 +1,44 @@
+"""Step metrics: throughput and both MFU conventions from real document lengths."""
+
+from __future__ import annotations
+
+import pytest
+
+from prolong.model.flops import PEAK_BF16_FLOPS, matmul_params
+from prolong.spec import ArchitectureSpec
+from prolong.train.metrics import make_step_metrics
+
+ARCH = ArchitectureSpec(preset="llama3-8b")
+
+
+def test_mfu_conventions_on_known_rows():
+    rows = [[65536], [8192] * 8]  # one long document; eight short ones
+    m = make_step_metrics(step=1, loss=2.0, lr=1e-5, grad_norm=1.0, seconds=10.0, seq_len=65536,
+                          rows_doc_lengths=rows, valid_tokens=131000, devices=2, arch=ARCH,
+                          device_kind="gpu", gpu_type="H100", tokens_per_domain={"books": 65536})
+    n6 = 6 * matmul_params(ARCH)
+    lhd = 32 * 32 * 128
+    dense = 2 * 65536 * (n6 + 12 * lhd * 65536)
+    causal = 65536 * (n6 + 6 * lhd * 65536) + 65536 * (n6 + 6 * lhd * 8192)
+    peak = PEAK_BF16_FLOPS["H100"] * 2 * 10.0
+    assert m.tokens == 131072 and m.tokens_per_s_per_device == pytest.approx(131072 / 20)
+    assert m.mfu_dense == pytest.approx(dense / peak)
+    assert m.mfu_doc_causal == pytest.approx(causal / peak)
+    assert m.mfu_doc_causal < m.mfu_dense
+
+
+def test_cpu_has_no_mfu():
+    m = make_step_metrics(step=1, loss=2.0, lr=1e-3, grad_norm=None, seconds=1.0, seq_len=256,
+                          rows_doc_lengths=[[100, 156]], valid_tokens=254, devices=2,
+                          arch=ArchitectureSpec(preset="tiny"), device_kind="cpu", gpu_type="H100",
+                          tokens_per_domain={})
+    assert m.mfu_dense is None and m.mfu_doc_causal is None and m.tokens_per_s == 256
+
+
+def test_every_dashboard_metric_is_exported():
+    from prolong.k8s.dashboard import METRICS
+    from prolong.train.metrics import GAUGE_FIELDS, StepMetrics
+
+    fields = set(StepMetrics.__dataclass_fields__)
+    assert {m.name for m in METRICS} == set(GAUGE_FIELDS)
+    assert set(GAUGE_FIELDS.values()) <= fields
