@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prolong import plan as planning
+from prolong.data.cli import data_app
 from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
@@ -29,6 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+app.add_typer(data_app, name="data")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 

@@ -1,0 +1,75 @@
+"""Embedded corpora: built from this environment only, deterministic, bounded, well-formed."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from prolong.data import corpus
+from prolong.data.errors import DataError
+from prolong.data.sources import check_messages, repo_document
+
+
+def rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_deterministic_and_reused(tmp_path):
+    name = "sft-conversations"  # uses every kind of input: docstrings, pydoc topics, an RNG
+    a = corpus.corpus_file(name, tmp_path / "a")
+    corpus._docstrings.cache_clear()
+    b = corpus.corpus_file(name, tmp_path / "b")
+    assert a.read_bytes() == b.read_bytes()
+    mtime = a.stat().st_mtime_ns
+    assert corpus.corpus_file(name, tmp_path / "a") == a and a.stat().st_mtime_ns == mtime
+
+
+def test_code_repos_are_site_packages_packages_concatenated(tmp_path):
+    docs = rows(corpus.corpus_file("code-repos", tmp_path))
+    assert corpus.MAX_REPOS // 2 <= len(docs) <= corpus.MAX_REPOS
+    packages = {p.name: p for p in corpus._packages()}
+    for doc in docs:
+        name = doc["id"].removeprefix("site-packages/")
+        text, files = repo_document(packages[name], max_chars=corpus.REPO_CHARS, suffixes=(".py",))
+        assert doc["text"] == text and files
+        assert doc["text"].startswith(f"<<< {files[0]} >>>\n")
+        # Bounded: files are added while they fit (a first file alone may be longer).
+        assert len(text) >= corpus.MIN_REPO_CHARS and (len(text) <= corpus.REPO_CHARS
+                                                       or len(files) == 1)
+
+
+def test_books_are_long_distinct_prose(tmp_path):
+    docs = rows(corpus.corpus_file("books", tmp_path))
+    assert len(docs) >= corpus.MIN_BOOKS
+    assert all(corpus.MIN_BOOK_CHARS <= len(d["text"]) <= corpus.MAX_BOOK_CHARS for d in docs)
+    assert len({d["text"] for d in docs}) == len(docs)
+    assert len({d["id"] for d in docs}) == len(docs)
+
+
+def test_short_text_is_short(tmp_path):
+    docs = rows(corpus.corpus_file("short-text", tmp_path))
+    assert len(docs) >= 500
+    assert all(100 <= len(d["text"]) <= 4_000 for d in docs)
+
+
+def test_conversations_are_ultrachat_form_and_kv_answers_are_right(tmp_path):
+    docs = rows(corpus.corpus_file("sft-conversations", tmp_path))
+    assert len(docs) >= 1_000
+    kv = 0
+    for doc in docs:
+        msgs = check_messages(doc["messages"], doc["id"])
+        if not doc["id"].startswith("kv/"):
+            continue
+        kv += 1
+        pairs = json.loads(re.search(r"\{.*\}", msgs[0]["content"], re.DOTALL).group(0))
+        for ask, answer in zip(msgs[::2], msgs[1::2], strict=True):
+            key = ask["content"].rsplit("Key: ", 1)[1]
+            assert answer["content"] == f"Corresponding value: {pairs[key]}"
+    assert kv == corpus.KV_DIALOGUES
+
+
+def test_unknown_corpus(tmp_path):
+    with pytest.raises(DataError, match="one of code-repos"):
+        corpus.corpus_file("wikipedia", tmp_path)
