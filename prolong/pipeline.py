@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
 
 from prolong.spec import Job, ProLongPipeline
+
+if TYPE_CHECKING:  # imported lazily at run time: prolong.k8s imports this module
+    from prolong.k8s.status import Condition, PipelineStatus, StageStatus
 
 ID_LENGTH = 8
 
@@ -86,3 +91,296 @@ def standalone_stage(job: Job) -> StageRef:
     upstream = (f"unresolved:{src}",) if src else ()
     return StageRef(job.metadata.name, DEFAULT_STAGE_NAME[job.kind], job.kind,
                     stage_id(job, upstream), upstream, job.spec.storage.root)
+
+
+# --------------------------------------------------------------------------------------------
+# What the operator does next: observed state in, a plan out (no I/O)
+# --------------------------------------------------------------------------------------------
+#
+# Policy, in one place:
+#
+# * Run order is the order of spec.stages: a stage starts when every earlier stage is Succeeded
+#   (or Skipped); ``fromStage`` feeds the ids, not the order. One stage runs at a time.
+# * A stage is Succeeded when a RayJob of its *current* id reached ``jobDeploymentStatus:
+#   Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay also sets Complete when the Ray job failed),
+#   when the previous status already said so for the same id, or (Skipped) when its directory
+#   holds the COMPLETE marker.
+# * A RayJob is run-once, so a retry is a new RayJob: attempt 1 is named like ``render_stage``
+#   names it, attempt n > 1 gets ``-r<n>`` (see :func:`attempt_rayjob_name`). A stage gets
+#   1 + maxStageRetries attempts; after the last one fails the pipeline is Failed. Attempts are
+#   counted from the RayJobs themselves (label prolong.dev/attempt), never from the status, so a
+#   restarted operator neither forgets nor repeats one.
+# * A spec change (new generation) only changes ids: stages whose id is unchanged keep their
+#   result, stages with a new id (the edited one and the ones starting from it) run again from
+#   attempt 1. RayJobs of ids that are no longer current are deleted while they are still active
+#   (they would burn GPU hours for a result nobody reads); finished ones are left as history
+#   (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A spec edited
+#   back to an earlier id finds its finished RayJob again and reuses it.
+
+RAYJOB_NAME_MAX = 47
+"""KubeRay's limit on RayJob names (the same as prolong.k8s.rayjob.RAYJOB_NAME_MAX)."""
+
+RayJobOutcome = Literal["submitted", "running", "succeeded", "failed"]
+
+_FAILED_JOB_STATUSES = ("FAILED", "STOPPED")
+_FAILED_DEPLOYMENT_STATUSES = ("Failed", "ValidationFailed")
+_DONE_PHASES = ("Succeeded", "Skipped")
+
+
+@dataclass(frozen=True)
+class ObservedRayJob:
+    """One RayJob owned by the pipeline, as read from the cluster."""
+
+    name: str
+    stage: str
+    """Label prolong.dev/stage."""
+    stage_id: str
+    """Label prolong.dev/stage-id."""
+    attempt: int = 1
+    """Label prolong.dev/attempt (1 when absent)."""
+    deployment_status: str | None = None
+    """status.jobDeploymentStatus (KubeRay's view of the RayJob)."""
+    job_status: str | None = None
+    """status.jobStatus (the Ray job's own status)."""
+    message: str | None = None
+    dashboard_url: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+    @property
+    def outcome(self) -> RayJobOutcome:
+        return rayjob_outcome(self.deployment_status, self.job_status)
+
+    @property
+    def active(self) -> bool:
+        return self.outcome in ("submitted", "running")
+
+
+def rayjob_outcome(deployment_status: str | None, job_status: str | None) -> RayJobOutcome:
+    """Classify a RayJob's status. Success needs both Complete and SUCCEEDED; a RayJob that
+    KubeRay is retrying itself (backoffLimit > 0) is still running."""
+    if deployment_status == "Complete" and job_status == "SUCCEEDED":
+        return "succeeded"
+    if deployment_status in _FAILED_DEPLOYMENT_STATUSES or deployment_status == "Complete":
+        return "failed"  # Complete without SUCCEEDED: the Ray job failed or was stopped
+    if job_status in _FAILED_JOB_STATUSES and deployment_status != "Retrying":
+        return "failed"
+    if deployment_status == "Running" or job_status == "RUNNING":
+        return "running"
+    return "submitted"
+
+
+def attempt_rayjob_name(first: str, attempt: int) -> str:
+    """Name of a stage's ``attempt``-th RayJob, given the first attempt's name
+    (``<job>-<stage id>``): the first itself, then ``<first>-r<attempt>``, cut to 47 characters
+    when needed (keeping the stage id and a short hash of the full name, so that distinct names
+    stay distinct)."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be >= 1, got {attempt}")
+    if attempt == 1:
+        return first
+    suffix = f"-r{attempt}"
+    if len(first) + len(suffix) <= RAYJOB_NAME_MAX:
+        return first + suffix
+    head, _, sid = first.rpartition("-")
+    digest = hashlib.sha256(first.encode()).hexdigest()[:4]
+    keep = RAYJOB_NAME_MAX - len(suffix) - len(sid) - len(digest) - 2
+    return f"{head[:keep].rstrip('-')}-{digest}-{sid}{suffix}"
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """A RayJob to create: the ``attempt``-th run of stage ``stage`` with id ``stage_id``."""
+
+    stage: str
+    stage_id: str
+    name: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do now: create these RayJobs, delete those, write this status."""
+
+    creates: tuple[StageRun, ...]
+    deletes: tuple[str, ...]
+    """Names of RayJobs to delete (active runs of superseded stage ids)."""
+    status: PipelineStatus
+
+
+def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
+                  rayjobs: Iterable[ObservedRayJob], *, now: datetime,
+                  complete: Collection[str] = (), previous: PipelineStatus | None = None,
+                  generation: int | None = None) -> Plan:
+    """Decide the next step of a validated pipeline.
+
+    ``rayjobs``: every RayJob the pipeline owns. ``complete``: stage directories
+    (:attr:`StageRef.directory`) that hold the COMPLETE marker. ``previous``: the status last
+    written (None for a new pipeline). ``generation``: metadata.generation of the spec.
+    """
+    from prolong.k8s.rayjob import rayjob_name
+    from prolong.k8s.status import PipelineStatus, StageStatus
+
+    refs = pipeline_stages(pipeline, jobs)
+    max_attempts = 1 + pipeline.spec.max_stage_retries
+    current = {(r.stage, r.id) for r in refs}
+    runs: dict[tuple[str, str], list[ObservedRayJob]] = {}
+    for rj in sorted(rayjobs, key=lambda r: (r.attempt, r.name)):
+        runs.setdefault((rj.stage, rj.stage_id), []).append(rj)
+    deletes = tuple(sorted(rj.name for key, group in runs.items() if key not in current
+                           for rj in group if rj.active))
+    before = {s.name: s for s in (previous.stages if previous else ())}
+
+    creates: list[StageRun] = []
+    stages: list[StageStatus] = []
+    waiting = False  # an earlier stage is not done yet
+    failure: str | None = None
+    for ref in refs:
+        mine = runs.get((ref.stage, ref.id), [])
+        prev = before.get(ref.stage)
+        prev = prev if prev is not None and prev.id == ref.id else None
+        first = rayjob_name(jobs[ref.stage].metadata.name, ref.id)
+        st = _stage_status(ref, mine, prev, complete, now)
+        if st is None and not waiting:
+            latest = mine[-1] if mine else None
+            if latest is None or (latest.outcome == "failed" and latest.attempt < max_attempts):
+                attempt = latest.attempt + 1 if latest else 1
+                run = StageRun(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
+                creates.append(run)
+                message = None if latest is None else (
+                    f"attempt {latest.attempt} failed: {_reason(latest)}; "
+                    f"retrying (attempt {attempt} of {max_attempts})")
+                st = StageStatus(name=ref.stage, id=ref.id, phase="Submitted", ray_job=run.name,
+                                 output_uri=ref.directory, start_time=now, attempts=attempt,
+                                 message=message)
+            elif latest.outcome == "failed":
+                failure = (f"stage {ref.stage} failed after {latest.attempt} attempt"
+                           f"{'s' if latest.attempt > 1 else ''}: {_reason(latest)}")
+                st = _run_status(ref, latest, prev, now, phase="Failed", message=failure)
+        if st is None:  # waiting behind an earlier stage, or running
+            latest = mine[-1] if mine else None
+            if latest is not None and latest.active:
+                st = _run_status(ref, latest, prev, now,
+                                 phase="Running" if latest.outcome == "running" else "Submitted",
+                                 message=latest.message)
+            else:
+                st = StageStatus(name=ref.stage, id=ref.id, phase="Pending",
+                                 output_uri=ref.directory, attempts=len(mine) and mine[-1].attempt)
+        stages.append(st)
+        if st.phase not in _DONE_PHASES:
+            waiting = True
+
+    phase, current_stage = _pipeline_phase(stages, failure)
+    status = PipelineStatus(phase=phase, current_stage=current_stage,
+                            observed_generation=generation, stages=stages)
+    status.conditions = _conditions(status, previous, failure, now, generation)
+    return Plan(tuple(creates), deletes, status)
+
+
+def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: datetime,
+                        generation: int | None = None) -> PipelineStatus:
+    """The status of a pipeline whose spec cannot be used: the last known stages, unchanged
+    (nothing is created or deleted), with SpecValid=False and the one-line reason."""
+    from prolong.k8s.status import Condition, PipelineStatus
+
+    base = previous.model_copy(deep=True) if previous is not None else PipelineStatus()
+    base.observed_generation = generation
+    conds = [Condition(type="SpecValid", status="False", reason="InvalidSpec", message=reason),
+             Condition(type="Ready", status="False", reason="InvalidSpec", message=reason)]
+    keep = [c for c in base.conditions if c.type not in ("SpecValid", "Ready")]
+    base.conditions = _stamped(conds, previous, now, generation) + keep
+    return base
+
+
+def _stage_status(ref: StageRef, mine: list[ObservedRayJob], prev: StageStatus | None,
+                  complete: Collection[str], now: datetime) -> StageStatus | None:
+    """The status of a stage that is done (or None when it is not)."""
+    from prolong.k8s.status import StageStatus
+
+    won = next((rj for rj in mine if rj.outcome == "succeeded"), None)
+    if won is not None:
+        return _run_status(ref, won, prev, now, phase="Succeeded", message=None,
+                           attempts=mine[-1].attempt)
+    if prev is not None and prev.phase in _DONE_PHASES:
+        return prev.model_copy(update={"dashboard_url": None, "output_uri": ref.directory})
+    if ref.directory in complete:
+        return StageStatus(name=ref.stage, id=ref.id, phase="Skipped" if not mine else "Succeeded",
+                           output_uri=ref.directory, completion_time=now,
+                           ray_job=mine[-1].name if mine else None,
+                           attempts=mine[-1].attempt if mine else 0,
+                           message="output already complete (COMPLETE marker)")
+    return None
+
+
+def _run_status(ref: StageRef, rj: ObservedRayJob, prev: StageStatus | None, now: datetime, *,
+                phase: str, message: str | None, attempts: int | None = None) -> StageStatus:
+    """A stage's status from one of its RayJobs; times observed win, else the previous status's
+    for the same RayJob (so that a repeated reconcile writes the same status), else now."""
+    from prolong.k8s.status import StageStatus
+
+    same = prev if prev is not None and prev.ray_job == rj.name else None
+    done = phase in ("Succeeded", "Failed")
+    return StageStatus(
+        name=ref.stage, id=ref.id, phase=phase, ray_job=rj.name,
+        dashboard_url=None if done else rj.dashboard_url, output_uri=ref.directory,
+        start_time=rj.start_time or (same.start_time if same else None) or now,
+        completion_time=(rj.end_time or (same.completion_time if same else None) or now)
+        if done else None,
+        attempts=rj.attempt if attempts is None else attempts, message=message)
+
+
+MESSAGE_MAX = 300
+"""Longest RayJob message quoted in the status (Ray's can carry 20,000 characters of logs)."""
+
+
+def _reason(rj: ObservedRayJob) -> str:
+    state = "/".join(s for s in (rj.deployment_status, rj.job_status) if s) or "unknown state"
+    message = " ".join((rj.message or "").split())
+    if len(message) > MESSAGE_MAX:
+        message = message[:MESSAGE_MAX - 3] + "..."
+    return f"RayJob {rj.name} {state}" + (f": {message}" if message else "")
+
+
+def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str, str | None]:
+    if failure is not None:
+        return "Failed", next(s.name for s in stages if s.phase == "Failed")
+    active = next((s for s in stages if s.phase in ("Submitted", "Running")), None)
+    if active is not None:
+        return "Running", active.name
+    if all(s.phase in _DONE_PHASES for s in stages):
+        return "Succeeded", stages[-1].name
+    done = [s.name for s in stages if s.phase in _DONE_PHASES]
+    return "Pending", done[-1] if done else None
+
+
+def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
+                now: datetime, generation: int | None) -> list[Condition]:
+    from prolong.k8s.status import Condition
+
+    n = len(status.stages)
+    if status.phase == "Succeeded":
+        ready = Condition(type="Ready", status="True", reason="Succeeded",
+                          message=f"all {n} stages succeeded")
+    elif status.phase == "Failed":
+        ready = Condition(type="Ready", status="False", reason="Failed", message=failure)
+    else:
+        where = f"stage {status.current_stage} " if status.current_stage else ""
+        ready = Condition(type="Ready", status="False", reason=status.phase,
+                          message=f"{where}{status.phase.lower()}".strip())
+    failed = (Condition(type="StageFailed", status="True", reason="RetriesExhausted",
+                        message=failure) if failure is not None else
+              Condition(type="StageFailed", status="False", reason="NoFailure"))
+    valid = Condition(type="SpecValid", status="True", reason="Valid")
+    return _stamped([valid, ready, failed], previous, now, generation)
+
+
+def _stamped(conds: list[Condition], previous: PipelineStatus | None, now: datetime,
+             generation: int | None) -> list[Condition]:
+    """Set observedGeneration and lastTransitionTime (kept while the status stays the same)."""
+    old = {c.type: c for c in (previous.conditions if previous else ())}
+    for c in conds:
+        was = old.get(c.type)
+        c.last_transition_time = (was.last_transition_time if was is not None and
+                                  was.status == c.status and was.last_transition_time else now)
+        c.observed_generation = generation
+    return conds

@@ -1,0 +1,203 @@
+"""The operator against kmock's Kubernetes emulator, over HTTP.
+
+kopf's real reactor (``kopf.operator``: discovery, list + watch streams, handler dispatch) runs as
+a task in the test's event loop, with ``operator/handlers.py`` imported into a fresh registry, as
+``kopf run`` would; both kopf and the handlers' ``kubernetes`` client reach kmock through a
+kubeconfig named by $KUBECONFIG. The tests play the API server's and KubeRay's part through the
+same HTTP API: they create and edit the pipeline, and patch RayJob statuses.
+
+kmock is a plain object store: it keeps no generation (tests set metadata.generation as the API
+server would), ignores label selectors (the handlers filter by ownership as well), and has no
+garbage collector (the tests assert the ownerReferences that make deletion cascade).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import itertools
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import kmock
+import kopf
+import pytest
+import pytest_asyncio
+import yaml
+
+from prolong.k8s.rayjob import rayjob_name
+from prolong.pipeline import StageRef, attempt_rayjob_name, pipeline_stages
+from prolong.specfile import _resolve_pipeline, dump_yaml, load, parse_document
+
+REPO = Path(__file__).resolve().parents[2]
+HANDLERS = REPO / "operator" / "handlers.py"
+NAMESPACE = "default"
+PIPELINES = kmock.resource("prolong.dev/v1alpha1/prolongpipelines")
+RAYJOBS = kmock.resource("ray.io/v1/rayjobs")
+CONFIGMAPS = kmock.resource("v1/configmaps")
+_module_ids = itertools.count()
+
+
+def load_handlers() -> Any:
+    """Import operator/handlers.py as a fresh module (``operator`` is not a package)."""
+    name = f"prolong_operator_handlers_{next(_module_ids)}"
+    spec = importlib.util.spec_from_file_location(name, HANDLERS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def pipeline_cr(path: str = "jobs/prolong-8b/pipeline.yaml", *, uid: str = "uid-1") -> dict:
+    """A pipeline file inlined into the custom resource, as the API server would store it."""
+    doc = yaml.safe_load(dump_yaml(load(REPO / path).document))
+    doc["metadata"].update(namespace=NAMESPACE, uid=uid, generation=1, resourceVersion="1")
+    return doc
+
+
+def stage_refs(cr: dict) -> dict[str, StageRef]:
+    """The stages of a pipeline CR, resolved here independently of the handlers."""
+    raw = {"apiVersion": cr["apiVersion"], "kind": cr["kind"],
+           "metadata": {"name": cr["metadata"]["name"]}, "spec": cr["spec"]}
+    pipeline, jobs = _resolve_pipeline(parse_document(raw), raw, file="")
+    return {r.stage: r for r in pipeline_stages(pipeline, jobs)}
+
+
+def rayjob_for(cr: dict, stage: str, attempt: int = 1) -> str:
+    """The name the operator gives a stage's attempt (the name render_stage gives attempt 1)."""
+    ref = stage_refs(cr)[stage]
+    return attempt_rayjob_name(rayjob_name(f"{cr['metadata']['name']}-{stage}", ref.id), attempt)
+
+
+class Cluster:
+    """The test's side of the API: what the API server and KubeRay would do, over HTTP."""
+
+    def __init__(self, kmock: kmock.KubernetesEmulator, session: aiohttp.ClientSession) -> None:
+        self.kmock = kmock
+        self.session = session
+
+    def _path(self, res: kmock.resource, name: str | None = None, sub: str | None = None) -> str:
+        base = f"/api/{res.version}" if res.group == "" else f"/apis/{res.group}/{res.version}"
+        path = f"{base}/namespaces/{NAMESPACE}/{res.plural}"
+        return path + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
+
+    async def _send(self, method: str, path: str, body: dict | None = None) -> dict:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else {}
+        async with self.session.request(method, path, json=body, headers=headers) as resp:
+            assert resp.status < 300, f"{method} {path}: {resp.status} {await resp.text()}"
+            return await resp.json()
+
+    async def create_pipeline(self, cr: dict) -> None:
+        await self._send("POST", self._path(PIPELINES), cr)
+
+    async def edit_pipeline(self, name: str, spec: dict, generation: int) -> None:
+        await self._send("PATCH", self._path(PIPELINES, name),
+                         {"spec": spec, "metadata": {"generation": generation}})
+
+    async def set_rayjob(self, name: str, deployment: str, job: str | None,
+                         message: str | None = None) -> None:
+        """Play KubeRay: patch the RayJob's status subresource."""
+        await self._send("PATCH", self._path(RAYJOBS, name, "status"), {"status": {
+            "jobDeploymentStatus": deployment, "jobStatus": job, "message": message,
+            "dashboardURL": f"{name}-head-svc.{NAMESPACE}.svc:8265"}})
+
+    def pipeline(self, name: str) -> dict:
+        return self.kmock.objects[PIPELINES, NAMESPACE, name].raw
+
+    def status(self, name: str) -> dict:
+        return self.pipeline(name).get("status") or {}
+
+    def rayjobs(self) -> dict[str, dict]:
+        return {key[2]: obj.raw for key, obj in self.kmock.objects.items()
+                if key[0] == RAYJOBS and not obj.deleted}
+
+    def configmaps(self) -> dict[str, dict]:
+        return {key[2]: obj.raw for key, obj in self.kmock.objects.items()
+                if key[0] == CONFIGMAPS and not obj.deleted}
+
+    def status_patches(self) -> int:
+        return sum(1 for r in self.kmock if r.action == kmock.action.UPDATE
+                   and r.resource == PIPELINES and r.subresource == "status")
+
+    def rayjob_creates(self) -> int:
+        return sum(1 for r in self.kmock if r.action == kmock.action.CREATE and r.resource == RAYJOBS)
+
+    async def wait(self, what: str, check: Callable[[], Any], timeout: float = 15) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = check()
+            if result:
+                return result
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; rayjobs: "
+                                     f"{sorted(self.rayjobs())}")
+            await asyncio.sleep(0.05)
+
+    async def wait_rayjob(self, name: str) -> dict:
+        return await self.wait(f"RayJob {name}", lambda: self.rayjobs().get(name))
+
+    async def wait_status(self, name: str, check: Callable[[dict], Any]) -> dict:
+        await self.wait(f"status of {name}", lambda: check(self.status(name)))
+        return self.status(name)
+
+
+@pytest_asyncio.fixture
+async def cluster(kmock: kmock.KubernetesEmulator, tmp_path: Path,
+                  monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    info = kmock.ResourceInfo
+    kmock.resources[PIPELINES] = info(namespaced=True, kind="ProLongPipeline",
+                                      singular="prolongpipeline", subresources={"status"},
+                                      verbs={"get", "list", "watch", "create", "patch"})
+    kmock.resources[RAYJOBS] = info(namespaced=True, kind="RayJob", singular="rayjob",
+                                    subresources={"status"},
+                                    verbs={"get", "list", "watch", "create", "patch", "delete"})
+    kmock.resources["v1/configmaps"] = info(namespaced=True, kind="ConfigMap",
+                                            verbs={"get", "list", "create", "delete"})
+    kmock.resources["v1/events"] = info(namespaced=True, kind="Event", verbs={"create"})
+    # kopf waits for the namespaces resource to be discovered (a real cluster always serves it),
+    # though the handlers turn namespace scanning off (kmock 0.8 cannot parse the path
+    # /api/v1/namespaces anyway: HTTP 500).
+    kmock.resources["v1/namespaces"] = info(namespaced=False, kind="Namespace",
+                                            verbs={"list", "watch"})
+    url = str(kmock.url).rstrip("/")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
+                                                    "namespace": NAMESPACE}}],
+        "users": [{"name": "kmock", "user": {}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    # No keep-alive: kopf cancels the tasks started while it ran when it stops, and those
+    # include kmock's handlers of whatever connections were open then.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
+        yield Cluster(kmock, session)
+
+
+@contextlib.asynccontextmanager
+async def running_operator() -> AsyncIterator[Any]:
+    """kopf's reactor with operator/handlers.py, namespaced, as ``kopf run --standalone
+    --namespace=default operator/handlers.py`` runs it; stopped (and awaited) on exit."""
+    registry = kopf.OperatorRegistry()
+    kopf.set_default_registry(registry)
+    handlers = load_handlers()
+    ready = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(
+        registry=registry, namespaces=[NAMESPACE], standalone=True,
+        ready_flag=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), timeout=15)
+        yield handlers
+    finally:
+        # Cancelled rather than stopped by its flag: kopf gives every task started after it
+        # (here also kmock's request handlers, such as its own watch streams) 5 s to finish.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=15)
+        kopf.set_default_registry(kopf.OperatorRegistry())
