@@ -769,6 +769,18 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
         out.append(SpecIssue("sequenceLength", f"must be divisible by sequenceParallel x {SEQ_ALIGN}"
                              f" = {sp * SEQ_ALIGN}", spec.sequence_length))
     out += _check_sp_heads(spec.model.architecture, sp)
+    if spec.parallelism.offload_optimizer and spec.parallelism.zero_stage == 0:
+        # DeepSpeed offloads optimizer state only inside its ZeRO optimizers (prolong.parallel).
+        out.append(SpecIssue("parallelism.offloadOptimizer", "needs parallelism.zeroStage >= 1 "
+                             "(DeepSpeed offloads optimizer state only under ZeRO)", True))
+    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and spec.cluster.device == "gpu")
+    if sp > 1 and bf16 and spec.parallelism.zero_stage == 1:
+        # Measured in tests/parallel/test_sp_parity.py (DeepSpeed 0.19.8): ZeRO-1 + bf16 runs
+        # DeepSpeed's BF16_Optimizer, which counts the grad norm on SP rank 0 only and crashes on
+        # the other SP ranks. ZeRO-2 costs no more memory and passes the parity tests.
+        out.append(SpecIssue("parallelism.zeroStage", "ZeRO-1 with bf16 fails under sequence "
+                             "parallelism in DeepSpeed (grad norm on SP rank 0 only); use "
+                             "zeroStage 2 or 3", 1))
     cluster = spec.cluster
     if sp > 1 and cluster.workers_per_node % sp:
         out.append(SpecIssue("parallelism.sequenceParallel", "sequence-parallel groups stay within a"

@@ -1,0 +1,117 @@
+"""The DeepSpeed config of a training stage, as a pure function of its TrainSpec.
+
+Choices that are not just copying a field:
+
+- **Batch.** One packed row per micro-batch (``train_micro_batch_size_per_gpu: 1``) and
+  ``gradient_accumulation_steps = micro_batches_per_rank``. ``train_batch_size`` is left out:
+  DeepSpeed derives it as micro x GAS x (world / SP), and stating it twice could only disagree.
+- **Precision.** ``auto`` is bf16 on GPU, fp32 on CPU. Under bf16 with ZeRO >= 1, gradients are
+  accumulated in fp32 across micro-batches (``data_types.grad_accum_dtype``): ProLong accumulates
+  8+ rows per step, and bf16 accumulation loses the small ones. ZeRO-0 cannot mix bf16 weights with
+  fp32 accumulation in DeepSpeed (NotImplementedError), so it keeps bf16 there.
+- **Clipping** is always written: DeepSpeed clips at 1.0 by default since 0.19.3, so leaving it out
+  would silently clip a spec that says ``gradClip: null``. null -> 0.0 (disabled).
+- **Optimizer.** No ``optimizer`` section unless the optimizer state is offloaded: the trainer
+  passes a ``torch.optim.AdamW`` (:func:`build_optimizer`) as DeepSpeed's client optimizer.
+  DeepSpeed's own "AdamW" JIT-compiles an op at first use (``cpu_adam`` on CPU, ~50 s, or
+  ``fused_adam`` on CUDA, minutes, unless the image pre-built it), while torch's AdamW needs no
+  build and is fused on CUDA (``fused=True``). ZeRO accepts it with
+  ``zero_allow_untested_optimizer``. With ``offloadOptimizer`` DeepSpeed insists on its own
+  DeepSpeedCPUAdam (``zero_force_ds_cpu_optimizer``), so the section is written and DeepSpeed
+  builds it (the GPU image should pre-build ``cpu_adam``: DS_BUILD_CPU_ADAM=1).
+- **ZeRO-3 gradient reduction.** ``reduce_scatter: true`` is written explicitly: with it ZeRO-3
+  always averages gradients over all DP x SP ranks (coalesced reduce-scatter), whereas with
+  ``reduce_scatter: false`` it divides by DP only for buckets that fit ``reduce_bucket_size`` and
+  by DP x SP for larger ones. The loss normalisation in :mod:`prolong.parallel.ulysses` relies on
+  one fixed divisor per stage.
+- **Sequence parallelism.** ``sequence_parallel_size`` = SP (DeepSpeed uses it for its batch
+  arithmetic when no mpu says otherwise; the trainer also passes the mpu).
+- **Activation checkpointing** is applied on the model side (transformers'
+  ``gradient_checkpointing_enable``, non-reentrant), not through DeepSpeed's
+  ``activation_checkpointing`` section, which only serves Megatron-style models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+LOG_EVERY_NEVER = 1 << 30
+
+
+def resolve_precision(spec: Any) -> str:
+    """"bf16" or "fp32" for a TrainSpec (``auto``: bf16 on GPU, fp32 on CPU)."""
+    if spec.precision != "auto":
+        return spec.precision
+    return "bf16" if spec.cluster.device == "gpu" else "fp32"
+
+
+def deepspeed_config(spec: Any) -> dict[str, Any]:
+    """The ``config`` dict for ``deepspeed.initialize`` of a TrainSpec (PretrainSpec/SFTSpec)."""
+    par = spec.parallelism
+    opt = spec.optimizer
+    stage = par.zero_stage
+    bf16 = resolve_precision(spec) == "bf16"
+    if par.offload_optimizer and stage == 0:
+        raise ValueError("offloadOptimizer needs ZeRO stage >= 1")
+
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=spec.cluster.device == "gpu",
+                    reduce_scatter=True)
+    if par.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.cluster.device == "gpu"}
+
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": spec.micro_batches_per_rank,
+        "gradient_clipping": float(opt.grad_clip) if opt.grad_clip is not None else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "sequence_parallel_size": spec.sp_size,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": LOG_EVERY_NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and stage >= 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if par.offload_optimizer:
+        # The LR is set by our scheduler every step; this is only the initial value.
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": spec.schedule.peak_lr, "betas": list(opt.betas), "eps": opt.eps,
+            "weight_decay": opt.weight_decay}}
+    return config
+
+
+def uses_client_optimizer(config: dict[str, Any]) -> bool:
+    """Whether the trainer must pass :func:`build_optimizer`'s result to ``deepspeed.initialize``
+    (False: the config's ``optimizer`` section makes DeepSpeed build its own)."""
+    return "optimizer" not in config
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
+                 weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices (dim >= 2), none on norms and biases (as HF Trainer, which
+    ProLong trained with, does)."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: torch.nn.Module, spec: Any, lr: float | None = None) -> torch.optim.AdamW:
+    """The client optimizer: torch AdamW with the spec's betas, eps and weight decay (fused on
+    CUDA). Build it before ``deepspeed.initialize`` (DeepSpeed wraps it)."""
+    opt = spec.optimizer
+    on_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(param_groups(model.named_parameters(), opt.weight_decay),
+                             lr=spec.schedule.peak_lr if lr is None else lr,
+                             betas=tuple(opt.betas), eps=opt.eps, fused=on_cuda or None)

@@ -1,0 +1,167 @@
+"""One rank of the parity tests: DeepSpeed ZeRO + Ulysses SP on CPU over gloo.
+
+Launched by sp_harness.launch with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. For each
+requested ZeRO stage it builds the model from the problem's weights, wires it exactly as the
+trainer does (ParallelDims -> groups, apply_ulysses, deepspeed_config, client AdamW,
+SequenceParallelMPU), runs one optimizer step over the global batch and gathers the full
+gradients (before the step) and full weights (after it). Rank 0 saves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def parse_case(case: str) -> tuple[int, set[str]]:
+    """"3+ac+plain" -> (3, {"ac", "plain"}). Flags: ac (activation checkpointing), plain (the
+    plain token mean, i.e. the ZeRO-1/2 divisor, whatever the stage: a negative control),
+    offload (optimizer state on CPU, with torch AdamW as the client optimizer), bf16 (DeepSpeed's
+    bf16 mode on CPU: a smoke check of the GPU config, not held to fp32 tolerances), resume
+    (save a DeepSpeed checkpoint after one step, resume it in a fresh engine)."""
+    stage, *flags = case.split("+")
+    unknown = set(flags) - {"ac", "plain", "offload", "bf16", "resume"}
+    if unknown:
+        raise ValueError(f"unknown case flags {unknown}")
+    return int(stage), set(flags)
+
+
+def build_engine(stage: int, flags: set[str], problem: dict, groups):
+    """The model, wired as the trainer wires it, inside a DeepSpeed engine."""
+    import deepspeed
+    import sp_harness as H
+
+    from prolong.parallel.deepspeed_config import build_optimizer, deepspeed_config
+    from prolong.parallel.ulysses import CausalLMWithLoss, apply_ulysses, deepspeed_mpu
+
+    dims = groups.dims
+    spec = H.train_spec(zero_stage=stage, sp=dims.sp, world=dims.world_size,
+                        activation_checkpointing="ac" in flags,
+                        offload_optimizer="offload" in flags)
+    if "bf16" in flags:
+        spec = spec.model_copy(update={"precision": "bf16"})
+    config = deepspeed_config(spec)
+    if "offload" in flags:
+        # DeepSpeedCPUAdam would JIT-build cpu_adam (~1 min); the gradient path under offload is
+        # what is tested here, so keep torch AdamW as the client optimizer.
+        del config["optimizer"]
+        config["zero_force_ds_cpu_optimizer"] = False
+    gas = spec.micro_batches_per_rank
+    assert spec.dp_size == dims.dp and gas * dims.dp == len(problem["rows"])
+
+    model = H.make_model(problem["state_dict"])
+    apply_ulysses(model, groups, H.CORE_ATTN, seq_length=H.SEQ_LEN)
+    if "ac" in flags:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Small loss chunks so the chunked (and checkpointed) loss path runs several chunks.
+    wrapped = CausalLMWithLoss(model, chunk_tokens=8, checkpoint=True)
+    optimizer = build_optimizer(wrapped, spec)
+    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config,
+                                      mpu=deepspeed_mpu(groups))
+    rows = problem["rows"][groups.dp_rank * gas:(groups.dp_rank + 1) * gas]
+    return engine, model, rows
+
+
+def full_params(model) -> dict:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {}
+    for name, p in model.named_parameters():  # collective under ZeRO: every rank, same order
+        full = safe_get_full_fp32_param(p)
+        full = p.detach() if full is None else full
+        params[name] = full.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+    return params
+
+
+def run_case(case: str, problem: dict, groups, work: Path) -> dict:
+    from deepspeed.utils import safe_get_full_grad
+
+    from prolong.parallel.step import train_step
+    from prolong.parallel.ulysses import loss_normalizer
+
+    stage, flags = parse_case(case)
+    if "resume" in flags:
+        return run_resume(stage, flags, problem, groups, work / f"ckpt-{case}")
+    engine, model, rows = build_engine(stage, flags, problem, groups)
+    grads = {}
+
+    def read_grads() -> None:  # collective under ZeRO-1/2/3: every rank, same order
+        for name, p in model.named_parameters():
+            g = safe_get_full_grad(p)
+            assert g is not None, f"no gradient for {name}"
+            grads[name] = g.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+
+    def plain_mean(n, *, zero_stage, **kw):  # the ZeRO-1/2 divisor whatever the stage
+        return loss_normalizer(n, zero_stage=min(zero_stage, 1), **kw)
+
+    result = train_step(engine, rows, groups, before_update=read_grads,
+                        normalizer=plain_mean if "plain" in flags else loss_normalizer)
+    assert grads, "before_update was not called"
+    params = full_params(model)
+    engine.destroy()
+    del engine
+    gc.collect()
+    return {"loss": result.loss, "grads": grads, "params": params, "grad_norm": result.grad_norm,
+            "valid_tokens": result.valid_tokens}
+
+
+def run_resume(stage: int, flags: set[str], problem: dict, groups, ckpt: Path) -> dict:
+    """Step, save, step; a fresh engine loads the checkpoint and repeats the second step."""
+    from prolong.parallel.step import train_step
+
+    engine, model, rows = build_engine(stage, flags, problem, groups)
+    train_step(engine, rows, groups)
+    engine.save_checkpoint(str(ckpt), tag="step1")
+    second = train_step(engine, rows, groups)
+    params = full_params(model)
+    engine.destroy()
+    engine2, model2, rows2 = build_engine(stage, flags, problem, groups)
+    engine2.load_checkpoint(str(ckpt), tag="step1")
+    resumed = train_step(engine2, rows2, groups)
+    params_resumed = full_params(model2)
+    engine2.destroy()
+    gc.collect()
+    return {"loss": second.loss, "loss_resumed": resumed.loss, "params": params,
+            "params_resumed": params_resumed, "global_steps": engine2.global_steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--problem", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sp", type=int, required=True)
+    ap.add_argument("--cases", default="0,1,2,3", help="comma-separated, see parse_case")
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        from prolong.parallel.dims import ParallelDims
+
+        groups = ParallelDims(world_size=world, sp=args.sp, workers_per_node=world).build()
+        problem = torch.load(args.problem, weights_only=False)
+        results, timings = {}, {}
+        for case in args.cases.split(","):
+            t0 = time.perf_counter()
+            results[case] = run_case(case, problem, groups, Path(args.out).parent)
+            timings[case] = time.perf_counter() - t0
+        if rank == 0:
+            torch.save({"results": results, "timings": timings}, args.out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
