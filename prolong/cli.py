@@ -41,10 +41,15 @@ EXIT_FAILED = 1
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Bad input becomes one line on stderr and exit code 2."""
+    from prolong.data.errors import DataError
+
     try:
         yield
     except SpecError as exc:
         err.print(exc.one_line(), markup=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except DataError as exc:
+        err.print(str(exc), markup=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
@@ -147,6 +152,38 @@ def render(
     with user_errors():
         loaded = load(file)
     out.print(dump_all(render_objects(loaded, namespace=namespace)), markup=False, end="")
+
+
+@app.command()
+def run(
+    file: Path = FILE_ARG,
+    ray_address: str = typer.Option(None, "--ray-address",
+                                    help="Join this Ray cluster (auto on a KubeRay head pod) "
+                                         "instead of starting a local one."),
+    until: str = typer.Option(None, "--until", help="Stop after this stage of a pipeline."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+) -> None:
+    """Run a job, or a pipeline stage after stage, on Ray Train: prepares the data, trains, and
+    writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/,
+    COMPLETE). Complete stages are skipped; an interrupted stage resumes from its last
+    checkpoint.
+
+    [bold]Examples[/bold]
+
+      prolongctl run jobs/quickstart/stage1.yaml
+
+      prolongctl run jobs/quickstart/pipeline.yaml --until sft
+
+      prolongctl run /etc/prolong/job.yaml --ray-address auto
+    """
+    from prolong.train.runner import RunError, run_file
+
+    with user_errors():
+        try:
+            run_file(file, ray_address=ray_address, progress=not no_progress, until=until)
+        except RunError as exc:
+            err.print(f"prolongctl run: {exc}", markup=False)
+            raise typer.Exit(EXIT_FAILED) from None
 
 
 def _stages(loaded: Loaded) -> list[tuple]:

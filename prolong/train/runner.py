@@ -1,0 +1,182 @@
+"""``prolongctl run``: run a job, or a pipeline stage after stage, on Ray.
+
+Without an address it starts a local Ray instance (the laptop quickstart); with one (``auto`` on a
+KubeRay head pod) it joins that cluster. For each stage, in order:
+
+- a stage whose directory holds ``COMPLETE`` is skipped: same id, same result;
+- a stage whose upstream is not complete is refused (a standalone file with ``fromStage`` must be
+  run through its pipeline, which knows where the upstream lives);
+- otherwise its token shards are prepared (idempotent) and a ``TorchTrainer`` runs it; a second
+  run with the same id resumes from Ray Train's latest checkpoint.
+
+A progress bar follows ``metrics.jsonl`` in the stage directory, which workers append to.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from prolong.pipeline import StageRef, pipeline_stages, stage_id, standalone_stage
+from prolong.spec import EvalJob, Job, ProLongPipeline
+from prolong.specfile import Loaded, load
+from prolong.train.entry import StageRun, build_trainer
+from prolong.train.stage_dir import StageDir, read_metrics
+from prolong.versions import summary as versions_summary
+
+
+class RunError(RuntimeError):
+    """A stage could not run or did not finish (exit code 1)."""
+
+
+STAGE_FILE = "stage.json"
+"""Written beside job.yaml by the Kubernetes renderer: the stage's identity inside its pipeline."""
+
+
+def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
+    """(job, its identity, upstream stage name -> stage directory) for every stage, in order."""
+    doc = loaded.document
+    if isinstance(doc, ProLongPipeline):
+        refs = pipeline_stages(doc, loaded.jobs)
+        dirs = {r.stage: r.directory for r in refs}
+        return [(loaded.jobs[r.stage], r, dirs) for r in refs]
+    stage_file = Path(loaded.path).with_name(STAGE_FILE)
+    if stage_file.exists():
+        return [_from_stage_file(doc, stage_file)]
+    return [(doc, standalone_stage(doc), {})]
+
+
+def _from_stage_file(job: Job, stage_file: Path) -> tuple[Job, StageRef, dict[str, str]]:
+    """A pipeline stage running on its own (a RayJob): its identity comes from stage.json and
+    must match the id its job.yaml hashes to, or the outputs would land under a wrong id."""
+    info = json.loads(stage_file.read_text())
+    upstream = tuple(info["upstream"])
+    if stage_id(job, upstream) != info["id"]:
+        raise RunError(f"{stage_file}: stage id {info['id']} does not match the job spec beside it "
+                       f"({stage_id(job, upstream)}); re-render the stage")
+    ref = StageRef(info["pipeline"], info["stage"], job.kind, info["id"], upstream,
+                   info["storageRoot"])
+    dirs = {name: up["directory"] for name, up in info.get("upstreamStages", {}).items()}
+    return job, ref, dirs
+
+
+def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool = True,
+             until: str | None = None, console: Console | None = None) -> list[StageRef]:
+    """Run every stage of the file that is not complete (up to and including stage ``until``);
+    returns the stages, in order."""
+    console = console or Console(stderr=True)
+    loaded = load(path)
+    stages = stages_of(loaded)
+    if until is not None:
+        names = [ref.stage for _, ref, _ in stages]
+        if until not in names:
+            raise RunError(f"--until {until}: no such stage (stages: {', '.join(names)})")
+        stages = stages[: names.index(until) + 1]
+    pending = [s for s in stages if not StageDir(s[1].directory).is_complete()]
+    for _, ref, _ in stages:
+        if StageDir(ref.directory).is_complete():
+            console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}")
+    if not pending:
+        return [ref for _, ref, _ in stages]
+    for job, _, _ in pending:
+        if isinstance(job, EvalJob):
+            raise RunError("EvalJob stages need the HELMET harness, which this build does not have "
+                           "yet; run the training stages with --until <last training stage>")
+    _prepare(path, progress)
+    _connect(ray_address, console)
+    for job, ref, upstream_dirs in pending:
+        upstream_dir = None
+        src = job.spec.model.from_stage
+        if src is not None:
+            if src not in upstream_dirs:
+                raise RunError(f"stage {ref.stage} starts from stage {src}, which this file does not "
+                               "define: run the pipeline file")
+            upstream_dir = upstream_dirs[src]
+            if not StageDir(upstream_dir).is_complete():
+                raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
+        run = stage_run(job, ref, loaded, upstream_dir)
+        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
+        with _progress(job, ref, console, enabled=progress):
+            build_trainer(run).fit()
+        if not StageDir(ref.directory).is_complete():
+            raise RunError(f"stage {ref.stage} ended without writing COMPLETE in {ref.directory}")
+        console.print(f"stage {ref.stage} complete: {ref.directory}")
+    return [ref for _, ref, _ in stages]
+
+
+def _prepare(path: str | Path, progress: bool) -> None:
+    from prolong.data.prepare import prepare_file
+
+    prepare_file(str(path), progress=progress)
+
+
+def absolute(uri: str) -> str:
+    """Workers run in another directory: local paths travel as absolute paths."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def stage_run(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None) -> StageRun:
+    """What the workers of one stage receive (every path absolute)."""
+    from prolong.data.prepare import shard_dirs, tokenizer_ref
+
+    shards = {domain: absolute(str(d)) for domain, d in shard_dirs(job, loaded).items()}
+    ref = replace(ref, storage_root=absolute(ref.storage_root))
+    return StageRun(job=job.model_dump(mode="json", by_alias=True), stage=asdict(ref),
+                    upstream_dir=absolute(upstream_dir) if upstream_dir else None,
+                    shard_dirs=shards, tokenizer_dir=absolute(tokenizer_ref(job, loaded).location))
+
+
+def _connect(address: str | None, console: Console) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    context = ray.init(address=address, logging_level="WARNING", log_to_driver=True,
+                       configure_logging=True)
+    url = getattr(context, "dashboard_url", None)
+    console.print(f"Ray {'cluster ' + address if address else 'local instance'}"
+                  + (f", dashboard http://{url}" if url else "") + f" | {versions_summary()}")
+
+
+class _progress:
+    """Follow metrics.jsonl of a stage with a progress bar (a daemon thread)."""
+
+    def __init__(self, job: Job, ref: StageRef, console: Console, *, enabled: bool):
+        self.total = job.spec.total_steps
+        self.stage = StageDir(ref.directory)
+        self.enabled = enabled
+        self.console = console
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            self._thread = threading.Thread(target=self._follow, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.enabled:
+            self._thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+        with Progress(*columns, console=self.console, transient=False) as bar:
+            task = bar.add_task("steps", total=self.total, info="")
+            while not self._stop.wait(1.0):
+                self._update(bar, task)
+            self._update(bar, task)
+
+    def _update(self, bar: Progress, task) -> None:
+        records = read_metrics(self.stage)
+        if records:
+            last = records[-1]
+            bar.update(task, completed=last["step"],
+                       info=f"loss {last['loss']:.4f} | {last['tokens_per_s']:,.0f} tok/s")
+
