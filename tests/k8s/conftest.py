@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-KUBERAY_SCHEMAS = Path("/work/shared/schemas/kuberay")
-if not KUBERAY_SCHEMAS.is_dir():  # a checkout with shared/ inside the repository
-    KUBERAY_SCHEMAS = REPO / "shared" / "schemas" / "kuberay"
+# The KubeRay CRDs live in shared/, beside the checkout (CI, developers) or inside it.
+_CANDIDATES = [REPO.parent / "shared" / "schemas" / "kuberay", REPO / "shared" / "schemas" / "kuberay"]
+KUBERAY_SCHEMAS = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 KUBE_VERSION = "1.30"
 # Objects whose kind is a custom resource: kubernetes-validate has no schema for them.
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/", "prolong.dev/")
