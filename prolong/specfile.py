@@ -8,6 +8,8 @@ what ``render``/``submit`` put into the custom resource).
 from __future__ import annotations
 
 import difflib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,13 +141,20 @@ def _lowercase_first(text: str) -> str:
     return text[:1].lower() + text[1:] if text[:2].isalpha() and not text[:2].isupper() else text
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
+    """``spec.data.streams[2].proportion``; a key that is not a plain name (a typo can be
+    anything, a newline included) is quoted and escaped, so a path always fits on one line."""
     parts: list[str] = []
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         elif item in STAGE_TAGS or str(item).startswith("function-"):
             continue  # discriminated-union branch names are not part of the user's path
+        elif not _PLAIN_KEY.match(str(item)):
+            parts.append(f"[{json.dumps(str(item))}]")
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts)

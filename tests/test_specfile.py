@@ -143,3 +143,12 @@ def test_inline_stages_of_a_long_pipeline_name_load(write_spec):
     data["metadata"]["name"] = "a" * 38  # the longest name allowed
     loaded = load(write_spec(data, "pipeline.yaml"))
     assert loaded.jobs["stage1"].metadata.name == "a" * 38 + "-stage1"
+
+
+def test_odd_field_names_stay_on_one_line(write_spec):
+    data = job_dict("quickstart/stage1.yaml")
+    data["spec"]["data"]["streams"][0] = {"\n": 0}  # found by the mutation test
+    with pytest.raises(SpecError) as info:
+        load(write_spec(data))
+    assert all("\n" not in str(i) for i in info.value.issues)
+    assert any('streams[0]["\\n"]' in i.path for i in info.value.issues)

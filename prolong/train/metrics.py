@@ -69,22 +69,20 @@ def step_flops(arch: ArchitectureSpec, seq_len: int, rows_doc_lengths: Iterable[
 
 
 def make_step_metrics(*, step: int, loss: float, lr: float, grad_norm: float | None,
-                      seconds: float, seq_len: int, rows_doc_lengths: list[Sequence[int]],
-                      valid_tokens: int, devices: int, arch: ArchitectureSpec,
-                      device_kind: str, gpu_type: str,
+                      seconds: float, tokens: int, dense_flops: float, causal_flops: float,
+                      valid_tokens: int, devices: int, device_kind: str, gpu_type: str,
                       tokens_per_domain: dict[str, int]) -> StepMetrics:
-    """Throughput and MFU for a step whose rows (all DP ranks) had these document lengths."""
-    tokens = sum(sum(r) for r in rows_doc_lengths)
+    """Throughput and MFU of a step that processed ``tokens`` tokens and the given FLOPs (summed
+    over all data-parallel ranks, see :func:`step_flops`) on ``devices`` devices."""
     seconds = max(seconds, 1e-9)
-    dense, causal = step_flops(arch, seq_len, rows_doc_lengths)
     peak = PEAK_BF16_FLOPS.get(gpu_type) if device_kind == "gpu" else None
     denom = peak * devices * seconds if peak else None
     return StepMetrics(
         step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, valid_tokens=valid_tokens,
         seconds=seconds, tokens_per_s=tokens / seconds,
         tokens_per_s_per_device=tokens / seconds / devices,
-        mfu_dense=dense / denom if denom else None,
-        mfu_doc_causal=causal / denom if denom else None,
+        mfu_dense=dense_flops / denom if denom else None,
+        mfu_doc_causal=causal_flops / denom if denom else None,
         tokens_per_domain=dict(tokens_per_domain))
 
 

@@ -6,16 +6,18 @@ import pytest
 
 from prolong.model.flops import PEAK_BF16_FLOPS, matmul_params
 from prolong.spec import ArchitectureSpec
-from prolong.train.metrics import make_step_metrics
+from prolong.train.metrics import make_step_metrics, step_flops
 
 ARCH = ArchitectureSpec(preset="llama3-8b")
 
 
 def test_mfu_conventions_on_known_rows():
     rows = [[65536], [8192] * 8]  # one long document; eight short ones
-    m = make_step_metrics(step=1, loss=2.0, lr=1e-5, grad_norm=1.0, seconds=10.0, seq_len=65536,
-                          rows_doc_lengths=rows, valid_tokens=131000, devices=2, arch=ARCH,
-                          device_kind="gpu", gpu_type="H100", tokens_per_domain={"books": 65536})
+    dense_step, causal_step = step_flops(ARCH, 65536, rows)
+    m = make_step_metrics(step=1, loss=2.0, lr=1e-5, grad_norm=1.0, seconds=10.0, tokens=131072,
+                          dense_flops=dense_step, causal_flops=causal_step, valid_tokens=131000,
+                          devices=2, device_kind="gpu", gpu_type="H100",
+                          tokens_per_domain={"books": 65536})
     n6 = 6 * matmul_params(ARCH)
     lhd = 32 * 32 * 128
     dense = 2 * 65536 * (n6 + 12 * lhd * 65536)
@@ -28,10 +30,10 @@ def test_mfu_conventions_on_known_rows():
 
 
 def test_cpu_has_no_mfu():
-    m = make_step_metrics(step=1, loss=2.0, lr=1e-3, grad_norm=None, seconds=1.0, seq_len=256,
-                          rows_doc_lengths=[[100, 156]], valid_tokens=254, devices=2,
-                          arch=ArchitectureSpec(preset="tiny"), device_kind="cpu", gpu_type="H100",
-                          tokens_per_domain={})
+    dense_step, causal_step = step_flops(ArchitectureSpec(preset="tiny"), 256, [[100, 156]])
+    m = make_step_metrics(step=1, loss=2.0, lr=1e-3, grad_norm=None, seconds=1.0, tokens=256,
+                          dense_flops=dense_step, causal_flops=causal_step, valid_tokens=254,
+                          devices=2, device_kind="cpu", gpu_type="H100", tokens_per_domain={})
     assert m.mfu_dense is None and m.mfu_doc_causal is None and m.tokens_per_s == 256
 
 

@@ -3,8 +3,8 @@ the tiny Llama on the embedded corpus.
 
 - an SP=2 stage learns (loss falls), writes its stage directory, and a second run of the same id
   does nothing;
-- a worker that dies while a checkpoint is being written is restarted by Ray Train from the
-  previous checkpoint and ends with exactly the losses and weights of an uninterrupted run.
+- a run that dies while a checkpoint is being written, submitted again, resumes from the previous
+  checkpoint and ends with exactly the losses and weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -102,14 +102,18 @@ def uninterrupted(ray_cluster, prepared, tmp_path_factory) -> StageDir:
 
 def test_crash_while_checkpointing_resumes_like_an_uninterrupted_run(uninterrupted, prepared,
                                                                     tmp_path, monkeypatch):
-    # Rank 0 dies while checkpoint 6 is being written (its shards on disk, not yet reported).
-    # Checkpoint 6 is never registered, Ray Train restarts the workers from checkpoint 3, and
-    # the run must end exactly where an uninterrupted one does: this covers both "resume equals
-    # uninterrupted" and "a crash mid-save keeps the previous checkpoint".
+    # Rank 0 dies while checkpoint 6 is being written (its shards on disk, not yet reported), and
+    # the run fails (maxFailures 0). Submitting the same stage again (what the operator's retry
+    # or a GitOps re-sync does) must resume from checkpoint 3, the last one registered, and end
+    # exactly where an uninterrupted run does: "resume equals uninterrupted" and "a crash
+    # mid-save keeps the previous checkpoint" in one.
     fault = "save:6"
     monkeypatch.setenv(FAULT_ENV, fault)
     faulty = stage_spec(tmp_path / "faulty", prepared, steps=8, every=3, sp=1, seq=256,
-                        max_failures=1)
+                        max_failures=0)
+    with pytest.raises(Exception, match="injected fault"):
+        run_file(faulty, progress=False)
+    assert not only_stage(faulty).is_complete()
     run_file(faulty, progress=False)
 
     ref_stage, stage = uninterrupted, only_stage(faulty)
