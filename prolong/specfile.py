@@ -87,7 +87,7 @@ def read_yaml(path: str) -> dict[str, Any]:
 def parse_document(data: dict[str, Any], *, file: str | None = None) -> Document:
     """Structural validation of one object (no recipe rules)."""
     kind = data.get("kind")
-    if kind not in KIND_MODELS:
+    if not isinstance(kind, str) or kind not in KIND_MODELS:
         hint = did_you_mean(str(kind), KINDS)
         rule = f"unknown kind; expected one of {', '.join(KINDS)}{hint}"
         raise SpecError([SpecIssue("kind", rule, kind, file=file)])

@@ -152,6 +152,13 @@ def test_unknown_kind_suggests(write_spec):
     assert "ProLongPipeline" in issue.rule
 
 
+@pytest.mark.parametrize("kind", [[], {"a": 1}, None, 3])
+def test_kind_of_the_wrong_type(write_spec, kind):  # [] was found by the mutation test
+    data = job_dict("quickstart/stage1.yaml")
+    data["kind"] = kind
+    assert first(write_spec, data).path == "kind"
+
+
 def test_api_version_checked(write_spec):
     data = job_dict("quickstart/stage1.yaml")
     data["apiVersion"] = "prolong.dev/v1"
