@@ -14,12 +14,12 @@ fields, and the operator validates it with the same pydantic models (reporting e
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from prolong.k8s.generated import write_generated
 from prolong.k8s.status import PipelineStatus
 from prolong.spec import JOB_KINDS, PipelineSpec, PretrainStage
 
@@ -201,13 +201,7 @@ def crd_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0]) if args else CRD_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(crd_yaml(), encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
-
+    return write_generated(crd_yaml(), CRD_PATH, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())

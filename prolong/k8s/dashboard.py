@@ -10,10 +10,11 @@ a test fails when the committed file drifts from this module.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prolong.k8s.generated import write_generated
 
 GAUGE_PREFIX = "prolong_"
 PROMETHEUS_PREFIX = "ray_"
@@ -113,13 +114,7 @@ def dashboard_json() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    path = Path(args[0]) if args else DASHBOARD_PATH
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dashboard_json(), encoding="utf-8")
-    print(f"wrote {path}")
-    return 0
-
+    return write_generated(dashboard_json(), DASHBOARD_PATH, argv)
 
 if __name__ == "__main__":
     raise SystemExit(main())
