@@ -18,6 +18,7 @@ from rich.table import Table
 
 from prolong import plan as planning
 from prolong.data.cli import data_app
+from prolong.eval.cli import eval_app
 from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
@@ -31,6 +32,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -184,6 +186,161 @@ def run(
         except RunError as exc:
             err.print(f"prolongctl run: {exc}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None
+
+
+# -- submit / status / logs / delete (prolong.k8s.submit does the work) -------------------------
+
+NAME_ARG = typer.Argument(..., show_default=False,
+                          help="A pipeline name, a RayJob name (Ray: a submission id), a job name, "
+                               "or the spec file itself.")
+NAMESPACE_OPT = typer.Option(None, "--namespace", "-n",
+                             help="Kubernetes namespace (default: the kubeconfig context's).")
+RAY_ADDRESS_OPT = typer.Option(None, "--ray-address",
+                               help="Use this Ray cluster's Job Submission API (its dashboard URL, "
+                                    "e.g. http://127.0.0.1:8265) instead of Kubernetes.")
+RAY_TOKEN_OPT = typer.Option(None, "--ray-token", envvar="RAY_AUTH_TOKEN", show_envvar=True,
+                             help="Ray auth token (default: $RAY_AUTH_TOKEN_PATH or "
+                                  "~/.ray/auth_token when present).")
+
+
+@contextmanager
+def cluster_errors() -> Iterator[None]:
+    """Unknown names exit 2, cluster failures exit 1; one line each."""
+    from prolong.k8s.submit import ClusterError, UnknownName
+
+    with user_errors():
+        try:
+            yield
+        except UnknownName as exc:
+            err.print(str(exc), markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except ClusterError as exc:
+            err.print(str(exc), markup=False)
+            raise typer.Exit(EXIT_FAILED) from None
+
+
+def _backend(namespace: str | None, ray_address: str | None, ray_token: str | None):
+    from prolong.k8s import submit as sub
+
+    if ray_address:
+        return sub.RayJobs(ray_address, sub.ray_token(ray_token))
+    return sub.Kube(sub.kube_client(), namespace or sub.default_namespace())
+
+
+@app.command()
+def submit(
+    file: Path = FILE_ARG,
+    namespace: str = NAMESPACE_OPT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be created; create "
+                                 "nothing (server-side when the API server supports it)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends: exit 0 on "
+                              "success, 1 on failure."),
+    ray_address: str = RAY_ADDRESS_OPT,
+    ray_token: str = RAY_TOKEN_OPT,
+    interval: float = typer.Option(5.0, "--interval", min=0.05, help="Seconds between status "
+                                   "reads with --wait."),
+    timeout: float = typer.Option(None, "--timeout", min=1, help="Give up waiting after this many "
+                                  "seconds (exit 1)."),
+) -> None:
+    """Submit a spec: a job becomes its ConfigMap + KubeRay RayJob, a pipeline the ProLongPipeline
+    custom resource (the operator runs its stages). Names come from stage ids, so submitting
+    the same stage again reports the existing run and creates nothing. With --ray-address the
+    job goes to an existing Ray cluster through the Job Submission API instead.
+
+    [bold]Examples[/bold]
+
+      prolongctl submit jobs/prolong-8b/stage2-512k.yaml -n ml --wait
+
+      prolongctl submit jobs/prolong-8b/pipeline.yaml --dry-run
+
+      prolongctl submit jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265 --wait
+    """
+    from prolong.k8s import submit as sub
+
+    with cluster_errors():
+        loaded = load(file)
+        backend = _backend(namespace, ray_address, ray_token)
+        if isinstance(backend, sub.RayJobs):
+            done = sub.submit_ray(loaded, backend, err, dry_run=dry_run)
+            ok = dry_run or not wait or sub.wait_ray(backend, done.name, err, interval=interval,
+                                                      timeout=timeout)
+        else:
+            done = sub.submit_k8s(loaded, backend, err, dry_run=dry_run, yaml_out=out)
+            ok = dry_run or not wait or sub.wait_k8s(backend, done, err, interval=interval,
+                                                      timeout=timeout)
+    if not ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
+           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT) -> None:
+    """Show a run: a pipeline's phase and stage table (ids, RayJobs, dashboards), or a RayJob's
+    state (KubeRay's jobDeploymentStatus and jobStatus). Unknown names exit 2.
+
+    [bold]Examples[/bold]
+
+      prolongctl status prolong-8b
+
+      prolongctl status jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265
+    """
+    from prolong.k8s import submit as sub
+
+    with cluster_errors():
+        backend = _backend(namespace, ray_address, ray_token)
+        target = sub.resolve_name(name)
+        if isinstance(backend, sub.RayJobs):
+            sub.status_ray(backend, target, out)
+        else:
+            sub.status_k8s(backend, target, out)
+
+
+@app.command()
+def logs(name: str = NAME_ARG, follow: bool = typer.Option(False, "--follow", "-f",
+                                                           help="Keep streaming new output."),
+         namespace: str = NAMESPACE_OPT, ray_address: str = RAY_ADDRESS_OPT,
+         ray_token: str = RAY_TOKEN_OPT) -> None:
+    """Print a run's logs: the RayJob's submitter pod (it tails the Ray job), else its head pod; a
+    pipeline's current stage; on Ray, the job's driver output.
+
+    [bold]Examples[/bold]
+
+      prolongctl logs prolong-8b -f
+
+      prolongctl logs quickstart-stage1-0123abcd --ray-address http://127.0.0.1:8265
+    """
+    from prolong.k8s import submit as sub
+
+    with cluster_errors():
+        backend = _backend(namespace, ray_address, ray_token)
+        target = sub.resolve_name(name)
+        if isinstance(backend, sub.RayJobs):
+            sub.logs_ray(backend, target, sys.stdout, follow_logs=follow)
+        else:
+            sub.logs_k8s(backend, target, sys.stdout, follow_logs=follow)
+
+
+@app.command()
+def delete(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
+           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT) -> None:
+    """Delete a run: a pipeline custom resource (its RayJobs go with it), or a RayJob and its
+    ConfigMap; on Ray, stop and delete the job. Stage outputs in storage are kept.
+
+    [bold]Examples[/bold]
+
+      prolongctl delete quickstart-stage1-0123abcd -n ml
+
+      prolongctl delete prolong-8b
+    """
+    from prolong.k8s import submit as sub
+
+    with cluster_errors():
+        backend = _backend(namespace, ray_address, ray_token)
+        target = sub.resolve_name(name)
+        if isinstance(backend, sub.RayJobs):
+            sub.delete_ray(backend, target, err)
+        else:
+            sub.delete_k8s(backend, target, err)
 
 
 def _stages(loaded: Loaded) -> list[tuple]:

@@ -7,7 +7,9 @@ KubeRay head pod) it joins that cluster. For each stage, in order:
 - a stage whose upstream is not complete is refused (a standalone file with ``fromStage`` must be
   run through its pipeline, which knows where the upstream lives);
 - otherwise its token shards are prepared (idempotent) and a ``TorchTrainer`` runs it; a second
-  run with the same id resumes from Ray Train's latest checkpoint.
+  run with the same id resumes from Ray Train's latest checkpoint;
+- an EvalJob stage runs the HELMET harness instead, its samples sharded over Ray tasks
+  (:func:`prolong.eval.job.run_eval_stage`).
 
 A progress bar follows ``metrics.jsonl`` in the stage directory, which workers append to.
 """
@@ -83,10 +85,6 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}")
     if not pending:
         return [ref for _, ref, _ in stages]
-    for job, _, _ in pending:
-        if isinstance(job, EvalJob):
-            raise RunError("EvalJob stages need the HELMET harness, which this build does not have "
-                           "yet; run the training stages with --until <last training stage>")
     _prepare(path, progress)
     _connect(ray_address, console)
     for job, ref, upstream_dirs in pending:
@@ -99,10 +97,16 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             upstream_dir = upstream_dirs[src]
             if not StageDir(upstream_dir).is_complete():
                 raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
-        run = stage_run(job, ref, loaded, upstream_dir)
-        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
-        with _progress(job, ref, console, enabled=progress):
-            build_trainer(run).fit()
+        if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
+            from prolong.eval.job import run_eval_stage
+
+            console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
+            run_eval_stage(job, ref, upstream_dir, log=lambda m: console.print(m, markup=False))
+        else:
+            run = stage_run(job, ref, loaded, upstream_dir)
+            console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
+            with _progress(job, ref, console, enabled=progress):
+                build_trainer(run).fit()
         if not StageDir(ref.directory).is_complete():
             raise RunError(f"stage {ref.stage} ended without writing COMPLETE in {ref.directory}")
         console.print(f"stage {ref.stage} complete: {ref.directory}")

@@ -23,8 +23,8 @@ VALUES = {"default": {}, "h100": H100,
 NAMESPACE = "ml"
 # What the operator may touch: (apiGroup, resource).
 ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipelines/status"),
-           ("ray.io", "rayjobs"), ("", "configmaps"), ("", "events"),
-           ("events.k8s.io", "events")}
+           ("prolong.dev", "prolongpipelines/finalizers"), ("ray.io", "rayjobs"),
+           ("", "configmaps"), ("", "events"), ("events.k8s.io", "events")}
 CLUSTER_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
 
 
@@ -91,6 +91,12 @@ def test_default_install(rendered):
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The storage PVC, read-only at the storage root: the operator reads COMPLETE markers.
+    assert {"name": "storage", "mountPath": "/mnt/prolong", "readOnly": True} in \
+        container["volumeMounts"]
+    assert {"name": "storage", "persistentVolumeClaim": {"claimName": "prolong-runs",
+                                                         "readOnly": True}} in \
+        deploy["spec"]["template"]["spec"]["volumes"]
 
 
 def _rules(objs, kind):

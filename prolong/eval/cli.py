@@ -1,0 +1,73 @@
+"""``prolongctl eval ...``: the evaluation sub-commands (mounted by prolong.cli as ``eval``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+eval_app = typer.Typer(
+    help="HELMET evaluation results: compare eval stage directories.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@eval_app.callback()
+def _group() -> None:
+    """HELMET evaluation results: compare eval stage directories."""
+    # A callback keeps `report` a sub-command even while it is the only one.
+
+
+@eval_app.command("report")
+def report(
+    dirs: Annotated[list[Path], typer.Argument(help="Eval stage directories (or results.json files).",
+                                               show_default=False)],
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Also write comparison.md and comparison.png into this directory.")] = None,
+) -> None:
+    """Put eval runs side by side: one row per category and length, one column per run.
+
+    \b
+    Examples:
+      prolongctl eval report runs/quickstart/eval-*/
+      prolongctl eval report runs/a/eval-1234abcd runs/b/eval-5678ef90 --out reports/
+    """
+    from prolong.eval.report import comparison_markdown, comparison_png, comparison_rows, load_run
+
+    console = Console(highlight=False, soft_wrap=True)
+    runs = []
+    for d in dirs:
+        try:
+            runs.append(load_run(d))
+        except (FileNotFoundError, ValueError) as exc:
+            Console(stderr=True).print(f"prolongctl eval report: {exc}", markup=False)
+            raise typer.Exit(2) from None
+    names = _unique([name for name, _ in runs])
+    runs = [(n, r) for n, (_, r) in zip(names, runs, strict=True)]
+    table = Table(title="HELMET (scores 0-100)", show_edge=False, pad_edge=False)
+    table.add_column("category", no_wrap=True)
+    table.add_column("length", justify="right", no_wrap=True)
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in comparison_rows(runs):
+        style = "bold" if row[0] == "average" else None
+        table.add_row(*row, style=style)
+    console.print(table)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "comparison.md").write_text(comparison_markdown(runs))
+        (out / "comparison.png").write_bytes(comparison_png(runs))
+        console.print(f"wrote {out / 'comparison.md'} and {out / 'comparison.png'}", markup=False)
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 else f"{n} ({seen[n]})")
+    return out

@@ -1,0 +1,182 @@
+"""An EvalJob stage on Ray: shard the work items over workers, generate, score, write the stage.
+
+The model is the upstream stage's ``final/`` (``model.fromStage``) or ``model.source``; the
+tokenizer is ``tokenizer.source`` or the model's. Work items (task, length, index) are dealt to
+``cluster.world_size`` shards (:func:`prolong.eval.harness.shard`); each shard is one Ray task
+holding one GPU (``device: gpu``) or one CPU core, which loads the model once, builds its own
+samples and returns scored records. A failed task is retried ``cluster.maxFailures`` times.
+
+The driver then writes, in this order: ``samples.jsonl`` (one record per sample: task, length,
+depth, prompt hash, output, score), ``results.json``, ``report.md``, ``scores.png``,
+``manifest.json`` and, last, ``COMPLETE`` -- the stage's commit point, as for training stages. A
+stage that crashed before COMPLETE is simply evaluated again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prolong.eval.harness import (
+    SampleBuilder,
+    WorkItem,
+    aggregate,
+    evaluate_items,
+    shard,
+    work_items,
+)
+from prolong.eval.report import REPORT, RESULTS, SAMPLES, SCORES_PNG, markdown_report, scores_png
+from prolong.eval.tasks import HELMET_TASKS
+from prolong.pipeline import StageRef
+from prolong.spec import EvalJob
+
+
+def _absolute(path: str | None) -> str | None:
+    """Workers run elsewhere: existing local paths travel absolute; URIs and hub ids as given."""
+    if path is None or "://" in path:
+        return path
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def model_location(job: EvalJob, upstream_dir: str | None) -> str:
+    """The weights to evaluate: the upstream stage's final/, else model.source (path or HF id)."""
+    if upstream_dir is not None:
+        return f"{_absolute(upstream_dir).rstrip('/')}/final"
+    if job.spec.model.source is None:
+        raise ValueError("an EvalJob needs model.fromStage (with its stage directory) or "
+                         "model.source")
+    return _absolute(job.spec.model.source)
+
+
+def corpus_cache(job: EvalJob) -> str:
+    """Where the essay haystack's corpus is built: <storage.root>/data/corpora (as `data
+    prepare` does) for local roots, a temporary directory for object stores."""
+    root = job.spec.storage.root
+    if "://" in root:
+        return os.path.join(tempfile.gettempdir(), "prolong-corpora")
+    return str(Path(root).resolve() / "data" / "corpora")
+
+
+def shard_config(job: EvalJob, model: str) -> dict[str, Any]:
+    spec = job.spec
+    return {"model": model, "tokenizer": _absolute(spec.tokenizer.source) or model,
+            "data_dir": _absolute(spec.data_dir), "seed": spec.seed,
+            "backend": spec.generation.backend, "batch_size": spec.generation.batch_size,
+            "max_new_tokens": spec.generation.max_new_tokens,
+            "device": "cuda" if spec.cluster.device == "gpu" else "cpu",
+            "max_model_len": max(spec.lengths) + max(
+                spec.generation.max_new_tokens or HELMET_TASKS[t].max_new_tokens
+                for t in spec.tasks),
+            "corpus_cache": corpus_cache(job)}
+
+
+def eval_shard(items: Sequence[WorkItem], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One worker's share: load the model once, build, generate and score its items."""
+    from prolong.eval.generate import build_generator
+    from prolong.eval.synthetic import essay_haystack
+    from prolong.train.loop import _local_path
+
+    if not items:
+        return []
+    model = _local_path(config["model"]) if "://" in config["model"] else config["model"]
+    tok_path = config["tokenizer"]
+    tok_path = _local_path(tok_path) if "://" in tok_path else tok_path
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    builder = SampleBuilder(tokenizer, seed=config["seed"], data_dir=config["data_dir"],
+                            haystack=essay_haystack(config["corpus_cache"]))
+    generator = build_generator(config["backend"], model, tokenizer_path=tok_path,
+                                batch_size=config["batch_size"], device=config["device"],
+                                max_model_len=config["max_model_len"])
+    return evaluate_items(items, builder, generator, max_new_tokens=config["max_new_tokens"],
+                          batch=max(config["batch_size"], 1) * 4)
+
+
+def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJob,
+                log: Any) -> list[dict[str, Any]]:
+    import ray
+
+    cluster = job.spec.cluster
+    gpu = cluster.device == "gpu"
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not gpu:
+        env["OMP_NUM_THREADS"] = "1"
+    task = ray.remote(eval_shard).options(
+        num_gpus=1 if gpu else 0, num_cpus=1, max_retries=cluster.max_failures,
+        retry_exceptions=cluster.max_failures > 0, runtime_env={"env_vars": env})
+    pending = [task.remote(s, config) for s in shards]
+    records: list[dict[str, Any]] = []
+    done = 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        records += ray.get(ready[0])
+        done += 1
+        log(f"eval shard {done}/{len(shards)} done ({len(records)} samples so far)")
+    return records
+
+
+def _write_bytes(stage: Any, name: str, data: bytes) -> None:
+    """Through a temporary name and a move, as StageDir.write_json does."""
+    stage.ensure()
+    base = stage.path.rstrip("/")
+    tmp = f"{base}/.{name}.{uuid.uuid4().hex}.tmp"
+    with stage.fs.open_output_stream(tmp) as out:
+        out.write(data)
+    stage.fs.move(tmp, f"{base}/{name}")
+
+
+def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
+                   use_ray: bool = True, log: Any = print) -> dict[str, Any]:
+    """Evaluate one EvalJob stage and write its directory; returns results.json's content.
+    ``use_ray=False`` runs the shards one after another in this process (tests, debugging)."""
+    from prolong.train.stage_dir import StageDir
+    from prolong.versions import versions
+
+    stage = StageDir(ref.directory)
+    if stage.is_complete():
+        return stage.read_json(RESULTS)
+    spec = job.spec
+    start = time.monotonic()
+    model = model_location(job, upstream_dir)
+    config = shard_config(job, model)
+    items = work_items(spec.tasks, spec.lengths, spec.samples, spec.icl_samples)
+    shards = [s for s in shard(items, spec.cluster.world_size) if s]
+    log(f"eval {ref.stage}: {len(items)} samples ({len(spec.tasks)} tasks x "
+        f"{len(spec.lengths)} lengths) on {len(shards)} workers, model {model}")
+    if use_ray:
+        records = _run_on_ray(shards, config, job, log)
+    else:
+        records = [r for s in shards for r in eval_shard(s, config)]
+    records.sort(key=lambda r: (list(spec.tasks).index(r["task"]), r["length"], r["index"]))
+
+    results = aggregate(records, tasks=spec.tasks, lengths=spec.lengths)
+    name = f"{ref.pipeline}/{ref.stage}-{ref.id}"
+    results.update({"name": name, "model": model, "seconds": time.monotonic() - start,
+                    "backend": spec.generation.backend, "workers": len(shards),
+                    "versions": versions()})
+    stage.ensure()
+    _write_bytes(stage, SAMPLES, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                         for r in records).encode())
+    stage.write_json(RESULTS, results)
+    _write_bytes(stage, REPORT, markdown_report(results, title=f"HELMET: {name}").encode())
+    _write_bytes(stage, SCORES_PNG, scores_png(results, title=f"HELMET: {name}"))
+    stage.write_manifest({
+        "pipeline": ref.pipeline, "stage": ref.stage, "id": ref.id, "kind": job.kind,
+        "upstream": list(ref.upstream), "spec": job.model_dump(mode="json", by_alias=True),
+        "model": model, "results": stage.uri_of(RESULTS), "samples": len(records),
+        "summary": {"average": results["average"]["mean"],
+                    **{c: v["mean"] for c, v in results["categories"].items()}},
+        "versions": results["versions"],
+    })
+    stage.mark_complete()
+    log(f"eval {ref.stage} complete: average {results['average']['mean']:.1f} -> {ref.directory}"
+        if results["average"]["mean"] is not None else f"eval {ref.stage} complete (no samples)")
+    return results

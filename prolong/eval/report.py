@@ -1,0 +1,184 @@
+"""Reports of eval results: markdown tables and score-vs-length plots, for one run or several.
+
+One run (an eval stage's ``results.json``): ``report.md`` holds a category x length table with the
+average (HELMET's headline layout) and a task x length table naming each metric (stand-ins are
+named as such); ``scores.png`` plots score against length per category.
+
+Several runs side by side (``prolongctl eval report DIR...``): one row per category and length,
+one column per run; markdown + a PNG with one panel per category.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prolong.eval.tasks import METRIC_NOTES
+
+RESULTS = "results.json"
+REPORT = "report.md"
+SCORES_PNG = "scores.png"
+SAMPLES = "samples.jsonl"
+
+CATEGORY_TITLES = {"recall": "Recall", "rag": "RAG", "rerank": "Re-rank", "icl": "ICL",
+                   "longqa": "LongQA", "summ": "Summ", "cite": "Cite"}
+
+
+def length_label(n: int | str) -> str:
+    n = int(n)
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+def fmt_score(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> str:
+    lengths = [str(n) for n in results["lengths"]]
+    head = "| | " + " | ".join(length_label(n) for n in lengths) + " | mean |"
+    rule = "|---|" + "---:|" * (len(lengths) + 1)
+    lines = [f"# {title}", ""]
+    if results.get("model"):
+        lines += [f"Model: `{results['model']}`", ""]
+    lines += ["## Categories", "", head, rule]
+    for cat, c in results["categories"].items():
+        lines.append(f"| {CATEGORY_TITLES.get(cat, cat)} | "
+                     + " | ".join(fmt_score(c["by_length"].get(n)) for n in lengths)
+                     + f" | {fmt_score(c['mean'])} |")
+    avg = results["average"]
+    lines.append("| **average** | " + " | ".join(fmt_score(avg["by_length"].get(n)) for n in lengths)
+                 + f" | {fmt_score(avg['mean'])} |")
+    lines += ["", "## Tasks", "", "| task | metric | " + " | ".join(length_label(n) for n in lengths)
+              + " | mean |", "|---|---|" + "---:|" * (len(lengths) + 1)]
+    for task, t in results["tasks"].items():
+        lines.append(f"| {task} | {t['metric']} | "
+                     + " | ".join(fmt_score(t["by_length"].get(n)) for n in lengths)
+                     + f" | {fmt_score(t['mean'])} |")
+    skipped = results.get("skipped") or {}
+    if skipped:
+        lines += ["", "Not scored (the fixed prompt alone exceeds the length): " + "; ".join(
+            f"{task} at {', '.join(f'{length_label(n)} x{c}' for n, c in per.items())}"
+            for task, per in skipped.items()) + "."]
+    used = dict.fromkeys(t["metric"] for t in results["tasks"].values())
+    lines += ["", "Metrics: " + "; ".join(f"{m}: {METRIC_NOTES.get(m, m)}" for m in used) + ".",
+              f"Scores are 0-100; {results.get('samples', 0)} samples; lengths are prompt tokens "
+              "of the evaluated model's tokenizer.", ""]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def scores_png(results: dict[str, Any], title: str = "HELMET") -> bytes:
+    """Score against length, one line per category and the average (PNG bytes)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    lengths = [int(n) for n in results["lengths"]]
+    series = {CATEGORY_TITLES.get(k, k): v["by_length"] for k, v in results["categories"].items()}
+    series["average"] = results["average"]["by_length"]
+    for name, per in series.items():
+        xs = [n for n in lengths if str(n) in per]
+        ax.plot(xs, [per[str(n)] for n in xs], marker="o",
+                linewidth=2.5 if name == "average" else 1.5,
+                linestyle="--" if name == "average" else "-", label=name)
+    _length_axis(ax, lengths)
+    ax.set_ylabel("score")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png(fig, plt)
+
+
+def _length_axis(ax: Any, lengths: Sequence[int]) -> None:
+    if len(lengths) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(list(lengths))
+    ax.set_xticklabels([length_label(n) for n in lengths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+
+
+def _png(fig: Any, plt: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several runs
+# ---------------------------------------------------------------------------------------------
+
+def load_run(path: str | Path) -> tuple[str, dict[str, Any]]:
+    """(name, results) of an eval directory (or a results.json file)."""
+    p = Path(path)
+    file = p if p.is_file() else p / RESULTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {RESULTS} (not an eval stage directory?)")
+    results = json.loads(file.read_text())
+    name = results.get("name") or (p.parent.name if p.is_file() else p.name)
+    return name, results
+
+
+def comparison_rows(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[list[str]]:
+    """[category, length, score of run 1, ...] rows, categories then the average, each with a
+    'mean' row."""
+    lengths = sorted({int(n) for _, r in runs for n in r["lengths"]})
+    cats = list(dict.fromkeys(c for _, r in runs for c in r["categories"]))
+    rows = []
+    for cat in [*cats, "average"]:
+        label = "average" if cat == "average" else CATEGORY_TITLES.get(cat, cat)
+        for n in [*lengths, None]:
+            cells = []
+            for _, r in runs:
+                block = r["average"] if cat == "average" else r["categories"].get(cat)
+                if block is None:
+                    cells.append("-")
+                elif n is None:
+                    cells.append(fmt_score(block["mean"]))
+                else:
+                    cells.append(fmt_score(block["by_length"].get(str(n))))
+            rows.append([label, "mean" if n is None else length_label(n), *cells])
+    return rows
+
+
+def comparison_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    names = [n for n, _ in runs]
+    lines = ["# HELMET comparison", "", "| category | length | " + " | ".join(names) + " |",
+             "|---|---|" + "---:|" * len(names)]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def comparison_png(runs: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
+    plt = _pyplot()
+    cats = [*dict.fromkeys(c for _, r in runs for c in r["categories"]), "average"]
+    cols = min(4, len(cats))
+    rows = -(-len(cats) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), dpi=90, squeeze=False)
+    lengths = sorted({int(n) for _, r in runs for n in r["lengths"]})
+    for ax, cat in zip(axes.flat, cats, strict=False):
+        for name, r in runs:
+            block = r["average"] if cat == "average" else r["categories"].get(cat)
+            if not block:
+                continue
+            xs = [n for n in lengths if str(n) in block["by_length"]]
+            ax.plot(xs, [block["by_length"][str(n)] for n in xs], marker="o", label=name)
+        _length_axis(ax, lengths)
+        ax.set_title(CATEGORY_TITLES.get(cat, cat))
+    for ax in list(axes.flat)[len(cats):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    return _png(fig, plt)

@@ -1,0 +1,289 @@
+"""HELMET's synthetic recall tasks, generated locally at any length (up to 512K and beyond).
+
+Built to RECIPE.md's description (and HELMET's prompt templates in its ``data.py``), not copied from
+HELMET's released files, which we do not have:
+
+- **json_kv**: keys and values are random UUID4 strings; the context is one JSON object with one
+  pair per line (``json.dumps(..., indent=0)``, so it parses as JSON); the prompt is the context, a
+  blank line, "Extract the value corresponding to the specified key in the JSON object below.", a
+  blank line, two demos ("Key: k" / "Corresponding value: v", pairs that are not in the object),
+  "Key: <key>" and the answer prefix "Corresponding value:". The pair count is the most that fits
+  the length (HELMET: 105 / 220 / 440 / 900 / 1800 pairs at 8K ... 128K with Llama-2's tokenizer).
+  Six queries per dictionary: samples 6g ... 6g+5 share dictionary g and ask keys at depths 0, 0.2,
+  ..., 1 (the key's position among the pairs).
+- **ruler_mk_needle**: the haystack is other needles, "One of the special magic numbers for
+  {key} is: {value}.", one per line; keys are words (adjective-noun), values 7-digit numbers.
+- **ruler_mk_uuid**: the same with UUID keys and values ("... magic uuids for ...").
+- **ruler_mv**: an essay haystack (local prose: prolong.data.corpus's ``books``), one key with 4
+  values, inserted at sentence ends from the sample's depth towards the end; the answer is all
+  four values (RULER recall).
+
+RULER samples use the same six-point depth grid (sample i asks at depth (i mod 6) / 5).
+
+Every sample is a pure function of (seed, task, length, index) and the tokenizer: workers build
+their own shards without shipping prompts around.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prolong.eval.samples import PromptFormat, Sample, fit
+from prolong.eval.tasks import HELMET_TASKS
+
+DEPTHS = 6
+"""Evenly spaced depths per dictionary (HELMET's "dep6"): 0, 0.2, ..., 1."""
+
+KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+KV_PREFIX = "Corresponding value:"
+
+# RULER's needle and question templates as HELMET phrases them (data.py, load_ruler).
+NEEDLE = "One of the special magic {kind} for {key} is: {value}."
+ONE_QUESTION = ("A special magic {one} is hidden within the following text. Make sure to memorize "
+                "it. I will quiz you about the {one} afterwards.\n{context}\nWhat is the special "
+                "magic {one} for {query} mentioned in the provided text?")
+ONE_PREFIX = "The special magic {one} for {query} mentioned in the provided text is"
+ALL_QUESTION = ("Some special magic {kind} are hidden within the following text. Make sure to "
+                "memorize it. I will quiz you about the {kind} afterwards.\n{context}\nWhat are all "
+                "the special magic {kind} for {query} mentioned in the provided text?")
+ALL_PREFIX = "The special magic {kind} for {query} mentioned in the provided text are"
+MV_VALUES = 4
+
+_ADJECTIVES = (
+    "able acid aged airy alert amber ample angry arid ashen awake bald bare basic bent big bitter "
+    "black bland blank blind blond blue blunt bold brave brief bright brisk broad brown bumpy busy "
+    "calm candid chilly civic clean clear clever close cloudy coarse cold cool coral cosy crisp "
+    "cruel curly cute damp dark dear deep dense dim dizzy dry dull dusty eager early easy elder "
+    "empty equal even exact faint fair false fancy fast fat fierce fine firm flat fluffy fond "
+    "foggy frail free fresh frosty full fuzzy gentle giant glad glossy golden good grand gray great "
+    "green grim gritty happy hard harsh hasty heavy hidden high hollow holy honest huge humble "
+    "icy idle inner ivory jolly keen kind large late lazy lean light lime little lively lofty "
+    "long loose loud lucky lunar mad magic major mellow merry mild minor misty modest moist "
+    "narrow neat new nice noble noisy odd oily old olive open orange pale patient plain polite "
+    "poor proud pure purple quick quiet rapid rare raw ready real red rich rigid ripe rosy rough "
+    "round royal rude rusty sad safe salty sandy scarce sharp shiny short shy silent silky silver "
+    "simple slim slow small smart smooth soft solar solid sour spare spicy stale steady steep "
+    "sticky stiff still stormy strong sunny sweet swift tall tame tender thick thin tidy tiny "
+    "tired tough true urban vague vast violet vivid warm wary weak wet white whole wide wild wise "
+    "witty wooden young zany")
+_NOUNS = (
+    "acorn actor anchor angle apple arch arrow attic autumn badge bagel ballad banjo barn basket "
+    "beach beacon bean bell bench berry bird blade blanket boat bonnet book bottle boulder bow "
+    "bridge brook broom bucket button cabin cable cactus camel candle canoe canyon carpet castle "
+    "cat cellar chair chalk channel cheese cherry chimney cider circle cliff clock cloud clover "
+    "coast comet compass cookie copper cork cotton cradle crane crater creek crown crystal cup "
+    "daisy desert diamond dinner dog dolphin door dragon drum eagle echo engine falcon feather "
+    "fence fern ferry fiddle field flame flute forest fossil fountain fox garden garnet gate "
+    "ginger glacier glove goat grape harbor harp hat hawk helmet hill honey horizon horse island "
+    "jacket jewel kettle kite ladder lake lamp lantern lemon letter lily lion lizard meadow "
+    "melon mirror monkey moon mountain mule needle nest oak ocean orchard otter owl paddle palace "
+    "panda parrot path pearl pebble pepper piano pillow pine planet plum pond poppy puzzle quartz "
+    "quill rabbit raven reef ribbon river robin rocket rose saddle sail salmon scarf shell ship "
+    "shovel silk sparrow spoon spruce star statue stone storm stream sugar swan table thistle "
+    "thunder tiger timber tomato tower trail tulip tunnel turtle valley vase violin wagon walnut "
+    "whale wheel willow window wizard wolf yarn zebra")
+ADJECTIVES = tuple(_ADJECTIVES.split())
+NOUNS = tuple(_NOUNS.split())
+
+
+def group_and_depth(index: int) -> tuple[int, float]:
+    """Sample ``index`` asks about dictionary ``index // 6`` at depth ``(index % 6) / 5``."""
+    return index // DEPTHS, (index % DEPTHS) / (DEPTHS - 1)
+
+
+def rng_for(seed: int, task: str, length: int, group: int) -> random.Random:
+    return random.Random(f"{seed}/{task}/{length}/{group}")
+
+
+def uuid4(rng: random.Random) -> str:
+    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
+
+def word_keys(rng: random.Random) -> Iterator[str]:
+    """Distinct word keys, endlessly: adjective-noun, then adjective-adjective-noun once most
+    two-word keys are taken."""
+    seen: set[str] = set()
+    pairs = len(ADJECTIVES) * len(NOUNS)
+    while True:
+        if len(seen) < pairs * 0.7:
+            key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        else:
+            key = f"{rng.choice(ADJECTIVES)}-{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
+        if key not in seen:
+            seen.add(key)
+            yield key
+
+
+def seven_digits(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def position(depth: float, n: int) -> int:
+    """Index among ``n`` items at ``depth`` (0 = first, 1 = last)."""
+    return min(n - 1, max(0, round(depth * (n - 1)))) if n else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON KV
+# ---------------------------------------------------------------------------------------------
+
+def json_kv(fmt: PromptFormat, length: int, index: int, seed: int) -> Sample:
+    group, depth = group_and_depth(index)
+    rng = rng_for(seed, "json_kv", length, group)
+    info = HELMET_TASKS["json_kv"]
+    demos = [(uuid4(rng), uuid4(rng)) for _ in range(info.shots)]
+    # Enough pairs for any length: extended lazily, the same stream for every size.
+    pairs: list[tuple[str, str]] = []
+
+    def pairs_upto(n: int) -> list[tuple[str, str]]:
+        while len(pairs) < n:
+            pairs.append((uuid4(rng), uuid4(rng)))
+        return pairs[:n]
+
+    demo_text = "".join(f"Key: {k}\n{KV_PREFIX} {v}\n\n" for k, v in demos)
+
+    def build(n: int) -> tuple[str, bool]:
+        kv = pairs_upto(max(n, 1))
+        key = kv[position(depth, len(kv))][0]
+        context = json.dumps(dict(kv), indent=0)
+        user = f"{context}\n\n{KV_INSTRUCTION}\n\n{demo_text}Key: {key}"
+        return fmt.render(user, KV_PREFIX, chat=info.chat)
+
+    n, prompt, special, tokens = fit(build, fmt.count, length, guess=max(1, length // 64),
+                                     minimum=1)
+    kv = pairs_upto(n)
+    key, value = kv[position(depth, n)]
+    return Sample("json_kv", length, index, prompt, [value], tokens, depth, special, KV_PREFIX,
+                  {"pairs": n, "key": key, "key_index": position(depth, n)})
+
+
+# ---------------------------------------------------------------------------------------------
+# RULER: multi-key needles (words or UUIDs), multi-value
+# ---------------------------------------------------------------------------------------------
+
+def ruler_mk(fmt: PromptFormat, length: int, index: int, seed: int, *, uuids: bool) -> Sample:
+    task = "ruler_mk_uuid" if uuids else "ruler_mk_needle"
+    _, depth = group_and_depth(index)
+    rng = rng_for(seed, task, length, index)
+    kind, one = ("uuids", "uuid") if uuids else ("numbers", "number")
+    info = HELMET_TASKS[task]
+    needles: list[tuple[str, str]] = []
+    words = word_keys(rng)
+
+    def needles_upto(n: int) -> list[tuple[str, str]]:
+        while len(needles) < n:
+            key = uuid4(rng) if uuids else next(words)
+            needles.append((key, uuid4(rng) if uuids else seven_digits(rng)))
+        return needles[:n]
+
+    def parts(n: int) -> tuple[str, str, str]:
+        ns = needles_upto(max(n, 1))
+        key, value = ns[position(depth, len(ns))]
+        context = "\n".join(NEEDLE.format(kind=kind, key=k, value=v) for k, v in ns)
+        return context, key, value
+
+    def build(n: int) -> tuple[str, bool]:
+        context, key, _ = parts(n)
+        user = ONE_QUESTION.format(one=one, context=context, query=key)
+        return fmt.render(user, ONE_PREFIX.format(one=one, query=key), chat=info.chat)
+
+    n, prompt, special, tokens = fit(build, fmt.count, length, guess=max(1, length // 32),
+                                     minimum=1)
+    _, key, value = parts(n)
+    return Sample(task, length, index, prompt, [value], tokens, depth, special,
+                  ONE_PREFIX.format(one=one, query=key), {"needles": n, "key": key})
+
+
+def ruler_mv(fmt: PromptFormat, length: int, index: int, seed: int,
+             haystack: Callable[[int], str]) -> Sample:
+    """``haystack(chars)``: at least ``chars`` characters of prose (see :func:`essay_haystack`)."""
+    _, depth = group_and_depth(index)
+    rng = rng_for(seed, "ruler_mv", length, index)
+    info = HELMET_TASKS["ruler_mv"]
+    key = next(word_keys(rng))
+    values: list[str] = []
+    while len(values) < MV_VALUES:
+        v = seven_digits(rng)
+        if v not in values:
+            values.append(v)
+    needles = [NEEDLE.format(kind="numbers", key=key, value=v) for v in values]
+    prefix = ALL_PREFIX.format(kind="numbers", query=key)
+    text = haystack(length * 6)
+    offsets = fmt.offsets(text)
+    while len(offsets) < length:
+        text = text + "\n\n" + text
+        offsets = fmt.offsets(text)
+    depths = [depth + k * (1 - depth) / MV_VALUES for k in range(MV_VALUES)]
+
+    def build(n: int) -> tuple[str, bool]:
+        cut = offsets[n - 1][1] if n > 0 else 0
+        hay = text[:cut]
+        context = insert_at_sentences(hay, needles, depths)
+        user = ALL_QUESTION.format(kind="numbers", context=context, query=key)
+        return fmt.render(user, prefix, chat=info.chat)
+
+    n, prompt, special, tokens = fit(build, fmt.count, length, upper=len(offsets),
+                                     guess=max(1, length * 3 // 4))
+    return Sample("ruler_mv", length, index, prompt, values, tokens, depth, special, prefix,
+                  {"key": key, "reference": ", ".join(values), "haystack_tokens": n})
+
+
+_SENTENCE_END = re.compile(r"[.!?]\s")
+
+
+def insert_at_sentences(text: str, needles: list[str], depths: list[float]) -> str:
+    """Put each needle at the first sentence end at or after its depth (by characters), or at
+    the end; needles keep their order."""
+    cuts = []
+    for d in depths:
+        at = int(d * len(text))
+        m = _SENTENCE_END.search(text, at)
+        cuts.append(m.start() + 1 if m else len(text))
+    out, last = [], 0
+    for cut, needle in sorted(zip(cuts, needles, strict=True), key=lambda x: x[0]):
+        out.append(text[last:cut])
+        out.append(" " + needle)
+        last = cut
+    out.append(text[last:])
+    return "".join(out)
+
+
+@functools.lru_cache(maxsize=4)
+def _books_text(cache_dir: str) -> str:
+    from prolong.data.corpus import corpus_file
+
+    docs = [json.loads(line)["text"] for line in
+            corpus_file("books", cache_dir).read_text(encoding="utf-8").splitlines() if line]
+    return "\n\n".join(d.strip() for d in docs)
+
+
+def essay_haystack(cache_dir: str | Path) -> Callable[[int], str]:
+    """Prose from the local ``books`` corpus (built under ``cache_dir`` when missing), repeated as
+    often as a length needs (RULER repeats its essays too)."""
+    def get(chars: int) -> str:
+        text = _books_text(str(cache_dir))
+        reps = max(1, -(-chars // max(len(text), 1)))
+        return "\n\n".join([text] * reps)[:chars]
+    return get
+
+
+def generate(task: str, fmt: PromptFormat, length: int, index: int, seed: int, *,
+             haystack: Callable[[int], str] | None = None) -> Sample:
+    """Sample ``index`` of synthetic ``task`` at ``length`` tokens."""
+    if task == "json_kv":
+        return json_kv(fmt, length, index, seed)
+    if task == "ruler_mk_needle":
+        return ruler_mk(fmt, length, index, seed, uuids=False)
+    if task == "ruler_mk_uuid":
+        return ruler_mk(fmt, length, index, seed, uuids=True)
+    if task == "ruler_mv":
+        if haystack is None:
+            raise ValueError("ruler_mv needs a haystack (essay_haystack(cache_dir))")
+        return ruler_mv(fmt, length, index, seed, haystack)
+    raise KeyError(f"{task} is not a synthetic task")
