@@ -33,14 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import kopf
-import kubernetes
 from kubernetes.client import ApiClient, ApiException, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
-from prolong.k8s.rayjob import LABEL_PREFIX, render_stage
+from prolong.k8s.client import kube_client
+from prolong.k8s.rayjob import (
+    ATTEMPT_LABEL,
+    PIPELINE_LABEL,
+    STAGE_ID_LABEL,
+    render_stage,
+)
+from prolong.k8s.rayjob import observe_rayjob as observe
 from prolong.k8s.status import PipelineStatus
 from prolong.pipeline import (
-    ObservedRayJob,
     Plan,
     StageRun,
     invalid_spec_status,
@@ -54,10 +59,6 @@ GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "prolongpipelines"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED_BY = "prolong-operator"
-PIPELINE_LABEL = f"{LABEL_PREFIX}pipeline"
-STAGE_LABEL = f"{LABEL_PREFIX}stage"
-STAGE_ID_LABEL = f"{LABEL_PREFIX}stage-id"
-ATTEMPT_LABEL = f"{LABEL_PREFIX}attempt"
 COMPLETE_MARKER = "COMPLETE"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))
 MERGE_PATCH = "application/merge-patch+json"
@@ -175,25 +176,6 @@ def previous_status(body: dict[str, Any]) -> PipelineStatus | None:
         return None
 
 
-def observe(rayjob: dict[str, Any]) -> ObservedRayJob:
-    meta = rayjob["metadata"]
-    labels = meta.get("labels") or {}
-    status = rayjob.get("status") or {}
-    try:
-        attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
-    except ValueError:
-        attempt = 1
-    return ObservedRayJob(
-        name=meta["name"], stage=labels.get(STAGE_LABEL, ""),
-        stage_id=labels.get(STAGE_ID_LABEL, ""), attempt=attempt,
-        deployment_status=status.get("jobDeploymentStatus") or None,
-        job_status=status.get("jobStatus") or None,
-        message=status.get("message") or status.get("reason") or None,
-        dashboard_url=status.get("dashboardURL") or None,
-        start_time=_time(status.get("startTime") or meta.get("creationTimestamp")),
-        end_time=_time(status.get("endTime")))
-
-
 def stage_complete(directory: str) -> bool:
     """Whether the stage directory holds its COMPLETE marker. Only a storage root mounted into
     the operator's pod can be checked; elsewhere (object stores) the stage is simply submitted
@@ -209,19 +191,6 @@ def stage_complete(directory: str) -> bool:
 # ------------------------------------------------------------------------------------------
 # Kubernetes API edges
 # ------------------------------------------------------------------------------------------
-
-def kube_client() -> ApiClient:
-    """A client for $KUBECONFIG if set, else the pod's service account, else ~/.kube/config."""
-    path = os.environ.get("KUBECONFIG")
-    if path:
-        return kubernetes.config.new_client_from_config(config_file=path.split(os.pathsep)[0])
-    config = kubernetes.client.Configuration()
-    try:
-        kubernetes.config.load_incluster_config(client_configuration=config)
-    except kubernetes.config.ConfigException:
-        return kubernetes.config.new_client_from_config()
-    return ApiClient(config)
-
 
 def get_pipeline(api: ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
     return _ignore(404)(CustomObjectsApi(api).get_namespaced_custom_object)(
@@ -291,15 +260,6 @@ def _ignore(code: int):
                                           delay=10) from exc
         return call
     return wrap
-
-
-def _time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    try:  # Python 3.10's fromisoformat does not read the "Z" Kubernetes writes
-        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 _locks: dict[tuple[str, str], threading.Lock] = {}

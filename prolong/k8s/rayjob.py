@@ -20,6 +20,7 @@ container is the first container of each pod template; KubeRay derives the Ray r
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -28,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
+from prolong.pipeline import ObservedRayJob, StageRef, pipeline_stages, standalone_stage
 from prolong.spec import API_VERSION, ClusterSpec, Job, Metadata, ProLongPipeline, StorageSpec
 
 
@@ -60,6 +61,12 @@ KUBERAY_SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "Sideca
 GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_PREFIX = "prolong.dev/"
+PIPELINE_LABEL = f"{LABEL_PREFIX}pipeline"
+STAGE_LABEL = f"{LABEL_PREFIX}stage"
+STAGE_ID_LABEL = f"{LABEL_PREFIX}stage-id"
+KIND_LABEL = f"{LABEL_PREFIX}kind"
+ATTEMPT_LABEL = f"{LABEL_PREFIX}attempt"
+"""Set by the operator on the RayJob of each attempt (a retry is a new, run-once RayJob)."""
 RAY_METRICS_PORT = 8080
 DASHBOARD_PORT = 8265
 
@@ -115,10 +122,10 @@ def stage_labels(job: Job, ref: StageRef, *, managed_by: str = "prolongctl") -> 
         "app.kubernetes.io/part-of": "prolong",
         "app.kubernetes.io/version": __version__,
         "app.kubernetes.io/managed-by": managed_by,
-        f"{LABEL_PREFIX}pipeline": ref.pipeline,
-        f"{LABEL_PREFIX}stage": ref.stage,
-        f"{LABEL_PREFIX}stage-id": ref.id,
-        f"{LABEL_PREFIX}kind": job.kind,
+        PIPELINE_LABEL: ref.pipeline,
+        STAGE_LABEL: ref.stage,
+        STAGE_ID_LABEL: ref.id,
+        KIND_LABEL: job.kind,
     })
     return labels
 
@@ -357,3 +364,33 @@ def pipeline_resource(pipeline: ProLongPipeline, *,
     if namespace:
         doc["metadata"]["namespace"] = namespace
     return doc
+
+
+def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
+    """A RayJob read back from the cluster, as the pipeline planner sees it (the operator and
+    ``prolongctl status/submit --wait`` both read RayJobs through this one function)."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = obj.get("status") or {}
+    try:
+        attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
+    except ValueError:
+        attempt = 1
+    return ObservedRayJob(
+        name=meta.get("name", ""), stage=labels.get(STAGE_LABEL, ""),
+        stage_id=labels.get(STAGE_ID_LABEL, ""), attempt=attempt,
+        deployment_status=status.get("jobDeploymentStatus") or None,
+        job_status=status.get("jobStatus") or None,
+        message=status.get("message") or status.get("reason") or None,
+        dashboard_url=status.get("dashboardURL") or None,
+        start_time=_k8s_time(status.get("startTime") or meta.get("creationTimestamp")),
+        end_time=_k8s_time(status.get("endTime")))
+
+
+def _k8s_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:  # Python 3.10's fromisoformat does not read the "Z" Kubernetes writes
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

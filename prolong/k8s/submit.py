@@ -51,21 +51,21 @@ from prolong.k8s import dump_all
 from prolong.k8s.rayjob import (
     JOB_FILE,
     LABEL_PREFIX,
+    PIPELINE_LABEL,
+    STAGE_ID_LABEL,
+    STAGE_LABEL,
+    observe_rayjob,
     pipeline_resource,
     rayjob_name,
     render_standalone,
 )
-from prolong.pipeline import ObservedRayJob, pipeline_stages, standalone_stage
+from prolong.pipeline import pipeline_stages, standalone_stage
 from prolong.spec import API_VERSION, ProLongPipeline
 from prolong.specfile import Loaded, dump_yaml, load
 
 GROUP, VERSION = API_VERSION.split("/")
 PLURAL = "prolongpipelines"
 RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
-PIPELINE_LABEL = f"{LABEL_PREFIX}pipeline"
-STAGE_LABEL = f"{LABEL_PREFIX}stage"
-STAGE_ID_LABEL = f"{LABEL_PREFIX}stage-id"
-ATTEMPT_LABEL = f"{LABEL_PREFIX}attempt"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 """KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
@@ -112,26 +112,6 @@ def resolve_name(name: str) -> str:
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
         return target_name(load(name))
     return name
-
-
-def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
-    """A RayJob as the planner sees it (the same reading as operator/handlers.py ``observe``)."""
-    meta = obj.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    status = obj.get("status") or {}
-    try:
-        attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
-    except ValueError:
-        attempt = 1
-    return ObservedRayJob(
-        name=meta.get("name", ""), stage=labels.get(STAGE_LABEL, ""),
-        stage_id=labels.get(STAGE_ID_LABEL, ""), attempt=attempt,
-        deployment_status=status.get("jobDeploymentStatus") or None,
-        job_status=status.get("jobStatus") or None,
-        message=status.get("message") or status.get("reason") or None,
-        dashboard_url=status.get("dashboardURL") or None,
-        start_time=_time(status.get("startTime") or meta.get("creationTimestamp")),
-        end_time=_time(status.get("endTime")))
 
 
 def rayjob_line(obj: dict[str, Any]) -> str:
@@ -193,21 +173,13 @@ def follow(console: Console, title: str, look: Callable[[], Observation], *,
 # ------------------------------------------------------------------------------------------
 
 def kube_client() -> Any:
-    """A client for $KUBECONFIG if set, else the pod's service account, else ~/.kube/config
-    (the operator's order)."""
+    """The Kubernetes client (prolong.k8s.client), or a ClusterError saying none is configured."""
     import kubernetes
-    from kubernetes.client import ApiClient
 
-    path = os.environ.get("KUBECONFIG")
+    from prolong.k8s.client import kube_client as configured_client
+
     try:
-        if path:
-            return kubernetes.config.new_client_from_config(config_file=path.split(os.pathsep)[0])
-        config = kubernetes.client.Configuration()
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=config)
-        except kubernetes.config.ConfigException:
-            return kubernetes.config.new_client_from_config()
-        return ApiClient(config)
+        return configured_client()
     except (kubernetes.config.ConfigException, OSError) as exc:
         raise ClusterError(f"no Kubernetes cluster configured ({exc}); set KUBECONFIG or use "
                            "--ray-address") from None
@@ -933,15 +905,6 @@ def _epoch_ms(value: int | None) -> str | None:
         return None
     return datetime.datetime.fromtimestamp(value / 1000, tz=datetime.timezone.utc).isoformat(
         timespec="seconds")
-
-
-def _time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 __all__ = [
