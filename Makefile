@@ -32,13 +32,13 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 # The main job on the embedded default: the quickstart pipeline on a local Ray instance with a
-# tiny Llama (data prepared from a local corpus, no download). It runs through SFT; the HELMET
-# eval stage needs the evaluation harness, which is not built yet (see README, Status).
+# tiny Llama (data prepared from a local corpus, no download): stage1 -> stage2 (SP=2) -> SFT ->
+# HELMET's synthetic recall tasks. Outputs in runs/quickstart/; complete stages are skipped.
 quickstart: setup
 	$(BIN)/prolongctl validate jobs/quickstart/*.yaml
 	$(BIN)/prolongctl plan jobs/quickstart/pipeline.yaml
-	$(BIN)/prolongctl run jobs/quickstart/pipeline.yaml --until sft
-	@echo "quickstart ran: stage1 -> stage2 (SP=2) -> sft of jobs/quickstart/pipeline.yaml; outputs in runs/quickstart/"
+	$(BIN)/prolongctl run jobs/quickstart/pipeline.yaml
+	@echo "quickstart ran: stage1 -> stage2 (SP=2) -> sft -> eval of jobs/quickstart/pipeline.yaml; outputs in runs/quickstart/"
 
 lint: setup
 	$(BIN)/ruff check .
