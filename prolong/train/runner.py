@@ -97,14 +97,13 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             upstream_dir = upstream_dirs[src]
             if not StageDir(upstream_dir).is_complete():
                 raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
+        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
         if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
             from prolong.eval.job import run_eval_stage
 
-            console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
             run_eval_stage(job, ref, upstream_dir, log=lambda m: console.print(m, markup=False))
         else:
             run = stage_run(job, ref, loaded, upstream_dir)
-            console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
             with _progress(job, ref, console, enabled=progress):
                 build_trainer(run).fit()
         if not StageDir(ref.directory).is_complete():
