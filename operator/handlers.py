@@ -37,9 +37,13 @@ from kubernetes.client import ApiClient, ApiException, CoreV1Api, CustomObjectsA
 from pydantic import ValidationError
 
 from prolong.k8s.client import kube_client
+from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.rayjob import (
     ATTEMPT_LABEL,
     PIPELINE_LABEL,
+    RAY_GROUP,
+    RAY_PLURAL,
+    RAY_VERSION,
     STAGE_ID_LABEL,
     render_stage,
 )
@@ -55,9 +59,6 @@ from prolong.pipeline import (
 from prolong.spec import API_VERSION, Job, ProLongPipeline, RefStage, SpecError, SpecIssue
 from prolong.specfile import _resolve_pipeline, parse_document
 
-GROUP, VERSION = API_VERSION.split("/")
-PLURAL = "prolongpipelines"
-RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED_BY = "prolong-operator"
 COMPLETE_MARKER = "COMPLETE"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))

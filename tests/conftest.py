@@ -34,3 +34,17 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def use_kmock_kubeconfig(kmock_url: str, tmp_path: Path, namespace: str, monkeypatch) -> Path:
+    """Point every Kubernetes client of the process (the kubernetes package, kopf) at kmock
+    through a real kubeconfig file: HTTP all the way, nothing monkeypatched but $KUBECONFIG."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": kmock_url.rstrip("/")}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
+                                                    "namespace": namespace}}],
+        "users": [{"name": "kmock", "user": {}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return kubeconfig

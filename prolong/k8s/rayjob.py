@@ -58,6 +58,8 @@ NAME_HASH_LENGTH = 6
 KUBERAY_SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 """Every mode KubeRay v1 accepts (rayjob_types.go); the CRD schema itself has no enum."""
 
+RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
+"""KubeRay's RayJob resource, as the Kubernetes API addresses it."""
 GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_PREFIX = "prolong.dev/"

@@ -48,10 +48,14 @@ from rich.progress import (
 from rich.table import Table
 
 from prolong.k8s import dump_all
+from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.rayjob import (
     JOB_FILE,
     LABEL_PREFIX,
     PIPELINE_LABEL,
+    RAY_GROUP,
+    RAY_PLURAL,
+    RAY_VERSION,
     STAGE_ID_LABEL,
     STAGE_LABEL,
     observe_rayjob,
@@ -60,12 +64,9 @@ from prolong.k8s.rayjob import (
     render_standalone,
 )
 from prolong.pipeline import pipeline_stages, standalone_stage
-from prolong.spec import API_VERSION, ProLongPipeline
+from prolong.spec import ProLongPipeline
 from prolong.specfile import Loaded, dump_yaml, load
 
-GROUP, VERSION = API_VERSION.split("/")
-PLURAL = "prolongpipelines"
-RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 """KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the

@@ -23,7 +23,7 @@ from prolong.cli import app
 from prolong.k8s.rayjob import pipeline_resource, render_standalone
 from prolong.pipeline import pipeline_stages
 from prolong.specfile import dump_yaml, load
-from tests.conftest import JOBS, job_dict
+from tests.conftest import JOBS, job_dict, use_kmock_kubeconfig
 from tests.operator.conftest import CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -54,14 +54,7 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     kmock.resources[PODS] = info(namespaced=True, kind="Pod", subresources={"log"},
                                  verbs={"get", "list"})
     url = str(kmock.url).rstrip("/")
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
-                                                    "namespace": NAMESPACE}}],
-        "users": [{"name": "kmock", "user": {}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
     async with aiohttp.ClientSession(base_url=url,
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
         yield Api(kmock, session)

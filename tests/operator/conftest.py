@@ -33,6 +33,7 @@ import yaml
 from prolong.k8s.rayjob import rayjob_name
 from prolong.pipeline import StageRef, attempt_rayjob_name, pipeline_stages
 from prolong.specfile import _resolve_pipeline, dump_yaml, load, parse_document
+from tests.conftest import use_kmock_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = REPO / "operator" / "handlers.py"
@@ -165,14 +166,7 @@ async def cluster(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     kmock.resources["v1/namespaces"] = info(namespaced=False, kind="Namespace",
                                             verbs={"list", "watch"})
     url = str(kmock.url).rstrip("/")
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": url}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock",
-                                                    "namespace": NAMESPACE}}],
-        "users": [{"name": "kmock", "user": {}}]}))
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
     # No keep-alive: kopf cancels the tasks started while it ran when it stops, and those
     # include kmock's handlers of whatever connections were open then.
     connector = aiohttp.TCPConnector(force_close=True)
