@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from prolong import plan as planning
+from prolong.cli_errors import EXIT_BAD_INPUT, EXIT_FAILED, err, user_errors
 from prolong.data.cli import data_app
 from prolong.eval.cli import eval_app
 from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
@@ -34,25 +35,6 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-EXIT_BAD_INPUT = 2
-EXIT_FAILED = 1
-
-
-@contextmanager
-def user_errors() -> Iterator[None]:
-    """Bad input becomes one line on stderr and exit code 2."""
-    from prolong.data.errors import DataError
-
-    try:
-        yield
-    except SpecError as exc:
-        err.print(exc.one_line(), markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except DataError as exc:
-        err.print(str(exc), markup=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
 
 
 FILES_ARG = typer.Argument(..., help="Spec files (job or pipeline YAML).", show_default=False)

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from prolong.data.errors import DataError
-from prolong.spec import SpecError
+from prolong.cli_errors import user_errors
 
 data_app = typer.Typer(
     help="Prepare training data: tokenize every stream of a job or pipeline into token shards.",
@@ -45,15 +44,6 @@ def prepare(
     """
     from prolong.data.prepare import prepare_file
 
-    try:
+    with user_errors():
         report = prepare_file(str(file), workers=workers, progress=not no_progress)
-    except SpecError as err:
-        typer.echo(f"error: {err.one_line()}", err=True)
-        raise typer.Exit(2) from None
-    except DataError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    except Exception as err:  # a bug or an environment failure, not bad input
-        typer.echo(f"failed: {type(err).__name__}: {err}", err=True)
-        raise typer.Exit(1) from None
     Console().print(report)
