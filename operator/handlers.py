@@ -51,7 +51,7 @@ from prolong.k8s.rayjob import observe_rayjob as observe
 from prolong.k8s.status import PipelineStatus
 from prolong.pipeline import (
     Plan,
-    StageRun,
+    PlannedRayJob,
     invalid_spec_status,
     pipeline_stages,
     plan_pipeline,
@@ -218,7 +218,7 @@ def owned_rayjobs(api: ApiClient, body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
-                 jobs: dict[str, Job], run: StageRun) -> None:
+                 jobs: dict[str, Job], run: PlannedRayJob) -> None:
     """Create the stage's ConfigMap (shared by its attempts: same stage id, same content) and the
     attempt's RayJob, both owned by the pipeline. 409 means it exists already: fine."""
     namespace = body["metadata"]["namespace"]

@@ -189,7 +189,7 @@ def attempt_rayjob_name(first: str, attempt: int) -> str:
 
 
 @dataclass(frozen=True)
-class StageRun:
+class PlannedRayJob:
     """A RayJob to create: the ``attempt``-th run of stage ``stage`` with id ``stage_id``."""
 
     stage: str
@@ -202,7 +202,7 @@ class StageRun:
 class Plan:
     """What to do now: create these RayJobs, delete those, write this status."""
 
-    creates: tuple[StageRun, ...]
+    creates: tuple[PlannedRayJob, ...]
     deletes: tuple[str, ...]
     """Names of RayJobs to delete (active runs of superseded stage ids)."""
     status: PipelineStatus
@@ -231,7 +231,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                            for rj in group if rj.active))
     before = {s.name: s for s in (previous.stages if previous else ())}
 
-    creates: list[StageRun] = []
+    creates: list[PlannedRayJob] = []
     stages: list[StageStatus] = []
     waiting = False  # an earlier stage is not done yet
     failure: str | None = None
@@ -245,7 +245,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             latest = mine[-1] if mine else None
             if latest is None or (latest.outcome == "failed" and latest.attempt < max_attempts):
                 attempt = latest.attempt + 1 if latest else 1
-                run = StageRun(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
+                run = PlannedRayJob(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
                 creates.append(run)
                 message = None if latest is None else (
                     f"attempt {latest.attempt} failed: {_reason(latest)}; "
