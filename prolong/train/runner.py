@@ -79,10 +79,13 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
         if until not in names:
             raise RunError(f"--until {until}: no such stage (stages: {', '.join(names)})")
         stages = stages[: names.index(until) + 1]
-    pending = [s for s in stages if not StageDir(s[1].directory).is_complete()]
-    for _, ref, _ in stages:
+    pending = []
+    for stage in stages:
+        ref = stage[1]
         if StageDir(ref.directory).is_complete():
             console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}")
+        else:
+            pending.append(stage)
     if not pending:
         return [ref for _, ref, _ in stages]
     _prepare(path, progress)
