@@ -6,7 +6,7 @@ purpose: a package named ``operator`` would shadow the standard library.
 
 Every handler is thin and ends in :func:`reconcile`, which reads the state through the Kubernetes
 API (the pipeline, the RayJobs it owns, the stage directories' COMPLETE markers), asks the pure
-planner :func:`prolong.pipeline.plan_pipeline` what to do, and applies the plan: create
+planner :func:`prolong.reconcile.planner.plan_pipeline` what to do, and applies the plan: create
 [ConfigMap, RayJob] pairs rendered by :func:`prolong.k8s.rayjob.render_stage` (owned by the
 pipeline, so deleting it deletes them), delete superseded RayJobs, merge-patch the status. It is
 idempotent: state is re-read every time, a 409 on create means "already exists", and the status
@@ -29,7 +29,6 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import kopf
@@ -38,29 +37,17 @@ from pydantic import ValidationError
 
 from prolong.k8s.client import kube_client
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
-from prolong.k8s.rayjob import (
-    ATTEMPT_LABEL,
-    PIPELINE_LABEL,
-    RAY_GROUP,
-    RAY_PLURAL,
-    RAY_VERSION,
-    STAGE_ID_LABEL,
-    render_stage,
-)
-from prolong.k8s.rayjob import observe_rayjob as observe
-from prolong.k8s.status import PipelineStatus
-from prolong.pipeline import (
-    Plan,
-    PlannedRayJob,
-    invalid_spec_status,
-    pipeline_stages,
-    plan_pipeline,
-)
-from prolong.spec import API_VERSION, Job, ProLongPipeline, RefStage, SpecError, SpecIssue
-from prolong.specfile import _resolve_pipeline, parse_document
+from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
+from prolong.reconcile.observe import observe_rayjob
+from prolong.reconcile.planner import Plan, PlannedRayJob, invalid_spec_status, plan_pipeline
+from prolong.reconcile.status import PipelineStatus
+from prolong.spec import API_VERSION, Job, ProLongPipeline, SpecError
+from prolong.specfile import pipeline_from_resource
+from prolong.stage.directory import stage_complete
+from prolong.stage.identity import pipeline_stages
+from prolong.stage.names import ATTEMPT_LABEL, PIPELINE_LABEL, STAGE_ID_LABEL
 
 MANAGED_BY = "prolong-operator"
-COMPLETE_MARKER = "COMPLETE"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))
 MERGE_PATCH = "application/merge-patch+json"
 
@@ -137,7 +124,7 @@ def reconcile(api: ApiClient, namespace: str, name: str,
         owned = owned_rayjobs(api, body)
         complete = {r.directory for r in pipeline_stages(pipeline, jobs)
                     if stage_complete(r.directory)}
-        plan = plan_pipeline(pipeline, jobs, [observe(rj) for rj in owned], now=now,
+        plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
                              complete=complete, previous=previous, generation=generation)
         for rayjob in plan.deletes:
             log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
@@ -153,18 +140,7 @@ def reconcile(api: ApiClient, namespace: str, name: str,
 
 def resolve(body: dict[str, Any]) -> tuple[ProLongPipeline, dict[str, Job]]:
     """The CR as a validated pipeline and its stage jobs. Raises SpecError."""
-    meta = body.get("metadata") or {}
-    raw = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-           "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
-           "spec": body.get("spec") or {}}
-    doc = parse_document(raw)
-    assert isinstance(doc, ProLongPipeline)  # the CRD's kind
-    refs = [SpecIssue(f"spec.stages[{i}].ref", "a pipeline in the cluster has its stages inline "
-                      "(prolongctl render/submit inline them)", s.ref)
-            for i, s in enumerate(doc.spec.stages) if isinstance(s, RefStage)]
-    if refs:
-        raise SpecError(refs)
-    return _resolve_pipeline(doc, raw, file="")
+    return pipeline_from_resource(body)
 
 
 def previous_status(body: dict[str, Any]) -> PipelineStatus | None:
@@ -175,18 +151,6 @@ def previous_status(body: dict[str, Any]) -> PipelineStatus | None:
         return PipelineStatus.model_validate(raw)
     except ValidationError:  # written by someone else: start afresh
         return None
-
-
-def stage_complete(directory: str) -> bool:
-    """Whether the stage directory holds its COMPLETE marker. Only a storage root mounted into
-    the operator's pod can be checked; elsewhere (object stores) the stage is simply submitted
-    and the engine itself finds its output complete."""
-    if "://" in directory:
-        return False
-    try:
-        return (Path(directory) / COMPLETE_MARKER).is_file()
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------

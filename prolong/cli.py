@@ -20,9 +20,9 @@ from prolong import plan as planning
 from prolong.cli_errors import EXIT_BAD_INPUT, EXIT_FAILED, err, user_errors
 from prolong.data.cli import data_app
 from prolong.eval.cli import eval_app
-from prolong.pipeline import StageRef, pipeline_stages, standalone_stage
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
+from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 
 app = typer.Typer(
     name="prolongctl",

@@ -16,8 +16,8 @@ from prolong.model.flops import (
     doc_causal_flops_per_token,
     prefill_flops_per_token,
 )
-from prolong.pipeline import StageRef
 from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec
+from prolong.stage.identity import StageRef
 
 DEFAULT_MFU = 0.4
 DEFAULT_SHORT_DOC_TOKENS = 2048

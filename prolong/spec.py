@@ -34,6 +34,8 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from prolong.eval.tasks import HELMET_TASKS
+from prolong.parallel.dims import ParallelDims, ParallelDimsError
+from prolong.stage.names import DNS_1035_PATTERN, JOB_NAME_MAX, STAGE_NAME_MAX
 
 API_VERSION = "prolong.dev/v1alpha1"
 JOB_KINDS = ("PretrainJob", "SFTJob", "EvalJob")
@@ -44,7 +46,7 @@ KINDS = (*JOB_KINDS, "ProLongPipeline")
 SEQ_ALIGN = 256
 PROPORTION_TOLERANCE = 1e-6
 
-DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_LABEL = DNS_1035_PATTERN
 DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # Local corpora that `prolongctl data prepare` builds without any download (see prolong.data).
@@ -447,12 +449,25 @@ class TrainSpec(SpecModel):
 
     # Derived quantities, used by rules, the planner and the trainer alike.
     @property
+    def parallel_dims(self) -> ParallelDims:
+        """The DP x SP layout: the one decider of the parallel degrees (raises ParallelDimsError
+        for degrees that do not fit; validation reports that as a spec issue)."""
+        return ParallelDims.from_spec(self)
+
+    @property
     def sp_size(self) -> int:
         return self.parallelism.sequence_parallel
 
     @property
     def dp_size(self) -> int:
-        return max(1, self.cluster.world_size // self.sp_size)
+        return self.parallel_dims.dp
+
+    @property
+    def resolved_precision(self) -> Literal["bf16", "fp32"]:
+        """``precision`` with auto resolved: bf16 on GPU, fp32 on CPU."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.cluster.device == "gpu" else "fp32"
 
     @property
     def rows_per_step(self) -> int:
@@ -461,7 +476,7 @@ class TrainSpec(SpecModel):
     @property
     def micro_batches_per_rank(self) -> int:
         """Gradient-accumulation steps: rows each data-parallel group processes per step."""
-        return max(1, self.rows_per_step // self.dp_size)
+        return self.parallel_dims.micro_batches_per_rank(self.rows_per_step)
 
     @property
     def total_steps(self) -> int:
@@ -547,7 +562,7 @@ class EvalSpec(SpecModel):
 class Metadata(SpecModel):
     """Kubernetes-style object metadata."""
 
-    name: str = Field(pattern=DNS_LABEL, max_length=38)
+    name: str = Field(pattern=DNS_LABEL, max_length=JOB_NAME_MAX)
     """Lowercase DNS label; at most 38 characters so that <name>-<stage id> fits KubeRay's
     47-character RayJob limit."""
     labels: dict[str, str] = Field(default_factory=dict)
@@ -591,7 +606,7 @@ TrainJobs = (PretrainJob, SFTJob)
 # --------------------------------------------------------------------------------------------
 
 class _StageBase(SpecModel):
-    name: str = Field(pattern=DNS_LABEL, max_length=20)
+    name: str = Field(pattern=DNS_LABEL, max_length=STAGE_NAME_MAX)
     """Stage name, unique in the pipeline; other stages refer to it with fromStage."""
 
 
@@ -773,8 +788,7 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
         # DeepSpeed offloads optimizer state only inside its ZeRO optimizers (prolong.parallel).
         out.append(SpecIssue("parallelism.offloadOptimizer", "needs parallelism.zeroStage >= 1 "
                              "(DeepSpeed offloads optimizer state only under ZeRO)", True))
-    bf16 = spec.precision == "bf16" or (spec.precision == "auto" and spec.cluster.device == "gpu")
-    if sp > 1 and bf16 and spec.parallelism.zero_stage == 1:
+    if sp > 1 and spec.resolved_precision == "bf16" and spec.parallelism.zero_stage == 1:
         # Measured in tests/parallel/test_sp_parity.py (DeepSpeed 0.19.8): ZeRO-1 + bf16 runs
         # DeepSpeed's BF16_Optimizer, which counts the grad norm on SP rank 0 only and crashes on
         # the other SP ranks. ZeRO-2 costs no more memory and passes the parity tests.
@@ -782,17 +796,20 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
                              "parallelism in DeepSpeed (grad norm on SP rank 0 only); use "
                              "zeroStage 2 or 3", 1))
     cluster = spec.cluster
-    if sp > 1 and cluster.workers_per_node % sp:
-        out.append(SpecIssue("parallelism.sequenceParallel", "sequence-parallel groups stay within a"
-                             f" node: must divide cluster.workersPerNode {cluster.workers_per_node}", sp))
-    elif cluster.world_size % sp:
-        out.append(SpecIssue("parallelism.sequenceParallel", "must divide the number of workers "
-                             f"{cluster.world_size}", sp))
-    row_quantum = spec.sequence_length * spec.dp_size
-    if spec.global_batch_tokens % row_quantum:
-        out.append(SpecIssue("globalBatchTokens", f"must be a multiple of sequenceLength x "
-                             f"data-parallel size = {spec.sequence_length} x {spec.dp_size} = "
-                             f"{row_quantum}", spec.global_batch_tokens))
+    try:
+        dims = spec.parallel_dims
+    except ParallelDimsError as exc:
+        dims = None
+        where = "cluster.workersPerNode" if exc.field == "workersPerNode" else \
+            "parallelism.sequenceParallel"
+        out.append(SpecIssue(where, str(exc), cluster.workers_per_node
+                             if exc.field == "workersPerNode" else sp))
+    if dims is not None:
+        row_quantum = spec.sequence_length * dims.dp
+        if spec.global_batch_tokens % row_quantum:
+            out.append(SpecIssue("globalBatchTokens", f"must be a multiple of sequenceLength x "
+                                 f"data-parallel size = {spec.sequence_length} x {dims.dp} = "
+                                 f"{row_quantum}", spec.global_batch_tokens))
     if spec.tokens is not None and spec.tokens % spec.global_batch_tokens:
         out.append(SpecIssue("tokens", f"must be a multiple of globalBatchTokens "
                              f"{spec.global_batch_tokens}", spec.tokens))

@@ -34,6 +34,7 @@ from prolong.spec import (
     check_pipeline,
     did_you_mean,
 )
+from prolong.stage.names import stage_job_name
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ def load(path: str | Path) -> Loaded:
     raw = read_yaml(path)
     doc = parse_document(raw, file=path)
     if isinstance(doc, ProLongPipeline):
-        pipeline, jobs = _resolve_pipeline(doc, raw, file=path)
+        pipeline, jobs = resolve_pipeline(doc, raw, file=path)
         return Loaded(path, pipeline, jobs)
     issues = [i.located(file=path) for i in check_job(doc)]
     if issues:
@@ -160,9 +161,10 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts)
 
 
-def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
-                      *, file: str) -> tuple[ProLongPipeline, dict[str, Job]]:
-    """Inline ``ref`` stages, validate every stage job and the rules between stages."""
+def resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
+                     *, file: str) -> tuple[ProLongPipeline, dict[str, Job]]:
+    """Inline ``ref`` stages (relative to ``file``), validate every stage job and the rules
+    between stages. ``raw`` is the document as parsed from YAML. Raises SpecError."""
     base = Path(file).parent
     issues: list[SpecIssue] = []
     stages_out: list[dict[str, Any]] = []
@@ -194,7 +196,7 @@ def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
                 "metadata": {"name": doc.metadata.name},
                 "spec": stage.spec.model_dump(by_alias=True)})
             issues += [i_.located(file=file, prefix=f"spec.stages[{i}]") for i_ in check_job(job)]
-        jobs[stage.name] = _rename(job, _stage_job_name(doc.metadata.name, stage.name))
+        jobs[stage.name] = _rename(job, stage_job_name(doc.metadata.name, stage.name))
         stages_out.append(stage_dict)
     if issues:
         raise SpecError(issues)
@@ -209,8 +211,23 @@ def _resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
     return resolved, jobs
 
 
-def _stage_job_name(pipeline: str, stage: str) -> str:
-    return f"{pipeline}-{stage}"
+def pipeline_from_resource(body: dict[str, Any]) -> tuple[ProLongPipeline, dict[str, Job]]:
+    """A ProLongPipeline custom resource as read from the cluster -> the validated pipeline and
+    its stage jobs. In the cluster every stage is inline (render/submit inline them), so a
+    ``ref`` stage is an issue here. Raises SpecError."""
+    meta = body.get("metadata") or {}
+    raw = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
+           "spec": body.get("spec") or {}}
+    doc = parse_document(raw)
+    if not isinstance(doc, ProLongPipeline):
+        raise SpecError([SpecIssue("kind", "must be ProLongPipeline", doc.kind)])
+    refs = [SpecIssue(f"spec.stages[{i}].ref", "a pipeline in the cluster has its stages inline "
+                      "(prolongctl render/submit inline them)", s.ref)
+            for i, s in enumerate(doc.spec.stages) if isinstance(s, RefStage)]
+    if refs:
+        raise SpecError(refs)
+    return resolve_pipeline(doc, raw, file="")
 
 
 def _rename(job: Job, name: str) -> Job:

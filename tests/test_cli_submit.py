@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from prolong.cli import app
 from prolong.k8s.submit import normalise_address, ray_submission_id, ray_token
 from prolong.specfile import load
-from prolong.train.stage_dir import StageDir
+from prolong.stage.directory import StageDir
 from tests.conftest import JOBS, job_dict
 
 runner = CliRunner()

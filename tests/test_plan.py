@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from prolong.pipeline import pipeline_stages
 from prolong.plan import plan_stage
 from prolong.spec import resolved_architecture
 from prolong.specfile import load
+from prolong.stage.identity import pipeline_stages
 from tests.conftest import JOBS
 
 
@@ -55,13 +55,13 @@ def test_long_documents_set_document_causal_cost(prolong_plan):
 def test_cpu_stage_has_no_gpu_hours():
     loaded = load(JOBS / "quickstart/stage1.yaml")
     job = loaded.document
-    from prolong.pipeline import standalone_stage
+    from prolong.stage.identity import standalone_stage
     p = plan_stage(job, standalone_stage(job), job.spec.model.architecture)
     assert p.gpu_hours is None and p.steps == 30 and p.tokens == 61440
 
 
 def test_standalone_stage_without_architecture_says_so():
     loaded = load(JOBS / "prolong-8b/eval.yaml")
-    from prolong.pipeline import standalone_stage
+    from prolong.stage.identity import standalone_stage
     p = plan_stage(loaded.document, standalone_stage(loaded.document), None)
     assert p.total_flops is None and any("architecture" in n for n in p.notes)

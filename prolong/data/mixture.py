@@ -49,6 +49,7 @@ import numpy as np
 from prolong.data.errors import DataError
 from prolong.data.packing import Cursor, MicroBatch, PackedRow, Span, build_row, plan_row
 from prolong.data.shards import TokenShards
+from prolong.parallel.dims import ParallelDims
 from prolong.spec import DataStream, TrainSpec
 
 STATE_VERSION = 1
@@ -203,16 +204,18 @@ class MixtureLoader:
         without an all-reduce."""
 
     @classmethod
-    def from_spec(cls, spec: TrainSpec, shards: Mapping[str, TokenShards], *, dp_rank: int,
-                  reorder: bool | None = None) -> MixtureLoader:
-        """The loader of a training spec; ``shards`` maps each stream's domain to its shards."""
+    def from_spec(cls, spec: TrainSpec, shards: Mapping[str, TokenShards], *, dims: ParallelDims,
+                  rank: int, reorder: bool | None = None) -> MixtureLoader:
+        """The loader of global rank ``rank`` for a training spec; ``shards`` maps each stream's
+        domain to its shards. Which rows the rank reads (its data-parallel rank and the number of
+        replicas) both come from ``dims``, the same object that built its process groups."""
         missing = [s.domain for s in spec.data.streams if s.domain not in shards]
         if missing:
             raise DataError(f"no prepared shards for {', '.join(missing)} "
                             "(run `prolongctl data prepare`)", domain=missing[0])
         return cls([(s, shards[s.domain]) for s in spec.data.streams],
                    seq_len=spec.sequence_length, rows_per_step=spec.rows_per_step,
-                   dp_rank=dp_rank, dp_size=spec.dp_size, seed=spec.data.seed,
+                   dp_rank=dims.dp_rank(rank), dp_size=dims.dp, seed=spec.data.seed,
                    reorder=spec.parallelism.reorder_micro_batches if reorder is None else reorder,
                    target_lengths=[spec.stream_target_length(s) for s in spec.data.streams])
 

@@ -48,6 +48,8 @@ import torch
 from prolong.data.errors import DataError
 
 IGNORE_INDEX = -100
+"""The label of a position with no target (document starts, row ends, masked tokens): PyTorch's
+cross-entropy default. The loss and the SP wiring import it from here."""
 PackingMode = Literal["long", "concat", "conversation"]
 
 

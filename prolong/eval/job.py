@@ -18,11 +18,11 @@ import json
 import os
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prolong.eval.generate import build_generator
 from prolong.eval.harness import (
     SampleBuilder,
     WorkItem,
@@ -32,9 +32,12 @@ from prolong.eval.harness import (
     work_items,
 )
 from prolong.eval.report import REPORT, RESULTS, SAMPLES, SCORES_PNG, markdown_report, scores_png
+from prolong.eval.synthetic import essay_haystack
 from prolong.eval.tasks import HELMET_TASKS
-from prolong.pipeline import StageRef
 from prolong.spec import EvalJob
+from prolong.stage.directory import Manifest, StageDir, local_copy
+from prolong.stage.identity import StageRef
+from prolong.versions import versions
 
 
 def _absolute(path: str | None) -> str | None:
@@ -79,16 +82,12 @@ def shard_config(job: EvalJob, model: str) -> dict[str, Any]:
 
 def eval_shard(items: Sequence[WorkItem], config: dict[str, Any]) -> list[dict[str, Any]]:
     """One worker's share: load the model once, build, generate and score its items."""
-    from prolong.eval.generate import build_generator
-    from prolong.eval.synthetic import essay_haystack
-    from prolong.train.loop import _local_path
+    from transformers import AutoTokenizer  # on the worker: it loads the model there
 
     if not items:
         return []
-    model = _local_path(config["model"]) if "://" in config["model"] else config["model"]
-    tok_path = config["tokenizer"]
-    tok_path = _local_path(tok_path) if "://" in tok_path else tok_path
-    from transformers import AutoTokenizer
+    model = local_copy(config["model"])
+    tok_path = local_copy(config["tokenizer"])
 
     tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
     builder = SampleBuilder(tokenizer, seed=config["seed"], data_dir=config["data_dir"],
@@ -102,7 +101,7 @@ def eval_shard(items: Sequence[WorkItem], config: dict[str, Any]) -> list[dict[s
 
 def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJob,
                 log: Any) -> list[dict[str, Any]]:
-    import ray
+    import ray  # the in-process path (use_ray=False) runs without Ray
 
     cluster = job.spec.cluster
     gpu = cluster.device == "gpu"
@@ -123,23 +122,10 @@ def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJ
     return records
 
 
-def _write_bytes(stage: Any, name: str, data: bytes) -> None:
-    """Through a temporary name and a move, as StageDir.write_json does."""
-    stage.ensure()
-    base = stage.path.rstrip("/")
-    tmp = f"{base}/.{name}.{uuid.uuid4().hex}.tmp"
-    with stage.fs.open_output_stream(tmp) as out:
-        out.write(data)
-    stage.fs.move(tmp, f"{base}/{name}")
-
-
 def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
                    use_ray: bool = True, log: Any = print) -> dict[str, Any]:
     """Evaluate one EvalJob stage and write its directory; returns results.json's content.
     ``use_ray=False`` runs the shards one after another in this process (tests, debugging)."""
-    from prolong.train.stage_dir import StageDir
-    from prolong.versions import versions
-
     stage = StageDir(ref.directory)
     if stage.is_complete():
         return stage.read_json(RESULTS)
@@ -163,19 +149,16 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
                     "backend": spec.generation.backend, "workers": len(shards),
                     "versions": versions()})
     stage.ensure()
-    _write_bytes(stage, SAMPLES, "".join(json.dumps(r, sort_keys=True) + "\n"
-                                         for r in records).encode())
+    stage.write_bytes(SAMPLES, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                       for r in records).encode())
     stage.write_json(RESULTS, results)
-    _write_bytes(stage, REPORT, markdown_report(results, title=f"HELMET: {name}").encode())
-    _write_bytes(stage, SCORES_PNG, scores_png(results, title=f"HELMET: {name}"))
-    stage.write_manifest({
-        "pipeline": ref.pipeline, "stage": ref.stage, "id": ref.id, "kind": job.kind,
-        "upstream": list(ref.upstream), "spec": job.model_dump(mode="json", by_alias=True),
-        "model": model, "results": stage.uri_of(RESULTS), "samples": len(records),
-        "summary": {"average": results["average"]["mean"],
-                    **{c: v["mean"] for c, v in results["categories"].items()}},
-        "versions": results["versions"],
-    })
+    stage.write_bytes(REPORT, markdown_report(results, title=f"HELMET: {name}").encode())
+    stage.write_bytes(SCORES_PNG, scores_png(results, title=f"HELMET: {name}"))
+    stage.write_manifest(Manifest.for_stage(
+        ref, job.model_dump(mode="json", by_alias=True), model=model,
+        results=stage.uri_of(RESULTS), samples=len(records), versions=results["versions"],
+        summary={"average": results["average"]["mean"],
+                 **{c: v["mean"] for c, v in results["categories"].items()}}))
     stage.mark_complete()
     log(f"eval {ref.stage} complete: average {results['average']['mean']:.1f} -> {ref.directory}"
         if results["average"]["mean"] is not None else f"eval {ref.stage} complete (no samples)")

@@ -9,21 +9,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-if TYPE_CHECKING:
-    from prolong.specfile import Loaded
+from prolong.k8s.rayjob import pipeline_resource, render_standalone
+from prolong.specfile import Loaded
 
 __all__ = ["dump_all", "render"]
 
 
 def render(loaded: Loaded, *, namespace: str | None = None) -> list[dict[str, Any]]:
     """What ``prolongctl render``/``submit`` print or apply for a loaded spec file."""
-    # Imported here so that ``prolong.k8s.status`` stays importable from prolong.pipeline.
-    from prolong.k8s.rayjob import pipeline_resource, render_standalone
-
     if loaded.is_pipeline:
         return [pipeline_resource(loaded.document, namespace=namespace)]
     return render_standalone(loaded.document, namespace=namespace)

@@ -1,4 +1,5 @@
-"""The Grafana dashboard for our training metrics, generated from one list of metric names.
+"""The Grafana dashboard for our training metrics, generated from the trainer's one list of
+exported metrics (:data:`prolong.train.metrics.METRICS`).
 
 The engine exports each per-step metric as a ``ray.util.metrics.Gauge`` named ``prolong_<metric>``
 with the tag keys below; Ray's metrics agent prefixes ``ray_``, so Prometheus sees
@@ -10,51 +11,14 @@ a test fails when the committed file drifts from this module.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from prolong.k8s.generated import write_generated
+from prolong.train.metrics import METRICS, Metric
 
-GAUGE_PREFIX = "prolong_"
-PROMETHEUS_PREFIX = "ray_"
-TAG_KEYS = ("pipeline", "stage", "stage_id")
-"""Tags of every gauge; tokens per domain adds ``domain``."""
 DASHBOARD_PATH = Path(__file__).resolve().parents[2] / "charts" / "dashboards" / "prolong-training.json"
 DASHBOARD_UID = "prolong-training"
-
-
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    """Gauge name without the prolong_ prefix."""
-    title: str
-    unit: str
-    description: str
-    by_domain: bool = False
-
-    @property
-    def gauge(self) -> str:
-        return GAUGE_PREFIX + self.name
-
-    @property
-    def prometheus(self) -> str:
-        return PROMETHEUS_PREFIX + self.gauge
-
-
-METRICS: tuple[Metric, ...] = (
-    Metric("loss", "Loss", "none", "Token-averaged cross-entropy of the step."),
-    Metric("tokens_per_second", "Tokens/s", "short", "Training tokens per second, all workers."),
-    Metric("mfu", "MFU (dense)", "percentunit",
-           "Model FLOPs utilisation with 6N + 12LHdS FLOPs per token (full causal attention)."),
-    Metric("mfu_doc_causal", "MFU (document-causal)", "percentunit",
-           "MFU counting attention only within packed documents (sum of squared lengths)."),
-    Metric("grad_norm", "Gradient norm", "none", "Global gradient norm before clipping."),
-    Metric("lr", "Learning rate", "sci", "Learning rate of the step."),
-    Metric("domain_tokens", "Tokens per domain", "short",
-           "Training tokens consumed so far from each data domain.", by_domain=True),
-    Metric("step", "Step", "none", "Optimizer step."),
-)
 
 
 def _panel(i: int, metric: Metric) -> dict[str, Any]:

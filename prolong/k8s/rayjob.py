@@ -20,17 +20,27 @@ container is the first container of each pod template; KubeRay derives the Ray r
 
 from __future__ import annotations
 
-import datetime
-import hashlib
-import json
-import re
 from importlib import metadata
 from typing import Any
 
 import yaml
 
-from prolong.pipeline import ObservedRayJob, StageRef, pipeline_stages, standalone_stage
-from prolong.spec import API_VERSION, ClusterSpec, Job, Metadata, ProLongPipeline, StorageSpec
+from prolong.spec import API_VERSION, ClusterSpec, Job, ProLongPipeline, StorageSpec
+from prolong.stage.directory import is_object_store
+from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.names import (
+    DIRECTORY_ANNOTATION,
+    JOB_NAME_MAX,
+    KIND_LABEL,
+    LABEL_PREFIX,
+    PIPELINE_LABEL,
+    STAGE_ID_LABEL,
+    STAGE_LABEL,
+    configmap_name,
+    fit_name,
+    rayjob_name,
+)
+from prolong.stage.payload import JOB_FILE, STAGE_FILE, stage_file_text
 
 
 def _package_version() -> str:
@@ -45,16 +55,9 @@ __version__ = _package_version()
 ENTRYPOINT = "prolongctl run /etc/prolong/job.yaml --ray-address auto"
 """What the RayJob runs on the head pod (the engine's ``prolongctl run``)."""
 SPEC_MOUNT = "/etc/prolong"
-JOB_FILE = "job.yaml"
-STAGE_FILE = "stage.json"
 DEFAULT_IMAGE = f"ghcr.io/prolong-dev/prolong-train:{__version__}"
 """Image used when cluster.image is not set (built from images/train/Dockerfile)."""
 
-RAYJOB_NAME_MAX = 47
-JOB_NAME_MAX = next(m.max_length for m in Metadata.model_fields["name"].metadata
-                    if hasattr(m, "max_length"))  # 38: a job file's metadata.name
-DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-NAME_HASH_LENGTH = 6
 KUBERAY_SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 """Every mode KubeRay v1 accepts (rayjob_types.go); the CRD schema itself has no enum."""
 
@@ -62,13 +65,6 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 """KubeRay's RayJob resource, as the Kubernetes API addresses it."""
 GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-LABEL_PREFIX = "prolong.dev/"
-PIPELINE_LABEL = f"{LABEL_PREFIX}pipeline"
-STAGE_LABEL = f"{LABEL_PREFIX}stage"
-STAGE_ID_LABEL = f"{LABEL_PREFIX}stage-id"
-KIND_LABEL = f"{LABEL_PREFIX}kind"
-ATTEMPT_LABEL = f"{LABEL_PREFIX}attempt"
-"""Set by the operator on the RayJob of each attempt (a retry is a new, run-once RayJob)."""
 RAY_METRICS_PORT = 8080
 DASHBOARD_PORT = 8265
 
@@ -89,30 +85,8 @@ NETWORK_ENV: dict[str, dict[str, str]] = {
 
 
 # ------------------------------------------------------------------------------------------
-# Names and labels
+# Labels
 # ------------------------------------------------------------------------------------------
-
-def rayjob_name(job_name: str, stage_id: str) -> str:
-    """``<job name>-<stage id>``, at most 47 characters and DNS-1035.
-
-    A pipeline stage's job name is ``<pipeline>-<stage>`` (up to 59 characters); when the whole
-    name does not fit, the job name is cut and a short hash of the full job name keeps distinct
-    stages apart. The stage id stays whole: it is what makes a re-run a new RayJob.
-    """
-    name = f"{fit_name(job_name, RAYJOB_NAME_MAX - len(stage_id) - 1)}-{stage_id}"
-    if not DNS_1035.match(name):
-        raise ValueError(f"RayJob name {name!r} is not a DNS-1035 label")
-    return name
-
-
-def fit_name(name: str, limit: int) -> str:
-    """``name`` when it has at most ``limit`` characters, else its head plus a hash of all of it."""
-    name = name.lower()
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:NAME_HASH_LENGTH]
-    return f"{name[:limit - NAME_HASH_LENGTH - 1].rstrip('-')}-{digest}"
-
 
 def stage_labels(job: Job, ref: StageRef, *, managed_by: str = "prolongctl") -> dict[str, str]:
     """Labels of every object rendered for a stage (user labels first, ours win)."""
@@ -173,14 +147,10 @@ def ray_env(cluster: ClusterSpec, ref: StageRef) -> list[dict[str, Any]]:
 
 def _storage_volume(storage: StorageSpec) -> tuple[list[dict], list[dict]]:
     """(volumes, mounts) for the shared storage; none for an object-store root."""
-    if storage.volume_claim is None or _is_object_store(storage.root):
+    if storage.volume_claim is None or is_object_store(storage.root):
         return [], []
     return ([{"name": "storage", "persistentVolumeClaim": {"claimName": storage.volume_claim}}],
             [{"name": "storage", "mountPath": storage.root}])
-
-
-def _is_object_store(root: str) -> bool:
-    return "://" in root
 
 
 def _container(name: str, image: str, resources: dict[str, str], env: list[dict],
@@ -289,7 +259,7 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if namespace:
         meta["namespace"] = namespace
-    cm_name = f"{name}-spec"
+    cm_name = configmap_name(name)
     cm_meta = {**meta, "name": cm_name, "labels": dict(labels)}
 
     dumped = job.model_dump(mode="json", by_alias=True)
@@ -299,17 +269,10 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     job_doc["metadata"]["name"] = fit_name(job.metadata.name, JOB_NAME_MAX)
     job_doc["metadata"]["labels"] = {**job_doc["metadata"]["labels"],
                                      **{k: v for k, v in labels.items() if k.startswith(LABEL_PREFIX)}}
-    stage_info = {
-        "pipeline": ref.pipeline, "stage": ref.stage, "kind": ref.kind, "id": ref.id,
-        "upstream": list(ref.upstream), "storageRoot": ref.storage_root,
-        "directory": ref.directory,
-        "upstreamStages": {n: {"id": r.id, "directory": r.directory}
-                           for n, r in (upstream or {}).items()},
-    }
     configmap = {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": cm_meta,
         "data": {JOB_FILE: yaml.safe_dump(job_doc, sort_keys=False, width=100),
-                 STAGE_FILE: json.dumps(stage_info, indent=2, sort_keys=True) + "\n"},
+                 STAGE_FILE: stage_file_text(ref, upstream)},
     }
 
     rj_labels = dict(labels)
@@ -330,7 +293,7 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
         spec["activeDeadlineSeconds"] = k8s.active_deadline_seconds
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
               "metadata": {**meta, "labels": rj_labels,
-                           "annotations": {f"{LABEL_PREFIX}directory": ref.directory}},
+                           "annotations": {DIRECTORY_ANNOTATION: ref.directory}},
               "spec": spec}
     return [configmap, rayjob]
 
@@ -366,33 +329,3 @@ def pipeline_resource(pipeline: ProLongPipeline, *,
     if namespace:
         doc["metadata"]["namespace"] = namespace
     return doc
-
-
-def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
-    """A RayJob read back from the cluster, as the pipeline planner sees it (the operator and
-    ``prolongctl status/submit --wait`` both read RayJobs through this one function)."""
-    meta = obj.get("metadata") or {}
-    labels = meta.get("labels") or {}
-    status = obj.get("status") or {}
-    try:
-        attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
-    except ValueError:
-        attempt = 1
-    return ObservedRayJob(
-        name=meta.get("name", ""), stage=labels.get(STAGE_LABEL, ""),
-        stage_id=labels.get(STAGE_ID_LABEL, ""), attempt=attempt,
-        deployment_status=status.get("jobDeploymentStatus") or None,
-        job_status=status.get("jobStatus") or None,
-        message=status.get("message") or status.get("reason") or None,
-        dashboard_url=status.get("dashboardURL") or None,
-        start_time=_k8s_time(status.get("startTime") or meta.get("creationTimestamp")),
-        end_time=_k8s_time(status.get("endTime")))
-
-
-def _k8s_time(value: str | None) -> datetime.datetime | None:
-    if not value:
-        return None
-    try:  # Python 3.10's fromisoformat does not read the "Z" Kubernetes writes
-        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None

@@ -13,7 +13,7 @@ Two back ends, one set of commands:
 Names are deterministic: a job's RayJob (and its Ray submission id) is ``<job name>-<stage id>``,
 so submitting the same stage again finds the existing run, reports it and creates nothing. Success
 is ``jobDeploymentStatus: Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay sets Complete on a
-failed Ray job too): :func:`prolong.pipeline.rayjob_outcome` decides, as it does for the operator.
+failed Ray job too): :func:`prolong.reconcile.observe.rayjob_outcome` decides, as it does for the operator.
 
 Ray 2.60 token auth: the dashboard wants ``Authorization: Bearer <token>``. The token is taken
 from ``--ray-token`` / $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else
@@ -50,22 +50,25 @@ from rich.table import Table
 from prolong.k8s import dump_all
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.rayjob import (
-    JOB_FILE,
-    LABEL_PREFIX,
-    PIPELINE_LABEL,
     RAY_GROUP,
     RAY_PLURAL,
     RAY_VERSION,
-    STAGE_ID_LABEL,
-    STAGE_LABEL,
-    observe_rayjob,
     pipeline_resource,
-    rayjob_name,
     render_standalone,
 )
-from prolong.pipeline import pipeline_stages, standalone_stage
-from prolong.spec import ProLongPipeline
-from prolong.specfile import Loaded, dump_yaml, load
+from prolong.reconcile.observe import observe_rayjob
+from prolong.spec import ProLongPipeline, SpecError
+from prolong.specfile import Loaded, dump_yaml, load, pipeline_from_resource
+from prolong.stage.identity import pipeline_stages, standalone_stage
+from prolong.stage.names import (
+    DIRECTORY_ANNOTATION,
+    KIND_LABEL,
+    PIPELINE_LABEL,
+    STAGE_ID_LABEL,
+    STAGE_LABEL,
+    rayjob_name,
+)
+from prolong.stage.payload import JOB_FILE
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 SUBMITTER_CONTAINER = "ray-job-submitter"
@@ -362,15 +365,8 @@ def _dry_run(kube: Kube, objects: list[dict[str, Any]], console: Console,
 
 def cr_stage_ids(body: dict[str, Any]) -> dict[str, str]:
     """Stage name -> id of a ProLongPipeline as stored in the cluster ({} if unreadable)."""
-    from prolong.spec import SpecError
-    from prolong.specfile import _resolve_pipeline, parse_document
-
-    meta = body.get("metadata") or {}
-    raw = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-           "metadata": {"name": meta.get("name"), "labels": meta.get("labels") or {}},
-           "spec": body.get("spec") or {}}
     try:
-        pipeline, jobs = _resolve_pipeline(parse_document(raw), raw, file="")
+        pipeline, jobs = pipeline_from_resource(body)
     except (SpecError, KeyError, TypeError):
         return {}
     return {r.stage: r.id for r in pipeline_stages(pipeline, jobs)}
@@ -536,7 +532,7 @@ def _print_rayjobs(objs: list[dict[str, Any]], namespace: str, console: Console)
         table.add_column("value", overflow="fold")
         rows = [("pipeline", labels.get(PIPELINE_LABEL)), ("stage", labels.get(STAGE_LABEL)),
                 ("stage id", labels.get(STAGE_ID_LABEL)),
-                ("output", (meta.get("annotations") or {}).get(f"{LABEL_PREFIX}directory")),
+                ("output", (meta.get("annotations") or {}).get(DIRECTORY_ANNOTATION)),
                 ("ray cluster", status.get("rayClusterName")), ("ray job id", status.get("jobId")),
                 ("dashboard", _dashboard(status.get("dashboardURL"))),
                 ("started", status.get("startTime")), ("ended", status.get("endTime"))]
@@ -757,10 +753,10 @@ def ray_entrypoint(spec_file: str) -> str:
 def _ray_metadata(loaded: Loaded) -> dict[str, str]:
     doc = loaded.document
     if isinstance(doc, ProLongPipeline):
-        return {PIPELINE_LABEL: doc.metadata.name, f"{LABEL_PREFIX}kind": doc.kind}
+        return {PIPELINE_LABEL: doc.metadata.name, KIND_LABEL: doc.kind}
     ref = standalone_stage(doc)
     return {PIPELINE_LABEL: ref.pipeline, STAGE_LABEL: ref.stage, STAGE_ID_LABEL: ref.id,
-            f"{LABEL_PREFIX}kind": doc.kind, f"{LABEL_PREFIX}directory": ref.directory}
+            KIND_LABEL: doc.kind, DIRECTORY_ANNOTATION: ref.directory}
 
 
 def _relative_roots(loaded: Loaded) -> list[str]:
@@ -856,7 +852,7 @@ def status_ray(ray: RayJobs, name: str, console: Console) -> None:
         meta = info.metadata or {}
         rows = [("pipeline", meta.get(PIPELINE_LABEL)), ("stage", meta.get(STAGE_LABEL)),
                 ("stage id", meta.get(STAGE_ID_LABEL)),
-                ("output", meta.get(f"{LABEL_PREFIX}directory")),
+                ("output", meta.get(DIRECTORY_ANNOTATION)),
                 ("entrypoint", info.entrypoint), ("ray job id", info.job_id),
                 ("dashboard", ray.dashboard(sid)), ("started", _epoch_ms(info.start_time)),
                 ("ended", _epoch_ms(info.end_time))]

@@ -14,7 +14,8 @@ Llama-3's 5e5 to 8e6 for 64K and 1.28e8 for 512K), the attention implementation 
 (:mod:`prolong.model.attention`, chosen by :func:`~prolong.model.attention.select_backend`), and
 activation checkpointing uses transformers' own, non-reentrant, per decoder layer.
 
-Precision: fp32 on CPU, bf16 on GPU unless the caller says otherwise (``TrainSpec.precision``).
+Precision is decided once, by ``TrainSpec.resolved_precision`` (bf16 on GPU, fp32 on CPU unless
+the spec says otherwise); the caller passes the dtype (:data:`TORCH_DTYPES`), fp32 by default.
 Weights are never downloaded by tests: they load from local directories with
 ``local_files_only=True``.
 
@@ -50,13 +51,8 @@ class ArchitectureMismatch(ValueError):
     """A loaded model's config differs from the architecture the spec states."""
 
 
-def default_dtype(device: str | torch.device, precision: str = "auto") -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU (``precision`` auto); or what ``precision`` says."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp32":
-        return torch.float32
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+"""A resolved precision (``TrainSpec.resolved_precision``) as a torch dtype."""
 
 
 def llama_config(arch: ArchitectureSpec, *, rope_theta: float | None = None,
@@ -116,17 +112,16 @@ def check_architecture(config: Any, arch: ArchitectureSpec, *, where: str = "the
 
 
 def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
-                dtype: torch.dtype | None = None, source: str | None = None,
+                dtype: torch.dtype = torch.float32, source: str | None = None,
                 activation_checkpointing: bool = False, local_files_only: bool = False,
                 seed: int | None = None) -> Any:
     """A ``LlamaForCausalLM`` (or the checkpoint's causal-LM class) ready to train.
 
     ``source`` overrides ``spec.source`` (the train loop passes a ``fromStage`` weights directory
     here). With neither, the model is randomly initialised from ``spec.architecture`` (seeded by
-    ``seed`` when given). ``dtype`` defaults to :func:`default_dtype` of ``device``.
+    ``seed`` when given).
     """
     register_attention_backends()
-    dtype = dtype or default_dtype(device)
     backend = select_backend(spec.attention, device, dtype)
     attn = hf_name(backend)
     source = source or spec.source
@@ -147,6 +142,16 @@ def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     return model
+
+
+def architecture_of(model: Any) -> ArchitectureSpec:
+    """The shape of a loaded model, as the spec states one (for FLOPs when the spec gives none)."""
+    c = model.config
+    return ArchitectureSpec(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
+                            num_attention_heads=c.num_attention_heads,
+                            num_key_value_heads=c.num_key_value_heads,
+                            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+                            tie_word_embeddings=c.tie_word_embeddings)
 
 
 def enable_activation_checkpointing(model: Any, *, offload: bool = False) -> None:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-IGNORE_INDEX = -100
+from prolong.data.packing import IGNORE_INDEX
 
 
 def count_valid_tokens(shift_labels: torch.Tensor) -> int:

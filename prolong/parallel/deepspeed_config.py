@@ -1,9 +1,10 @@
-"""The DeepSpeed config of a training stage, as a pure function of its TrainSpec.
+"""The DeepSpeed config of a training stage, as a pure function of its TrainSpec and the parallel
+degrees (:class:`prolong.parallel.dims.ParallelDims`, the one object that decides DP and SP).
 
 Choices that are not just copying a field:
 
 - **Batch.** One packed row per micro-batch (``train_micro_batch_size_per_gpu: 1``) and
-  ``gradient_accumulation_steps = micro_batches_per_rank``. ``train_batch_size`` is left out:
+  ``gradient_accumulation_steps = dims.micro_batches_per_rank(rows per step)``. ``train_batch_size`` is left out:
   DeepSpeed derives it as micro x GAS x (world / SP), and stating it twice could only disagree.
 - **Precision.** ``auto`` is bf16 on GPU, fp32 on CPU. Under bf16 with ZeRO >= 1, gradients are
   accumulated in fp32 across micro-batches (``data_types.grad_accum_dtype``): ProLong accumulates
@@ -11,14 +12,17 @@ Choices that are not just copying a field:
   fp32 accumulation in DeepSpeed (NotImplementedError), so it keeps bf16 there.
 - **Clipping** is always written: DeepSpeed clips at 1.0 by default since 0.19.3, so leaving it out
   would silently clip a spec that says ``gradClip: null``. null -> 0.0 (disabled).
-- **Optimizer.** No ``optimizer`` section unless the optimizer state is offloaded: the trainer
-  passes a ``torch.optim.AdamW`` (:func:`build_optimizer`) as DeepSpeed's client optimizer.
-  DeepSpeed's own "AdamW" JIT-compiles an op at first use (``cpu_adam`` on CPU, ~50 s, or
-  ``fused_adam`` on CUDA, minutes, unless the image pre-built it), while torch's AdamW needs no
-  build and is fused on CUDA (``fused=True``). ZeRO accepts it with
-  ``zero_allow_untested_optimizer``. With ``offloadOptimizer`` DeepSpeed insists on its own
-  DeepSpeedCPUAdam (``zero_force_ds_cpu_optimizer``), so the section is written and DeepSpeed
-  builds it (the GPU image should pre-build ``cpu_adam``: DS_BUILD_CPU_ADAM=1).
+- **Optimizer.** Never an ``optimizer`` section: the trainer always passes a ``torch.optim.AdamW``
+  (:func:`build_optimizer`) as DeepSpeed's client optimizer. DeepSpeed's own "AdamW"
+  JIT-compiles an op at first use (``cpu_adam`` on CPU, ~50 s, or ``fused_adam`` on CUDA,
+  minutes, unless the image pre-built it), while torch's AdamW needs no build and is fused on
+  CUDA (``fused=True``). ZeRO accepts it with ``zero_allow_untested_optimizer``.
+- **Offload.** With ``offloadOptimizer`` ZeRO keeps the fp32 master weights and AdamW moments on
+  the CPU and steps the client optimizer there. DeepSpeed refuses a client optimizer under
+  offload unless ``zero_force_ds_cpu_optimizer`` is false (it would rather build its
+  DeepSpeedCPUAdam), so the flag is written false. torch's AdamW on CPU tensors is slower than
+  DeepSpeedCPUAdam's AVX kernel but needs no build, and the SP parity tests
+  (tests/parallel/test_sp_parity.py, cases ``+offload``) show the step equals a single process's.
 - **ZeRO-3 gradient reduction.** ``reduce_scatter: true`` is written explicitly: with it ZeRO-3
   always averages gradients over all DP x SP ranks (coalesced reduce-scatter), whereas with
   ``reduce_scatter: false`` it divides by DP only for buckets that fit ``reduce_bucket_size`` and
@@ -38,22 +42,18 @@ from typing import Any
 
 import torch
 
+from prolong.parallel.dims import ParallelDims
+from prolong.spec import TrainSpec
+
 LOG_EVERY_NEVER = 1 << 30
 
 
-def resolve_precision(spec: Any) -> str:
-    """"bf16" or "fp32" for a TrainSpec (``auto``: bf16 on GPU, fp32 on CPU)."""
-    if spec.precision != "auto":
-        return spec.precision
-    return "bf16" if spec.cluster.device == "gpu" else "fp32"
-
-
-def deepspeed_config(spec: Any) -> dict[str, Any]:
+def deepspeed_config(spec: TrainSpec, dims: ParallelDims) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize`` of a TrainSpec (PretrainSpec/SFTSpec)."""
     par = spec.parallelism
     opt = spec.optimizer
     stage = par.zero_stage
-    bf16 = resolve_precision(spec) == "bf16"
+    bf16 = spec.resolved_precision == "bf16"
     if par.offload_optimizer and stage == 0:
         raise ValueError("offloadOptimizer needs ZeRO stage >= 1")
 
@@ -66,12 +66,12 @@ def deepspeed_config(spec: Any) -> dict[str, Any]:
 
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": spec.micro_batches_per_rank,
+        "gradient_accumulation_steps": dims.micro_batches_per_rank(spec.rows_per_step),
         "gradient_clipping": float(opt.grad_clip) if opt.grad_clip is not None else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
         "fp16": {"enabled": False},
-        "sequence_parallel_size": spec.sp_size,
+        "sequence_parallel_size": dims.sp,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": LOG_EVERY_NEVER,
         "wall_clock_breakdown": False,
@@ -79,17 +79,8 @@ def deepspeed_config(spec: Any) -> dict[str, Any]:
     if bf16 and stage >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     if par.offload_optimizer:
-        # The LR is set by our scheduler every step; this is only the initial value.
-        config["optimizer"] = {"type": "AdamW", "params": {
-            "lr": spec.schedule.peak_lr, "betas": list(opt.betas), "eps": opt.eps,
-            "weight_decay": opt.weight_decay}}
+        config["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU copy
     return config
-
-
-def uses_client_optimizer(config: dict[str, Any]) -> bool:
-    """Whether the trainer must pass :func:`build_optimizer`'s result to ``deepspeed.initialize``
-    (False: the config's ``optimizer`` section makes DeepSpeed build its own)."""
-    return "optimizer" not in config
 
 
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
@@ -107,11 +98,13 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, spec: Any, lr: float | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, spec: TrainSpec,
+                    lr: float | None = None) -> torch.optim.AdamW:
     """The client optimizer: torch AdamW with the spec's betas, eps and weight decay (fused on
-    CUDA). Build it before ``deepspeed.initialize`` (DeepSpeed wraps it)."""
+    CUDA). Build it before ``deepspeed.initialize`` (DeepSpeed wraps it). Under offload ZeRO
+    steps it on CPU copies of the parameters, so it is not built fused for CUDA then."""
     opt = spec.optimizer
-    on_cuda = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).is_cuda and not spec.parallelism.offload_optimizer
     return torch.optim.AdamW(param_groups(model.named_parameters(), opt.weight_decay),
                              lr=spec.schedule.peak_lr if lr is None else lr,
-                             betas=tuple(opt.betas), eps=opt.eps, fused=on_cuda or None)
+                             betas=tuple(opt.betas), eps=opt.eps, fused=fused or None)

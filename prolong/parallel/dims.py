@@ -20,7 +20,12 @@ from typing import Any
 
 
 class ParallelDimsError(ValueError):
-    """The parallel degrees do not fit the world."""
+    """The parallel degrees do not fit the world. ``field`` names the degree at fault
+    (``sequenceParallel`` or ``workersPerNode``), so spec validation can point at it."""
+
+    def __init__(self, message: str, field: str = "sequenceParallel") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -36,32 +41,38 @@ class ParallelDims:
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
-            raise ParallelDimsError(f"world size must be >= 1, got {self.world_size}")
+            raise ParallelDimsError(f"world size must be >= 1, got {self.world_size}", "world")
         if self.sp < 1:
             raise ParallelDimsError(f"sequence-parallel degree must be >= 1, got {self.sp}")
-        if self.world_size % self.sp:
-            raise ParallelDimsError(f"sequence-parallel degree {self.sp} does not divide the world "
-                                    f"size {self.world_size}")
         wpn = self.workers_per_node
-        if wpn is not None:
+        if wpn is not None:  # the node rule first: it is the one a user can act on
             if wpn < 1 or self.world_size % wpn:
                 raise ParallelDimsError(f"workers per node {wpn} does not divide the world size "
-                                        f"{self.world_size}")
+                                        f"{self.world_size}", "workersPerNode")
             if wpn % self.sp:
                 raise ParallelDimsError(f"sequence-parallel groups stay within a node: SP {self.sp} "
                                         f"must divide the workers per node {wpn}")
+        if self.world_size % self.sp:
+            raise ParallelDimsError(f"sequence-parallel degree {self.sp} does not divide the world "
+                                    f"size {self.world_size}")
 
     @classmethod
     def from_spec(cls, spec: Any) -> ParallelDims:
-        """From a TrainSpec (``cluster.worldSize``, ``parallelism.sequenceParallel``)."""
+        """From a TrainSpec (``cluster.nodes x cluster.workersPerNode``,
+        ``parallelism.sequenceParallel``). Spec validation calls this; its error becomes a spec
+        issue at ``parallelism.*``, and everything after validation receives the result."""
         cluster = spec.cluster
-        return cls(world_size=cluster.world_size, sp=spec.sp_size,
+        return cls(world_size=cluster.world_size, sp=spec.parallelism.sequence_parallel,
                    workers_per_node=cluster.workers_per_node)
 
     @property
     def dp(self) -> int:
         """Data-parallel degree: replicas that read different rows."""
         return self.world_size // self.sp
+
+    def micro_batches_per_rank(self, rows_per_step: int) -> int:
+        """Gradient-accumulation steps: the rows of one optimizer step each replica processes."""
+        return max(1, rows_per_step // self.dp)
 
     @property
     def sp_enabled(self) -> bool:

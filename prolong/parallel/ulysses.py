@@ -62,9 +62,10 @@ from typing import Any
 
 import torch
 
+from prolong.data.packing import IGNORE_INDEX
+from prolong.model.build import packed_lm_loss
 from prolong.parallel.dims import ParallelGroups
 
-IGNORE_INDEX = -100
 SP_FIELDS = ("input_ids", "shift_labels", "position_ids")
 """Per-token fields of a packed row that are split over SP ranks."""
 
@@ -291,12 +292,6 @@ decoder body + chunked CE summed over valid tokens / normalizer
 (:func:`prolong.model.build.packed_lm_loss`)."""
 
 
-def _default_loss_fn() -> LossFn:
-    from prolong.model.build import packed_lm_loss
-
-    return packed_lm_loss
-
-
 class CausalLMWithLoss(torch.nn.Module):
     """A HF causal LM plus its chunked loss, as the one module ``deepspeed.initialize`` wraps: the
     decoder runs to the final hidden states and the LM head is applied chunk by chunk (no full
@@ -311,7 +306,7 @@ class CausalLMWithLoss(torch.nn.Module):
                  **loss_kwargs: Any) -> None:
         super().__init__()
         self.model = model
-        self.loss_fn = loss_fn or _default_loss_fn()
+        self.loss_fn = loss_fn or packed_lm_loss
         self.loss_kwargs = loss_kwargs
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,

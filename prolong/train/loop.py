@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +33,30 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from prolong.data.mixture import MixtureLoader
+from prolong.data.shards import TokenShards
+from prolong.model.attention import hf_name, select_backend
+from prolong.model.build import TORCH_DTYPES, architecture_of, build_model
+from prolong.parallel.step import train_step
+from prolong.parallel.ulysses import apply_ulysses
+from prolong.stage.directory import (
+    Manifest,
+    MetricsLog,
+    StageDir,
+    local_copy,
+    publish_directory,
+    read_metrics,
+)
+from prolong.stage.payload import StageRun
+from prolong.train.engine import Engine, build_engine
+from prolong.train.faults import maybe_fault
+from prolong.train.metrics import RayGauges, make_step_metrics, step_flops
+from prolong.versions import versions
 
 CHECKPOINT_TAG = "ds"
 TRAINER_STATE = "trainer_state.json"
-FAULT_ENV = "PROLONG_FAULT"
-"""Failure injection for recovery tests and drills: ``step:N`` makes rank 0 fail right after step
-N, ``save:N`` while step N's checkpoint is being written (shards on disk, not yet reported).
-Fires once per stage directory (a marker file remembers it), so the restarted run goes through."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -50,18 +65,15 @@ def checkpoint_dir_name(step: int) -> str:
 
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
+    # Ray Train is imported on the worker only (and by then it is loaded): importing it here keeps
+    # this module importable where Ray is not installed, e.g. by the parity tests' workers.
     import ray.train
 
-    from prolong.train.entry import StageRun
-
-    run = StageRun.from_config(config)
-    Worker(run, ray.train.get_context()).run()
+    Worker(StageRun.from_config(config), ray.train.get_context()).run()
 
 
 class Worker:
-    def __init__(self, run, context):
-        from prolong.parallel.dims import ParallelDims
-
+    def __init__(self, run: StageRun, context: Any):
         self.run_info = run
         self.job = run.job_model()
         self.spec = self.job.spec
@@ -74,21 +86,17 @@ class Worker:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        self.groups = ParallelDims.from_spec(self.spec).build(self.rank)
+        self.dims = self.spec.parallel_dims
+        self.groups = self.dims.build(self.rank)
 
     # ---- set-up --------------------------------------------------------------------------
 
-    def _model(self):
-        from prolong.model.attention import hf_name, select_backend
-        from prolong.model.build import build_model
-        from prolong.parallel.deepspeed_config import resolve_precision
-        from prolong.parallel.ulysses import apply_ulysses
-
+    def _model(self) -> torch.nn.Module:
         spec = self.spec
-        dtype = torch.bfloat16 if resolve_precision(spec) == "bf16" else torch.float32
+        dtype = TORCH_DTYPES[spec.resolved_precision]
         source = None
         if self.run_info.upstream_dir is not None:
-            source = _local_path(f"{self.run_info.upstream_dir.rstrip('/')}/final")
+            source = local_copy(StageDir(self.run_info.upstream_dir).final_uri)
         model = build_model(spec.model, device=self.device, dtype=dtype, source=source,
                             activation_checkpointing=spec.parallelism.activation_checkpointing,
                             seed=spec.seed)
@@ -96,72 +104,48 @@ class Worker:
         apply_ulysses(model, self.groups, hf_name(backend), seq_length=spec.sequence_length)
         return model
 
-    def _engine(self, model):
-        import deepspeed
-
-        from prolong.parallel.deepspeed_config import build_optimizer, deepspeed_config
-        from prolong.parallel.ulysses import CausalLMWithLoss, deepspeed_mpu
-        from prolong.train.schedule import build_scheduler
-
-        wrapped = CausalLMWithLoss(model)
-        optimizer = build_optimizer(wrapped, self.spec)
-        scheduler = build_scheduler(optimizer, self.spec.schedule, self.spec.total_steps)
-        engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-            config=deepspeed_config(self.spec), mpu=deepspeed_mpu(self.groups))
-        return engine, scheduler
-
-    def _loader(self):
-        from prolong.data.mixture import MixtureLoader
-        from prolong.data.shards import TokenShards
-
+    def _loader(self) -> MixtureLoader:
         shards = {domain: TokenShards(path) for domain, path in self.run_info.shard_dirs.items()}
-        return MixtureLoader.from_spec(self.spec, shards, dp_rank=self.groups.dp_rank)
+        return MixtureLoader.from_spec(self.spec, shards, dims=self.dims, rank=self.rank)
 
     # ---- the run -------------------------------------------------------------------------
 
     def run(self) -> None:
-        import ray.train
-
-        from prolong.train.stage_dir import MetricsLog, StageDir
+        import ray.train  # on the worker, where Ray Train runs this (see train_worker)
 
         stage = StageDir(self.ref.directory)
         model = self._model()
-        self.arch = self.spec.model.architecture or _architecture_of(model)
-        engine, scheduler = self._engine(model)
+        self.arch = self.spec.model.architecture or architecture_of(model)
+        built = build_engine(model, self.spec, self.groups)
         loader = self._loader()
-        step = self._restore(engine, scheduler, loader, ray.train.get_checkpoint())
+        step = self._restore(built, loader, ray.train.get_checkpoint())
         log = MetricsLog(stage) if self.rank == 0 else None
-        gauges = self._gauges()
+        gauges = (RayGauges(pipeline=self.ref.pipeline, stage=self.ref.stage,
+                            stage_id=self.ref.id) if self.rank == 0 else None)
         try:
             while step < self.spec.total_steps:
                 step += 1
-                metrics = self._train_one(engine, scheduler, loader, step)
+                metrics = self._train_one(built, loader, step)
                 record = metrics.as_record()
                 if log is not None:
                     log.append(record)
                 if gauges is not None:
                     gauges.update(metrics)
                 if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.total_steps:
-                    self._save_and_report(engine, loader, step, record)
+                    self._save_and_report(built.engine, loader, step, record, stage)
                 else:
                     ray.train.report(record)
-                self._maybe_fault("step", step, stage)
+                maybe_fault("step", step, stage, rank=self.rank)
         finally:
             if log is not None:
                 log.close()
-        self._finalize(engine, model, stage, step)
+        self._finalize(built.engine, model, stage, step)
 
-    def _train_one(self, engine, scheduler, loader, step: int):
-        import torch.distributed as dist
-
-        from prolong.parallel.step import train_step
-        from prolong.train.metrics import make_step_metrics, step_flops
-
+    def _train_one(self, built: Engine, loader: MixtureLoader, step: int):
         rows = loader.next_step()
-        lr = scheduler.get_last_lr()[0]
+        lr = built.scheduler.get_last_lr()[0]
         start = time.perf_counter()
-        result = train_step(engine, rows, self.groups)
+        result = train_step(built.engine, rows, self.groups)
         seconds = time.perf_counter() - start
         dense, causal = step_flops(self.arch, self.spec.sequence_length,
                                    [r.doc_lengths.tolist() for r in rows])
@@ -177,43 +161,26 @@ class Worker:
             device_kind=self.spec.cluster.device, gpu_type=self.spec.cluster.gpu_type,
             tokens_per_domain=loader.tokens_by_domain)
 
-    def _gauges(self):
-        if self.rank != 0:
-            return None
-        from prolong.train.metrics import RayGauges
-
-        return RayGauges(pipeline=self.ref.pipeline, stage=self.ref.stage, stage_id=self.ref.id)
-
     # ---- checkpoints ---------------------------------------------------------------------
 
-    def _maybe_fault(self, point: str, step: int, stage) -> None:
-        if self.rank != 0 or os.environ.get(FAULT_ENV) != f"{point}:{step}":
-            return
-        marker = ".fault-fired"
-        if stage.exists(marker):
-            return
-        stage.write_json(marker, {"point": point, "step": step})
-        raise RuntimeError(f"injected fault ({FAULT_ENV}={point}:{step})")
-
-    def _save_and_report(self, engine, loader, step: int, record: dict[str, Any]) -> None:
-        import ray.train
-        from ray.train import Checkpoint
-
-        from prolong.train.stage_dir import StageDir
+    def _save_and_report(self, engine: Any, loader: MixtureLoader, step: int,
+                         record: dict[str, Any], stage: StageDir) -> None:
+        import ray.train  # on the worker, where Ray Train runs this (see train_worker)
 
         with tempfile.TemporaryDirectory(prefix="prolong-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-            self._maybe_fault("save", step, StageDir(self.ref.directory))
+            maybe_fault("save", step, stage, rank=self.rank)
             torch.save(_rng_state(), Path(tmp) / f"rng-rank{self.rank:05d}.pt")
             if self.rank == 0:
                 state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict()}
                 (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state))
-            ray.train.report(record, checkpoint=Checkpoint.from_directory(tmp),
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step))
 
-    def _restore(self, engine, scheduler, loader, checkpoint) -> int:
+    def _restore(self, built: Engine, loader: MixtureLoader, checkpoint: Any) -> int:
         """Resume from Ray Train's checkpoint, or start from the upstream stage's optimizer state
         (weightsAndOptimizer). Returns the last completed step."""
+        engine = built.engine
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
                 engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
@@ -230,24 +197,25 @@ class Worker:
             # rate the loaded optimizer carries is reset to this schedule's first value.
             engine.load_checkpoint(upstream, tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                    load_lr_scheduler_states=False)
-            for group, lr in zip(engine.optimizer.param_groups, scheduler.get_last_lr(), strict=False):
+            for group, lr in zip(engine.optimizer.param_groups, built.scheduler.get_last_lr(),
+                                 strict=False):
                 group["lr"] = lr
         return 0
 
     def _upstream_checkpoint(self) -> str:
-        from prolong.train.stage_dir import StageDir
-
         manifest = StageDir(self.run_info.upstream_dir).read_manifest()
-        return _local_path(manifest["final_checkpoint"])
+        if manifest.final_checkpoint is None:
+            raise RuntimeError(f"{self.run_info.upstream_dir}: its manifest names no final "
+                               "checkpoint (an eval stage?); weightsAndOptimizer needs a training "
+                               "stage")
+        return local_copy(manifest.final_checkpoint)
 
     # ---- the end -------------------------------------------------------------------------
 
-    def _finalize(self, engine, model, stage, step: int) -> None:
+    def _finalize(self, engine: Any, model: torch.nn.Module, stage: StageDir, step: int) -> None:
         """Consolidated HF weights + tokenizer in final/, then manifest.json, then COMPLETE."""
+        # deepspeed is loaded by build_engine by now; imported here for the same reason as there.
         import deepspeed
-        import torch.distributed as dist
-
-        from prolong.versions import versions
 
         params = list(model.parameters())
         gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
@@ -257,81 +225,36 @@ class Worker:
                      if self.rank == 0 else None)
         if self.rank == 0:
             _write_final(model, state, self.run_info.tokenizer_dir, stage.final_uri)
-            records = _read_last_metrics(stage)
-            stage.write_manifest({
-                "pipeline": self.ref.pipeline, "stage": self.ref.stage, "id": self.ref.id,
-                "kind": self.job.kind, "upstream": list(self.ref.upstream),
-                "spec": self.run_info.job,
-                "final": stage.final_uri,
-                "final_checkpoint": stage.uri_of(checkpoint_dir_name(step)),
-                "steps": step, "tokens": step * self.spec.global_batch_tokens,
-                "summary": records, "versions": versions(),
-            })
+            stage.write_manifest(Manifest.for_stage(
+                self.ref, self.run_info.job, final=stage.final_uri,
+                final_checkpoint=stage.uri_of(checkpoint_dir_name(step)),
+                steps=step, tokens=step * self.spec.global_batch_tokens,
+                summary=metrics_summary(read_metrics(stage)), versions=versions()))
             stage.mark_complete()
         if dist.is_initialized():
             dist.barrier()
 
 
-def _write_final(model, state: dict[str, torch.Tensor], tokenizer_dir: str | None,
-                 final_uri: str) -> None:
+def _write_final(model: torch.nn.Module, state: dict[str, torch.Tensor],
+                 tokenizer_dir: str | None, final_uri: str) -> None:
     """HF-format weights and the tokenizer, published under final/ in one move."""
-    import pyarrow.fs as pafs
-    from transformers import AutoTokenizer
-
-    from prolong.train.stage_dir import resolve
+    from transformers import AutoTokenizer  # only rank 0 writes final/, once per stage
 
     with tempfile.TemporaryDirectory(prefix="prolong-final-") as tmp:
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if tokenizer_dir is not None:
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        fs, path = resolve(final_uri)
-        if isinstance(fs, pafs.LocalFileSystem):
-            partial = Path(path + ".partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(tmp, partial)
-            partial.chmod(0o755)  # mkdtemp's 0700 would hide the weights from other users
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(partial, path)
-        else:
-            # Object stores have no rename; COMPLETE (written after this) is the commit point.
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
+        publish_directory(tmp, final_uri)
 
 
-def _read_last_metrics(stage) -> dict[str, Any]:
-    from prolong.train.stage_dir import read_metrics
-
-    records = read_metrics(stage)
+def metrics_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's summary of a training stage's metrics.jsonl."""
     if not records:
         return {}
     first, last = records[0], records[-1]
     return {"first_loss": first["loss"], "last_loss": last["loss"],
             "mean_tokens_per_s": sum(r["tokens_per_s"] for r in records) / len(records),
             "tokens_per_domain": last["tokens_per_domain"]}
-
-
-def _architecture_of(model):
-    from prolong.spec import ArchitectureSpec
-
-    c = model.config
-    return ArchitectureSpec(num_layers=c.num_hidden_layers, hidden_size=c.hidden_size,
-                            num_attention_heads=c.num_attention_heads,
-                            num_key_value_heads=c.num_key_value_heads,
-                            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-                            tie_word_embeddings=c.tie_word_embeddings)
-
-
-def _local_path(uri: str) -> str:
-    """A local directory for ``uri``: itself when local, else a downloaded copy."""
-    if "://" not in uri:
-        return uri
-    import pyarrow.fs as pafs
-
-    from prolong.train.stage_dir import resolve
-
-    fs, path = resolve(uri)
-    local = tempfile.mkdtemp(prefix="prolong-upstream-")
-    pafs.copy_files(path, local, source_filesystem=fs)
-    return local
 
 
 def _rng_state() -> dict[str, Any]:

@@ -20,18 +20,47 @@ from typing import Any
 from prolong.model.flops import PEAK_BF16_FLOPS, dense_flops_per_token, doc_causal_flops_per_token
 from prolong.spec import ArchitectureSpec
 
-# Dashboard metric name (prolong.k8s.dashboard.METRICS, the single list of exported names) ->
-# StepMetrics field.
-GAUGE_FIELDS = {
-    "loss": "loss",
-    "tokens_per_second": "tokens_per_s",
-    "mfu": "mfu_dense",
-    "mfu_doc_causal": "mfu_doc_causal",
-    "grad_norm": "grad_norm",
-    "lr": "lr",
-    "step": "step",
-    "domain_tokens": "tokens_per_domain",
-}
+# The one list of exported metrics: the gauges below and the Grafana dashboard
+# (prolong.k8s.dashboard) are both made from it.
+GAUGE_PREFIX = "prolong_"
+PROMETHEUS_PREFIX = "ray_"
+TAG_KEYS = ("pipeline", "stage", "stage_id")
+"""Tags of every gauge; tokens per domain adds ``domain``."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    """Gauge name without the prolong_ prefix."""
+    title: str
+    unit: str
+    description: str
+    step_field: str
+    """The StepMetrics field it exports."""
+    by_domain: bool = False
+
+    @property
+    def gauge(self) -> str:
+        return GAUGE_PREFIX + self.name
+
+    @property
+    def prometheus(self) -> str:
+        return PROMETHEUS_PREFIX + self.gauge
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("loss", "Loss", "none", "Token-averaged cross-entropy of the step.", "loss"),
+    Metric("tokens_per_second", "Tokens/s", "short", "Training tokens per second, all workers.", "tokens_per_s"),
+    Metric("mfu", "MFU (dense)", "percentunit",
+           "Model FLOPs utilisation with 6N + 12LHdS FLOPs per token (full causal attention).", "mfu_dense"),
+    Metric("mfu_doc_causal", "MFU (document-causal)", "percentunit",
+           "MFU counting attention only within packed documents (sum of squared lengths).", "mfu_doc_causal"),
+    Metric("grad_norm", "Gradient norm", "none", "Global gradient norm before clipping.", "grad_norm"),
+    Metric("lr", "Learning rate", "sci", "Learning rate of the step.", "lr"),
+    Metric("domain_tokens", "Tokens per domain", "short",
+           "Training tokens consumed so far from each data domain.", "tokens_per_domain", by_domain=True),
+    Metric("step", "Step", "none", "Optimizer step.", "step"),
+)
 
 
 @dataclass
@@ -88,23 +117,21 @@ def make_step_metrics(*, step: int, loss: float, lr: float, grad_norm: float | N
 
 class RayGauges:
     """``ray.util.metrics`` gauges named and tagged as the Grafana dashboard expects
-    (:mod:`prolong.k8s.dashboard`), created inside a Ray worker (they need a connected Ray)."""
+    (:data:`METRICS`), created inside a Ray worker (they need a connected Ray)."""
 
     def __init__(self, *, pipeline: str, stage: str, stage_id: str):
-        from ray.util.metrics import Gauge
-
-        from prolong.k8s.dashboard import METRICS, TAG_KEYS
+        from ray.util.metrics import Gauge  # only inside a Ray worker: needs a connected Ray
 
         self._tags = {"pipeline": pipeline, "stage": stage, "stage_id": stage_id}
         self._gauges = {}
         for metric in METRICS:
             keys = (*TAG_KEYS, "domain") if metric.by_domain else TAG_KEYS
-            self._gauges[metric.name] = (Gauge(metric.gauge, description=metric.description,
-                                               tag_keys=keys), metric.by_domain)
+            self._gauges[metric.step_field] = (Gauge(metric.gauge, description=metric.description,
+                                                tag_keys=keys), metric.by_domain)
 
     def update(self, m: StepMetrics) -> None:
         for name, (gauge, by_domain) in self._gauges.items():
-            value = getattr(m, GAUGE_FIELDS[name])
+            value = getattr(m, name)
             if by_domain:
                 for domain, count in value.items():
                     gauge.set(float(count), tags={**self._tags, "domain": domain})

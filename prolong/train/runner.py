@@ -16,28 +16,25 @@ A progress bar follows ``metrics.jsonl`` in the stage directory, which workers a
 
 from __future__ import annotations
 
-import json
 import threading
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from prolong.pipeline import StageRef, pipeline_stages, stage_id, standalone_stage
+from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
+from prolong.eval.job import run_eval_stage
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
-from prolong.train.entry import StageRun, build_trainer
-from prolong.train.stage_dir import StageDir, read_metrics
+from prolong.stage.directory import StageDir, absolute, read_metrics
+from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
+from prolong.train.entry import build_trainer
 from prolong.versions import summary as versions_summary
 
 
 class RunError(RuntimeError):
     """A stage could not run or did not finish (exit code 1)."""
-
-
-STAGE_FILE = "stage.json"
-"""Written beside job.yaml by the Kubernetes renderer: the stage's identity inside its pipeline."""
 
 
 def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
@@ -47,24 +44,15 @@ def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
         refs = pipeline_stages(doc, loaded.jobs)
         dirs = {r.stage: r.directory for r in refs}
         return [(loaded.jobs[r.stage], r, dirs) for r in refs]
-    stage_file = Path(loaded.path).with_name(STAGE_FILE)
+    stage_file = stage_file_beside(loaded.path)
     if stage_file.exists():
-        return [_from_stage_file(doc, stage_file)]
+        # A pipeline stage running on its own (a RayJob): its identity comes from stage.json.
+        try:
+            info = read_stage_file(stage_file, doc)
+        except StageFileError as exc:
+            raise RunError(str(exc)) from None
+        return [(doc, info.ref, info.upstream_dirs)]
     return [(doc, standalone_stage(doc), {})]
-
-
-def _from_stage_file(job: Job, stage_file: Path) -> tuple[Job, StageRef, dict[str, str]]:
-    """A pipeline stage running on its own (a RayJob): its identity comes from stage.json and
-    must match the id its job.yaml hashes to, or the outputs would land under a wrong id."""
-    info = json.loads(stage_file.read_text())
-    upstream = tuple(info["upstream"])
-    if stage_id(job, upstream) != info["id"]:
-        raise RunError(f"{stage_file}: stage id {info['id']} does not match the job spec beside it "
-                       f"({stage_id(job, upstream)}); re-render the stage")
-    ref = StageRef(info["pipeline"], info["stage"], job.kind, info["id"], upstream,
-                   info["storageRoot"])
-    dirs = {name: up["directory"] for name, up in info.get("upstreamStages", {}).items()}
-    return job, ref, dirs
 
 
 def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool = True,
@@ -102,8 +90,6 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
                 raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
         console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
         if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
-            from prolong.eval.job import run_eval_stage
-
             run_eval_stage(job, ref, upstream_dir, log=lambda m: console.print(m, markup=False))
         else:
             run = stage_run(job, ref, loaded, upstream_dir)
@@ -116,29 +102,20 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
 
 
 def _prepare(path: str | Path, progress: bool) -> None:
-    from prolong.data.prepare import prepare_file
-
     prepare_file(str(path), progress=progress)
-
-
-def absolute(uri: str) -> str:
-    """Workers run in another directory: local paths travel as absolute paths."""
-    return uri if "://" in uri else str(Path(uri).resolve())
 
 
 def stage_run(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None) -> StageRun:
     """What the workers of one stage receive (every path absolute)."""
-    from prolong.data.prepare import shard_dirs, tokenizer_ref
-
     shards = {domain: absolute(str(d)) for domain, d in shard_dirs(job, loaded).items()}
-    ref = replace(ref, storage_root=absolute(ref.storage_root))
-    return StageRun(job=job.model_dump(mode="json", by_alias=True), stage=asdict(ref),
+    ref = ref.with_storage_root(absolute(ref.storage_root))
+    return StageRun(job=job.model_dump(mode="json", by_alias=True), stage=ref.to_json(),
                     upstream_dir=absolute(upstream_dir) if upstream_dir else None,
                     shard_dirs=shards, tokenizer_dir=absolute(tokenizer_ref(job, loaded).location))
 
 
 def _connect(address: str | None, console: Console) -> None:
-    import ray
+    import ray  # only when a stage is about to run: a complete pipeline needs no Ray
 
     if ray.is_initialized():
         return

@@ -270,7 +270,7 @@ def test_from_spec_quickstart_stage2(tmp_path):
         target = spec.stream_target_length(s)
         lengths = [target] * 5 if s.packing == "long" else [300, 700, 1100, 90] * 3
         by_domain[s.domain] = _write(tmp_path / s.domain, lengths, seed=i)
-    ld = MixtureLoader.from_spec(spec, by_domain, dp_rank=0)
+    ld = MixtureLoader.from_spec(spec, by_domain, dims=spec.parallel_dims, rank=0)
     assert ld.micro_batches == spec.micro_batches_per_rank
     for _ in range(10):
         step = ld.next_step()

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from prolong.cli import app
 from prolong.eval.job import run_eval_stage
-from prolong.pipeline import standalone_stage
 from prolong.spec import ArchitectureSpec, EvalJob
-from prolong.train.stage_dir import StageDir
+from prolong.stage.directory import StageDir
+from prolong.stage.identity import standalone_stage
 
 TASKS = ["json_kv", "ruler_mk_needle", "ruler_mk_uuid", "ruler_mv", "nq", "msmarco", "banking77",
          "narrativeqa", "multi_lexsum"]
@@ -86,7 +86,7 @@ def test_tiny_model_eval_writes_every_output(two_runs, tiny_model):
     assert "| Recall |" in report and "| **average** |" in report and "rougeL_f1" in report
     assert (d / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = StageDir(str(d)).read_manifest()
-    assert manifest["kind"] == "EvalJob" and manifest["samples"] == len(records)
+    assert manifest.kind == "EvalJob" and manifest.samples == len(records)
     assert (d / "COMPLETE").stat().st_mtime >= (d / "manifest.json").stat().st_mtime
 
 

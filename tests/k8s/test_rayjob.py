@@ -14,18 +14,16 @@ import yaml
 from prolong.k8s import dump_all, render
 from prolong.k8s.rayjob import (
     ENTRYPOINT,
-    JOB_FILE,
     KUBERAY_SUBMISSION_MODES,
     QUEUE_LABEL,
-    RAYJOB_NAME_MAX,
-    STAGE_FILE,
-    rayjob_name,
     render_stage,
     render_standalone,
 )
-from prolong.pipeline import pipeline_stages, stage_id, standalone_stage
 from prolong.spec import API_VERSION, PretrainJob
 from prolong.specfile import load, parse_document
+from prolong.stage.identity import SCHEDULING_ONLY, pipeline_stages, stage_id, standalone_stage
+from prolong.stage.names import RAYJOB_NAME_MAX, rayjob_name
+from prolong.stage.payload import JOB_FILE, STAGE_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_FILES = sorted((REPO / "jobs").glob("*/*.yaml"))
@@ -249,7 +247,6 @@ def test_pipeline_file_renders_its_custom_resource():
 
 
 def test_kubernetes_section_is_documented_and_scheduling_only():
-    from prolong.pipeline import SCHEDULING_ONLY
     from prolong.spec import KubernetesSpec
 
     assert ("cluster", "kubernetes") in SCHEDULING_ONLY

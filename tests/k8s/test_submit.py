@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from prolong.cli import app
 from prolong.k8s.rayjob import pipeline_resource, render_standalone
-from prolong.pipeline import pipeline_stages
 from prolong.specfile import dump_yaml, load
+from prolong.stage.identity import pipeline_stages
 from tests.conftest import JOBS, job_dict, use_kmock_kubeconfig
 from tests.operator.conftest import CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
 

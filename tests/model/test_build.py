@@ -7,16 +7,17 @@ import itertools
 
 import pytest
 import torch
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prolong.model import attention as A
 from prolong.model.build import (
+    TORCH_DTYPES,
     ArchitectureMismatch,
     build_model,
     check_architecture,
     decoder_hidden_states,
-    default_dtype,
     packed_lm_loss,
     rope_theta_of,
 )
@@ -197,11 +198,19 @@ def test_same_seed_same_weights():
         assert torch.equal(pa, pb), name
 
 
-def test_default_dtype():
-    assert default_dtype("cpu") == torch.float32
-    assert default_dtype("cuda") == torch.bfloat16
-    assert default_dtype("cuda", "fp32") == torch.float32
-    assert default_dtype("cpu", "bf16") == torch.bfloat16
+def test_resolved_precision_maps_to_a_dtype():
+    from prolong.spec import PretrainJob
+    from tests.conftest import JOBS
+
+    data = yaml.safe_load((JOBS / "quickstart/stage1.yaml").read_text())
+    data["spec"]["precision"] = "auto"
+    job = PretrainJob.model_validate(data)
+    assert TORCH_DTYPES[job.spec.resolved_precision] == torch.float32  # auto on CPU
+    gpu = job.spec.model_copy(update={"cluster": job.spec.cluster.model_copy(
+        update={"device": "gpu"})})
+    assert TORCH_DTYPES[gpu.resolved_precision] == torch.bfloat16  # auto on GPU
+    fp32 = gpu.model_copy(update={"precision": "fp32"})
+    assert TORCH_DTYPES[fp32.resolved_precision] == torch.float32
 
 
 def test_unavailable_attention_is_a_clear_error():

@@ -30,9 +30,9 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from prolong.k8s.rayjob import rayjob_name
-from prolong.pipeline import StageRef, attempt_rayjob_name, pipeline_stages
-from prolong.specfile import _resolve_pipeline, dump_yaml, load, parse_document
+from prolong.specfile import dump_yaml, load, pipeline_from_resource
+from prolong.stage.identity import StageRef, pipeline_stages
+from prolong.stage.names import attempt_rayjob_name, rayjob_name
 from tests.conftest import use_kmock_kubeconfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -63,9 +63,7 @@ def pipeline_cr(path: str = "jobs/prolong-8b/pipeline.yaml", *, uid: str = "uid-
 
 def stage_refs(cr: dict) -> dict[str, StageRef]:
     """The stages of a pipeline CR, resolved here independently of the handlers."""
-    raw = {"apiVersion": cr["apiVersion"], "kind": cr["kind"],
-           "metadata": {"name": cr["metadata"]["name"]}, "spec": cr["spec"]}
-    pipeline, jobs = _resolve_pipeline(parse_document(raw), raw, file="")
+    pipeline, jobs = pipeline_from_resource(cr)
     return {r.stage: r for r in pipeline_stages(pipeline, jobs)}
 
 

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 import yaml
 
-from prolong.k8s.rayjob import LABEL_PREFIX
+from prolong.stage.names import LABEL_PREFIX
 from tests.k8s.conftest import REPO, strict_openapi
 from tests.operator.conftest import (
     NAMESPACE,
@@ -277,21 +277,3 @@ async def test_creating_what_exists_is_not_an_error(cluster: Cluster) -> None:
     assert list(cluster.rayjobs()) == [run.name]
     assert list(cluster.configmaps()) == [f"{run.name}-spec"]
     assert cluster.rayjob_creates() == 2
-
-
-def test_observing_a_kuberay_rayjob() -> None:
-    handlers = load_handlers()
-    obj = {"metadata": {"name": "p-stage1-0123abcd-r2", "creationTimestamp": "2026-11-01T10:00:00Z",
-                        "labels": {f"{LABEL_PREFIX}stage": "stage1",
-                                   f"{LABEL_PREFIX}stage-id": "0123abcd",
-                                   f"{LABEL_PREFIX}attempt": "2"}},
-           "status": {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED",
-                      "message": "exit code 1", "dashboardURL": "p-head-svc:8265",
-                      "startTime": "2026-11-01T10:00:05Z", "endTime": "2026-11-01T11:00:00Z"}}
-    seen = handlers.observe(obj)
-    assert (seen.stage, seen.stage_id, seen.attempt) == ("stage1", "0123abcd", 2)
-    assert seen.outcome == "failed" and seen.message == "exit code 1"
-    assert seen.start_time == datetime(2026, 11, 1, 10, 0, 5, tzinfo=timezone.utc)
-    assert seen.end_time == datetime(2026, 11, 1, 11, tzinfo=timezone.utc)
-    fresh = handlers.observe({"metadata": {"name": "x", "labels": {}}})
-    assert (fresh.attempt, fresh.outcome, fresh.start_time) == (1, "submitted", None)

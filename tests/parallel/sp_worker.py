@@ -1,9 +1,9 @@
 """One rank of the parity tests: DeepSpeed ZeRO + Ulysses SP on CPU over gloo.
 
 Launched by sp_harness.launch with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. For each
-requested ZeRO stage it builds the model from the problem's weights, wires it exactly as the
-trainer does (ParallelDims -> groups, apply_ulysses, deepspeed_config, client AdamW,
-SequenceParallelMPU), runs one optimizer step over the global batch and gathers the full
+requested ZeRO stage it builds the model from the problem's weights, wires it through the
+trainer's own code (ParallelDims -> groups, apply_ulysses, prolong.train.engine.build_engine),
+runs one optimizer step over the global batch and gathers the full
 gradients (before the step) and full weights (after it). Rank 0 saves them.
 """
 
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def parse_case(case: str) -> tuple[int, set[str]]:
     """"3+ac+plain" -> (3, {"ac", "plain"}). Flags: ac (activation checkpointing), plain (the
     plain token mean, i.e. the ZeRO-1/2 divisor, whatever the stage: a negative control),
-    offload (optimizer state on CPU, with torch AdamW as the client optimizer), bf16 (DeepSpeed's
+    offload (parallelism.offloadOptimizer: optimizer state on CPU, exactly as the trainer
+    configures it), bf16 (DeepSpeed's
     bf16 mode on CPU: a smoke check of the GPU config, not held to fp32 tolerances), resume
     (save a DeepSpeed checkpoint after one step, resume it in a fresh engine)."""
     stage, *flags = case.split("+")
@@ -37,12 +38,12 @@ def parse_case(case: str) -> tuple[int, set[str]]:
 
 
 def build_engine(stage: int, flags: set[str], problem: dict, groups):
-    """The model, wired as the trainer wires it, inside a DeepSpeed engine."""
-    import deepspeed
+    """The model inside the trainer's own engine: prolong.train.engine.build_engine, the function
+    Worker calls, with the spec's real DeepSpeed config (offload included) and client AdamW."""
     import sp_harness as H
 
-    from prolong.parallel.deepspeed_config import build_optimizer, deepspeed_config
-    from prolong.parallel.ulysses import CausalLMWithLoss, apply_ulysses, deepspeed_mpu
+    from prolong.parallel.ulysses import apply_ulysses
+    from prolong.train.engine import build_engine as production_build_engine
 
     dims = groups.dims
     spec = H.train_spec(zero_stage=stage, sp=dims.sp, world=dims.world_size,
@@ -50,26 +51,17 @@ def build_engine(stage: int, flags: set[str], problem: dict, groups):
                         offload_optimizer="offload" in flags)
     if "bf16" in flags:
         spec = spec.model_copy(update={"precision": "bf16"})
-    config = deepspeed_config(spec)
-    if "offload" in flags:
-        # DeepSpeedCPUAdam would JIT-build cpu_adam (~1 min); the gradient path under offload is
-        # what is tested here, so keep torch AdamW as the client optimizer.
-        del config["optimizer"]
-        config["zero_force_ds_cpu_optimizer"] = False
     gas = spec.micro_batches_per_rank
-    assert spec.dp_size == dims.dp and gas * dims.dp == len(problem["rows"])
+    assert spec.parallel_dims == dims and gas * dims.dp == len(problem["rows"])
 
     model = H.make_model(problem["state_dict"])
     apply_ulysses(model, groups, H.CORE_ATTN, seq_length=H.SEQ_LEN)
     if "ac" in flags:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Small loss chunks so the chunked (and checkpointed) loss path runs several chunks.
-    wrapped = CausalLMWithLoss(model, chunk_tokens=8, checkpoint=True)
-    optimizer = build_optimizer(wrapped, spec)
-    engine, *_ = deepspeed.initialize(model=wrapped, optimizer=optimizer, config=config,
-                                      mpu=deepspeed_mpu(groups))
+    built = production_build_engine(model, spec, groups, chunk_tokens=8, checkpoint=True)
     rows = problem["rows"][groups.dp_rank * gas:(groups.dp_rank + 1) * gas]
-    return engine, model, rows
+    return built.engine, model, rows
 
 
 def full_params(model) -> dict:

@@ -38,9 +38,10 @@ def test_cpu_has_no_mfu():
 
 
 def test_every_dashboard_metric_is_exported():
-    from prolong.k8s.dashboard import METRICS
-    from prolong.train.metrics import GAUGE_FIELDS, StepMetrics
+    from prolong.k8s.dashboard import dashboard
+    from prolong.train.metrics import METRICS, StepMetrics
 
     fields = set(StepMetrics.__dataclass_fields__)
-    assert {m.name for m in METRICS} == set(GAUGE_FIELDS)
-    assert set(GAUGE_FIELDS.values()) <= fields
+    assert {m.step_field for m in METRICS} <= fields
+    assert len({m.name for m in METRICS}) == len(METRICS)
+    assert [p["title"] for p in dashboard()["panels"]] == [m.title for m in METRICS]

@@ -17,9 +17,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from prolong.train.loop import FAULT_ENV
+from prolong.stage.directory import StageDir, read_metrics
+from prolong.train.faults import FAULT_ENV
 from prolong.train.runner import run_file
-from prolong.train.stage_dir import StageDir, read_metrics
 from tests.conftest import job_dict
 
 pytestmark = pytest.mark.slow
@@ -73,7 +73,7 @@ def test_sp2_stage_learns_and_completes(ray_cluster, prepared, tmp_path):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5, losses
     manifest = stage.read_manifest()
-    assert manifest["steps"] == 30 and manifest["versions"]["deepspeed"]
+    assert manifest.steps == 30 and manifest.versions["deepspeed"]
     assert (Path(stage.uri) / "checkpoint-000030").is_dir()
     assert {p.name for p in (Path(stage.uri) / "final").iterdir()} >= {
         "config.json", "model.safetensors", "tokenizer.json"}

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from prolong.train.stage_dir import COMPLETE, MetricsLog, StageDir, read_metrics
+from prolong.stage.directory import COMPLETE, Manifest, MetricsLog, StageDir, read_metrics
+from prolong.stage.identity import StageRef
 
 
 def test_manifest_then_complete(tmp_path):
@@ -14,9 +15,13 @@ def test_manifest_then_complete(tmp_path):
     assert not stage.is_complete()
     with pytest.raises(RuntimeError, match="manifest"):
         stage.mark_complete()
-    stage.write_manifest({"id": "abc", "final": stage.final_uri})
+    ref = StageRef("pipe", "stage1", "PretrainJob", "abc", (), str(tmp_path))
+    stage.write_manifest(Manifest.for_stage(ref, {"kind": "PretrainJob"}, final=stage.final_uri,
+                                            steps=3))
     stage.mark_complete()
-    assert stage.is_complete() and stage.read_manifest()["id"] == "abc"
+    manifest = stage.read_manifest()
+    assert stage.is_complete() and (manifest.id, manifest.steps) == ("abc", 3)
+    assert manifest.final == stage.final_uri and manifest.results is None
     assert json.loads((tmp_path / "pipe" / "stage1-abc" / COMPLETE).read_text())["completed_at"] > 0
     # no temporary files left behind
     assert sorted(p.name for p in (tmp_path / "pipe" / "stage1-abc").iterdir()) == [COMPLETE, "manifest.json"]

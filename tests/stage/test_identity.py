@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from prolong.pipeline import ID_LENGTH, pipeline_stages, stage_id, standalone_stage
 from prolong.specfile import dump_yaml, load
+from prolong.stage.identity import ID_LENGTH, StageRef, pipeline_stages, stage_id, standalone_stage
 from tests.conftest import JOBS
 
 
@@ -82,3 +82,43 @@ def test_directories_follow_the_layout():
     assert refs[1].upstream == (refs[0].id,)
     solo = standalone_stage(load(JOBS / "quickstart/stage1.yaml").document)
     assert solo.directory == f"./runs/quickstart-stage1/pretrain-{solo.id}"
+
+
+# The ids of every shipped spec, pinned: runs already on disk (runs/<pipeline>/<stage>-<id>/) must
+# keep resuming after a refactor. An intended change to what a stage computes changes these on
+# purpose; anything else that changes them is a bug.
+PINNED_PIPELINE_IDS = {
+    "prolong-8b/pipeline.yaml": {"stage1": "cab6a1d8", "stage2": "c44f61a3", "sft": "87e5502a",
+                                 "eval": "4fc0005d"},
+    "quickstart/pipeline.yaml": {"stage1": "a9bba5a4", "stage2": "8d69cc68", "sft": "1802c406",
+                                 "eval": "be11a791"},
+}
+PINNED_STANDALONE_IDS = {
+    "prolong-8b/stage1-64k.yaml": "cab6a1d8",
+    "prolong-8b/stage2-512k.yaml": "6c3d931d",
+    "prolong-8b/sft.yaml": "09b36482",
+    "prolong-8b/eval.yaml": "f018e944",
+    "quickstart/stage1.yaml": "a9bba5a4",
+    "quickstart/stage2.yaml": "0c9e421b",
+    "quickstart/sft.yaml": "476defd7",
+    "quickstart/eval.yaml": "e9f2a4a7",
+}
+
+
+def test_shipped_pipeline_ids_are_pinned():
+    for name, want in PINNED_PIPELINE_IDS.items():
+        loaded = load(JOBS / name)
+        assert {r.stage: r.id for r in pipeline_stages(loaded.document, loaded.jobs)} == want, name
+
+
+def test_shipped_job_ids_are_pinned():
+    for name, want in PINNED_STANDALONE_IDS.items():
+        assert standalone_stage(load(JOBS / name).document).id == want, name
+
+
+def test_stage_ref_has_one_json_form():
+    loaded = load(JOBS / "quickstart/pipeline.yaml")
+    for ref in pipeline_stages(loaded.document, loaded.jobs):
+        data = ref.to_json()
+        assert set(data) == {"pipeline", "stage", "kind", "id", "upstream", "storageRoot"}
+        assert StageRef.from_json(data) == ref

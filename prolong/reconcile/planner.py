@@ -1,191 +1,39 @@
-"""The stage graph: stage identities, output locations, run order. Pure functions, no I/O.
+"""The pipeline planner: what the operator does next. Observed state in, a plan out (no I/O).
 
-A stage's id is a short hash of its canonical spec, the ids of the stages it starts from, and its
-``rerun`` counter (part of the spec). The same id means the same run: resubmitting resumes it or,
-when complete, does nothing. Changing a spec changes the id of that stage and of every stage after
-it that starts from it; stages before it keep their ids and are reused.
+Policy, in one place:
+
+* Run order is the order of spec.stages: a stage starts when every earlier stage is Succeeded
+  (or Skipped); ``fromStage`` feeds the ids, not the order. One stage runs at a time.
+* A stage is Succeeded when a RayJob of its *current* id reached ``jobDeploymentStatus:
+  Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay also sets Complete when the Ray job failed),
+  when the previous status already said so for the same id, or (Skipped) when its directory
+  holds the COMPLETE marker.
+* A RayJob is run-once, so a retry is a new RayJob: attempt 1 is named like ``render_stage``
+  names it, attempt n > 1 gets ``-r<n>`` (see :func:`attempt_rayjob_name`). A stage gets
+  1 + maxStageRetries attempts; after the last one fails the pipeline is Failed. Attempts are
+  counted from the RayJobs themselves (label prolong.dev/attempt), never from the status, so a
+  restarted operator neither forgets nor repeats one.
+* A spec change (new generation) only changes ids: stages whose id is unchanged keep their
+  result, stages with a new id (the edited one and the ones starting from it) run again from
+  attempt 1. RayJobs of ids that are no longer current are deleted while they are still active
+  (they would burn GPU hours for a result nobody reads); finished ones are left as history
+  (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A spec edited
+  back to an earlier id finds its finished RayJob again and reuses it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
 
+from prolong.reconcile.observe import ObservedRayJob
+from prolong.reconcile.status import Condition, PipelineStatus, StageStatus
 from prolong.spec import Job, ProLongPipeline
+from prolong.stage.identity import StageRef, pipeline_stages
+from prolong.stage.names import attempt_rayjob_name, rayjob_name
 
-if TYPE_CHECKING:  # imported lazily at run time: prolong.k8s imports this module
-    from prolong.k8s.status import Condition, PipelineStatus, StageStatus
-
-ID_LENGTH = 8
-
-# Fields that decide where and how pods are scheduled, not what is computed. Changing them must not
-# re-run a finished 12K GPU-hour stage, so they stay out of the identity.
-SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
-    ("cluster", "image"),
-    ("cluster", "nodeSelector"),
-    ("cluster", "tolerations"),
-    ("cluster", "maxFailures"),
-    ("cluster", "kubernetes"),
-    ("checkpoint", "keep"),
-    ("storage", "volumeClaim"),
-)
-
-DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}
-
-
-@dataclass(frozen=True)
-class StageRef:
-    """Where a stage lives: its pipeline, name, id and output directory."""
-
-    pipeline: str
-    stage: str
-    kind: str
-    id: str
-    upstream: tuple[str, ...]
-    """Ids of the stages this one starts from."""
-    storage_root: str
-
-    @property
-    def directory(self) -> str:
-        """<storageRoot>/<pipeline>/<stage>-<id>"""
-        return f"{self.storage_root.rstrip('/')}/{self.pipeline}/{self.stage}-{self.id}"
-
-
-def identity_payload(job: Job) -> dict[str, Any]:
-    """The part of a job's spec that determines its result (defaults filled in)."""
-    spec = job.spec.model_dump(mode="json", by_alias=True)
-    for path in SCHEDULING_ONLY:
-        node = spec
-        for key in path[:-1]:
-            node = node.get(key, {})
-        node.pop(path[-1], None)
-    return {"kind": job.kind, "spec": spec}
-
-
-def stage_id(job: Job, upstream_ids: tuple[str, ...] = ()) -> str:
-    canonical = json.dumps({"job": identity_payload(job), "upstream": list(upstream_ids)},
-                           sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH]
-
-
-def pipeline_stages(pipeline: ProLongPipeline, jobs: dict[str, Job]) -> list[StageRef]:
-    """Every stage of a validated pipeline, in run order, with ids chained through fromStage."""
-    refs: dict[str, StageRef] = {}
-    for stage in pipeline.spec.stages:
-        job = jobs[stage.name]
-        src = job.spec.model.from_stage
-        upstream = (refs[src].id,) if src else ()
-        refs[stage.name] = StageRef(pipeline.metadata.name, stage.name, job.kind,
-                                    stage_id(job, upstream), upstream, job.spec.storage.root)
-    return list(refs.values())
-
-
-def standalone_stage(job: Job) -> StageRef:
-    """A job run on its own: pipeline = its name, stage = its kind's default name. A fromStage in a
-    standalone file is unresolved here, so it enters the id by name."""
-    src = job.spec.model.from_stage
-    upstream = (f"unresolved:{src}",) if src else ()
-    return StageRef(job.metadata.name, DEFAULT_STAGE_NAME[job.kind], job.kind,
-                    stage_id(job, upstream), upstream, job.spec.storage.root)
-
-
-# --------------------------------------------------------------------------------------------
-# What the operator does next: observed state in, a plan out (no I/O)
-# --------------------------------------------------------------------------------------------
-#
-# Policy, in one place:
-#
-# * Run order is the order of spec.stages: a stage starts when every earlier stage is Succeeded
-#   (or Skipped); ``fromStage`` feeds the ids, not the order. One stage runs at a time.
-# * A stage is Succeeded when a RayJob of its *current* id reached ``jobDeploymentStatus:
-#   Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay also sets Complete when the Ray job failed),
-#   when the previous status already said so for the same id, or (Skipped) when its directory
-#   holds the COMPLETE marker.
-# * A RayJob is run-once, so a retry is a new RayJob: attempt 1 is named like ``render_stage``
-#   names it, attempt n > 1 gets ``-r<n>`` (see :func:`attempt_rayjob_name`). A stage gets
-#   1 + maxStageRetries attempts; after the last one fails the pipeline is Failed. Attempts are
-#   counted from the RayJobs themselves (label prolong.dev/attempt), never from the status, so a
-#   restarted operator neither forgets nor repeats one.
-# * A spec change (new generation) only changes ids: stages whose id is unchanged keep their
-#   result, stages with a new id (the edited one and the ones starting from it) run again from
-#   attempt 1. RayJobs of ids that are no longer current are deleted while they are still active
-#   (they would burn GPU hours for a result nobody reads); finished ones are left as history
-#   (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A spec edited
-#   back to an earlier id finds its finished RayJob again and reuses it.
-
-RAYJOB_NAME_MAX = 47
-"""KubeRay's limit on RayJob names (the same as prolong.k8s.rayjob.RAYJOB_NAME_MAX)."""
-
-RayJobOutcome = Literal["submitted", "running", "succeeded", "failed"]
-
-_FAILED_JOB_STATUSES = ("FAILED", "STOPPED")
-_FAILED_DEPLOYMENT_STATUSES = ("Failed", "ValidationFailed")
 _DONE_PHASES = ("Succeeded", "Skipped")
-
-
-@dataclass(frozen=True)
-class ObservedRayJob:
-    """One RayJob owned by the pipeline, as read from the cluster."""
-
-    name: str
-    stage: str
-    """Label prolong.dev/stage."""
-    stage_id: str
-    """Label prolong.dev/stage-id."""
-    attempt: int = 1
-    """Label prolong.dev/attempt (1 when absent)."""
-    deployment_status: str | None = None
-    """status.jobDeploymentStatus (KubeRay's view of the RayJob)."""
-    job_status: str | None = None
-    """status.jobStatus (the Ray job's own status)."""
-    message: str | None = None
-    dashboard_url: str | None = None
-    start_time: datetime | None = None
-    end_time: datetime | None = None
-
-    @property
-    def outcome(self) -> RayJobOutcome:
-        return rayjob_outcome(self.deployment_status, self.job_status)
-
-    @property
-    def active(self) -> bool:
-        return self.outcome in ("submitted", "running")
-
-
-def rayjob_outcome(deployment_status: str | None, job_status: str | None) -> RayJobOutcome:
-    """Classify a RayJob's status. Success needs both Complete and SUCCEEDED; a RayJob that
-    KubeRay is retrying itself (backoffLimit > 0) is still running."""
-    if deployment_status == "Complete" and job_status == "SUCCEEDED":
-        return "succeeded"
-    if deployment_status in _FAILED_DEPLOYMENT_STATUSES or deployment_status == "Complete":
-        return "failed"  # Complete without SUCCEEDED: the Ray job failed or was stopped
-    if job_status in _FAILED_JOB_STATUSES and deployment_status != "Retrying":
-        return "failed"
-    if deployment_status == "Running" or job_status == "RUNNING":
-        return "running"
-    return "submitted"
-
-
-def attempt_rayjob_name(first: str, attempt: int) -> str:
-    """Name of a stage's ``attempt``-th RayJob, given the first attempt's name
-    (``<job>-<stage id>``): the first itself, then ``<first>-r<attempt>``, cut to 47 characters
-    when needed (keeping the stage id and a short hash of the full name, so that distinct names
-    stay distinct)."""
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
-    if attempt == 1:
-        return first
-    suffix = f"-r{attempt}"
-    if len(first) + len(suffix) <= RAYJOB_NAME_MAX:
-        return first + suffix
-    head, _, sid = first.rpartition("-")
-    digest = hashlib.sha256(first.encode()).hexdigest()[:4]
-    keep = RAYJOB_NAME_MAX - len(suffix) - len(sid) - len(digest) - 2
-    return f"{head[:keep].rstrip('-')}-{digest}-{sid}{suffix}"
 
 
 @dataclass(frozen=True)
@@ -218,9 +66,6 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     (:attr:`StageRef.directory`) that hold the COMPLETE marker. ``previous``: the status last
     written (None for a new pipeline). ``generation``: metadata.generation of the spec.
     """
-    from prolong.k8s.rayjob import rayjob_name
-    from prolong.k8s.status import PipelineStatus, StageStatus
-
     refs = pipeline_stages(pipeline, jobs)
     max_attempts = 1 + pipeline.spec.max_stage_retries
     current = {(r.stage, r.id) for r in refs}
@@ -281,7 +126,6 @@ def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: da
                         generation: int | None = None) -> PipelineStatus:
     """The status of a pipeline whose spec cannot be used: the last known stages, unchanged
     (nothing is created or deleted), with SpecValid=False and the one-line reason."""
-    from prolong.k8s.status import Condition, PipelineStatus
 
     base = previous.model_copy(deep=True) if previous is not None else PipelineStatus()
     base.observed_generation = generation
@@ -295,7 +139,6 @@ def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: da
 def _stage_status(ref: StageRef, mine: list[ObservedRayJob], prev: StageStatus | None,
                   complete: Collection[str], now: datetime) -> StageStatus | None:
     """The status of a stage that is done (or None when it is not)."""
-    from prolong.k8s.status import StageStatus
 
     won = next((rj for rj in mine if rj.outcome == "succeeded"), None)
     if won is not None:
@@ -316,7 +159,6 @@ def _run_status(ref: StageRef, rj: ObservedRayJob, prev: StageStatus | None, now
                 phase: str, message: str | None, attempts: int | None = None) -> StageStatus:
     """A stage's status from one of its RayJobs; times observed win, else the previous status's
     for the same RayJob (so that a repeated reconcile writes the same status), else now."""
-    from prolong.k8s.status import StageStatus
 
     same = prev if prev is not None and prev.ray_job == rj.name else None
     done = phase in ("Succeeded", "Failed")
@@ -355,7 +197,6 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str
 
 def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
                 now: datetime, generation: int | None) -> list[Condition]:
-    from prolong.k8s.status import Condition
 
     n = len(status.stages)
     if status.phase == "Succeeded":

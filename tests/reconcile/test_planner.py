@@ -1,4 +1,4 @@
-"""The operator's planner (prolong.pipeline.plan_pipeline): observed state in, plan out."""
+"""The operator's planner (prolong.reconcile.planner.plan_pipeline): observed state in, plan out."""
 
 from __future__ import annotations
 
@@ -7,18 +7,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import yaml
 
-from prolong.k8s.rayjob import DNS_1035, RAYJOB_NAME_MAX, rayjob_name, render_stage
-from prolong.k8s.status import PipelineStatus
-from prolong.pipeline import (
-    ObservedRayJob,
-    Plan,
-    attempt_rayjob_name,
-    invalid_spec_status,
-    pipeline_stages,
-    plan_pipeline,
-    rayjob_outcome,
-)
+from prolong.k8s.rayjob import render_stage
+from prolong.reconcile.observe import ObservedRayJob, rayjob_outcome
+from prolong.reconcile.planner import Plan, invalid_spec_status, plan_pipeline
+from prolong.reconcile.status import PipelineStatus
 from prolong.specfile import Loaded, dump_yaml, load
+from prolong.stage.identity import pipeline_stages
+from prolong.stage.names import DNS_1035, RAYJOB_NAME_MAX, attempt_rayjob_name, rayjob_name
 from tests.conftest import JOBS
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)

@@ -1,0 +1,91 @@
+"""A RayJob as the planner sees it: its stage, attempt and KubeRay's two statuses.
+
+:func:`observe_rayjob` is the one reading of a RayJob object (the operator and ``prolongctl
+status/submit --wait`` both use it); :func:`rayjob_outcome` decides success: ``jobDeploymentStatus:
+Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay also sets Complete when the Ray job failed).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from prolong.stage.names import ATTEMPT_LABEL, STAGE_ID_LABEL, STAGE_LABEL
+
+RayJobOutcome = Literal["submitted", "running", "succeeded", "failed"]
+
+_FAILED_JOB_STATUSES = ("FAILED", "STOPPED")
+_FAILED_DEPLOYMENT_STATUSES = ("Failed", "ValidationFailed")
+
+
+@dataclass(frozen=True)
+class ObservedRayJob:
+    """One RayJob owned by the pipeline, as read from the cluster."""
+
+    name: str
+    stage: str
+    """Label prolong.dev/stage."""
+    stage_id: str
+    """Label prolong.dev/stage-id."""
+    attempt: int = 1
+    """Label prolong.dev/attempt (1 when absent)."""
+    deployment_status: str | None = None
+    """status.jobDeploymentStatus (KubeRay's view of the RayJob)."""
+    job_status: str | None = None
+    """status.jobStatus (the Ray job's own status)."""
+    message: str | None = None
+    dashboard_url: str | None = None
+    start_time: datetime.datetime | None = None
+    end_time: datetime.datetime | None = None
+
+    @property
+    def outcome(self) -> RayJobOutcome:
+        return rayjob_outcome(self.deployment_status, self.job_status)
+
+    @property
+    def active(self) -> bool:
+        return self.outcome in ("submitted", "running")
+
+
+def rayjob_outcome(deployment_status: str | None, job_status: str | None) -> RayJobOutcome:
+    """Classify a RayJob's status. Success needs both Complete and SUCCEEDED; a RayJob that
+    KubeRay is retrying itself (backoffLimit > 0) is still running."""
+    if deployment_status == "Complete" and job_status == "SUCCEEDED":
+        return "succeeded"
+    if deployment_status in _FAILED_DEPLOYMENT_STATUSES or deployment_status == "Complete":
+        return "failed"  # Complete without SUCCEEDED: the Ray job failed or was stopped
+    if job_status in _FAILED_JOB_STATUSES and deployment_status != "Retrying":
+        return "failed"
+    if deployment_status == "Running" or job_status == "RUNNING":
+        return "running"
+    return "submitted"
+
+
+def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
+    """A RayJob read back from the cluster, as the pipeline planner sees it."""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = obj.get("status") or {}
+    try:
+        attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
+    except ValueError:
+        attempt = 1
+    return ObservedRayJob(
+        name=meta.get("name", ""), stage=labels.get(STAGE_LABEL, ""),
+        stage_id=labels.get(STAGE_ID_LABEL, ""), attempt=attempt,
+        deployment_status=status.get("jobDeploymentStatus") or None,
+        job_status=status.get("jobStatus") or None,
+        message=status.get("message") or status.get("reason") or None,
+        dashboard_url=status.get("dashboardURL") or None,
+        start_time=_k8s_time(status.get("startTime") or meta.get("creationTimestamp")),
+        end_time=_k8s_time(status.get("endTime")))
+
+
+def _k8s_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:  # Python 3.10's fromisoformat does not read the "Z" Kubernetes writes
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None

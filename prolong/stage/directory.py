@@ -1,0 +1,228 @@
+"""The stage directory: ``<storageRoot>/<pipeline>/<stage>-<id>/``.
+
+Holds ``manifest.json`` (spec, id, upstream ids, versions, final checkpoint path, summary metrics),
+``metrics.jsonl`` (one JSON object per step), Ray Train's checkpoints, ``final/`` (HF weights and
+tokenizer) and, written last, the marker ``COMPLETE``. A stage is complete exactly when the marker
+exists: everything it vouches for was written before it, so a crash at any point leaves either a
+complete stage or one that the next submission resumes.
+
+Paths may be local (relative paths are made absolute) or object-store URIs (``s3://``, ``gs://``);
+``pyarrow.fs`` handles both, so workers on a cluster, the runner and the operator read the same
+layout. :class:`Manifest` is the one typed form of ``manifest.json`` for training and eval stages
+alike: :meth:`StageDir.write_manifest` is its only writer, :meth:`StageDir.read_manifest` its only
+reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
+
+from prolong.stage.identity import StageRef
+
+MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+FINAL = "final"
+COMPLETE = "COMPLETE"
+"""The commit point of a stage, written last."""
+
+
+def is_object_store(uri: str) -> bool:
+    return "://" in uri
+
+
+def absolute(uri: str) -> str:
+    """Workers and pods run in another directory: local paths travel absolute, URIs as given."""
+    return uri if is_object_store(uri) else str(Path(uri).resolve())
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A filesystem and a path in it; local relative paths are made absolute."""
+    return pafs.FileSystem.from_uri(absolute(uri))
+
+
+def local_copy(uri: str) -> str:
+    """A local directory holding ``uri``: itself when local, else a downloaded copy (a model's
+    weights or a checkpoint on an object store, for libraries that read only local files)."""
+    if not is_object_store(uri):
+        return uri
+    fs, path = resolve(uri)
+    local = tempfile.mkdtemp(prefix="prolong-download-")
+    pafs.copy_files(path, local, source_filesystem=fs)
+    return local
+
+
+def publish_directory(local_dir: str, uri: str) -> None:
+    """Copy a finished local directory to ``uri`` so that readers never see half of it: locally
+    through ``<uri>.partial`` and a rename; object stores have no rename, so there the stage's
+    COMPLETE marker (written after this) is the commit point."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        partial = Path(path + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(local_dir, partial)
+        partial.chmod(0o755)  # mkdtemp's 0700 would hide the contents from other users
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(partial, path)
+    else:
+        pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+class Manifest(BaseModel):
+    """``manifest.json``: what a finished stage vouches for. Training stages fill ``final``,
+    ``final_checkpoint``, ``steps`` and ``tokens``; eval stages ``model``, ``results`` and
+    ``samples``. Keys are snake_case, as every manifest written so far has them."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    pipeline: str
+    stage: str
+    id: str
+    kind: str
+    upstream: list[str] = Field(default_factory=list)
+    """Ids of the stages this one started from."""
+    spec: dict[str, Any]
+    """The resolved job (by alias, JSON)."""
+    summary: dict[str, Any] = Field(default_factory=dict)
+    """Headline figures: first/last loss and tokens/s for training, scores for eval."""
+    versions: dict[str, Any] = Field(default_factory=dict)
+    """Library versions that ran (prolong.versions)."""
+    final: str | None = None
+    """URI of final/ (HF weights and tokenizer)."""
+    final_checkpoint: str | None = None
+    """URI of the last DeepSpeed checkpoint (what weightsAndOptimizer loads)."""
+    steps: int | None = None
+    tokens: int | None = None
+    model: str | None = None
+    """The weights an eval stage evaluated."""
+    results: str | None = None
+    """URI of an eval stage's results.json."""
+    samples: int | None = None
+    """Samples an eval stage scored."""
+
+    @classmethod
+    def for_stage(cls, ref: StageRef, spec: dict[str, Any], **fields: Any) -> Manifest:
+        return cls(pipeline=ref.pipeline, stage=ref.stage, id=ref.id, kind=ref.kind,
+                   upstream=list(ref.upstream), spec=spec, **fields)
+
+
+class StageDir:
+    """Reads and writes one stage's directory."""
+
+    def __init__(self, uri: str):
+        self.uri = absolute(uri)
+        self.fs, self.path = resolve(self.uri)
+
+    @classmethod
+    def for_stage(cls, ref: StageRef) -> StageDir:
+        return cls(ref.directory)
+
+    def _p(self, name: str) -> str:
+        return f"{self.path.rstrip('/')}/{name}"
+
+    def uri_of(self, name: str) -> str:
+        return f"{self.uri.rstrip('/')}/{name}"
+
+    @property
+    def final_uri(self) -> str:
+        return self.uri_of(FINAL)
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
+
+    def is_complete(self) -> bool:
+        return self.exists(COMPLETE)
+
+    def ensure(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write through a temporary name and a move, so readers never see half a file."""
+        self.ensure()
+        tmp = self._p(f".{name}.{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, self._p(name))
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_bytes(name, json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self._p(name)) as src:
+            return src.read()
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name).decode())
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        self.write_json(MANIFEST, manifest.model_dump(mode="json", exclude_none=True))
+
+    def read_manifest(self) -> Manifest:
+        return Manifest.model_validate(self.read_json(MANIFEST))
+
+    def mark_complete(self) -> None:
+        """The commit point of a stage: call only after manifest and final/ are written."""
+        if not self.exists(MANIFEST):
+            raise RuntimeError(f"{self.uri}: cannot mark complete before manifest.json exists")
+        self.write_json(COMPLETE, {"completed_at": time.time()})
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``. Local files are appended and flushed per line; object stores
+    cannot append, so there the whole log is rewritten through a temporary name every ``every``
+    lines and at close."""
+
+    def __init__(self, stage: StageDir, *, every: int = 20):
+        self.stage = stage
+        self.local = isinstance(stage.fs, pafs.LocalFileSystem)
+        self.every = every
+        self._lines: list[str] = []
+        stage.ensure()
+        self._file = open(os.path.join(stage.path, METRICS), "a") if self.local else None  # noqa: SIM115
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=True, default=float)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+            return
+        self._lines.append(line)
+        if len(self._lines) % self.every == 0:
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        old = self.stage.read_bytes(METRICS) if self.stage.exists(METRICS) else b""
+        self.stage.write_bytes(METRICS, old + ("\n".join(self._lines) + "\n").encode())
+        self._lines.clear()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        elif self._lines:
+            self._rewrite()
+
+
+def read_metrics(stage: StageDir) -> list[dict[str, Any]]:
+    if not stage.exists(METRICS):
+        return []
+    return [json.loads(line) for line in stage.read_bytes(METRICS).decode().splitlines()
+            if line.strip()]
+
+
+def stage_complete(directory: str) -> bool:
+    """Whether a stage directory (local or object store) holds its COMPLETE marker; False when
+    the storage cannot be read from here (the stage is then submitted, and the engine itself
+    finds its output complete)."""
+    try:
+        return StageDir(directory).is_complete()
+    except (OSError, ValueError):  # pyarrow raises both for unreachable or unknown filesystems
+        return False
