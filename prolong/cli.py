@@ -6,7 +6,9 @@ Set PROLONG_DEBUG=1 to see tracebacks of unexpected failures.
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +22,10 @@ from prolong import plan as planning
 from prolong.cli_errors import EXIT_BAD_INPUT, EXIT_FAILED, err, user_errors
 from prolong.data.cli import data_app
 from prolong.eval.cli import eval_app
+from prolong.k8s import dump_all
+from prolong.k8s import render as render_objects
+from prolong.k8s.backend import ClusterError, UnknownName, resolve_name
+from prolong.k8s.submit import open_backend
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
@@ -130,8 +136,6 @@ def render(
 
       prolongctl render jobs/prolong-8b/pipeline.yaml | kubectl apply -f -
     """
-    from prolong.k8s import dump_all
-    from prolong.k8s import render as render_objects
 
     with user_errors():
         loaded = load(file)
@@ -160,6 +164,7 @@ def run(
 
       prolongctl run /etc/prolong/job.yaml --ray-address auto
     """
+    # The engine loads torch, transformers and the data pipeline: only `run` pays for them.
     from prolong.train.runner import RunError, run_file
 
     with user_errors():
@@ -170,7 +175,7 @@ def run(
             raise typer.Exit(EXIT_FAILED) from None
 
 
-# -- submit / status / logs / delete (prolong.k8s.submit does the work) -------------------------
+# -- submit / status / logs / delete (a prolong.k8s.backend.Backend does the work) ---------------
 
 NAME_ARG = typer.Argument(..., show_default=False,
                           help="A pipeline name, a RayJob name (Ray: a submission id), a job name, "
@@ -188,8 +193,6 @@ RAY_TOKEN_OPT = typer.Option(None, "--ray-token", envvar="RAY_AUTH_TOKEN", show_
 @contextmanager
 def cluster_errors() -> Iterator[None]:
     """Unknown names exit 2, cluster failures exit 1; one line each."""
-    from prolong.k8s.submit import ClusterError, UnknownName
-
     with user_errors():
         try:
             yield
@@ -199,14 +202,6 @@ def cluster_errors() -> Iterator[None]:
         except ClusterError as exc:
             err.print(str(exc), markup=False)
             raise typer.Exit(EXIT_FAILED) from None
-
-
-def _backend(namespace: str | None, ray_address: str | None, ray_token: str | None):
-    from prolong.k8s import submit as sub
-
-    if ray_address:
-        return sub.RayJobs(ray_address, sub.ray_token(ray_token))
-    return sub.Kube(sub.kube_client(), namespace or sub.default_namespace())
 
 
 @app.command()
@@ -237,19 +232,11 @@ def submit(
 
       prolongctl submit jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265 --wait
     """
-    from prolong.k8s import submit as sub
-
     with cluster_errors():
         loaded = load(file)
-        backend = _backend(namespace, ray_address, ray_token)
-        if isinstance(backend, sub.RayJobs):
-            done = sub.submit_ray(loaded, backend, err, dry_run=dry_run)
-            ok = dry_run or not wait or sub.wait_ray(backend, done.name, err, interval=interval,
-                                                      timeout=timeout)
-        else:
-            done = sub.submit_k8s(loaded, backend, err, dry_run=dry_run, yaml_out=out)
-            ok = dry_run or not wait or sub.wait_k8s(backend, done, err, interval=interval,
-                                                      timeout=timeout)
+        backend = open_backend(namespace, ray_address, ray_token)
+        done = backend.submit(loaded, err, dry_run=dry_run, yaml_out=out)
+        ok = dry_run or not wait or backend.wait(done, err, interval=interval, timeout=timeout)
     if not ok:
         raise typer.Exit(EXIT_FAILED)
 
@@ -266,15 +253,9 @@ def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
 
       prolongctl status jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265
     """
-    from prolong.k8s import submit as sub
-
     with cluster_errors():
-        backend = _backend(namespace, ray_address, ray_token)
-        target = sub.resolve_name(name)
-        if isinstance(backend, sub.RayJobs):
-            sub.status_ray(backend, target, out)
-        else:
-            sub.status_k8s(backend, target, out)
+        backend = open_backend(namespace, ray_address, ray_token)
+        backend.status(resolve_name(name), out)
 
 
 @app.command()
@@ -291,15 +272,9 @@ def logs(name: str = NAME_ARG, follow: bool = typer.Option(False, "--follow", "-
 
       prolongctl logs quickstart-stage1-0123abcd --ray-address http://127.0.0.1:8265
     """
-    from prolong.k8s import submit as sub
-
     with cluster_errors():
-        backend = _backend(namespace, ray_address, ray_token)
-        target = sub.resolve_name(name)
-        if isinstance(backend, sub.RayJobs):
-            sub.logs_ray(backend, target, sys.stdout, follow_logs=follow)
-        else:
-            sub.logs_k8s(backend, target, sys.stdout, follow_logs=follow)
+        backend = open_backend(namespace, ray_address, ray_token)
+        backend.logs(resolve_name(name), sys.stdout, follow=follow)
 
 
 @app.command()
@@ -314,15 +289,9 @@ def delete(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
 
       prolongctl delete prolong-8b
     """
-    from prolong.k8s import submit as sub
-
     with cluster_errors():
-        backend = _backend(namespace, ray_address, ray_token)
-        target = sub.resolve_name(name)
-        if isinstance(backend, sub.RayJobs):
-            sub.delete_ray(backend, target, err)
-        else:
-            sub.delete_k8s(backend, target, err)
+        backend = open_backend(namespace, ray_address, ray_token)
+        backend.delete(resolve_name(name), err)
 
 
 def _stages(loaded: Loaded) -> list[tuple]:
@@ -393,6 +362,44 @@ def _print_stage(p: planning.StagePlan) -> None:
         out.print(f"  GPU-hours {p.gpu_hours:,.0f} (about {wall:,.1f} h on {p.gpus} GPUs)")
     for note in p.notes:
         out.print(f"  [dim]note: {note}[/dim]")
+
+
+# -- help text ---------------------------------------------------------------------------------
+
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def reflow(text: str) -> str:
+    """Help text with each prose paragraph on one line, for the terminal to wrap.
+
+    Typer's rich markup mode prints a docstring's line breaks as they are (but for the first
+    paragraph of a command's own --help), so a docstring wrapped at 100 columns would show its
+    breaks. A paragraph with an indented or bulleted line (examples, lists) or marked ``\\b``
+    (click's "keep as is") stays as written.
+    """
+    paragraphs = _PARAGRAPH_BREAK.split(inspect.cleandoc(text))
+    return "\n\n".join(p if _literal(p) else " ".join(line.strip() for line in p.splitlines())
+                       for p in paragraphs)
+
+
+def _literal(paragraph: str) -> bool:
+    return paragraph.startswith("\b") or any(
+        line[:1].isspace() or line.startswith(("- ", "* ")) for line in paragraph.splitlines())
+
+
+def reflow_help(typer_app: typer.Typer) -> None:
+    """:func:`reflow` the help of every command of ``typer_app`` and of its sub-apps (before
+    Typer builds the click commands, which it does on each call of the app)."""
+    for info in typer_app.registered_commands:
+        text = info.help if info.help is not None else inspect.getdoc(info.callback)
+        if text:
+            info.help = reflow(text)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            reflow_help(group.typer_instance)
+
+
+reflow_help(app)
 
 
 def main() -> None:

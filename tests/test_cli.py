@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from prolong.cli import app
+from prolong.cli import app, plan, reflow
 from tests.conftest import JOBS, REPO, job_dict
 
 runner = CliRunner()
@@ -111,6 +112,30 @@ def test_plan_of_invalid_file_exits_2(write_spec):
 def test_help_has_examples(command):
     result = run(command, "--help")
     assert result.exit_code == 0 and "Examples" in result.output
+
+
+def test_help_reflows_docstring_paragraphs():
+    """A docstring wrapped at 100 columns reads as one paragraph on a wide terminal; the
+    examples keep their own lines."""
+    source = inspect.getdoc(plan).splitlines()
+    assert source[1] and not source[1][0].isspace()  # the first paragraph spans two lines
+    spanning = " ".join(source[0].split()[-2:] + source[1].split()[:2])  # "rows per step, FLOPs"
+    for args in (["plan", "--help"], ["--help"]):  # the command's help, the list of commands
+        result = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        assert any(spanning in line for line in result.output.splitlines()), result.output
+    lines = [line.strip() for line in runner.invoke(app, ["plan", "--help"],
+                                                    env={"COLUMNS": "200"}).output.splitlines()]
+    assert "Examples" in lines and "prolongctl plan jobs/prolong-8b/pipeline.yaml" in lines
+
+
+def test_reflow_keeps_examples_lists_and_verbatim_paragraphs():
+    text = ("One sentence\n    over two lines.\n\n    [bold]Examples[/bold]\n\n"
+            "      prolongctl plan a.yaml\n      prolongctl plan b.yaml\n\n"
+            "    - a list\n    - of two\n\n    \b\n    kept\n    as is\n")
+    assert reflow(text) == ("One sentence over two lines.\n\n[bold]Examples[/bold]\n\n"
+                            "  prolongctl plan a.yaml\n  prolongctl plan b.yaml\n\n"
+                            "- a list\n- of two\n\n\b\nkept\nas is")
 
 
 def test_console_script_exit_codes(tmp_path):

@@ -27,7 +27,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prolong.cli import app
-from prolong.k8s.submit import normalise_address, ray_submission_id, ray_token
+from prolong.k8s.ray_backend import normalise_address, ray_submission_id, ray_token
 from prolong.specfile import load
 from prolong.stage.directory import StageDir
 from tests.conftest import JOBS, job_dict
@@ -196,3 +196,9 @@ def test_submission_ids_are_deterministic() -> None:
 def test_unreachable_ray_exits_1_with_one_line() -> None:
     result = invoke("status", "x", "--ray-address", f"http://127.0.0.1:{_free_port()}")
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
+
+
+def test_no_kubernetes_config_exits_1_with_one_line(tmp_path: Path) -> None:
+    result = invoke("status", "x", KUBECONFIG=str(tmp_path / "missing"))
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("no Kubernetes cluster configured")

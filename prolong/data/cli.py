@@ -42,6 +42,8 @@ def prepare(
       prolongctl data prepare jobs/quickstart/pipeline.yaml
       prolongctl data prepare jobs/prolong-8b/pipeline.yaml --workers 16 --no-progress
     """
+    # Imported when the command runs: prolongctl loads every sub-app at start-up, and preparing
+    # pulls in tokenizers and the source readers.
     from prolong.data.prepare import prepare_file
 
     with user_errors():

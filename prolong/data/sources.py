@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from prolong.data import mds
 from prolong.data.errors import DataError
 from prolong.spec import DataStream
 
@@ -371,8 +372,6 @@ def _repo_dir(stream: DataStream, conv: bool) -> Iterator[Document]:
 
 
 def _mds(stream: DataStream, conv: bool) -> Iterator[Document]:
-    from prolong.data import mds
-
     if not Path(stream.path).exists():
         raise DataError("path does not exist", path=stream.path)
     for doc_id, ids, _domain in mds.iter_documents(stream.path):

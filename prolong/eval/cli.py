@@ -36,6 +36,8 @@ def report(
       prolongctl eval report runs/quickstart/eval-*/
       prolongctl eval report runs/a/eval-1234abcd runs/b/eval-5678ef90 --out reports/
     """
+    # Imported when the command runs: the report module loads matplotlib, which every other
+    # prolongctl command would pay for at start-up.
     from prolong.eval.report import comparison_markdown, comparison_png, comparison_rows, load_run
 
     console = Console(highlight=False, soft_wrap=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from prolong.eval import loaders, synthetic
 from prolong.eval.generate import Answerer, stop_at_newline
 from prolong.eval.metrics import score_output
 from prolong.eval.samples import PromptFormat, Sample, TooShort
@@ -60,8 +61,6 @@ class SampleBuilder:
         self.haystack = haystack
 
     def build(self, item: WorkItem) -> Sample | None:
-        from prolong.eval import loaders, synthetic
-
         info = HELMET_TASKS[item.task]
         if info.synthetic:
             return synthetic.generate(item.task, self.fmt, item.length, item.index, self.seed,

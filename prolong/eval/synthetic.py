@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from prolong.data.corpus import corpus_file
 from prolong.eval.samples import PromptFormat, Sample, fit
 from prolong.eval.tasks import HELMET_TASKS
 
@@ -256,8 +257,6 @@ def insert_at_sentences(text: str, needles: list[str], depths: list[float]) -> s
 
 @functools.lru_cache(maxsize=4)
 def _books_text(cache_dir: str) -> str:
-    from prolong.data.corpus import corpus_file
-
     docs = [json.loads(line)["text"] for line in
             corpus_file("books", cache_dir).read_text(encoding="utf-8").splitlines() if line]
     return "\n\n".join(d.strip() for d in docs)

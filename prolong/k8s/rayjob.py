@@ -26,7 +26,6 @@ from typing import Any
 import yaml
 
 from prolong.spec import API_VERSION, ClusterSpec, Job, ProLongPipeline, StorageSpec
-from prolong.stage.directory import is_object_store
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 from prolong.stage.names import (
     DIRECTORY_ANNOTATION,
@@ -41,6 +40,7 @@ from prolong.stage.names import (
     rayjob_name,
 )
 from prolong.stage.payload import JOB_FILE, STAGE_FILE, stage_file_text
+from prolong.stage.uri import is_object_store
 
 
 def _package_version() -> str:

@@ -7,6 +7,7 @@ when it is done lives here:
 - :mod:`.identity` -- :class:`~.identity.StageRef`, :func:`~.identity.stage_id` (a hash of the
   spec, the upstream ids and ``rerun``), the scheduling-only fields, pipeline / standalone stages;
 - :mod:`.names` -- job, RayJob, ConfigMap and retry names, the DNS-1035 rule, our labels;
+- :mod:`.uri` -- local path or object-store URI (pure string rules);
 - :mod:`.directory` -- ``<storageRoot>/<pipeline>/<stage>-<id>/`` on local paths and object
   stores: :class:`~.directory.StageDir`, the typed :class:`~.directory.Manifest`, ``metrics.jsonl``
   and the ``COMPLETE`` marker;

@@ -28,21 +28,13 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel, ConfigDict, Field
 
 from prolong.stage.identity import StageRef
+from prolong.stage.uri import absolute, is_object_store
 
 MANIFEST = "manifest.json"
-METRICS = "metrics.jsonl"
+METRICS_LOG = "metrics.jsonl"
 FINAL = "final"
 COMPLETE = "COMPLETE"
 """The commit point of a stage, written last."""
-
-
-def is_object_store(uri: str) -> bool:
-    return "://" in uri
-
-
-def absolute(uri: str) -> str:
-    """Workers and pods run in another directory: local paths travel absolute, URIs as given."""
-    return uri if is_object_store(uri) else str(Path(uri).resolve())
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -187,7 +179,7 @@ class MetricsLog:
         self.every = every
         self._lines: list[str] = []
         stage.ensure()
-        self._file = open(os.path.join(stage.path, METRICS), "a") if self.local else None  # noqa: SIM115
+        self._file = open(os.path.join(stage.path, METRICS_LOG), "a") if self.local else None  # noqa: SIM115
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, default=float)
@@ -200,8 +192,8 @@ class MetricsLog:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        old = self.stage.read_bytes(METRICS) if self.stage.exists(METRICS) else b""
-        self.stage.write_bytes(METRICS, old + ("\n".join(self._lines) + "\n").encode())
+        old = self.stage.read_bytes(METRICS_LOG) if self.stage.exists(METRICS_LOG) else b""
+        self.stage.write_bytes(METRICS_LOG, old + ("\n".join(self._lines) + "\n").encode())
         self._lines.clear()
 
     def close(self) -> None:
@@ -212,9 +204,9 @@ class MetricsLog:
 
 
 def read_metrics(stage: StageDir) -> list[dict[str, Any]]:
-    if not stage.exists(METRICS):
+    if not stage.exists(METRICS_LOG):
         return []
-    return [json.loads(line) for line in stage.read_bytes(METRICS).decode().splitlines()
+    return [json.loads(line) for line in stage.read_bytes(METRICS_LOG).decode().splitlines()
             if line.strip()]
 
 

@@ -26,9 +26,10 @@ from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.job import run_eval_stage
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
-from prolong.stage.directory import StageDir, absolute, read_metrics
+from prolong.stage.directory import StageDir, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
+from prolong.stage.uri import absolute
 from prolong.train.entry import build_trainer
 from prolong.versions import summary as versions_summary
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from prolong.k8s.crd import crd_yaml
-from prolong.k8s.dashboard import METRICS
+from prolong.train.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts"

@@ -12,10 +12,11 @@ import yaml
 
 from prolong.k8s import render
 from prolong.k8s.crd import CRD_PATH, crd, crd_yaml
-from prolong.k8s.dashboard import DASHBOARD_PATH, METRICS, dashboard_json
+from prolong.k8s.dashboard import DASHBOARD_PATH, dashboard_json
 from prolong.reconcile.status import PipelineStatus, StageStatus
 from prolong.specfile import load
 from prolong.stage.identity import pipeline_stages
+from prolong.train.metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[2]
 PIPELINES = [REPO / "jobs" / "prolong-8b" / "pipeline.yaml", REPO / "jobs" / "quickstart" / "pipeline.yaml"]

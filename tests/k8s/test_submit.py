@@ -17,10 +17,14 @@ import kmock
 import pytest
 import pytest_asyncio
 import yaml
+from rich.console import Console
 from typer.testing import CliRunner
 
 from prolong.cli import app
+from prolong.k8s.backend import UnknownName
+from prolong.k8s.kube_backend import KubeBackend
 from prolong.k8s.rayjob import pipeline_resource, render_standalone
+from prolong.k8s.submit import open_backend
 from prolong.specfile import dump_yaml, load
 from prolong.stage.identity import pipeline_stages
 from tests.conftest import JOBS, job_dict, use_kmock_kubeconfig
@@ -248,3 +252,12 @@ async def test_delete_refuses_an_operator_rayjob(api: Api) -> None:
     result = await cli("delete", "qs-stage1-abc")
     assert result.exit_code == 1 and "delete the pipeline instead" in result.stderr
     assert "qs-stage1-abc" in api.rayjobs()
+
+
+async def test_open_backend_picks_kubernetes_in_the_context_namespace(api: Api) -> None:
+    backend = open_backend(None, None, None)
+    assert isinstance(backend, KubeBackend) and backend.kube.namespace == NAMESPACE
+    assert open_backend("ml", None, None).kube.namespace == "ml"
+    # Through the interface, as the CLI calls it: the unknown name is the backend's answer.
+    with pytest.raises(UnknownName, match="no ProLongPipeline, RayJob or job named nope"):
+        await asyncio.to_thread(backend.status, "nope", Console())

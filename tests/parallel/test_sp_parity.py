@@ -148,7 +148,7 @@ def test_zero1_bf16_under_sp_still_fails_in_deepspeed(tmp_path):
     """Canary for the spec rule rejecting zeroStage 1 + bf16 + SP: DeepSpeed's BF16_Optimizer
     skips every gradient on SP ranks > 0 when computing the norm (it takes SP for tensor
     parallelism) and stacks an empty list. If this starts passing, lift the rule in
-    prolong.spec._check_train and add "1+bf16" to the cases above."""
+    prolong.spec.rules._check_train and add "1+bf16" to the cases above."""
     problem = H.make_problem(seed=5)
     torch.save(problem, tmp_path / "problem.pt")
     with pytest.raises(RuntimeError) as info:

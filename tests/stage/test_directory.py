@@ -43,3 +43,32 @@ def test_metrics_log_appends_lines(tmp_path):
     again.append({"step": 3, "loss": 0.2})
     again.close()
     assert [r["step"] for r in read_metrics(stage)] == [0, 1, 2, 3]
+
+
+def test_completion_is_read_through_uris_too(tmp_path):
+    """The operator and the runner ask stage_complete, which reads URIs (here file://, as s3://
+    and gs:// go through the same pyarrow filesystem layer) as well as local paths."""
+    from prolong.stage.directory import stage_complete
+
+    d = tmp_path / "p" / "stage1-abc"
+    stage = StageDir(str(d))
+    ref = StageRef("p", "stage1", "PretrainJob", "abc", (), str(tmp_path))
+    assert not stage_complete(str(d)) and not stage_complete(f"file://{d}")
+    stage.write_manifest(Manifest.for_stage(ref, {}))
+    stage.mark_complete()
+    assert stage_complete(str(d)) and stage_complete(f"file://{d}")
+    assert StageDir(f"file://{d}").read_manifest().id == "abc"
+
+
+def test_publish_directory_replaces_in_one_move(tmp_path):
+    from prolong.stage.directory import publish_directory
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"new")
+    dest = tmp_path / "stage" / "final"
+    dest.mkdir(parents=True)
+    (dest / "stale.bin").write_bytes(b"old")
+    publish_directory(str(src), str(dest))
+    assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
+    assert not (tmp_path / "stage" / "final.partial").exists()

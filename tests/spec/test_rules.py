@@ -1,4 +1,5 @@
-"""Every recipe rule of prolong.spec: each bad spec is rejected with the right field and rule."""
+"""Every recipe rule of prolong.spec (prolong.spec.rules and the model validators of
+prolong.spec.models): each bad spec is rejected with the right field and rule."""
 
 from __future__ import annotations
 

@@ -1,0 +1,587 @@
+"""The Kubernetes API back end of ``prolongctl submit / status / logs / delete``.
+
+The ``kubernetes`` client with $KUBECONFIG, else the pod's service account, else ~/.kube/config.
+A job file becomes its [ConfigMap, RayJob] (what ``render`` prints); a pipeline file becomes the
+ProLongPipeline custom resource, which the operator runs.
+
+Names are deterministic: a job's RayJob is ``<job name>-<stage id>``, so submitting the same stage
+again finds the existing run, reports it and creates nothing. Success is ``jobDeploymentStatus:
+Complete`` AND ``jobStatus: SUCCEEDED`` (KubeRay sets Complete on a failed Ray job too):
+:func:`prolong.reconcile.observe.rayjob_outcome` decides, as it does for the operator.
+"""
+
+from __future__ import annotations
+
+import codecs
+import datetime
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from prolong.k8s import dump_all
+from prolong.k8s.backend import (
+    DEFAULT_INTERVAL,
+    Backend,
+    ClusterError,
+    Observation,
+    Submitted,
+    UnknownName,
+    follow,
+)
+from prolong.k8s.crd import GROUP, PLURAL, VERSION
+from prolong.k8s.rayjob import (
+    RAY_GROUP,
+    RAY_PLURAL,
+    RAY_VERSION,
+    pipeline_resource,
+    render_standalone,
+)
+from prolong.reconcile.observe import observe_rayjob
+from prolong.spec import SpecError
+from prolong.specfile import Loaded, pipeline_from_resource
+from prolong.stage.identity import pipeline_stages
+from prolong.stage.names import (
+    DIRECTORY_ANNOTATION,
+    PIPELINE_LABEL,
+    STAGE_ID_LABEL,
+    STAGE_LABEL,
+)
+
+SUBMITTER_CONTAINER = "ray-job-submitter"
+"""KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
+head pod)."""
+HEAD_CONTAINER = "ray-head"
+
+
+def rayjob_line(obj: dict[str, Any]) -> str:
+    """One line: outcome, KubeRay's two statuses, the message."""
+    rj = observe_rayjob(obj)
+    parts = [rj.outcome]
+    detail = ", ".join(x for x in (rj.deployment_status and f"deployment {rj.deployment_status}",
+                                    rj.job_status and f"job {rj.job_status}") if x)
+    if detail:
+        parts.append(f"({detail})")
+    if rj.message:
+        parts.append(f"- {rj.message}")
+    return " ".join(parts)
+
+
+def kube_client() -> Any:
+    """The Kubernetes client (prolong.k8s.client), or a ClusterError saying none is configured."""
+    # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
+    import kubernetes
+
+    # Imported here: prolong.k8s.client imports kubernetes at its top.
+    from prolong.k8s.client import kube_client as configured_client
+
+    try:
+        return configured_client()
+    except (kubernetes.config.ConfigException, OSError) as exc:
+        raise ClusterError(f"no Kubernetes cluster configured ({exc}); set KUBECONFIG or use "
+                           "--ray-address") from None
+
+
+def default_namespace() -> str:
+    """The current kubeconfig context's namespace, else the pod's, else ``default``."""
+    # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
+    import kubernetes
+
+    path = os.environ.get("KUBECONFIG")
+    try:
+        _, active = kubernetes.config.list_kube_config_contexts(
+            config_file=path.split(os.pathsep)[0] if path else None)
+        namespace = (active or {}).get("context", {}).get("namespace")
+        if namespace:
+            return namespace
+    except (kubernetes.config.ConfigException, OSError):
+        pass
+    sa = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    try:
+        return sa.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+class Kube:
+    """The few API calls the commands make, with errors turned into ClusterError."""
+
+    def __init__(self, api: Any, namespace: str) -> None:
+        # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
+        from kubernetes.client import CoreV1Api, CustomObjectsApi
+
+        self.api = api
+        self.namespace = namespace
+        self.core = CoreV1Api(api)
+        self.custom = CustomObjectsApi(api)
+
+    # -- plumbing
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, missing_ok: bool = False,
+             exists_ok: bool = False, **kwargs: Any) -> Any:
+        # Imported here: kubernetes (and its urllib3) is heavy; see __init__.
+        from kubernetes.client import ApiException
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            if (exc.status == 404 and missing_ok) or (exc.status == 409 and exists_ok):
+                return None
+            raise ClusterError(f"{what}: HTTP {exc.status} {exc.reason}: "
+                               f"{_api_message(exc)}") from None
+        except HTTPError as exc:
+            raise ClusterError(f"{what}: cannot reach the Kubernetes API at "
+                               f"{self.api.configuration.host}: {exc}") from None
+
+    def _custom(self, group: str, version: str, plural: str) -> tuple[str, str, str, str]:
+        return group, version, self.namespace, plural
+
+    # -- RayJobs
+    def get_rayjob(self, name: str) -> dict[str, Any] | None:
+        return self.call(f"get RayJob {name}", self.custom.get_namespaced_custom_object,
+                         *self._custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL), name, missing_ok=True)
+
+    def rayjobs(self, **labels: str) -> list[dict[str, Any]]:
+        """RayJobs with these labels (filtered here too: label selectors are a server's
+        courtesy)."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        found = self.call("list RayJobs", self.custom.list_namespaced_custom_object,
+                          *self._custom(RAY_GROUP, RAY_VERSION, RAY_PLURAL),
+                          label_selector=selector or None, missing_ok=True)
+        items = (found or {}).get("items", [])
+        return [o for o in items if all(((o.get("metadata") or {}).get("labels") or {}).get(k) == v
+                                        for k, v in labels.items())]
+
+    # -- pipelines
+    def get_pipeline(self, name: str) -> dict[str, Any] | None:
+        return self.call(f"get ProLongPipeline {name}", self.custom.get_namespaced_custom_object,
+                         *self._custom(GROUP, VERSION, PLURAL), name, missing_ok=True)
+
+    def server_dry_run(self) -> bool:
+        """Whether the API server does server-side dry runs: it publishes OpenAPI v3 (1.24+;
+        dryRun is GA since 1.18) for the groups we write. An emulator that does not is treated
+        as not honouring ``dryRun`` either, and the dry run stays on this side."""
+        try:
+            req = self.api.param_serialize("GET", "/openapi/v3", auth_settings=["BearerToken"])
+            resp = self.api.call_api(*req, _request_timeout=10)
+            resp.read()
+            if resp.status != 200:
+                return False
+            paths = json.loads(resp.data).get("paths", {})
+        except Exception:  # any failure: client-side
+            return False
+        return "api/v1" in paths and any(p.startswith(f"apis/{RAY_GROUP}/") or
+                                         p.startswith(f"apis/{GROUP}/") for p in paths)
+
+    def create(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any] | None:
+        """Create one object; None when it exists already (409)."""
+        kind, name = obj["kind"], obj["metadata"]["name"]
+        extra = {"dry_run": "All"} if dry_run else {}
+        if kind == "ConfigMap":
+            return self.call(f"create ConfigMap {name}", self.core.create_namespaced_config_map,
+                             self.namespace, obj, exists_ok=True, **extra)
+        group, version = obj["apiVersion"].split("/")
+        plural = RAY_PLURAL if kind == "RayJob" else PLURAL
+        return self.call(f"create {kind} {name}", self.custom.create_namespaced_custom_object,
+                         group, version, self.namespace, plural, obj, exists_ok=True, **extra)
+
+
+def _api_message(exc: Any) -> str:
+    try:
+        return json.loads(exc.body).get("message") or exc.body
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body or "").strip().splitlines()[0] if exc.body else ""
+
+
+def submit_k8s(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None) -> Submitted:
+    """Create the objects of a spec file unless its run exists already."""
+    if loaded.is_pipeline:
+        return _submit_pipeline(loaded, kube, console, dry_run=dry_run, yaml_out=yaml_out)
+    ns = kube.namespace
+    configmap, rayjob = render_standalone(loaded.document, namespace=ns)
+    name = rayjob["metadata"]["name"]
+    labels = rayjob["metadata"]["labels"]
+    existing = kube.get_rayjob(name) or next(iter(kube.rayjobs(**{
+        STAGE_ID_LABEL: labels[STAGE_ID_LABEL], PIPELINE_LABEL: labels[PIPELINE_LABEL]})), None)
+    if existing is not None:
+        where = f"{ns}/{existing['metadata']['name']}"
+        state = rayjob_line(existing)
+        console.print(f"RayJob {where} exists (stage {labels[STAGE_LABEL]}, id "
+                      f"{labels[STAGE_ID_LABEL]}): {state}; nothing created", markup=False)
+        return Submitted("RayJob", ns, existing["metadata"]["name"], False, state)
+    objects = [configmap, rayjob]
+    if dry_run:
+        return _dry_run(kube, objects, console, yaml_out)
+    kube.create(configmap)
+    created = kube.create(rayjob)
+    if created is None:  # created by someone else a moment ago
+        state = rayjob_line(kube.get_rayjob(name) or {})
+        console.print(f"RayJob {ns}/{name} exists: {state}; nothing created", markup=False)
+        return Submitted("RayJob", ns, name, False, state)
+    uid = (created.get("metadata") or {}).get("uid")
+    if uid:  # the ConfigMap goes with its RayJob (garbage collection)
+        owner = {"apiVersion": f"{RAY_GROUP}/{RAY_VERSION}", "kind": "RayJob", "name": name,
+                 "uid": uid}
+        kube.call("set the ConfigMap's owner", kube.core.patch_namespaced_config_map,
+                  configmap["metadata"]["name"], ns,
+                  {"metadata": {"ownerReferences": [owner]}}, missing_ok=True)
+    console.print(f"created ConfigMap {ns}/{configmap['metadata']['name']} and RayJob {ns}/{name} "
+                  f"(stage {labels[STAGE_LABEL]}, id {labels[STAGE_ID_LABEL]})", markup=False)
+    return Submitted("RayJob", ns, name, True, "submitted", objects)
+
+
+def _dry_run(kube: Kube, objects: list[dict[str, Any]], console: Console,
+             yaml_out: Console | None) -> Submitted:
+    server = kube.server_dry_run()
+    if server:
+        for obj in objects:
+            kube.create(obj, dry_run=True)
+    how = ("server-side: the API server validated them" if server else
+           "client-side: this API server does not advertise server-side dry runs")
+    names = ", ".join(f"{o['kind']} {kube.namespace}/{o['metadata']['name']}" for o in objects)
+    console.print(f"dry run ({how}); would create {names}", markup=False)
+    (yaml_out or console).print(dump_all(objects), markup=False, end="", highlight=False)
+    last = objects[-1]
+    return Submitted(last["kind"], kube.namespace, last["metadata"]["name"], False, "dry run",
+                     objects)
+
+
+def cr_stage_ids(body: dict[str, Any]) -> dict[str, str]:
+    """Stage name -> id of a ProLongPipeline as stored in the cluster ({} if unreadable)."""
+    try:
+        pipeline, jobs = pipeline_from_resource(body)
+    except (SpecError, KeyError, TypeError):
+        return {}
+    return {r.stage: r.id for r in pipeline_stages(pipeline, jobs)}
+
+
+def merge_patch(old: Any, new: Any) -> Any:
+    """The JSON merge patch (RFC 7386) that turns ``old`` into ``new``: removed keys become null,
+    lists are replaced whole."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if key not in old:
+            patch[key] = value
+        elif old[key] != value:
+            patch[key] = merge_patch(old[key], value)
+    return patch
+
+
+def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool,
+                     yaml_out: Console | None) -> Submitted:
+    ns = kube.namespace
+    cr = pipeline_resource(loaded.document, namespace=ns)
+    name = cr["metadata"]["name"]
+    ours = {r.stage: r.id for r in pipeline_stages(loaded.document, loaded.jobs)}
+    existing = kube.get_pipeline(name)
+    if existing is None:
+        if dry_run:
+            return _dry_run(kube, [cr], console, yaml_out)
+        created = kube.create(cr)
+        if created is not None:
+            console.print(f"created ProLongPipeline {ns}/{name} ({len(ours)} stages: "
+                          f"{', '.join(f'{s} {i}' for s, i in ours.items())})", markup=False)
+            return Submitted("ProLongPipeline", ns, name, True, "Pending", [cr])
+        existing = kube.get_pipeline(name) or {}
+    theirs = cr_stage_ids(existing)
+    phase = (existing.get("status") or {}).get("phase") or "Pending"
+    if theirs == ours:
+        console.print(f"ProLongPipeline {ns}/{name} exists with the same stage ids: {phase}; "
+                      "nothing changed", markup=False)
+        return Submitted("ProLongPipeline", ns, name, False, phase)
+    changed = [s for s, i in ours.items() if theirs.get(s) != i]
+    if dry_run:
+        console.print(f"dry run: would update ProLongPipeline {ns}/{name}; stages with new ids "
+                      f"(they run again): {', '.join(changed) or 'none'}", markup=False)
+        (yaml_out or console).print(dump_all([cr]), markup=False, end="", highlight=False)
+        return Submitted("ProLongPipeline", ns, name, False, "dry run", [cr])
+    patch = merge_patch({"spec": existing.get("spec") or {}}, {"spec": cr["spec"]})
+    kube.call(f"update ProLongPipeline {name}", kube.custom.patch_namespaced_custom_object,
+              GROUP, VERSION, ns, PLURAL, name, patch,
+              _content_type="application/merge-patch+json")
+    console.print(f"updated ProLongPipeline {ns}/{name}; stages with new ids (they run again): "
+                  f"{', '.join(changed) or 'none'}", markup=False)
+    return Submitted("ProLongPipeline", ns, name, True, phase, [cr])
+
+
+def wait_k8s(kube: Kube, sub: Submitted, console: Console, *, interval: float = DEFAULT_INTERVAL,
+             timeout: float | None = None) -> bool:
+    """Follow a RayJob or a pipeline until it ends; True when it succeeded."""
+    where = f"{sub.namespace}/{sub.name}"
+    if sub.kind == "RayJob":
+        def look() -> Observation:
+            obj = kube.get_rayjob(sub.name)
+            if obj is None:
+                return Observation({f"RayJob {where}": "deleted"}, done=True, ok=False, gone=True)
+            outcome = observe_rayjob(obj).outcome
+            done = outcome in ("succeeded", "failed")
+            return Observation({f"RayJob {where}": rayjob_line(obj)}, done=done,
+                               ok=outcome == "succeeded", completed=int(done), total=1)
+    else:
+        def look() -> Observation:
+            body = kube.get_pipeline(sub.name)
+            if body is None:
+                return Observation({f"pipeline {where}": "deleted"}, done=True, ok=False,
+                                   gone=True)
+            return _pipeline_observation(body, where)
+    obs = follow(console, f"{sub.kind} {where}", look, interval=interval, timeout=timeout)
+    verdict = "succeeded" if obs.ok else ("was deleted" if obs.gone else "failed")
+    console.print(f"{sub.kind} {where} {verdict}", markup=False)
+    return obs.ok
+
+
+def _pipeline_observation(body: dict[str, Any], where: str) -> Observation:
+    status = body.get("status") or {}
+    meta = body.get("metadata") or {}
+    total = len((body.get("spec") or {}).get("stages") or [])
+    phase = status.get("phase") or "Pending"
+    generation, observed = meta.get("generation"), status.get("observedGeneration")
+    current = generation is None or observed is None or observed >= generation
+    stages = status.get("stages") or []
+    lines = {f"pipeline {where}": phase if status else "Pending (no status yet: is the operator "
+             "running?)"}
+    for st in stages:
+        text = st.get("phase", "Pending")
+        if st.get("rayJob"):
+            text += f" (RayJob {st['rayJob']})"
+        if st.get("message"):
+            text += f" - {st['message']}"
+        lines[f"  stage {st.get('name')} {st.get('id') or ''}".rstrip()] = text
+    done_stages = sum(1 for st in stages if st.get("phase") in ("Succeeded", "Skipped"))
+    done = current and phase in ("Succeeded", "Failed")
+    return Observation(lines, done=done, ok=done and phase == "Succeeded", completed=done_stages,
+                       total=total)
+
+
+def status_k8s(kube: Kube, name: str, console: Console) -> None:
+    """Print a pipeline, a RayJob, or every RayJob of a job name; UnknownName otherwise."""
+    body = kube.get_pipeline(name)
+    if body is not None:
+        _print_pipeline(body, kube.namespace, console)
+        return
+    obj = kube.get_rayjob(name)
+    if obj is not None:
+        _print_rayjobs([obj], kube.namespace, console)
+        return
+    runs = kube.rayjobs(**{PIPELINE_LABEL: name})
+    if runs:
+        _print_rayjobs(runs, kube.namespace, console)
+        return
+    raise UnknownName(f"no ProLongPipeline, RayJob or job named {name} in namespace "
+                      f"{kube.namespace}")
+
+
+def _print_pipeline(body: dict[str, Any], namespace: str, console: Console) -> None:
+    status = body.get("status") or {}
+    name = body["metadata"]["name"]
+    head = f"ProLongPipeline {namespace}/{name}: {status.get('phase') or 'Pending'}"
+    if status.get("currentStage"):
+        head += f" (current stage {status['currentStage']})"
+    console.print(head, markup=False)
+    if not status:
+        console.print("  no status yet: is the operator running?", markup=False)
+    ids = cr_stage_ids(body)
+    by_name = {st.get("name"): st for st in status.get("stages") or []}
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("stage", "id", "phase", "RayJob", "attempts", "message"):
+        table.add_column(col, overflow="fold")
+    for stage in ids or by_name:
+        st = by_name.get(stage, {})
+        table.add_row(stage, st.get("id") or ids.get(stage, "-"), st.get("phase", "Pending"),
+                      st.get("rayJob") or "-", str(st.get("attempts", 0)), st.get("message") or "")
+    console.print(table)
+    for stage, st in by_name.items():  # whole lines: URLs are for copying
+        if st.get("dashboardURL"):
+            console.print(f"  dashboard of {stage}: {_dashboard(st['dashboardURL'])}",
+                          markup=False, soft_wrap=True)
+    for cond in status.get("conditions") or []:
+        if cond.get("status") != "True" or cond.get("type") != "Ready":
+            console.print(f"  condition {cond.get('type')}={cond.get('status')}: "
+                          f"{cond.get('message') or cond.get('reason') or ''}", markup=False)
+
+
+def _print_rayjobs(objs: list[dict[str, Any]], namespace: str, console: Console) -> None:
+    objs = sorted(objs, key=lambda o: (o.get("metadata") or {}).get("creationTimestamp") or "",
+                  reverse=True)
+    for obj in objs:
+        meta = obj["metadata"]
+        labels = meta.get("labels") or {}
+        status = obj.get("status") or {}
+        console.print(f"RayJob {namespace}/{meta['name']}: {rayjob_line(obj)}", markup=False)
+        table = Table(show_header=False, show_edge=False, box=None, pad_edge=False)
+        table.add_column("key", style="dim")
+        table.add_column("value", overflow="fold")
+        rows = [("pipeline", labels.get(PIPELINE_LABEL)), ("stage", labels.get(STAGE_LABEL)),
+                ("stage id", labels.get(STAGE_ID_LABEL)),
+                ("output", (meta.get("annotations") or {}).get(DIRECTORY_ANNOTATION)),
+                ("ray cluster", status.get("rayClusterName")), ("ray job id", status.get("jobId")),
+                ("dashboard", _dashboard(status.get("dashboardURL"))),
+                ("started", status.get("startTime")), ("ended", status.get("endTime"))]
+        for key, value in rows:
+            if value:
+                table.add_row(f"  {key}", str(value))
+        console.print(table)
+
+
+def _dashboard(url: str | None) -> str | None:
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def _submitter_or_head(kube: Kube, obj: dict[str, Any]) -> tuple[str, str | None]:
+    """(pod, container) whose log holds the Ray job's output: KubeRay's submitter (it runs
+    ``ray job submit``, which tails the job's logs), else the head pod."""
+    name = obj["metadata"]["name"]
+    pods = kube.call("list pods", kube.core.list_namespaced_pod, kube.namespace).items
+
+    def labelled(pod: Any, **want: str) -> bool:
+        labels = pod.metadata.labels or {}
+        return all(labels.get(k) == v for k, v in want.items())
+
+    def newest(found: list[Any]) -> Any:
+        return max(found, key=lambda p: p.metadata.creation_timestamp or
+                   datetime.datetime.min.replace(tzinfo=datetime.timezone.utc))
+
+    submitters = [p for p in pods if labelled(p, **{"batch.kubernetes.io/job-name": name})
+                  or labelled(p, **{"job-name": name})]
+    if submitters:
+        return newest(submitters).metadata.name, None
+    cluster = (obj.get("status") or {}).get("rayClusterName")
+    heads = [p for p in pods if cluster and labelled(p, **{"ray.io/cluster": cluster,
+                                                           "ray.io/node-type": "head"})]
+    if heads:
+        pod = newest(heads)
+        names = [c.name for c in (pod.spec.containers if pod.spec else [])]
+        return pod.metadata.name, (SUBMITTER_CONTAINER if SUBMITTER_CONTAINER in names
+                                   else HEAD_CONTAINER if HEAD_CONTAINER in names else None)
+    raise ClusterError(f"RayJob {kube.namespace}/{name} has no submitter or head pod (yet); "
+                       f"state: {rayjob_line(obj)}")
+
+
+def logs_k8s(kube: Kube, name: str, out: IO[str], *, follow_logs: bool = False) -> None:
+    """Write the logs of a RayJob (or a pipeline's current stage, or a job name's latest
+    RayJob)."""
+    obj = kube.get_rayjob(name)
+    if obj is None:
+        body = kube.get_pipeline(name)
+        if body is not None:
+            status = body.get("status") or {}
+            stages = {st.get("name"): st for st in status.get("stages") or []}
+            current = stages.get(status.get("currentStage")) or {}
+            run = current.get("rayJob") or next(
+                (st["rayJob"] for st in reversed(list(stages.values())) if st.get("rayJob")), None)
+            if run is None:
+                raise ClusterError(f"ProLongPipeline {kube.namespace}/{name} has no RayJob yet")
+            obj = kube.get_rayjob(run)
+            if obj is None:
+                raise ClusterError(f"RayJob {kube.namespace}/{run} of pipeline {name} is gone")
+        else:
+            runs = kube.rayjobs(**{PIPELINE_LABEL: name})
+            if not runs:
+                raise UnknownName(f"no RayJob, ProLongPipeline or job named {name} in namespace "
+                                  f"{kube.namespace}")
+            obj = max(runs, key=lambda o: o["metadata"].get("creationTimestamp") or "")
+    pod, container = _submitter_or_head(kube, obj)
+    extra = {"container": container} if container else {}
+    # The raw stream: a log is bytes, whatever content type the server labels it with.
+    resp = kube.call(f"logs of pod {pod}", kube.core.read_namespaced_pod_log, pod,
+                     kube.namespace, follow=follow_logs or None, _preload_content=False, **extra)
+    if resp.status >= 300:
+        raise ClusterError(f"logs of pod {kube.namespace}/{pod}: HTTP {resp.status} "
+                           f"{resp.data.decode('utf-8', errors='replace')[:300]}")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    try:
+        for chunk in resp.stream(4096):
+            out.write(decoder.decode(chunk))
+            out.flush()
+    finally:
+        resp.release_conn()
+
+
+def delete_k8s(kube: Kube, name: str, console: Console) -> list[str]:
+    """Delete a pipeline CR, or a RayJob with its ConfigMap, or every prolongctl RayJob of a job
+    name. Operator-managed RayJobs are refused (delete their pipeline)."""
+    deleted: list[str] = []
+    ns = kube.namespace
+    body = kube.get_pipeline(name)
+    if body is not None:
+        kube.call(f"delete ProLongPipeline {name}", kube.custom.delete_namespaced_custom_object,
+                  GROUP, VERSION, ns, PLURAL, name, propagation_policy="Background",
+                  missing_ok=True)
+        console.print(f"deleted ProLongPipeline {ns}/{name} (its RayJobs and ConfigMaps go with "
+                      "it)", markup=False)
+        return [f"ProLongPipeline/{name}"]
+    obj = kube.get_rayjob(name)
+    runs = [obj] if obj is not None else kube.rayjobs(**{PIPELINE_LABEL: name})
+    if not runs:
+        raise UnknownName(f"no ProLongPipeline, RayJob or job named {name} in namespace {ns}")
+    for rj in runs:
+        meta = rj["metadata"]
+        labels = meta.get("labels") or {}
+        owners = [o for o in meta.get("ownerReferences") or ()
+                  if o.get("kind") == "ProLongPipeline"]
+        if owners:
+            raise ClusterError(f"RayJob {ns}/{meta['name']} belongs to ProLongPipeline "
+                               f"{owners[0].get('name')} (the operator would run it again): "
+                               f"delete the pipeline instead")
+        kube.call(f"delete RayJob {meta['name']}", kube.custom.delete_namespaced_custom_object,
+                  RAY_GROUP, RAY_VERSION, ns, RAY_PLURAL, meta["name"],
+                  propagation_policy="Background", missing_ok=True)
+        deleted.append(f"RayJob/{meta['name']}")
+        if STAGE_ID_LABEL in labels:
+            want = {STAGE_ID_LABEL: labels[STAGE_ID_LABEL]}
+            if PIPELINE_LABEL in labels:
+                want[PIPELINE_LABEL] = labels[PIPELINE_LABEL]
+            selector = ",".join(f"{k}={v}" for k, v in want.items())
+            cms = kube.call("list ConfigMaps", kube.core.list_namespaced_config_map, ns,
+                            label_selector=selector).items
+            for cm in cms:
+                cm_labels = cm.metadata.labels or {}
+                if all(cm_labels.get(k) == v for k, v in want.items()):
+                    kube.call(f"delete ConfigMap {cm.metadata.name}",
+                              kube.core.delete_namespaced_config_map, cm.metadata.name, ns,
+                              missing_ok=True)
+                    deleted.append(f"ConfigMap/{cm.metadata.name}")
+    console.print(f"deleted in {ns}: {', '.join(deleted)}", markup=False)
+    return deleted
+
+
+
+
+class KubeBackend(Backend):
+    """:class:`Backend` on the Kubernetes API of one namespace."""
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+
+    def submit(self, loaded: Loaded, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None) -> Submitted:
+        return submit_k8s(loaded, self.kube, console, dry_run=dry_run, yaml_out=yaml_out)
+
+    def wait(self, submitted: Submitted, console: Console, *,
+             interval: float = DEFAULT_INTERVAL, timeout: float | None = None) -> bool:
+        return wait_k8s(self.kube, submitted, console, interval=interval, timeout=timeout)
+
+    def status(self, name: str, console: Console) -> None:
+        status_k8s(self.kube, name, console)
+
+    def logs(self, name: str, out: IO[str], *, follow: bool = False) -> None:
+        logs_k8s(self.kube, name, out, follow_logs=follow)
+
+    def delete(self, name: str, console: Console) -> list[str]:
+        return delete_k8s(self.kube, name, console)
+
+
+__all__ = [
+    "HEAD_CONTAINER", "SUBMITTER_CONTAINER", "Kube", "KubeBackend", "cr_stage_ids",
+    "default_namespace", "delete_k8s", "kube_client", "logs_k8s", "merge_patch", "rayjob_line",
+    "status_k8s", "submit_k8s", "wait_k8s",
+]
