@@ -18,7 +18,6 @@ from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.payload import StageRun
 from prolong.train.faults import FAULT_ENV
-from prolong.train.loop import train_worker
 
 
 def run_storage_path(ref: StageRef) -> str:
@@ -39,10 +38,13 @@ def worker_env(gpu: bool) -> dict[str, str]:
 
 def build_trainer(run: StageRun):
     """A TorchTrainer for the stage."""
-    # Ray Train is imported here, not at the top: it is heavy, and the runner imports this module
-    # for every `prolongctl run`, even one whose stages are all complete.
+    # Imported here, not at the top: Ray Train and the worker's module (torch, transformers:
+    # about 5 s) are heavy, and the runner imports this module for every `prolongctl run`, even
+    # one whose stages are all complete.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from prolong.train.loop import train_worker
 
     job = run.job_model()
     ref = run.stage_ref()
