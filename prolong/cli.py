@@ -150,11 +150,15 @@ def run(
                                          "instead of starting a local one."),
     until: str = typer.Option(None, "--until", help="Stop after this stage of a pipeline."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v",
+                                 help="Show the workers' and Ray's log lines on the console too "
+                                      "(they always go to each stage's logs/)."),
 ) -> None:
     """Run a job, or a pipeline stage after stage, on Ray Train: prepares the data, trains, and
-    writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/,
+    writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/, logs/,
     COMPLETE). Complete stages are skipped; an interrupted stage resumes from its last
-    checkpoint.
+    checkpoint. The console shows one line per stage event, a progress bar per training stage and
+    a summary at the end; worker output goes to each stage's logs/.
 
     [bold]Examples[/bold]
 
@@ -169,7 +173,8 @@ def run(
 
     with user_errors():
         try:
-            run_file(file, ray_address=ray_address, progress=not no_progress, until=until)
+            run_file(file, ray_address=ray_address, progress=not no_progress, until=until,
+                     verbose=verbose)
         except RunError as exc:
             err.print(f"prolongctl run: {exc}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None

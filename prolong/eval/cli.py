@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prolong.eval.report import comparison_markdown, comparison_png, comparison_rows, load_run
+
 eval_app = typer.Typer(
     help="HELMET evaluation results: compare eval stage directories.",
     no_args_is_help=True,
@@ -36,10 +38,6 @@ def report(
       prolongctl eval report runs/quickstart/eval-*/
       prolongctl eval report runs/a/eval-1234abcd runs/b/eval-5678ef90 --out reports/
     """
-    # Imported when the command runs: the report module loads matplotlib, which every other
-    # prolongctl command would pay for at start-up.
-    from prolong.eval.report import comparison_markdown, comparison_png, comparison_rows, load_run
-
     console = Console(highlight=False, soft_wrap=True)
     runs = []
     for d in dirs:

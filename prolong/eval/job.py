@@ -37,6 +37,7 @@ from prolong.eval.tasks import HELMET_TASKS
 from prolong.spec import EvalJob
 from prolong.stage.directory import Manifest, StageDir, local_copy
 from prolong.stage.identity import StageRef
+from prolong.stage.logs import LOG_MODE_ENV, stage_output
 from prolong.versions import versions
 
 
@@ -99,19 +100,26 @@ def eval_shard(items: Sequence[WorkItem], config: dict[str, Any]) -> list[dict[s
                           batch=max(config["batch_size"], 1) * 4)
 
 
+def _logged_eval_shard(items: Sequence[WorkItem], config: dict[str, Any], directory: str,
+                       index: int) -> list[dict[str, Any]]:
+    """One shard as a Ray task, its output in ``<stage dir>/logs/eval-shard<index>.log``."""
+    with stage_output(directory, f"eval-shard{index:03d}"):
+        return eval_shard(items, config)
+
+
 def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJob,
-                log: Any) -> list[dict[str, Any]]:
+                directory: str, log: Any, *, console_logs: bool) -> list[dict[str, Any]]:
     import ray  # the in-process path (use_ray=False) runs without Ray
 
     cluster = job.spec.cluster
     gpu = cluster.device == "gpu"
-    env = {"TOKENIZERS_PARALLELISM": "false"}
+    env = {"TOKENIZERS_PARALLELISM": "false", LOG_MODE_ENV: "console" if console_logs else "files"}
     if not gpu:
         env["OMP_NUM_THREADS"] = "1"
-    task = ray.remote(eval_shard).options(
+    task = ray.remote(_logged_eval_shard).options(
         num_gpus=1 if gpu else 0, num_cpus=1, max_retries=cluster.max_failures,
         retry_exceptions=cluster.max_failures > 0, runtime_env={"env_vars": env})
-    pending = [task.remote(s, config) for s in shards]
+    pending = [task.remote(s, config, directory, i) for i, s in enumerate(shards)]
     records: list[dict[str, Any]] = []
     done = 0
     while pending:
@@ -123,9 +131,11 @@ def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJ
 
 
 def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
-                   use_ray: bool = True, log: Any = print) -> dict[str, Any]:
+                   use_ray: bool = True, log: Any = print,
+                   console_logs: bool = False) -> dict[str, Any]:
     """Evaluate one EvalJob stage and write its directory; returns results.json's content.
-    ``use_ray=False`` runs the shards one after another in this process (tests, debugging)."""
+    ``use_ray=False`` runs the shards one after another in this process (tests, debugging).
+    On Ray each shard's output goes to the stage's logs/ unless ``console_logs``."""
     stage = StageDir(ref.directory)
     if stage.is_complete():
         return stage.read_json(RESULTS)
@@ -138,7 +148,7 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
     log(f"eval {ref.stage}: {len(items)} samples ({len(spec.tasks)} tasks x "
         f"{len(spec.lengths)} lengths) on {len(shards)} workers, model {model}")
     if use_ray:
-        records = _run_on_ray(shards, config, job, log)
+        records = _run_on_ray(shards, config, job, ref.directory, log, console_logs=console_logs)
     else:
         records = [r for s in shards for r in eval_shard(s, config)]
     records.sort(key=lambda r: (list(spec.tasks).index(r["task"]), r["length"], r["index"]))
@@ -160,6 +170,4 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
         summary={"average": results["average"]["mean"],
                  **{c: v["mean"] for c, v in results["categories"].items()}}))
     stage.mark_complete()
-    log(f"eval {ref.stage} complete: average {results['average']['mean']:.1f} -> {ref.directory}"
-        if results["average"]["mean"] is not None else f"eval {ref.stage} complete (no samples)")
-    return results
+    return results  # the caller reports the stage's result (prolong.train.summary)

@@ -11,6 +11,7 @@ when it is done lives here:
 - :mod:`.directory` -- ``<storageRoot>/<pipeline>/<stage>-<id>/`` on local paths and object
   stores: :class:`~.directory.StageDir`, the typed :class:`~.directory.Manifest`, ``metrics.jsonl``
   and the ``COMPLETE`` marker;
+- :mod:`.logs` -- worker output into ``<stage dir>/logs/``;
 - :mod:`.payload` -- what travels with a stage: ``stage.json`` beside ``job.yaml`` and the
   :class:`~.payload.StageRun` each training worker receives.
 

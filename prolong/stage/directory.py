@@ -169,17 +169,31 @@ class StageDir:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``. Local files are appended and flushed per line; object stores
-    cannot append, so there the whole log is rewritten through a temporary name every ``every``
-    lines and at close."""
+    """Append-only ``metrics.jsonl``, one row per step. Local files are appended and flushed per
+    line; object stores cannot append, so there the whole log is rewritten through a temporary
+    name every ``every`` lines and at close.
 
-    def __init__(self, stage: StageDir, *, every: int = 20):
+    A run that resumes from the checkpoint of step k replays steps k+1, k+2, ...: opened with
+    ``resume_from=k``, the log first drops its rows after step k (atomically), so that every
+    reader sees each step once, with the values of the run that produced the final weights.
+    """
+
+    def __init__(self, stage: StageDir, *, every: int = 20, resume_from: int | None = None):
         self.stage = stage
         self.local = isinstance(stage.fs, pafs.LocalFileSystem)
         self.every = every
         self._lines: list[str] = []
         stage.ensure()
+        if resume_from is not None:
+            self._truncate_after(resume_from)
         self._file = open(os.path.join(stage.path, METRICS_LOG), "a") if self.local else None  # noqa: SIM115
+
+    def _truncate_after(self, step: int) -> None:
+        rows = read_metrics(self.stage)
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if len(kept) != len(rows):
+            self.stage.write_bytes(METRICS_LOG, "".join(
+                json.dumps(r, sort_keys=True, default=float) + "\n" for r in kept).encode())
 
     def append(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, sort_keys=True, default=float)
@@ -204,10 +218,18 @@ class MetricsLog:
 
 
 def read_metrics(stage: StageDir) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` in step order, one per step (a later row of a step wins:
+    a replayed step's values replace the earlier ones, even in a log written before
+    :class:`MetricsLog` dropped replayed rows itself)."""
     if not stage.exists(METRICS_LOG):
         return []
-    return [json.loads(line) for line in stage.read_bytes(METRICS_LOG).decode().splitlines()
-            if line.strip()]
+    rows: dict[int, dict[str, Any]] = {}
+    for line in stage.read_bytes(METRICS_LOG).decode().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows.pop(row.get("step"), None)  # re-insert: the replayed row takes the later place
+            rows[row.get("step")] = row
+    return sorted(rows.values(), key=lambda r: r.get("step", 0))
 
 
 def stage_complete(directory: str) -> bool:

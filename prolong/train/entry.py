@@ -16,6 +16,7 @@ import os
 
 from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
+from prolong.stage.logs import LOG_MODE_ENV
 from prolong.stage.payload import StageRun
 from prolong.train.faults import FAULT_ENV
 
@@ -25,19 +26,22 @@ def run_storage_path(ref: StageRef) -> str:
     return StageDir(ref.pipeline_directory).uri
 
 
-def worker_env(gpu: bool) -> dict[str, str]:
+def worker_env(gpu: bool, *, console_logs: bool = False) -> dict[str, str]:
     """Environment of the training workers. On CPU: DeepSpeed's CPU accelerator, and one
-    intra-op thread per worker (each worker owns one core; more threads only contend). A fault
-    injection set on the driver (:data:`prolong.train.faults.FAULT_ENV`) travels along."""
+    intra-op thread per worker (each worker owns one core; more threads only contend). Worker
+    output goes to the stage's logs/ unless ``console_logs``. A fault injection set on the driver
+    (:data:`prolong.train.faults.FAULT_ENV`) travels along."""
     env = {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                           "TOKENIZERS_PARALLELISM": "false"}
+    env[LOG_MODE_ENV] = "console" if console_logs else "files"
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
 
 
-def build_trainer(run: StageRun):
-    """A TorchTrainer for the stage."""
+def build_trainer(run: StageRun, *, console_logs: bool = False):
+    """A TorchTrainer for the stage (worker output to the stage's logs/ unless
+    ``console_logs``)."""
     # Imported here, not at the top: Ray Train and the worker's module (torch, transformers:
     # about 5 s) are heavy, and the runner imports this module for every `prolongctl run`, even
     # one whose stages are all complete.
@@ -61,7 +65,7 @@ def build_trainer(run: StageRun):
         storage_path=run_storage_path(ref),
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=job.spec.checkpoint.keep),
-        worker_runtime_env={"env_vars": worker_env(gpu)},
+        worker_runtime_env={"env_vars": worker_env(gpu, console_logs=console_logs)},
     )
     return TorchTrainer(
         train_worker,

@@ -49,6 +49,7 @@ from prolong.stage.directory import (
     publish_directory,
     read_metrics,
 )
+from prolong.stage.logs import stage_output
 from prolong.stage.payload import StageRun
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
@@ -69,7 +70,10 @@ def train_worker(config: dict[str, Any]) -> None:
     # this module importable where Ray is not installed, e.g. by the parity tests' workers.
     import ray.train
 
-    Worker(StageRun.from_config(config), ray.train.get_context()).run()
+    run = StageRun.from_config(config)
+    context = ray.train.get_context()
+    with stage_output(run.stage_ref().directory, f"worker-rank{context.get_world_rank():03d}"):
+        Worker(run, context).run()
 
 
 class Worker:
@@ -119,7 +123,8 @@ class Worker:
         built = build_engine(model, self.spec, self.groups)
         loader = self._loader()
         step = self._restore(built, loader, ray.train.get_checkpoint())
-        log = MetricsLog(stage) if self.rank == 0 else None
+        # Steps after the restored one are replayed: their old rows go (MetricsLog resume_from).
+        log = MetricsLog(stage, resume_from=step) if self.rank == 0 else None
         gauges = (RayGauges(pipeline=self.ref.pipeline, stage=self.ref.stage,
                             stage_id=self.ref.id) if self.rank == 0 else None)
         try:

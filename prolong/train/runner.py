@@ -11,12 +11,15 @@ KubeRay head pod) it joins that cluster. For each stage, in order:
 - an EvalJob stage runs the HELMET harness instead, its samples sharded over Ray tasks
   (:func:`prolong.eval.job.run_eval_stage`).
 
-A progress bar follows ``metrics.jsonl`` in the stage directory, which workers append to.
+A progress bar follows ``metrics.jsonl`` in the stage directory, which workers append to; each
+stage ends with one result line and the run with a summary (:mod:`prolong.train.summary`). Worker
+output goes to ``<stage dir>/logs/`` (:mod:`prolong.stage.logs`), not to the console.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -28,9 +31,11 @@ from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
 from prolong.stage.uri import absolute
 from prolong.train.entry import build_trainer
+from prolong.train.summary import StageOutcome, print_summary
 from prolong.versions import summary as versions_summary
 
 
@@ -57,9 +62,12 @@ def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
 
 
 def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool = True,
-             until: str | None = None, console: Console | None = None) -> list[StageRef]:
+             until: str | None = None, console: Console | None = None,
+             verbose: bool = False) -> list[StageRef]:
     """Run every stage of the file that is not complete (up to and including stage ``until``);
-    returns the stages, in order."""
+    returns the stages, in order. The console gets one line per stage event, a progress bar per
+    training stage and a summary at the end; worker output goes to each stage's logs/ (with
+    ``verbose``, to the console as well, through Ray)."""
     console = console or Console(stderr=True)
     loaded = load(path)
     stages = stages_of(loaded)
@@ -69,16 +77,17 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             raise RunError(f"--until {until}: no such stage (stages: {', '.join(names)})")
         stages = stages[: names.index(until) + 1]
     pending = []
+    walls: dict[str, float] = {}
     for stage in stages:
         ref = stage[1]
         if StageDir(ref.directory).is_complete():
-            console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}")
+            console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}",
+                          markup=False, soft_wrap=True)
         else:
             pending.append(stage)
-    if not pending:
-        return [ref for _, ref, _ in stages]
-    _prepare(path, progress)
-    _connect(ray_address, console)
+    if pending:
+        _prepare(path, progress)
+        _connect(ray_address, console, verbose=verbose)
     for job, ref, upstream_dirs in pending:
         upstream_dir = None
         src = job.spec.model.from_stage
@@ -89,17 +98,44 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             upstream_dir = upstream_dirs[src]
             if not StageDir(upstream_dir).is_complete():
                 raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
-        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}")
-        if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
-            run_eval_stage(job, ref, upstream_dir, log=lambda m: console.print(m, markup=False))
-        else:
-            run = stage_run(job, ref, loaded, upstream_dir)
-            with _progress(job, ref, console, enabled=progress):
-                build_trainer(run).fit()
+        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}",
+                      markup=False, soft_wrap=True)
+        start = time.monotonic()
+        try:
+            if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
+                run_eval_stage(job, ref, upstream_dir, console_logs=verbose,
+                               log=lambda m: console.print(m, markup=False, soft_wrap=True))
+            else:
+                run = stage_run(job, ref, loaded, upstream_dir)
+                with _progress(job, ref, console, enabled=progress):
+                    build_trainer(run, console_logs=verbose).fit()
+        except RunError:
+            raise
+        except Exception as exc:  # Ray Train / Ray task failures carry the worker's traceback
+            raise RunError(f"stage {ref.stage} failed: {_root_cause(exc)}{_logs_hint(ref)}") from exc
+        walls[ref.stage] = time.monotonic() - start
         if not StageDir(ref.directory).is_complete():
             raise RunError(f"stage {ref.stage} ended without writing COMPLETE in {ref.directory}")
-        console.print(f"stage {ref.stage} complete: {ref.directory}")
+        console.print(StageOutcome.read(ref, wall_seconds=walls[ref.stage]).line(), markup=False,
+                      soft_wrap=True)
+    print_summary(console, [StageOutcome.read(ref, wall_seconds=walls.get(ref.stage))
+                            for _, ref, _ in stages])
     return [ref for _, ref, _ in stages]
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The last line of the innermost error: what a worker raised, without Ray's wrapping and
+    its tracebacks (those are in the stage's logs/)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _logs_hint(ref: StageRef) -> str:
+    where = logs_dir(ref.directory)
+    return f" (worker logs: {where})" if where is not None else ""
 
 
 def _prepare(path: str | Path, progress: bool) -> None:
@@ -115,16 +151,19 @@ def stage_run(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None)
                     shard_dirs=shards, tokenizer_dir=absolute(tokenizer_ref(job, loaded).location))
 
 
-def _connect(address: str | None, console: Console) -> None:
+def _connect(address: str | None, console: Console, *, verbose: bool = False) -> None:
     import ray  # only when a stage is about to run: a complete pipeline needs no Ray
 
     if ray.is_initialized():
         return
-    context = ray.init(address=address, logging_level="WARNING", log_to_driver=True,
-                       configure_logging=True)
+    # Workers write their output into the stage's logs/ (prolong.stage.logs); Ray copies it to
+    # this console only when asked (--verbose). Its own driver notes are errors-only then too.
+    context = ray.init(address=address, logging_level="WARNING" if verbose else "ERROR",
+                       log_to_driver=verbose, configure_logging=True)
     url = getattr(context, "dashboard_url", None)
     console.print(f"Ray {'cluster ' + address if address else 'local instance'}"
-                  + (f", dashboard http://{url}" if url else "") + f" | {versions_summary()}")
+                  + (f", dashboard http://{url}" if url else "") + f" | {versions_summary()}",
+                  markup=False, soft_wrap=True)
 
 
 class _progress:

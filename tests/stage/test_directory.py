@@ -72,3 +72,31 @@ def test_publish_directory_replaces_in_one_move(tmp_path):
     publish_directory(str(src), str(dest))
     assert sorted(p.name for p in dest.iterdir()) == ["model.safetensors"]
     assert not (tmp_path / "stage" / "final.partial").exists()
+
+
+def test_a_resumed_run_replaces_its_replayed_steps(tmp_path):
+    """Resumed from the checkpoint of step 3, steps 4-5 run again: their old rows go, so the log
+    (the raw file, not only the reader) holds each step once, with the replayed values."""
+    stage = StageDir(str(tmp_path / "s"))
+    log = MetricsLog(stage)
+    for step in range(1, 6):
+        log.append({"step": step, "loss": 10.0 - step})
+    log.close()
+    resumed = MetricsLog(stage, resume_from=3)
+    for step in (4, 5, 6):
+        resumed.append({"step": step, "loss": 1.0 * step})
+    resumed.close()
+    raw = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in raw] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in raw] == [9.0, 8.0, 7.0, 4.0, 5.0, 6.0]
+    assert read_metrics(stage) == raw
+
+
+def test_reader_keeps_the_last_row_of_a_step(tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "loss": 2.5},
+            {"step": 3, "loss": 1.0}]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [(r["step"], r["loss"]) for r in read_metrics(StageDir(str(d)))] == \
+        [(1, 3.0), (2, 2.5), (3, 1.0)]

@@ -1,0 +1,144 @@
+"""The end of ``prolongctl run``: one line per finished stage and a summary of the whole run.
+
+Everything here is read back from the stage directories (manifest.json, metrics.jsonl,
+results.json), so a stage finished by an earlier run is summarised the same way as one that ran
+now; only the wall time is this run's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from prolong.eval.report import REPORT, RESULTS, SCORES_PNG
+from prolong.stage.directory import StageDir, read_metrics
+from prolong.stage.identity import StageRef
+from prolong.stage.logs import LOGS_DIR
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What one stage produced, as its directory says."""
+
+    ref: StageRef
+    kind: str
+    steps: int | None = None
+    tokens: int | None = None
+    first_loss: float | None = None
+    last_loss: float | None = None
+    tokens_per_s: float | None = None
+    average_score: float | None = None
+    wall_seconds: float | None = None
+    """This run's wall time for the stage; None when it was complete already."""
+
+    @classmethod
+    def read(cls, ref: StageRef, *, wall_seconds: float | None = None) -> StageOutcome:
+        stage = StageDir(ref.directory)
+        manifest = stage.read_manifest()
+        if manifest.kind == "EvalJob":
+            return cls(ref, manifest.kind, average_score=manifest.summary.get("average"),
+                       wall_seconds=wall_seconds)
+        records = read_metrics(stage)
+        rates = [r["tokens_per_s"] for r in records]
+        return cls(ref, manifest.kind, steps=manifest.steps, tokens=manifest.tokens,
+                   first_loss=records[0]["loss"] if records else None,
+                   last_loss=records[-1]["loss"] if records else None,
+                   tokens_per_s=sum(rates) / len(rates) if rates else None,
+                   wall_seconds=wall_seconds)
+
+    def line(self) -> str:
+        """The one result line of a stage that just finished."""
+        where = self.ref.directory
+        took = f" in {_duration(self.wall_seconds)}" if self.wall_seconds is not None else ""
+        if self.kind == "EvalJob":
+            score = "no samples" if self.average_score is None else \
+                f"average {self.average_score:.1f}"
+            return f"stage {self.ref.stage} complete{took}: {score} -> {where}"
+        loss = (f", loss {self.first_loss:.3f} -> {self.last_loss:.3f}"
+                if self.first_loss is not None else "")
+        rate = f", {self.tokens_per_s:,.0f} tok/s" if self.tokens_per_s is not None else ""
+        return f"stage {self.ref.stage} complete{took}: {self.steps} steps{loss}{rate} -> {where}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
+def summary_table(outcomes: list[StageOutcome]) -> Table:
+    table = Table(title="run summary", title_justify="left", show_edge=False, pad_edge=False)
+    # Narrow enough for an 80-column terminal (the stage lines above name each stage's kind).
+    for col in ("stage", "id", "steps", "tokens", "loss (first->last)", "tok/s", "wall"):
+        table.add_column(col, justify="right" if col in ("steps", "tokens", "tok/s") else "left",
+                         no_wrap=True)
+    for o in outcomes:
+        loss = (f"{o.first_loss:.3f}->{o.last_loss:.3f}" if o.first_loss is not None else
+                (f"eval avg {o.average_score:.1f}" if o.average_score is not None else "-"))
+        table.add_row(o.ref.stage, o.ref.id,
+                      "-" if o.steps is None else str(o.steps), _count(o.tokens), loss,
+                      "-" if o.tokens_per_s is None else f"{o.tokens_per_s:,.0f}",
+                      _duration(o.wall_seconds) if o.wall_seconds is not None else "earlier")
+    return table
+
+
+def scores_table(ref: StageRef) -> Table | None:
+    """HELMET scores of an eval stage by task and length (None when it has no results)."""
+    stage = StageDir(ref.directory)
+    if not stage.exists(RESULTS):
+        return None
+    results = stage.read_json(RESULTS)
+    lengths = [str(n) for n in results.get("lengths", [])]
+    table = Table(title=f"HELMET scores of {ref.stage} ({ref.id})", title_justify="left",
+                  show_edge=False, pad_edge=False)
+    table.add_column("task")
+    for n in lengths:
+        table.add_column(n, justify="right")
+    table.add_column("mean", justify="right")
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for name, task in results.get("tasks", {}).items():
+        by_length = task.get("by_length", {})
+        table.add_row(name, *(cell(by_length.get(n)) for n in lengths), cell(task.get("mean")))
+    average = results.get("average", {})
+    table.add_row("average", *(cell(average.get("by_length", {}).get(n)) for n in lengths),
+                  cell(average.get("mean")))
+    return table
+
+
+def print_summary(console: Console, outcomes: list[StageOutcome]) -> None:
+    """The summary table, each eval stage's scores and where the reports and logs are."""
+    if not outcomes:
+        return
+    console.print()
+    console.print(summary_table(outcomes))
+    for o in outcomes:
+        if o.kind != "EvalJob":
+            continue
+        table = scores_table(o.ref)
+        if table is not None:
+            console.print()
+            console.print(table)
+            base = StageDir(o.ref.directory).uri
+            console.print(f"reports: {base}/{REPORT}, {base}/{SCORES_PNG}", markup=False,
+                          soft_wrap=True)
+    logs = [o for o in outcomes if o.wall_seconds is not None]
+    if logs:
+        console.print(f"worker logs: <stage dir>/{LOGS_DIR}/ "
+                      f"(e.g. {Path(StageDir(logs[-1].ref.directory).uri) / LOGS_DIR})",
+                      markup=False, soft_wrap=True)
