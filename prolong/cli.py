@@ -180,6 +180,48 @@ def run(
             raise typer.Exit(EXIT_FAILED) from None
 
 
+REPORT_TARGETS_ARG = typer.Argument(..., show_default=False,
+                                    help="Spec files (job or pipeline), pipeline directories "
+                                         "(<storage.root>/<pipeline>) or stage directories.")
+PRICE_OPT = typer.Option(None, "--price-per-device-hour", min=0.0,
+                         help="Price of one device-hour, for a cost column.")
+REPORT_OUT_OPT = typer.Option(None, "--out", "-o",
+                              help="Also write report.md (every run, side by side) here.")
+
+
+@app.command()
+def report(targets: list[Path] = REPORT_TARGETS_ARG, price: float | None = PRICE_OPT,
+           out_dir: Path | None = REPORT_OUT_OPT) -> None:
+    """Summarise finished runs: per stage its steps, tokens, last loss, time, device-hours,
+    tokens/s per device, MFU and cost, and the eval scores by task and length. Several targets
+    are put side by side in report.md.
+
+    [bold]Examples[/bold]
+
+      prolongctl report jobs/quickstart/pipeline.yaml
+
+      prolongctl report runs/quickstart runs/other-quickstart --price-per-device-hour 2.5 --out reports/
+    """
+    # Reading stage directories loads pyarrow's filesystems (+0.2 s): only `report` needs them.
+    from prolong.train.report import run_markdown, run_rows
+    from prolong.train.summary import print_run_report
+
+    with user_errors():
+        try:
+            runs = [run_rows(t) for t in targets]
+        except ValueError as exc:
+            err.print(f"prolongctl report: {exc}", markup=False)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+    print_run_report(out, runs, price)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "report.md"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(run_markdown(runs, price))
+        tmp.replace(path)
+        out.print(f"wrote {path}", markup=False)
+
+
 # -- submit / status / logs / delete (a prolong.k8s.backend.Backend does the work) ---------------
 
 NAME_ARG = typer.Argument(..., show_default=False,

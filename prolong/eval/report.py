@@ -10,13 +10,13 @@ one column per run; markdown + a PNG with one panel per category.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prolong.eval.tasks import METRIC_NOTES
+from prolong.plots import png_bytes, pyplot
 
 RESULTS = "results.json"
 REPORT = "report.md"
@@ -71,18 +71,9 @@ def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> s
     return "\n".join(lines)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def scores_png(results: dict[str, Any], title: str = "HELMET") -> bytes:
     """Score against length, one line per category and the average (PNG bytes)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     lengths = [int(n) for n in results["lengths"]]
     series = {CATEGORY_TITLES.get(k, k): v["by_length"] for k, v in results["categories"].items()}
@@ -96,7 +87,7 @@ def scores_png(results: dict[str, Any], title: str = "HELMET") -> bytes:
     ax.set_ylabel("score")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _png(fig, plt)
+    return png_bytes(fig)
 
 
 def _length_axis(ax: Any, lengths: Sequence[int]) -> None:
@@ -107,14 +98,6 @@ def _length_axis(ax: Any, lengths: Sequence[int]) -> None:
     ax.set_xlabel("context length (tokens)")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
-
-
-def _png(fig: Any, plt: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +146,7 @@ def comparison_markdown(runs: Sequence[tuple[str, dict[str, Any]]]) -> str:
 
 
 def comparison_png(runs: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
-    plt = _pyplot()
+    plt = pyplot()
     cats = [*dict.fromkeys(c for _, r in runs for c in r["categories"]), "average"]
     cols = min(4, len(cats))
     rows = -(-len(cats) // cols)
@@ -181,4 +164,4 @@ def comparison_png(runs: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
     for ax in list(axes.flat)[len(cats):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    return _png(fig, plt)
+    return png_bytes(fig)

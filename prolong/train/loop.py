@@ -54,6 +54,13 @@ from prolong.stage.payload import StageRun
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
 from prolong.train.metrics import RayGauges, make_step_metrics, step_flops
+from prolong.train.report import (
+    CURVES_PNG,
+    TRAIN_REPORT,
+    curves_png,
+    training_figures,
+    training_markdown,
+)
 from prolong.versions import versions
 
 CHECKPOINT_TAG = "ds"
@@ -217,6 +224,15 @@ class Worker:
 
     # ---- the end -------------------------------------------------------------------------
 
+    def _write_report(self, stage: StageDir, records: list[dict[str, Any]]) -> None:
+        """report.md and curves.png (prolong.train.report), before the manifest vouches for them."""
+        cluster = self.spec.cluster
+        device = cluster.gpu_type if cluster.device == "gpu" else "CPU worker"
+        title = f"{self.ref.pipeline}/{self.ref.dir_name}"
+        figures = training_figures(records, self.world)
+        stage.write_bytes(TRAIN_REPORT, training_markdown(title, figures, device=device).encode())
+        stage.write_bytes(CURVES_PNG, curves_png(records, title))
+
     def _finalize(self, engine: Any, model: torch.nn.Module, stage: StageDir, step: int) -> None:
         """Consolidated HF weights + tokenizer in final/, then manifest.json, then COMPLETE."""
         # deepspeed is loaded by build_engine by now; imported here for the same reason as there.
@@ -230,11 +246,13 @@ class Worker:
                      if self.rank == 0 else None)
         if self.rank == 0:
             _write_final(model, state, self.run_info.tokenizer_dir, stage.final_uri)
+            records = read_metrics(stage)
+            self._write_report(stage, records)
             stage.write_manifest(Manifest.for_stage(
                 self.ref, self.run_info.job, final=stage.final_uri,
                 final_checkpoint=stage.uri_of(checkpoint_dir_name(step)),
                 steps=step, tokens=step * self.spec.global_batch_tokens,
-                summary=metrics_summary(read_metrics(stage)), versions=versions()))
+                summary=metrics_summary(records), versions=versions()))
             stage.mark_complete()
         if dist.is_initialized():
             dist.barrier()

@@ -17,6 +17,7 @@ from prolong.eval.report import REPORT, RESULTS, SCORES_PNG
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOGS_DIR
+from prolong.train.report import StageRow, fmt
 
 
 @dataclass(frozen=True)
@@ -95,15 +96,14 @@ def summary_table(outcomes: list[StageOutcome]) -> Table:
     return table
 
 
-def scores_table(ref: StageRef) -> Table | None:
+def scores_table(directory: str, title: str) -> Table | None:
     """HELMET scores of an eval stage by task and length (None when it has no results)."""
-    stage = StageDir(ref.directory)
+    stage = StageDir(directory)
     if not stage.exists(RESULTS):
         return None
     results = stage.read_json(RESULTS)
     lengths = [str(n) for n in results.get("lengths", [])]
-    table = Table(title=f"HELMET scores of {ref.stage} ({ref.id})", title_justify="left",
-                  show_edge=False, pad_edge=False)
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("task")
     for n in lengths:
         table.add_column(n, justify="right")
@@ -121,6 +121,40 @@ def scores_table(ref: StageRef) -> Table | None:
     return table
 
 
+def run_table(name: str, rows: list[StageRow], price_per_device_hour: float | None) -> Table:
+    """``prolongctl report``: one run's stages with their time, device-hours and cost."""
+    table = Table(title=f"run {name}", title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("stage", "id", "steps", "tokens", "last loss", "time", "device-h",
+                "tok/s/dev", "MFU", "cost", "eval"):
+        table.add_column(col, no_wrap=True,
+                         justify="left" if col in ("stage", "id") else "right")
+    for r in rows:
+        cost = None if price_per_device_hour is None else r.device_hours * price_per_device_hour
+        table.add_row(r.stage, r.id, fmt(r.steps, ","), _count(r.tokens),
+                      fmt(r.last_loss, ".3f"), _duration(r.seconds), f"{r.device_hours:.4f}",
+                      fmt(r.tokens_per_s_per_device), fmt(r.mfu_dense, ".1%"),
+                      fmt(cost, ",.2f"), fmt(r.average_score, ".1f"))
+    return table
+
+
+def print_run_report(console: Console, runs: list[tuple[str, list[StageRow]]],
+                     price_per_device_hour: float | None) -> None:
+    """What ``prolongctl report`` prints: each run's table and its eval scores."""
+    for name, rows in runs:
+        console.print(run_table(name, rows, price_per_device_hour))
+        total = sum(r.device_hours for r in rows)
+        cost = (f", cost {total * price_per_device_hour:,.2f} at {price_per_device_hour:g} per "
+                "device-hour" if price_per_device_hour is not None else
+                " (--price-per-device-hour for a cost)")
+        console.print(f"total {total:.4f} device-hours{cost}", markup=False, soft_wrap=True)
+        for r in rows:
+            if r.kind == "EvalJob":
+                table = scores_table(r.directory, f"HELMET scores of {name}/{r.stage} ({r.id})")
+                if table is not None:
+                    console.print(table)
+        console.print()
+
+
 def print_summary(console: Console, outcomes: list[StageOutcome]) -> None:
     """The summary table, each eval stage's scores and where the reports and logs are."""
     if not outcomes:
@@ -130,7 +164,7 @@ def print_summary(console: Console, outcomes: list[StageOutcome]) -> None:
     for o in outcomes:
         if o.kind != "EvalJob":
             continue
-        table = scores_table(o.ref)
+        table = scores_table(o.ref.directory, f"HELMET scores of {o.ref.stage} ({o.ref.id})")
         if table is not None:
             console.print()
             console.print(table)

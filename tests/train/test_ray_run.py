@@ -80,6 +80,9 @@ def test_sp2_stage_learns_and_completes(ray_cluster, prepared, tmp_path):
     logs = sorted(p.name for p in (Path(stage.uri) / "logs").iterdir())
     assert logs == ["worker-rank000.log", "worker-rank001.log"]
     assert "Reporting training result" in (Path(stage.uri) / "logs" / logs[0]).read_text()
+    # The stage's own report, written before the manifest vouches for it.
+    assert "| steps | 30 |" in (Path(stage.uri) / "report.md").read_text()
+    assert (Path(stage.uri) / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert stage.is_complete()
     losses = [r["loss"] for r in read_metrics(stage)]
     assert len(losses) == 30

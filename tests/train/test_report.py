@@ -1,0 +1,95 @@
+"""A training stage's report.md / curves.png and `prolongctl report` over finished stages."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from typer.testing import CliRunner
+
+from prolong.cli import app
+from prolong.spec import PretrainJob
+from prolong.stage.directory import Manifest, MetricsLog, StageDir
+from prolong.stage.identity import standalone_stage
+from prolong.train.report import (
+    curves_png,
+    run_markdown,
+    run_rows,
+    training_figures,
+    training_markdown,
+)
+from tests.conftest import job_dict
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _records(steps: int = 6, *, mfu: bool = False) -> list[dict]:
+    return [{"step": s, "loss": 8.0 - 0.5 * s, "lr": 1e-3, "grad_norm": 1.0 / s, "tokens": 2048,
+             "seconds": 0.5, "tokens_per_s": 4096.0,
+             "mfu_dense": 0.4 if mfu else None, "mfu_doc_causal": 0.2 if mfu else None,
+             "tokens_per_domain": {"books": 1024 * s, "code": 1024 * s}}
+            for s in range(1, steps + 1)]
+
+
+def test_figures_follow_their_definitions():
+    fig = training_figures(_records(6), devices=4)
+    assert (fig.steps, fig.tokens, fig.step_seconds) == (6, 6 * 2048, 3.0)
+    assert fig.device_hours == pytest.approx(3.0 * 4 / 3600)
+    assert fig.tokens_per_s_per_device == pytest.approx(6 * 2048 / 3.0 / 4)
+    assert (fig.first_loss, fig.last_loss, fig.min_loss) == (7.5, 5.0, 5.0)
+    assert fig.mfu_dense is None and fig.cost(2.0) == pytest.approx(fig.device_hours * 2.0)
+    assert training_figures(_records(3, mfu=True), 1).mfu_dense == pytest.approx(0.4)
+
+
+def test_markdown_and_curves_are_written_for_people():
+    records = _records(8)
+    text = training_markdown("p/stage1-0123abcd", training_figures(records, 2), device="H100")
+    assert "| steps | 8 |" in text and "| devices | 2 x H100 |" in text
+    assert "| books | 8,192 | 50.0% |" in text
+    png = curves_png(records, "p/stage1-0123abcd")
+    assert png.startswith(PNG_MAGIC)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(io.BytesIO(png), format="png")
+    assert image.shape[0] >= 600 and image.shape[1] >= 1200  # six readable panels
+
+
+def _finished_stage(root, name: str = "stage1") -> StageDir:
+    data = job_dict("quickstart/stage1.yaml")
+    data["spec"]["storage"] = {"root": str(root)}
+    job = PretrainJob.model_validate(data)
+    ref = standalone_stage(job)
+    stage = StageDir(ref.directory)
+    log = MetricsLog(stage)
+    for r in _records(5):
+        log.append(r)
+    log.close()
+    stage.write_manifest(Manifest.for_stage(ref, job.model_dump(mode="json", by_alias=True),
+                                            steps=5, tokens=5 * 2048))
+    stage.mark_complete()
+    return stage
+
+
+def test_run_rows_read_pipeline_and_stage_directories(tmp_path):
+    stage = _finished_stage(tmp_path)
+    name, rows = run_rows(stage.uri)
+    assert [r.steps for r in rows] == [5] and rows[0].devices == 2
+    pipeline_name, again = run_rows(str(tmp_path / "quickstart-stage1"))
+    assert pipeline_name == "quickstart-stage1" and again == rows
+    text = run_markdown([(name, rows), ("other", rows)], price_per_device_hour=3.0)
+    assert "## Side by side" in text and f"{rows[0].device_hours * 3.0:,.2f}" in text
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no finished stage"):
+        run_rows(str(tmp_path / "empty"))
+
+
+def test_prolongctl_report(tmp_path):
+    stage = _finished_stage(tmp_path)
+    result = CliRunner().invoke(app, ["report", stage.uri, "--price-per-device-hour", "2",
+                                      "--out", str(tmp_path / "out")], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "pretrain" in result.output and "total " in result.output
+    assert "device-hours" in result.output and "at 2 per device-hour" in result.output
+    assert (tmp_path / "out" / "report.md").read_text().startswith("# Run report")
+    missing = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert missing.exit_code == 2 and "no such file or directory" in missing.output
