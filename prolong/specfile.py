@@ -174,6 +174,11 @@ def resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
         where = f"spec.stages[{i}]"
         if isinstance(stage, RefStage):
             ref_path = str(base / stage.ref)
+            if not Path(ref_path).is_file():
+                # The fault is in the pipeline file's field, not in a file that is not there.
+                issues.append(SpecIssue(f"{where}.ref", f"file not found: {ref_path}", stage.ref,
+                                        file=file))
+                continue
             try:
                 ref_raw = read_yaml(ref_path)
                 job = parse_document(ref_raw, file=ref_path)

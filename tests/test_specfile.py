@@ -64,7 +64,10 @@ def test_missing_reference(tmp_path, write_spec):
     data["spec"]["stages"][1]["ref"] = "stage-two.yaml"
     with pytest.raises(SpecError) as info:
         load(write_spec(data, "pipeline.yaml"))
-    assert [str(i) for i in info.value.issues] == [f"{tmp_path}/stage-two.yaml: file not found"]
+    # The line names the pipeline file and its field, and the path it looked for.
+    assert [str(i) for i in info.value.issues] == [
+        f"{tmp_path}/pipeline.yaml: spec.stages[1].ref: file not found: "
+        f"{tmp_path}/stage-two.yaml (got 'stage-two.yaml')"]
 
 
 def _inline_quickstart():
