@@ -12,6 +12,7 @@ when it is done lives here:
   stores: :class:`~.directory.StageDir`, the typed :class:`~.directory.Manifest`, ``metrics.jsonl``
   and the ``COMPLETE`` marker;
 - :mod:`.logs` -- worker output into ``<stage dir>/logs/``;
+- :mod:`.lock` -- one run of a stage at a time (``<stage dir>/.lock``);
 - :mod:`.payload` -- what travels with a stage: ``stage.json`` beside ``job.yaml`` and the
   :class:`~.payload.StageRun` each training worker receives.
 

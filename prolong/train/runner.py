@@ -18,6 +18,7 @@ output goes to ``<stage dir>/logs/`` (:mod:`prolong.stage.logs`), not to the con
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.lock import StageLock, StageLocked
 from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
 from prolong.stage.uri import absolute
@@ -85,42 +87,68 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
                           markup=False, soft_wrap=True)
         else:
             pending.append(stage)
-    if pending:
-        _prepare(path, progress)
-        _connect(ray_address, console, verbose=verbose)
-    for job, ref, upstream_dirs in pending:
-        upstream_dir = None
-        src = job.spec.model.from_stage
-        if src is not None:
-            if src not in upstream_dirs:
-                raise RunError(f"stage {ref.stage} starts from stage {src}, which this file does not "
-                               "define: run the pipeline file")
-            upstream_dir = upstream_dirs[src]
-            if not StageDir(upstream_dir).is_complete():
-                raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
-        console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}",
-                      markup=False, soft_wrap=True)
-        start = time.monotonic()
-        try:
-            if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
-                run_eval_stage(job, ref, upstream_dir, console_logs=verbose,
-                               log=lambda m: console.print(m, markup=False, soft_wrap=True))
-            else:
-                run = stage_run(job, ref, loaded, upstream_dir)
-                with _progress(job, ref, console, enabled=progress):
-                    build_trainer(run, console_logs=verbose).fit()
-        except RunError:
-            raise
-        except Exception as exc:  # Ray Train / Ray task failures carry the worker's traceback
-            raise RunError(f"stage {ref.stage} failed: {_root_cause(exc)}{_logs_hint(ref)}") from exc
-        walls[ref.stage] = time.monotonic() - start
-        if not StageDir(ref.directory).is_complete():
-            raise RunError(f"stage {ref.stage} ended without writing COMPLETE in {ref.directory}")
-        console.print(StageOutcome.read(ref, wall_seconds=walls[ref.stage]).line(), markup=False,
-                      soft_wrap=True)
+    with contextlib.ExitStack() as held:
+        # One run of a stage at a time (prolong.stage.lock): every pending stage is locked
+        # before data preparation or Ray start, so a second run of the same stages refuses at once.
+        for _, ref, _ in pending:
+            lock = StageLock(ref.directory)
+            try:
+                lock.acquire()
+            except StageLocked as exc:
+                raise RunError(str(exc)) from None
+            held.callback(lock.release)
+        if pending:
+            _prepare(path, progress)
+            _connect(ray_address, console, verbose=verbose)
+        for job, ref, upstream_dirs in pending:
+            _run_pending(job, ref, upstream_dirs, loaded, console, walls, progress=progress,
+                         verbose=verbose)
     print_summary(console, [StageOutcome.read(ref, wall_seconds=walls.get(ref.stage))
                             for _, ref, _ in stages])
     return [ref for _, ref, _ in stages]
+
+
+def _run_pending(job: Job, ref: StageRef, upstream_dirs: dict[str, str], loaded: Loaded,
+                 console: Console, walls: dict[str, float], *, progress: bool,
+                 verbose: bool) -> None:
+    """One stage that was not complete when the run started (its lock held)."""
+    upstream_dir = None
+    src = job.spec.model.from_stage
+    if src is not None:
+        if src not in upstream_dirs:
+            raise RunError(f"stage {ref.stage} starts from stage {src}, which this file does not "
+                           "define: run the pipeline file")
+        upstream_dir = upstream_dirs[src]
+        if not StageDir(upstream_dir).is_complete():
+            raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
+    if StageDir(ref.directory).is_complete():  # finished by a run that held the lock before us
+        console.print(f"stage {ref.stage} ({ref.id}) was completed by another run: "
+                      f"{ref.directory}", markup=False, soft_wrap=True)
+        return
+    console.print(f"stage {ref.stage} ({job.kind}, id {ref.id}) -> {ref.directory}",
+                  markup=False, soft_wrap=True)
+    start = time.monotonic()
+    _run_stage(job, ref, loaded, upstream_dir, console, progress=progress, verbose=verbose)
+    walls[ref.stage] = time.monotonic() - start
+    if not StageDir(ref.directory).is_complete():
+        raise RunError(f"stage {ref.stage} ended without writing COMPLETE in {ref.directory}")
+    console.print(StageOutcome.read(ref, wall_seconds=walls[ref.stage]).line(), markup=False,
+                  soft_wrap=True)
+
+
+def _run_stage(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None,
+               console: Console, *, progress: bool, verbose: bool) -> None:
+    """Train (or evaluate) one stage; a failure becomes one RunError line."""
+    try:
+        if isinstance(job, EvalJob):  # HELMET on Ray tasks, sharded over workers
+            run_eval_stage(job, ref, upstream_dir, console_logs=verbose,
+                           log=lambda m: console.print(m, markup=False, soft_wrap=True))
+        else:
+            run = stage_run(job, ref, loaded, upstream_dir)
+            with _progress(job, ref, console, enabled=progress):
+                build_trainer(run, console_logs=verbose).fit()
+    except Exception as exc:  # Ray Train / Ray task failures carry the worker's traceback
+        raise RunError(f"stage {ref.stage} failed: {_root_cause(exc)}{_logs_hint(ref)}") from exc
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -1,0 +1,93 @@
+"""One run of a stage at a time: the stage directory's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from prolong.stage import lock as L
+from prolong.stage.lock import LOCK_FILE, StageLock, StageLocked
+from prolong.train.runner import RunError, run_file
+from tests.conftest import job_dict
+
+
+def _write_lock(directory, *, host: str, pid: int, age: float = 0.0) -> None:
+    path = directory / LOCK_FILE
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": time.time() - age,
+                                "token": "t"}))
+    os.utime(path, (time.time() - age, time.time() - age))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_held_while_running_and_gone_after(tmp_path):
+    d = tmp_path / "p" / "s-1"
+    with StageLock(str(d)):
+        held = json.loads((d / LOCK_FILE).read_text())
+        assert held["pid"] == os.getpid()
+    assert not (d / LOCK_FILE).exists()
+
+
+def test_a_second_run_refuses_and_says_who_holds_it(tmp_path):
+    d = tmp_path / "s-1"
+    with StageLock(str(d)), pytest.raises(StageLocked, match=rf"pid {os.getpid()} on .* since"):
+        StageLock(str(d)).acquire()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
+    import socket
+
+    d = tmp_path / "s-1"
+    _write_lock(d, host=socket.gethostname(), pid=_dead_pid())
+    with StageLock(str(d)) as lock:
+        assert json.loads((d / LOCK_FILE).read_text())["token"] == lock.holder.token
+
+
+def test_a_holder_elsewhere_is_stale_only_when_its_heartbeat_stops(tmp_path):
+    d = tmp_path / "s-1"
+    _write_lock(d, host="another-pod", pid=1, age=10)
+    with pytest.raises(StageLocked, match="another-pod"):
+        StageLock(str(d)).acquire()
+    _write_lock(d, host="another-pod", pid=1, age=L.STALE_SECONDS + 5)
+    with StageLock(str(d)):
+        assert json.loads((d / LOCK_FILE).read_text())["host"] != "another-pod"
+
+
+def test_release_never_removes_a_lock_taken_over_by_another_run(tmp_path):
+    d = tmp_path / "s-1"
+    first = StageLock(str(d))
+    first.acquire()
+    _write_lock(d, host="another-pod", pid=1)  # as if it had been taken over
+    first.release()
+    assert json.loads((d / LOCK_FILE).read_text())["host"] == "another-pod"
+
+
+def test_object_store_stages_are_not_locked():
+    assert not StageLock("s3://bucket/p/s-1").enabled
+
+
+def test_prolongctl_run_refuses_a_stage_another_run_holds(tmp_path, monkeypatch):
+    """No data preparation, no Ray: the refusal comes first, and names the holder."""
+    monkeypatch.chdir(tmp_path)
+    data = job_dict("quickstart/stage1.yaml")
+    data["spec"]["storage"] = {"root": str(tmp_path / "runs")}
+    path = tmp_path / "stage1.yaml"
+    path.write_text(yaml.safe_dump(data))
+    from prolong.specfile import load
+    from prolong.stage.identity import standalone_stage
+
+    ref = standalone_stage(load(path).document)
+    with StageLock(ref.directory), pytest.raises(RunError, match="is being run by pid"):
+        run_file(path, progress=False)
+    assert not (tmp_path / "runs" / "data").exists()  # nothing was prepared
