@@ -8,9 +8,12 @@ Train runs writing into one directory.
   ``O_CREAT | O_EXCL``: of two runs starting together, exactly one creates it.
 - The holder refreshes its modification time every :data:`HEARTBEAT_SECONDS` (a daemon thread).
 - A lock is *stale* when its holder is on this host and its process is gone, or when its
-  heartbeat is older than :data:`STALE_SECONDS` (a holder on another machine or pod that died:
-  the operator's retry of a stage runs in a new pod). A stale lock is taken over: it is renamed
-  away (atomic; of two runs taking it over, one wins the rename) and created afresh.
+  heartbeat is older than :data:`STALE_SECONDS`. A stale lock is taken over: it is renamed away
+  (atomic; of two runs taking it over, one wins the rename) and created afresh.
+- A holder on this host whose process lives: the run refuses at once. A holder on another host
+  (another pod: the operator's retry of a stage runs in a new one, maybe seconds after the old
+  pod died) cannot be asked: the run watches the heartbeat instead, refusing as soon as it
+  moves (the holder lives) and taking over once it is stale (the holder died).
 - Released (deleted) when the run ends, successfully or not.
 
 Local stage directories only: an object store has no create-if-absent, so stages there are not
@@ -25,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from prolong.stage.uri import absolute, is_object_store
 LOCK_FILE = ".lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 180.0
+POLL_SECONDS = 5.0
 
 
 class StageLocked(RuntimeError):
@@ -74,28 +79,58 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def is_stale(path: Path, holder: Holder, *, now: float | None = None) -> bool:
-    """Whether a lock's holder is gone (see the module docstring)."""
-    now = time.time() if now is None else now
+def _beat_of(path: Path) -> float | None:
     try:
-        beat = path.stat().st_mtime
+        return path.stat().st_mtime
     except FileNotFoundError:
-        return True
-    if now - beat > STALE_SECONDS:
-        return True
-    return holder.host == socket.gethostname() and holder.pid > 0 and not _alive(holder.pid)
+        return None
 
 
 class StageLock:
-    """The lock of one stage directory, as a context manager."""
+    """The lock of one stage directory, as a context manager. The timings are parameters so that
+    a test can use short ones; runs use the module's defaults."""
 
-    def __init__(self, stage_directory: str):
+    def __init__(self, stage_directory: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 stale_seconds: float = STALE_SECONDS, poll_seconds: float = POLL_SECONDS,
+                 on_wait: Callable[[str], None] | None = None):
         self.directory = stage_directory
         self.path = None if is_object_store(stage_directory) else \
             Path(absolute(stage_directory)) / LOCK_FILE
         self.holder = Holder(socket.gethostname(), os.getpid(), time.time(), uuid.uuid4().hex)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.stale_seconds = stale_seconds
+        self.poll_seconds = poll_seconds
+        self.on_wait = on_wait
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+
+    def is_stale(self, holder: Holder) -> bool:
+        """Whether a lock's holder is gone: no heartbeat for stale_seconds, or its process on
+        this host has exited."""
+        assert self.path is not None
+        beat = _beat_of(self.path)
+        if beat is None or time.time() - beat > self.stale_seconds:
+            return True
+        return holder.host == socket.gethostname() and holder.pid > 0 and not _alive(holder.pid)
+
+    def _holder_lives(self, other: Holder) -> bool:
+        """True when the holder is alive; False once its lock is stale (or gone)."""
+        assert self.path is not None
+        if self.is_stale(other):
+            return False
+        if other.host == socket.gethostname():
+            return True  # its process exists (is_stale checked)
+        first = _beat_of(self.path)
+        if self.on_wait is not None:
+            self.on_wait(f"stage directory {self.directory} is locked by {other.describe()}; "
+                         f"waiting up to {self.stale_seconds:.0f} s to see whether it still runs")
+        while True:
+            time.sleep(self.poll_seconds)
+            beat = _beat_of(self.path)
+            if beat is None or self.is_stale(other):
+                return False
+            if beat != first or _read(self.path) != other:
+                return True  # its heartbeat moved (or someone else holds it now)
 
     @property
     def enabled(self) -> bool:
@@ -124,7 +159,7 @@ class StageLock:
             other = _read(self.path)
             if other is None:
                 continue  # released between our create and our read: try again
-            if not is_stale(self.path, other):
+            if self._holder_lives(other):
                 raise StageLocked(f"stage directory {self.directory} is being run by "
                                   f"{other.describe()} (lock {self.path}); wait for it, or stop "
                                   "that run first")
@@ -139,7 +174,7 @@ class StageLock:
 
     def _heartbeat(self) -> None:
         assert self.path is not None
-        while not self._stop.wait(HEARTBEAT_SECONDS):
+        while not self._stop.wait(self.heartbeat_seconds):
             try:
                 os.utime(self.path)
             except FileNotFoundError:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -54,13 +55,41 @@ def test_a_dead_holder_on_this_host_is_taken_over(tmp_path):
         assert json.loads((d / LOCK_FILE).read_text())["token"] == lock.holder.token
 
 
-def test_a_holder_elsewhere_is_stale_only_when_its_heartbeat_stops(tmp_path):
+def test_a_live_holder_elsewhere_is_seen_by_its_heartbeat(tmp_path):
+    """Another pod holds the stage and its heartbeat moves: the run refuses (after seeing it move,
+    not after the whole stale period)."""
     d = tmp_path / "s-1"
-    _write_lock(d, host="another-pod", pid=1, age=10)
-    with pytest.raises(StageLocked, match="another-pod"):
-        StageLock(str(d)).acquire()
-    _write_lock(d, host="another-pod", pid=1, age=L.STALE_SECONDS + 5)
-    with StageLock(str(d)):
+    _write_lock(d, host="another-pod", pid=1)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(0.05):
+            os.utime(d / LOCK_FILE)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    waits: list[str] = []
+    start = time.monotonic()
+    try:
+        with pytest.raises(StageLocked, match="another-pod"):
+            StageLock(str(d), stale_seconds=30, poll_seconds=0.2, on_wait=waits.append).acquire()
+    finally:
+        stop.set()
+        thread.join()
+    assert time.monotonic() - start < 5 and waits and "another-pod" in waits[0]
+
+
+def test_a_silent_holder_elsewhere_is_taken_over_once_stale(tmp_path):
+    """A pod that died a moment ago (its lock fresh, its heartbeat stopped): the retry waits for
+    the lock to go stale, then takes it over."""
+    d = tmp_path / "s-1"
+    _write_lock(d, host="another-pod", pid=1)
+    start = time.monotonic()
+    with StageLock(str(d), stale_seconds=0.6, poll_seconds=0.05):
+        assert json.loads((d / LOCK_FILE).read_text())["host"] != "another-pod"
+    assert time.monotonic() - start >= 0.5
+    _write_lock(d, host="another-pod", pid=1, age=L.STALE_SECONDS + 5)  # long silent: at once
+    with StageLock(str(d), poll_seconds=60):
         assert json.loads((d / LOCK_FILE).read_text())["host"] != "another-pod"
 
 
