@@ -210,8 +210,10 @@ def _field(row: Any, stream: DataStream, conv: bool, where: str) -> dict[str, An
 
 
 def check_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """A conversation in UltraChat form: a non-empty list of {role, content} with known roles
-    and at least one assistant turn (otherwise it would contribute no label)."""
+    """A conversation in UltraChat form: a non-empty list of {role, content} with known roles,
+    in order (an optional system message first, then user and assistant turns taking turns from
+    the user: a chat template renders nothing sensible otherwise), and at least one assistant turn
+    (otherwise it would contribute no label)."""
     if not isinstance(value, list) or not value:
         raise DataError("messages must be a non-empty list of {role, content}", path=where)
     out = []
@@ -223,9 +225,24 @@ def check_messages(value: Any, where: str) -> list[dict[str, str]]:
             raise DataError(f"message {i} has role {m['role']!r}; expected one of "
                             f"{', '.join(ROLES)}", path=where)
         out.append({"role": m["role"], "content": m["content"]})
+    _check_turn_order(out, where)
     if not any(m["role"] == "assistant" for m in out):
         raise DataError("conversation has no assistant turn", path=where)
     return out
+
+
+def _check_turn_order(messages: list[dict[str, str]], where: str) -> None:
+    expected = "user"
+    for i, m in enumerate(messages):
+        if m["role"] == "system":
+            if i:
+                raise DataError(f"message {i} is a system message; only the first message may be",
+                                path=where)
+            continue
+        if m["role"] != expected:
+            raise DataError(f"message {i} has role {m['role']!r} where a {expected} turn comes "
+                            "(turns go user, assistant, user, ...)", path=where)
+        expected = "assistant" if expected == "user" else "user"
 
 
 # ---------------------------------------------------------------------------------------------

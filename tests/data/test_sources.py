@@ -177,10 +177,22 @@ def test_missing_text_field(tmp_path):
         list(iter_documents(stream(tmp_path / "x.parquet", "parquet")))
 
 
-def test_bad_conversations(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "only a question"}]},
-            {"messages": [{"role": "robot", "content": "x"}]}]
-    for i, row in enumerate(rows):
-        (tmp_path / f"{i}.jsonl").write_text(json.dumps(row) + "\n")
-        with pytest.raises(DataError, match=r"no assistant turn|role 'robot'"):
-            list(iter_documents(stream(tmp_path / f"{i}.jsonl", "jsonl", packing="conversation")))
+def _msg(role: str, content: str = "x") -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+@pytest.mark.parametrize(("messages", "rule"), [
+    ([_msg("user", "only a question")], "no assistant turn"),
+    ([_msg("robot")], "role 'robot'"),
+    ([_msg("assistant"), _msg("user")], r"message 0 has role 'assistant' where a user turn comes"),
+    ([_msg("user"), _msg("user"), _msg("assistant")],
+     r"message 1 has role 'user' where a assistant turn comes"),
+    ([_msg("user"), _msg("assistant"), _msg("system")], "message 2 is a system message"),
+])
+def test_bad_conversations(tmp_path, messages, rule):
+    good = {"messages": [_msg("system"), _msg("user"), _msg("assistant")]}
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=rule) as info:
+        list(iter_documents(stream(path, "jsonl", packing="conversation")))
+    assert str(path) in str(info.value) and ":2" in str(info.value)  # the file and its line
