@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,6 +52,15 @@ from prolong.stage.directory import (
 )
 from prolong.stage.logs import stage_output
 from prolong.stage.payload import StageRun
+from prolong.train.checkpoints import (
+    CHECKPOINT_TAG,
+    TRAINER_STATE,
+    checkpoint_dir_name,
+    checkpoint_problems,
+    older_checkpoints,
+    rng_file,
+    step_of,
+)
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
 from prolong.train.metrics import RayGauges, make_step_metrics, step_flops
@@ -62,13 +72,6 @@ from prolong.train.report import (
     training_markdown,
 )
 from prolong.versions import versions
-
-CHECKPOINT_TAG = "ds"
-TRAINER_STATE = "trainer_state.json"
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint-{step:06d}"
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -99,6 +102,8 @@ class Worker:
             self.device = torch.device("cpu")
         self.dims = self.spec.parallel_dims
         self.groups = self.dims.build(self.rank)
+        self.name_suffix = ""
+        """Appended to checkpoint names after a resume fell back past a broken checkpoint."""
 
     # ---- set-up --------------------------------------------------------------------------
 
@@ -182,25 +187,24 @@ class Worker:
         with tempfile.TemporaryDirectory(prefix="prolong-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
             maybe_fault("save", step, stage, rank=self.rank)
-            torch.save(_rng_state(), Path(tmp) / f"rng-rank{self.rank:05d}.pt")
+            torch.save(_rng_state(), Path(tmp) / rng_file(self.rank))
             if self.rank == 0:
                 state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict()}
                 (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state))
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
+                             checkpoint_dir_name=checkpoint_dir_name(step, self.name_suffix))
 
     def _restore(self, built: Engine, loader: MixtureLoader, checkpoint: Any) -> int:
         """Resume from Ray Train's checkpoint, or start from the upstream stage's optimizer state
         (weightsAndOptimizer). Returns the last completed step."""
         engine = built.engine
         if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
-                engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-                state = json.loads((Path(directory) / TRAINER_STATE).read_text())
+            with checkpoint.as_directory() as latest:
+                directory = self._usable_checkpoint(Path(latest), checkpoint.path)
+                engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+                state = json.loads((directory / TRAINER_STATE).read_text())
                 loader.load_state_dict(state["loader"])
-                rng = Path(directory) / f"rng-rank{self.rank:05d}.pt"
-                if rng.exists():
-                    _set_rng_state(torch.load(rng, weights_only=False))
+                _set_rng_state(torch.load(directory / rng_file(self.rank), weights_only=False))
             return int(state["step"])
         if self.spec.model.init == "weightsAndOptimizer":
             upstream = self._upstream_checkpoint()
@@ -213,6 +217,37 @@ class Worker:
                                  strict=False):
                 group["lr"] = lr
         return 0
+
+    def _usable_checkpoint(self, latest: Path, latest_uri: str) -> Path:
+        """``latest`` when every rank finds it usable, else the newest older checkpoint of the
+        stage that is (all ranks agree on each candidate before any loads it). Checkpoints
+        written after falling back get a name suffix, so none reuses a broken one's name."""
+        stage = StageDir(self.ref.directory)
+        name = latest_uri.rstrip("/").rsplit("/", 1)[-1]
+        candidates = [(name, latest)]
+        step = step_of(name)
+        if step is not None:
+            candidates += [(uri.rsplit("/", 1)[-1], Path(local_copy(uri)))
+                           for uri in older_checkpoints(stage, step)]
+        zero = self.spec.parallelism.zero_stage
+        for i, (cand_name, directory) in enumerate(candidates):
+            problems = checkpoint_problems(directory, world=self.world, zero_stage=zero)
+            usable = torch.tensor([0 if problems else 1], dtype=torch.int64)
+            if dist.is_initialized():
+                dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # gloo: a CPU tensor works on both
+            if int(usable.item()):
+                if i:
+                    self.name_suffix = f"-from{step_of(cand_name):06d}"
+                    if self.rank == 0:
+                        print(f"resuming from {cand_name} instead of the newer unusable "
+                              f"checkpoint(s) {', '.join(n for n, _ in candidates[:i])}",
+                              file=sys.stderr, flush=True)
+                return directory
+            if problems:  # this rank's reasons; the others log theirs
+                print(f"checkpoint {cand_name} is unusable on rank {self.rank}: "
+                      f"{'; '.join(problems)}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"no usable checkpoint in {self.ref.directory} "
+                           f"(tried {', '.join(n for n, _ in candidates)}; see the workers' logs)")
 
     def _upstream_checkpoint(self) -> str:
         manifest = StageDir(self.run_info.upstream_dir).read_manifest()
@@ -250,7 +285,7 @@ class Worker:
             self._write_report(stage, records)
             stage.write_manifest(Manifest.for_stage(
                 self.ref, self.run_info.job, final=stage.final_uri,
-                final_checkpoint=stage.uri_of(checkpoint_dir_name(step)),
+                final_checkpoint=stage.uri_of(checkpoint_dir_name(step, self.name_suffix)),
                 steps=step, tokens=step * self.spec.global_batch_tokens,
                 summary=metrics_summary(records), versions=versions()))
             stage.mark_complete()

@@ -147,6 +147,38 @@ def test_crash_while_checkpointing_resumes_like_an_uninterrupted_run(uninterrupt
         torch.testing.assert_close(w[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(uninterrupted, prepared,
+                                                                   tmp_path, monkeypatch):
+    # The run dies after step 7, with checkpoints 3 and 6 registered; then checkpoint 6 is
+    # damaged (a truncated optimizer shard, as a full disk would leave it). Submitted again, the
+    # stage must report it, resume from checkpoint 3 and still end where an uninterrupted run
+    # ends; the checkpoint it writes at step 6 must not reuse the broken one's name.
+    monkeypatch.setenv(FAULT_ENV, "step:7")
+    path = stage_spec(tmp_path / "corrupt", prepared, steps=8, every=3, sp=1, seq=256,
+                      max_failures=0)
+    with pytest.raises(Exception, match="injected fault"):
+        run_file(path, progress=False)
+    stage = only_stage(path)
+    shard = next((Path(stage.uri) / "checkpoint-000006" / "ds").glob("*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run_file(path, progress=False)
+
+    assert stage.is_complete()
+    log = (Path(stage.uri) / "logs" / "worker-rank000.log").read_text()
+    assert "checkpoint checkpoint-000006 is unusable" in log and "cannot be read" in log
+    assert "resuming from checkpoint-000003" in log
+    raw = (Path(stage.uri) / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in raw] == list(range(1, 9))
+    expected, got = _losses_by_step(uninterrupted), _losses_by_step(stage)
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    assert (Path(stage.uri) / "checkpoint-000006-from000003").is_dir()
+    assert stage.read_manifest().final_checkpoint.endswith("checkpoint-000008-from000003")
+    ref_w, w = _final_weights(uninterrupted), _final_weights(stage)
+    for name, tensor in ref_w.items():
+        torch.testing.assert_close(w[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_sft_then_eval_pipeline(ray_cluster, prepared, tmp_path):
     """A tiny SFT stage (assistant-only labels, packed conversations) followed by a HELMET eval
     stage starting from its final/ weights, as one pipeline."""
