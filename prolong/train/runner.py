@@ -91,7 +91,8 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
         # One run of a stage at a time (prolong.stage.lock): every pending stage is locked
         # before data preparation or Ray start, so a second run of the same stages refuses at once.
         for _, ref, _ in pending:
-            lock = StageLock(ref.directory)
+            lock = StageLock(ref.directory, on_wait=lambda m: console.print(
+                m, markup=False, soft_wrap=True))
             try:
                 lock.acquire()
             except StageLocked as exc:
