@@ -17,7 +17,7 @@ from prolong.eval.report import REPORT, RESULTS, SCORES_PNG
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOGS_DIR
-from prolong.train.report import StageRow, fmt
+from prolong.train.report import StageRow, fmt, training_figures
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,11 @@ class StageOutcome:
         if manifest.kind == "EvalJob":
             return cls(ref, manifest.kind, average_score=manifest.summary.get("average"),
                        wall_seconds=wall_seconds)
-        records = read_metrics(stage)
-        rates = [r["tokens_per_s"] for r in records]
+        # The figures prolongctl report shows, so that the two never disagree.
+        fig = training_figures(read_metrics(stage), devices=1)
         return cls(ref, manifest.kind, steps=manifest.steps, tokens=manifest.tokens,
-                   first_loss=records[0]["loss"] if records else None,
-                   last_loss=records[-1]["loss"] if records else None,
-                   tokens_per_s=sum(rates) / len(rates) if rates else None,
-                   wall_seconds=wall_seconds)
+                   first_loss=fig.first_loss, last_loss=fig.last_loss,
+                   tokens_per_s=fig.tokens_per_s, wall_seconds=wall_seconds)
 
     def line(self) -> str:
         """The one result line of a stage that just finished."""
