@@ -232,6 +232,32 @@ def read_metrics(stage: StageDir) -> list[dict[str, Any]]:
     return sorted(rows.values(), key=lambda r: r.get("step", 0))
 
 
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def final_problems(directory: str) -> list[str]:
+    """What is missing from a stage's ``final/`` for a next stage to load it (empty: nothing):
+    its config and every weight file (one ``model.safetensors``, or the index and each shard
+    it names). Each problem names the path."""
+    stage = StageDir(directory)
+    final = f"{FINAL}/"
+    if not stage.exists(FINAL):
+        return [f"{stage.final_uri} is missing"]
+    problems = [f"{stage.uri_of(final + 'config.json')} is missing"] \
+        if not stage.exists(final + "config.json") else []
+    if stage.exists(final + "model.safetensors"):
+        return problems
+    if not stage.exists(final + SAFETENSORS_INDEX):
+        return [*problems, f"{stage.final_uri} has no model.safetensors nor {SAFETENSORS_INDEX}"]
+    try:
+        shards = sorted(set(json.loads(stage.read_bytes(final + SAFETENSORS_INDEX))["weight_map"]
+                            .values()))
+    except (ValueError, KeyError, AttributeError):
+        return [*problems, f"{stage.uri_of(final + SAFETENSORS_INDEX)} is unreadable"]
+    return problems + [f"{stage.uri_of(final + name)} is missing" for name in shards
+                       if not stage.exists(final + name)]
+
+
 def stage_complete(directory: str) -> bool:
     """Whether a stage directory (local or object store) holds its COMPLETE marker; False when
     the storage cannot be read from here (the stage is then submitted, and the engine itself

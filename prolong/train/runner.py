@@ -30,7 +30,7 @@ from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.job import run_eval_stage
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
-from prolong.stage.directory import StageDir, read_metrics
+from prolong.stage.directory import StageDir, final_problems, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 from prolong.stage.lock import StageLock, StageLocked
 from prolong.stage.logs import logs_dir
@@ -98,6 +98,12 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             except StageLocked as exc:
                 raise RunError(str(exc)) from None
             held.callback(lock.release)
+        # Upstream stages finished before this run must be usable now: fail before preparing data
+        # or starting Ray (upstreams this run produces are checked when their turn comes).
+        running = {ref.stage for _, ref, _ in pending}
+        for job, ref, upstream_dirs in pending:
+            if job.spec.model.from_stage not in running:
+                upstream_ready(job, ref, upstream_dirs)
         if pending:
             _prepare(path, progress)
             _connect(ray_address, console, verbose=verbose)
@@ -109,19 +115,30 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
     return [ref for _, ref, _ in stages]
 
 
+def upstream_ready(job: Job, ref: StageRef, upstream_dirs: dict[str, str]) -> str | None:
+    """The directory of the stage ``job`` starts from (None: it starts from none), once it is
+    complete with loadable final weights; RunError otherwise, naming what is missing."""
+    src = job.spec.model.from_stage
+    if src is None:
+        return None
+    if src not in upstream_dirs:
+        raise RunError(f"stage {ref.stage} starts from stage {src}, which this file does not "
+                       "define: run the pipeline file")
+    upstream_dir = upstream_dirs[src]
+    if not StageDir(upstream_dir).is_complete():
+        raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
+    broken = final_problems(upstream_dir)
+    if broken:  # refused here, before any worker starts, rather than deep in a model load
+        raise RunError(f"stage {ref.stage} starts from stage {src}, whose final weights are "
+                       f"incomplete: {'; '.join(broken)}")
+    return upstream_dir
+
+
 def _run_pending(job: Job, ref: StageRef, upstream_dirs: dict[str, str], loaded: Loaded,
                  console: Console, walls: dict[str, float], *, progress: bool,
                  verbose: bool) -> None:
     """One stage that was not complete when the run started (its lock held)."""
-    upstream_dir = None
-    src = job.spec.model.from_stage
-    if src is not None:
-        if src not in upstream_dirs:
-            raise RunError(f"stage {ref.stage} starts from stage {src}, which this file does not "
-                           "define: run the pipeline file")
-        upstream_dir = upstream_dirs[src]
-        if not StageDir(upstream_dir).is_complete():
-            raise RunError(f"stage {ref.stage} needs stage {src} complete at {upstream_dir}")
+    upstream_dir = upstream_ready(job, ref, upstream_dirs)
     if StageDir(ref.directory).is_complete():  # finished by a run that held the lock before us
         console.print(f"stage {ref.stage} ({ref.id}) was completed by another run: "
                       f"{ref.directory}", markup=False, soft_wrap=True)

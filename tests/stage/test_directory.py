@@ -100,3 +100,19 @@ def test_reader_keeps_the_last_row_of_a_step(tmp_path):
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [(r["step"], r["loss"]) for r in read_metrics(StageDir(str(d)))] == \
         [(1, 3.0), (2, 2.5), (3, 1.0)]
+
+
+def test_final_problems_name_each_missing_weight_file(tmp_path):
+    from prolong.stage.directory import final_problems
+
+    d = tmp_path / "p" / "stage1-abc"
+    assert final_problems(str(d)) == [f"{d}/final is missing"]
+    (d / "final").mkdir(parents=True)
+    (d / "final" / "config.json").write_text("{}")
+    (d / "final" / "model.safetensors").write_bytes(b"x")
+    assert final_problems(str(d)) == []
+    (d / "final" / "model.safetensors").unlink()
+    (d / "final" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (d / "final" / "model-00001-of-00002.safetensors").write_bytes(b"x")
+    assert final_problems(str(d)) == [f"{d}/final/model-00002-of-00002.safetensors is missing"]

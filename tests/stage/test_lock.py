@@ -10,12 +10,9 @@ import threading
 import time
 
 import pytest
-import yaml
 
 from prolong.stage import lock as L
 from prolong.stage.lock import LOCK_FILE, StageLock, StageLocked
-from prolong.train.runner import RunError, run_file
-from tests.conftest import job_dict
 
 
 def _write_lock(directory, *, host: str, pid: int, age: float = 0.0) -> None:
@@ -104,19 +101,3 @@ def test_release_never_removes_a_lock_taken_over_by_another_run(tmp_path):
 
 def test_object_store_stages_are_not_locked():
     assert not StageLock("s3://bucket/p/s-1").enabled
-
-
-def test_prolongctl_run_refuses_a_stage_another_run_holds(tmp_path, monkeypatch):
-    """No data preparation, no Ray: the refusal comes first, and names the holder."""
-    monkeypatch.chdir(tmp_path)
-    data = job_dict("quickstart/stage1.yaml")
-    data["spec"]["storage"] = {"root": str(tmp_path / "runs")}
-    path = tmp_path / "stage1.yaml"
-    path.write_text(yaml.safe_dump(data))
-    from prolong.specfile import load
-    from prolong.stage.identity import standalone_stage
-
-    ref = standalone_stage(load(path).document)
-    with StageLock(ref.directory), pytest.raises(RunError, match="is being run by pid"):
-        run_file(path, progress=False)
-    assert not (tmp_path / "runs" / "data").exists()  # nothing was prepared

@@ -1,0 +1,49 @@
+"""prolongctl run's refusals: what it checks before it prepares data or starts Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from prolong.specfile import load
+from prolong.stage.directory import Manifest, StageDir
+from prolong.stage.identity import pipeline_stages, standalone_stage
+from prolong.stage.lock import LOCK_FILE, StageLock
+from prolong.train.runner import RunError, run_file
+from tests.conftest import JOBS, job_dict
+
+
+def test_prolongctl_run_refuses_a_stage_another_run_holds(tmp_path, monkeypatch):
+    """No data preparation, no Ray: the refusal comes first, and names the holder."""
+    monkeypatch.chdir(tmp_path)
+    data = job_dict("quickstart/stage1.yaml")
+    data["spec"]["storage"] = {"root": str(tmp_path / "runs")}
+    path = tmp_path / "stage1.yaml"
+    path.write_text(yaml.safe_dump(data))
+    ref = standalone_stage(load(path).document)
+    with StageLock(ref.directory), pytest.raises(RunError, match="is being run by pid"):
+        run_file(path, progress=False)
+    assert not (tmp_path / "runs" / "data").exists()  # nothing was prepared
+
+
+def test_prolongctl_run_refuses_an_upstream_with_missing_weights(tmp_path):
+    """Stage 1 finished earlier but its final/ lost its weights: running the pipeline refuses
+    before preparing data or starting Ray, naming the missing path."""
+    for name in ("pipeline.yaml", "stage1.yaml", "stage2.yaml", "sft.yaml", "eval.yaml"):
+        text = (JOBS / "quickstart" / name).read_text().replace("./runs", str(tmp_path / "runs"))
+        (tmp_path / name).write_text(text)
+    loaded = load(tmp_path / "pipeline.yaml")
+    stage1 = pipeline_stages(loaded.document, loaded.jobs)[0]
+    assert stage1.storage_root == str(tmp_path / "runs")
+    done = StageDir(stage1.directory)
+    (tmp_path / "runs" / "quickstart" / stage1.dir_name / "final").mkdir(parents=True)
+    done.write_manifest(Manifest.for_stage(stage1, {}))
+    done.mark_complete()
+    with pytest.raises(RunError, match=r"stage stage2 starts from stage stage1, whose final "
+                                       r"weights are incomplete: .*final/config.json is missing"):
+        run_file(tmp_path / "pipeline.yaml", progress=False)
+    assert not (tmp_path / "runs" / "data").exists()
+    stage2 = pipeline_stages(loaded.document, loaded.jobs)[1]
+    assert not (Path(stage2.directory) / LOCK_FILE).exists()  # the locks were released
