@@ -66,11 +66,6 @@ class StageRef:
         """``<storageRoot>/<pipeline>/<stage>-<id>``"""
         return f"{self.pipeline_directory}/{self.dir_name}"
 
-    @property
-    def has_unresolved_upstream(self) -> bool:
-        """A standalone file's fromStage: no upstream id or directory is known."""
-        return any(u.startswith(UNRESOLVED_PREFIX) for u in self.upstream)
-
     def to_json(self) -> dict[str, Any]:
         """The one JSON form (stage.json, the worker payload)."""
         return {"pipeline": self.pipeline, "stage": self.stage, "kind": self.kind, "id": self.id,
