@@ -1,0 +1,146 @@
+"""The planner driven through random histories: RayJobs that run, succeed or fail in any order,
+operators that restart (with the status kept, or lost), spec edits mid-run. On every step:
+
+- no RayJob is planned twice (a name that exists is never created again);
+- no stage starts before every earlier stage has succeeded (or was skipped);
+- at most one stage of the current spec runs at a time;
+- a stage id that succeeded is never started again, and none gets more than 1 + maxStageRetries
+  attempts;
+
+and at the end, with the cluster left to finish, the pipeline settles: Succeeded, or Failed with
+its retries spent, and a further reconcile changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prolong.reconcile.observe import ObservedRayJob
+from prolong.reconcile.planner import Plan, plan_pipeline
+from prolong.reconcile.status import PipelineStatus
+from prolong.specfile import Loaded, dump_yaml, load
+from prolong.stage.identity import pipeline_stages
+from tests.conftest import JOBS
+
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+DONE = ("Succeeded", "Skipped")
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory) -> dict[str, Loaded]:
+    """The quickstart pipeline and two edits of it: one changes only eval, one changes stage 2
+    (and so every stage after it)."""
+    base = yaml.safe_load(dump_yaml(load(JOBS / "quickstart/pipeline.yaml").document))
+    out = {}
+    for name, edit in (("base", None), ("eval", (3, "samples", 3)), ("stage2", (1, "seed", 7))):
+        data = yaml.safe_load(yaml.safe_dump(base))
+        if edit is not None:
+            index, key, value = edit
+            data["spec"]["stages"][index]["spec"][key] = value
+        path = tmp_path_factory.mktemp(name) / "pipeline.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        out[name] = load(path)
+    return out
+
+
+@dataclasses.dataclass
+class Cluster:
+    rayjobs: dict[str, ObservedRayJob] = dataclasses.field(default_factory=dict)
+    complete: set[str] = dataclasses.field(default_factory=set)
+    status: PipelineStatus | None = None
+    variant: str = "base"
+    generation: int = 1
+    succeeded_ids: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+
+
+def reconcile(cluster: Cluster, loaded: Loaded) -> Plan:
+    plan = plan_pipeline(loaded.document, loaded.jobs, list(cluster.rayjobs.values()), now=T0,
+                         complete=cluster.complete, previous=cluster.status,
+                         generation=cluster.generation)
+    order = [r.stage for r in pipeline_stages(loaded.document, loaded.jobs)]
+    phase = {s.name: s.phase for s in plan.status.stages}
+    assert len(plan.creates) <= 1, plan.creates
+    for run in plan.creates:
+        assert run.name not in cluster.rayjobs, f"RayJob {run.name} planned twice"
+        earlier = order[: order.index(run.stage)]
+        assert all(phase[s] in DONE for s in earlier), (run.stage, phase)
+        assert (run.stage, run.stage_id) not in cluster.succeeded_ids, f"{run.stage} re-run"
+        assert run.attempt <= 1 + loaded.document.spec.max_stage_retries, run
+    for name in plan.deletes:
+        cluster.rayjobs.pop(name, None)
+    for run in plan.creates:
+        cluster.rayjobs[run.name] = ObservedRayJob(name=run.name, stage=run.stage,
+                                                   stage_id=run.stage_id, attempt=run.attempt)
+    cluster.status = plan.status
+    current = {(r.stage, r.id) for r in pipeline_stages(loaded.document, loaded.jobs)}
+    active = [rj for rj in cluster.rayjobs.values()
+              if rj.active and (rj.stage, rj.stage_id) in current]
+    assert len(active) <= 1, [rj.name for rj in active]
+    return plan
+
+
+OUTCOMES = {"running": ("Running", "RUNNING"), "succeeded": ("Complete", "SUCCEEDED"),
+            "failed": ("Complete", "FAILED"), "deploy_failed": ("Failed", None)}
+ACTIONS = st.one_of(
+    st.just(("reconcile",)),
+    st.tuples(st.just("advance"), st.integers(0, 5), st.sampled_from(sorted(OUTCOMES)),
+              st.booleans()),
+    st.just(("restart_keep",)),
+    st.just(("restart_lose_status",)),
+    st.tuples(st.just("edit"), st.sampled_from(["base", "eval", "stage2"])),
+)
+
+
+def advance(cluster: Cluster, loaded: Loaded, k: int, outcome: str, marker: bool) -> None:
+    """A RayJob (the k-th active one) moves on; a success may also leave its COMPLETE marker."""
+    active = sorted((rj for rj in cluster.rayjobs.values() if rj.active), key=lambda r: r.name)
+    if not active:
+        return
+    rj = active[k % len(active)]
+    deployment, job = OUTCOMES[outcome]
+    cluster.rayjobs[rj.name] = dataclasses.replace(rj, deployment_status=deployment,
+                                                   job_status=job)
+    if outcome == "succeeded":
+        cluster.succeeded_ids.add((rj.stage, rj.stage_id))
+        if marker:
+            for ref in pipeline_stages(loaded.document, loaded.jobs):
+                if (ref.stage, ref.id) == (rj.stage, rj.stage_id):
+                    cluster.complete.add(ref.directory)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(actions=st.lists(ACTIONS, max_size=40))
+def test_planner_invariants_hold_through_random_histories(variants, actions):
+    cluster = Cluster()
+    for action in actions:
+        loaded = variants[cluster.variant]
+        kind = action[0]
+        if kind == "reconcile" or kind == "restart_keep":  # a restart re-reads everything
+            reconcile(cluster, loaded)
+        elif kind == "restart_lose_status":
+            cluster.status = None
+            reconcile(cluster, loaded)
+        elif kind == "advance":
+            advance(cluster, loaded, *action[1:])
+        elif kind == "edit" and action[1] != cluster.variant:
+            cluster.variant = action[1]
+            cluster.generation += 1
+    # Left alone, the cluster finishes whatever runs; the pipeline must settle.
+    loaded = variants[cluster.variant]
+    for _ in range(40):
+        plan = reconcile(cluster, loaded)
+        if plan.status.phase in ("Succeeded", "Failed") and not plan.creates:
+            break
+        for rj in list(cluster.rayjobs.values()):
+            if rj.active:
+                advance(cluster, loaded, 0, "succeeded", True)
+    else:
+        pytest.fail(f"the pipeline did not settle: {cluster.status.phase}")
+    again = reconcile(cluster, loaded)
+    assert not again.creates and not again.deletes and again.status.phase == plan.status.phase
