@@ -177,6 +177,7 @@ class StageRow:
     """Step time (training) or generation time (eval)."""
     steps: int | None = None
     tokens: int | None = None
+    first_loss: float | None = None
     last_loss: float | None = None
     tokens_per_s_per_device: float | None = None
     mfu_dense: float | None = None
@@ -185,6 +186,12 @@ class StageRow:
     @property
     def device_hours(self) -> float:
         return self.seconds * self.devices / 3600
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """All devices together."""
+        per = self.tokens_per_s_per_device
+        return None if per is None else per * self.devices
 
 
 def stage_row(directory: str) -> StageRow:
@@ -202,7 +209,7 @@ def stage_row(directory: str) -> StageRow:
     fig = training_figures(read_metrics(stage), devices)
     return StageRow(manifest.stage, manifest.id, manifest.kind, stage.uri, devices=devices,
                     seconds=fig.step_seconds, steps=fig.steps, tokens=fig.tokens,
-                    last_loss=fig.last_loss, tokens_per_s_per_device=fig.tokens_per_s_per_device,
+                    first_loss=fig.first_loss, last_loss=fig.last_loss, tokens_per_s_per_device=fig.tokens_per_s_per_device,
                     mfu_dense=fig.mfu_dense)
 
 

@@ -14,52 +14,37 @@ from rich.console import Console
 from rich.table import Table
 
 from prolong.eval.report import REPORT, RESULTS, SCORES_PNG
-from prolong.stage.directory import StageDir, read_metrics
+from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOGS_DIR
-from prolong.train.report import StageRow, fmt, training_figures
+from prolong.train.report import StageRow, fmt, stage_row
 
 
 @dataclass(frozen=True)
 class StageOutcome:
-    """What one stage produced, as its directory says."""
+    """What one stage produced, as its directory says (the row ``prolongctl report`` shows, so
+    the two never disagree), and this run's wall time for it."""
 
     ref: StageRef
-    kind: str
-    steps: int | None = None
-    tokens: int | None = None
-    first_loss: float | None = None
-    last_loss: float | None = None
-    tokens_per_s: float | None = None
-    average_score: float | None = None
+    row: StageRow
     wall_seconds: float | None = None
-    """This run's wall time for the stage; None when it was complete already."""
+    """None when the stage was complete before this run."""
 
     @classmethod
     def read(cls, ref: StageRef, *, wall_seconds: float | None = None) -> StageOutcome:
-        stage = StageDir(ref.directory)
-        manifest = stage.read_manifest()
-        if manifest.kind == "EvalJob":
-            return cls(ref, manifest.kind, average_score=manifest.summary.get("average"),
-                       wall_seconds=wall_seconds)
-        # The figures prolongctl report shows, so that the two never disagree.
-        fig = training_figures(read_metrics(stage), devices=1)
-        return cls(ref, manifest.kind, steps=manifest.steps, tokens=manifest.tokens,
-                   first_loss=fig.first_loss, last_loss=fig.last_loss,
-                   tokens_per_s=fig.tokens_per_s, wall_seconds=wall_seconds)
+        return cls(ref, stage_row(ref.directory), wall_seconds)
 
     def line(self) -> str:
         """The one result line of a stage that just finished."""
-        where = self.ref.directory
+        r, where = self.row, self.ref.directory
         took = f" in {_duration(self.wall_seconds)}" if self.wall_seconds is not None else ""
-        if self.kind == "EvalJob":
-            score = "no samples" if self.average_score is None else \
-                f"average {self.average_score:.1f}"
+        if r.kind == "EvalJob":
+            score = "no samples" if r.average_score is None else f"average {r.average_score:.1f}"
             return f"stage {self.ref.stage} complete{took}: {score} -> {where}"
-        loss = (f", loss {self.first_loss:.3f} -> {self.last_loss:.3f}"
-                if self.first_loss is not None else "")
-        rate = f", {self.tokens_per_s:,.0f} tok/s" if self.tokens_per_s is not None else ""
-        return f"stage {self.ref.stage} complete{took}: {self.steps} steps{loss}{rate} -> {where}"
+        loss = (f", loss {r.first_loss:.3f} -> {r.last_loss:.3f}"
+                if r.first_loss is not None else "")
+        rate = f", {r.tokens_per_s:,.0f} tok/s" if r.tokens_per_s is not None else ""
+        return f"stage {self.ref.stage} complete{took}: {r.steps} steps{loss}{rate} -> {where}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -85,11 +70,12 @@ def summary_table(outcomes: list[StageOutcome]) -> Table:
         table.add_column(col, justify="right" if col in ("steps", "tokens", "tok/s") else "left",
                          no_wrap=True)
     for o in outcomes:
-        loss = (f"{o.first_loss:.3f}->{o.last_loss:.3f}" if o.first_loss is not None else
-                (f"eval avg {o.average_score:.1f}" if o.average_score is not None else "-"))
+        r = o.row
+        loss = (f"{r.first_loss:.3f}->{r.last_loss:.3f}" if r.first_loss is not None else
+                (f"eval avg {r.average_score:.1f}" if r.average_score is not None else "-"))
         table.add_row(o.ref.stage, o.ref.id,
-                      "-" if o.steps is None else str(o.steps), _count(o.tokens), loss,
-                      "-" if o.tokens_per_s is None else f"{o.tokens_per_s:,.0f}",
+                      "-" if r.steps is None else str(r.steps), _count(r.tokens), loss,
+                      "-" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}",
                       _duration(o.wall_seconds) if o.wall_seconds is not None else "earlier")
     return table
 
@@ -160,7 +146,7 @@ def print_summary(console: Console, outcomes: list[StageOutcome]) -> None:
     console.print()
     console.print(summary_table(outcomes))
     for o in outcomes:
-        if o.kind != "EvalJob":
+        if o.row.kind != "EvalJob":
             continue
         table = scores_table(o.ref.directory, f"HELMET scores of {o.ref.stage} ({o.ref.id})")
         if table is not None:
