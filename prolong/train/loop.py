@@ -224,17 +224,21 @@ class Worker:
         written after falling back get a name suffix, so none reuses a broken one's name."""
         stage = StageDir(self.ref.directory)
         name = latest_uri.rstrip("/").rsplit("/", 1)[-1]
-        candidates = [(name, latest)]
         step = step_of(name)
+        # (name, uri) of each candidate; an older one is fetched only when its turn comes (on an
+        # object store that is a download).
+        candidates: list[tuple[str, str | None]] = [(name, None)]
         if step is not None:
-            candidates += [(uri.rsplit("/", 1)[-1], Path(local_copy(uri)))
-                           for uri in older_checkpoints(stage, step)]
+            candidates += [(uri.rsplit("/", 1)[-1], uri) for uri in older_checkpoints(stage, step)]
         zero = self.spec.parallelism.zero_stage
-        for i, (cand_name, directory) in enumerate(candidates):
+        for i, (cand_name, uri) in enumerate(candidates):
+            directory = latest if uri is None else Path(local_copy(uri))
             problems = checkpoint_problems(directory, world=self.world, zero_stage=zero)
-            usable = torch.tensor([0 if problems else 1], dtype=torch.int64)
+            # On the device the process group communicates on (NCCL needs a CUDA tensor).
+            usable = torch.tensor([0 if problems else 1], dtype=torch.int64,
+                                  device=self.device if self.gpu else "cpu")
             if dist.is_initialized():
-                dist.all_reduce(usable, op=dist.ReduceOp.MIN)  # gloo: a CPU tensor works on both
+                dist.all_reduce(usable, op=dist.ReduceOp.MIN)
             if int(usable.item()):
                 if i:
                     self.name_suffix = f"-from{step_of(cand_name):06d}"
