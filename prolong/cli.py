@@ -24,7 +24,16 @@ from prolong.data.cli import data_app
 from prolong.eval.cli import eval_app
 from prolong.k8s import dump_all
 from prolong.k8s import render as render_objects
-from prolong.k8s.backend import ClusterError, UnknownName, resolve_name
+from prolong.k8s.backend import (
+    ClusterError,
+    ClusterUnreachable,
+    SubmitRefused,
+    UnknownName,
+    resolve_name,
+    submission,
+)
+from prolong.k8s.kube_backend import default_namespace, dry_run_offline
+from prolong.k8s.schemas import InvalidObjects
 from prolong.k8s.submit import open_backend
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
@@ -239,11 +248,12 @@ RAY_TOKEN_OPT = typer.Option(None, "--ray-token", envvar="RAY_AUTH_TOKEN", show_
 
 @contextmanager
 def cluster_errors() -> Iterator[None]:
-    """Unknown names exit 2, cluster failures exit 1; one line each."""
+    """Unknown names, refused submissions and objects that fail their schema exit 2, cluster
+    failures exit 1; one line each."""
     with user_errors():
         try:
             yield
-        except UnknownName as exc:
+        except (UnknownName, SubmitRefused, InvalidObjects) as exc:
             err.print(str(exc), markup=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except ClusterError as exc:
@@ -251,12 +261,22 @@ def cluster_errors() -> Iterator[None]:
             raise typer.Exit(EXIT_FAILED) from None
 
 
+PIPELINE_OPT = typer.Option(None, "--pipeline", help="For a job file: the pipeline file whose stage "
+                            "it is (default: the one pipeline file beside it that references "
+                            "it).")
+
+
 @app.command()
 def submit(
     file: Path = FILE_ARG,
     namespace: str = NAMESPACE_OPT,
+    pipeline: Path = PIPELINE_OPT,
+    with_upstream: bool = typer.Option(False, "--with-upstream", help="When a stage's upstream "
+                                       "stages are not complete, submit its pipeline up to "
+                                       "that stage instead of refusing."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be created; create "
-                                 "nothing (server-side when the API server supports it)."),
+                                 "nothing (server-side when the API server supports it; with "
+                                 "no cluster reachable, checked here against the schemas)."),
     wait: bool = typer.Option(False, "--wait", help="Follow the run until it ends: exit 0 on "
                               "success, 1 on failure."),
     ray_address: str = RAY_ADDRESS_OPT,
@@ -271,18 +291,33 @@ def submit(
     the same stage again reports the existing run and creates nothing. With --ray-address the
     job goes to an existing Ray cluster through the Job Submission API instead.
 
+    A job file that a pipeline references (the pipeline file beside it, or --pipeline) is
+    submitted as that pipeline's stage, with its upstream stages' real ids and directories. When
+    an upstream stage is not complete (its RayJobs, its pipeline's status, its COMPLETE marker),
+    submit refuses (exit 2) and creates nothing, or with --with-upstream submits the pipeline up
+    to that stage.
+
     [bold]Examples[/bold]
 
       prolongctl submit jobs/prolong-8b/stage2-512k.yaml -n ml --wait
+
+      prolongctl submit jobs/prolong-8b/stage2-512k.yaml --with-upstream
 
       prolongctl submit jobs/prolong-8b/pipeline.yaml --dry-run
 
       prolongctl submit jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265 --wait
     """
     with cluster_errors():
-        loaded = load(file)
-        backend = open_backend(namespace, ray_address, ray_token)
-        done = backend.submit(loaded, err, dry_run=dry_run, yaml_out=out)
+        what = submission(load(file), pipeline)
+        try:
+            backend = open_backend(namespace, ray_address, ray_token)
+            done = backend.submit(what, err, dry_run=dry_run, yaml_out=out,
+                                  with_upstream=with_upstream)
+        except ClusterUnreachable as exc:
+            if not dry_run or ray_address:
+                raise
+            dry_run_offline(what, namespace or default_namespace(), str(exc), err, out)
+            return
         ok = dry_run or not wait or backend.wait(done, err, interval=interval, timeout=timeout)
     if not ok:
         raise typer.Exit(EXIT_FAILED)

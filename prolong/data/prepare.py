@@ -64,6 +64,7 @@ from prolong.data.errors import DataError
 from prolong.data.shards import META_FILE, ShardWriter, TokenShards, token_dtype
 from prolong.spec import DataStream, EvalJob, Job, SFTJob
 from prolong.specfile import Loaded, load
+from prolong.stage.payload import StageFileError, read_stage_file, stage_file_beside
 
 PREPARE_FORMAT = 1  # bump when the bytes a build writes change for the same inputs
 BATCH_DOCS = 256
@@ -139,6 +140,8 @@ def tokenizer_ref(job: Job, loaded: Loaded, *, _seen: tuple[str, ...] = ()) -> T
                             job.spec.model.source)
     upstream = job.spec.model.from_stage
     if upstream:
+        if not loaded.is_pipeline and (staged := _upstream_tokenizer(loaded, upstream)):
+            return staged
         if not loaded.is_pipeline or upstream not in loaded.jobs:
             raise DataError(f"{job.metadata.name} takes its tokenizer from stage {upstream!r} "
                             "(model.fromStage); prepare the pipeline file that contains both "
@@ -152,6 +155,23 @@ def tokenizer_ref(job: Job, loaded: Loaded, *, _seen: tuple[str, ...] = ()) -> T
         return tokenizer_ref(up, loaded, _seen=(*_seen, upstream))
     raise DataError(f"{job.metadata.name}: no tokenizer: set data.tokenizer.source, "
                     "data.tokenizer.trainVocabSize or model.source", path=loaded.path)
+
+
+def _upstream_tokenizer(loaded: Loaded, upstream: str) -> TokenizerRef | None:
+    """A pipeline stage run on its own (a RayJob's job.yaml with stage.json beside it): the
+    stage it starts from saved its tokenizer in its final/ (prolong.train.loop), so that is the
+    tokenizer, wherever the upstream got it. None without a stage.json naming ``upstream``."""
+    path = stage_file_beside(loaded.path)
+    if not path.is_file():
+        return None
+    try:
+        info = read_stage_file(path, loaded.document)
+    except StageFileError as exc:
+        raise DataError(str(exc), path=str(path)) from None
+    up = info.upstream.get(upstream)
+    if up is None:
+        return None
+    return TokenizerRef(f"stage:{up.id}", f"{up.directory.rstrip('/')}/final")
 
 
 def _source_identity(source: str) -> str:

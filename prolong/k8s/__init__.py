@@ -1,6 +1,7 @@
 """Kubernetes rendering: spec files -> objects to apply (no cluster access here).
 
-* a job file renders to [ConfigMap, RayJob] (:mod:`prolong.k8s.rayjob`);
+* a job file renders to [ConfigMap, RayJob] (:mod:`prolong.k8s.rayjob`), as a stage of the
+  pipeline that references it when one does (:mod:`prolong.k8s.target`);
 * a pipeline file renders to its ProLongPipeline custom resource with every stage inline; the
   operator then creates each stage's [ConfigMap, RayJob] with :func:`rayjob.render_stage`.
 
@@ -13,17 +14,21 @@ from typing import Any
 
 import yaml
 
-from prolong.k8s.rayjob import pipeline_resource, render_standalone
+from prolong.k8s.rayjob import pipeline_resource
+from prolong.k8s.target import stage_target
 from prolong.specfile import Loaded
 
 __all__ = ["dump_all", "render"]
 
 
-def render(loaded: Loaded, *, namespace: str | None = None) -> list[dict[str, Any]]:
-    """What ``prolongctl render``/``submit`` print or apply for a loaded spec file."""
+def render(loaded: Loaded, *, namespace: str | None = None,
+           pipeline_file: str | None = None) -> list[dict[str, Any]]:
+    """What ``prolongctl render``/``submit`` print or apply for a loaded spec file: a job file
+    as the stage it stands for (:func:`prolong.k8s.target.stage_target`: through the pipeline
+    that references it, so stage.json names the real upstream stages)."""
     if loaded.is_pipeline:
         return [pipeline_resource(loaded.document, namespace=namespace)]
-    return render_standalone(loaded.document, namespace=namespace)
+    return stage_target(loaded, pipeline_file).render(namespace=namespace)
 
 
 class _Dumper(yaml.SafeDumper):

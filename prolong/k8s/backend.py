@@ -26,9 +26,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from prolong.k8s.target import StageTarget, stage_target
 from prolong.specfile import Loaded, load
-from prolong.stage.identity import standalone_stage
-from prolong.stage.names import rayjob_name
+
+Submission = Loaded | StageTarget
+"""What ``submit`` is given: a loaded pipeline file, or the stage a job file stands for
+(:func:`prolong.k8s.target.stage_target`)."""
 
 DEFAULT_INTERVAL = 5.0
 
@@ -38,8 +41,18 @@ class ClusterError(RuntimeError):
     (exit code 1)."""
 
 
+class ClusterUnreachable(ClusterError):
+    """No cluster is configured, or its API cannot be reached (a dry run then checks the objects
+    on this side)."""
+
+
 class UnknownName(LookupError):
     """No RayJob, job or pipeline by that name (exit code 2)."""
+
+
+class SubmitRefused(ValueError):
+    """What was asked cannot start as things stand, e.g. its upstream stage is not complete
+    (exit code 2; nothing was created)."""
 
 
 @dataclass
@@ -62,10 +75,12 @@ class Backend(ABC):
     """
 
     @abstractmethod
-    def submit(self, loaded: Loaded, console: Console, *, dry_run: bool = False,
-               yaml_out: Console | None = None) -> Submitted:
-        """Create the run of a spec file unless it exists already; notes go to ``console``,
-        a dry run's objects (where there are any) to ``yaml_out``."""
+    def submit(self, what: Submission, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
+        """Create the run of a pipeline or a stage unless it exists already; notes go to
+        ``console``, a dry run's objects (where there are any) to ``yaml_out``. A stage whose
+        upstream stages are not complete raises :class:`SubmitRefused` before anything is
+        created, or with ``with_upstream`` submits its pipeline up to that stage instead."""
 
     @abstractmethod
     def wait(self, submitted: Submitted, console: Console, *,
@@ -89,19 +104,25 @@ class Backend(ABC):
 # What a spec file becomes
 # ------------------------------------------------------------------------------------------
 
-def target_name(loaded: Loaded) -> str:
-    """The RayJob name of a job file (also its Ray submission id), or a pipeline's name
+def submission(loaded: Loaded, pipeline_file: str | Path | None = None) -> Submission:
+    """A pipeline file as it is; a job file as the stage it stands for (resolved through the
+    pipeline that references it, ``pipeline_file`` or the one beside it). Raises SpecError."""
+    return loaded if loaded.is_pipeline else stage_target(loaded, pipeline_file)
+
+
+def target_name(what: Submission) -> str:
+    """The RayJob name of a stage (also its Ray submission id), or a pipeline's name
     (on Kubernetes; :func:`prolong.k8s.ray_backend.ray_submission_id` names a whole pipeline on
     Ray)."""
-    if loaded.is_pipeline:
-        return loaded.document.metadata.name
-    return rayjob_name(loaded.document.metadata.name, standalone_stage(loaded.document).id)
+    if isinstance(what, StageTarget):
+        return what.rayjob_name
+    return what.document.metadata.name
 
 
 def resolve_name(name: str) -> str:
     """NAME as given, or the run name of a spec file when NAME is one (``status job.yaml``)."""
     if name.endswith((".yaml", ".yml")) and Path(name).is_file():
-        return target_name(load(name))
+        return target_name(submission(load(name)))
     return name
 
 
@@ -147,6 +168,17 @@ def follow(console: Console, title: str, look: Callable[[], Observation], *,
 
 
 __all__ = [
-    "DEFAULT_INTERVAL", "Backend", "ClusterError", "Observation", "Submitted", "UnknownName",
-    "follow", "resolve_name", "target_name",
+    "DEFAULT_INTERVAL",
+    "Backend",
+    "ClusterError",
+    "ClusterUnreachable",
+    "Observation",
+    "Submission",
+    "SubmitRefused",
+    "Submitted",
+    "UnknownName",
+    "follow",
+    "resolve_name",
+    "submission",
+    "target_name",
 ]

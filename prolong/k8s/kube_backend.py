@@ -28,7 +28,10 @@ from prolong.k8s.backend import (
     DEFAULT_INTERVAL,
     Backend,
     ClusterError,
+    ClusterUnreachable,
     Observation,
+    Submission,
+    SubmitRefused,
     Submitted,
     UnknownName,
     follow,
@@ -39,11 +42,13 @@ from prolong.k8s.rayjob import (
     RAY_PLURAL,
     RAY_VERSION,
     pipeline_resource,
-    render_standalone,
 )
+from prolong.k8s.schemas import check_client_side
+from prolong.k8s.target import StageTarget, UpstreamState, refusal, upstream_state
 from prolong.reconcile.observe import observe_rayjob
 from prolong.spec import SpecError
 from prolong.specfile import Loaded, pipeline_from_resource
+from prolong.stage.directory import stage_complete
 from prolong.stage.identity import pipeline_stages
 from prolong.stage.names import (
     DIRECTORY_ANNOTATION,
@@ -82,8 +87,8 @@ def kube_client() -> Any:
     try:
         return configured_client()
     except (kubernetes.config.ConfigException, OSError) as exc:
-        raise ClusterError(f"no Kubernetes cluster configured ({exc}); set KUBECONFIG or use "
-                           "--ray-address") from None
+        raise ClusterUnreachable(f"no Kubernetes cluster configured ({exc}); set KUBECONFIG or "
+                                 "use --ray-address") from None
 
 
 def default_namespace() -> str:
@@ -134,7 +139,7 @@ class Kube:
             raise ClusterError(f"{what}: HTTP {exc.status} {exc.reason}: "
                                f"{_api_message(exc)}") from None
         except HTTPError as exc:
-            raise ClusterError(f"{what}: cannot reach the Kubernetes API at "
+            raise ClusterUnreachable(f"{what}: cannot reach the Kubernetes API at "
                                f"{self.api.configuration.host}: {exc}") from None
 
     def _custom(self, group: str, version: str, plural: str) -> tuple[str, str, str, str]:
@@ -197,13 +202,16 @@ def _api_message(exc: Any) -> str:
         return str(exc.body or "").strip().splitlines()[0] if exc.body else ""
 
 
-def submit_k8s(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool = False,
-               yaml_out: Console | None = None) -> Submitted:
-    """Create the objects of a spec file unless its run exists already."""
-    if loaded.is_pipeline:
-        return _submit_pipeline(loaded, kube, console, dry_run=dry_run, yaml_out=yaml_out)
+def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
+    """Create the objects of a pipeline or a stage unless its run exists already. A stage whose
+    upstream stages are not complete is refused (SubmitRefused) before anything is created, or
+    with ``with_upstream`` its pipeline is submitted up to that stage."""
+    if not isinstance(what, StageTarget):
+        return _submit_pipeline(what, kube, console, dry_run=dry_run, yaml_out=yaml_out)
+    target = what
     ns = kube.namespace
-    configmap, rayjob = render_standalone(loaded.document, namespace=ns)
+    configmap, rayjob = target.render(namespace=ns)
     name = rayjob["metadata"]["name"]
     labels = rayjob["metadata"]["labels"]
     existing = kube.get_rayjob(name) or next(iter(kube.rayjobs(**{
@@ -214,6 +222,20 @@ def submit_k8s(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool = 
         console.print(f"RayJob {where} exists (stage {labels[STAGE_LABEL]}, id "
                       f"{labels[STAGE_ID_LABEL]}): {state}; nothing created", markup=False)
         return Submitted("RayJob", ns, existing["metadata"]["name"], False, state)
+    states = upstream_states(kube, target)
+    pending = {n: s for n, s in states.items() if not s.done}
+    if pending:
+        stage, state = next(iter(pending.items()))
+        if not with_upstream:
+            raise SubmitRefused(refusal(target, stage, state))
+        up = target.upstream[stage]
+        console.print(f"stage {stage} of pipeline {up.pipeline} is not complete "
+                      f"({state.evidence}): submitting ProLongPipeline {up.pipeline} up to stage "
+                      f"{target.ref.stage} instead (--with-upstream)", markup=False)
+        return _submit_pipeline(target.pipeline_until_here(), kube, console, dry_run=dry_run,
+                                yaml_out=yaml_out, partial=True)
+    for stage, state in states.items():
+        console.print(f"upstream stage {stage}: {state.evidence}", markup=False)
     objects = [configmap, rayjob]
     if dry_run:
         return _dry_run(kube, objects, console, yaml_out)
@@ -235,20 +257,62 @@ def submit_k8s(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool = 
     return Submitted("RayJob", ns, name, True, "submitted", objects)
 
 
+def upstream_states(kube: Kube, target: StageTarget) -> dict[str, UpstreamState]:
+    """Each upstream stage's state as this cluster and the storage show it: its COMPLETE
+    marker, else the RayJobs of its id, else its pipeline's status."""
+    states: dict[str, UpstreamState] = {}
+    for stage, ref in target.upstream.items():
+        if stage_complete(ref.directory):
+            states[stage] = upstream_state(ref, marker=True)
+            continue
+        runs = [observe_rayjob(o) for o in kube.rayjobs(**{PIPELINE_LABEL: ref.pipeline,
+                                                            STAGE_ID_LABEL: ref.id})]
+        body = None if any(r.outcome == "succeeded" for r in runs) else \
+            kube.get_pipeline(ref.pipeline)
+        states[stage] = upstream_state(ref, marker=False, rayjobs=runs,
+                                       pipeline_status=(body or {}).get("status"))
+    return states
+
+
 def _dry_run(kube: Kube, objects: list[dict[str, Any]], console: Console,
              yaml_out: Console | None) -> Submitted:
     server = kube.server_dry_run()
     if server:
         for obj in objects:
             kube.create(obj, dry_run=True)
-    how = ("server-side: the API server validated them" if server else
-           "client-side: this API server does not advertise server-side dry runs")
+        how = "server-side: the API server validated them"
+    else:
+        how = ("client-side: this API server does not advertise server-side dry runs; "
+               f"{check_client_side(objects)}")
     names = ", ".join(f"{o['kind']} {kube.namespace}/{o['metadata']['name']}" for o in objects)
     console.print(f"dry run ({how}); would create {names}", markup=False)
     (yaml_out or console).print(dump_all(objects), markup=False, end="", highlight=False)
     last = objects[-1]
     return Submitted(last["kind"], kube.namespace, last["metadata"]["name"], False, "dry run",
                      objects)
+
+
+def dry_run_offline(what: Submission, namespace: str, reason: str, console: Console,
+                    yaml_out: Console | None = None) -> Submitted:
+    """A dry run with no cluster to ask: render, check the objects here
+    (:func:`prolong.k8s.schemas.check_client_side`) and say so. Upstream stages are judged by
+    their COMPLETE marker alone."""
+    if isinstance(what, StageTarget):
+        objects = what.render(namespace=namespace)
+        for stage, ref in what.upstream.items():
+            seen = ("COMPLETE marker found" if stage_complete(ref.directory) else
+                    "not checked: no cluster to ask and no COMPLETE marker readable from here")
+            console.print(f"upstream stage {stage} (id {ref.id}, {ref.directory}): {seen}",
+                          markup=False)
+    else:
+        objects = [pipeline_resource(what.document, namespace=namespace)]
+    how = check_client_side(objects)
+    names = ", ".join(f"{o['kind']} {namespace}/{o['metadata']['name']}" for o in objects)
+    console.print(f"dry run (client-side, {how}; no cluster reachable: {reason}); would create "
+                  f"{names}", markup=False)
+    (yaml_out or console).print(dump_all(objects), markup=False, end="", highlight=False)
+    last = objects[-1]
+    return Submitted(last["kind"], namespace, last["metadata"]["name"], False, "dry run", objects)
 
 
 def cr_stage_ids(body: dict[str, Any]) -> dict[str, str]:
@@ -275,7 +339,10 @@ def merge_patch(old: Any, new: Any) -> Any:
 
 
 def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool,
-                     yaml_out: Console | None) -> Submitted:
+                     yaml_out: Console | None, partial: bool = False) -> Submitted:
+    """Create the pipeline's custom resource, or update its spec when its stage ids changed.
+    ``partial``: ``loaded`` is a pipeline cut after a stage (--with-upstream), which never
+    replaces a resource that has other stages (that would drop them)."""
     ns = kube.namespace
     cr = pipeline_resource(loaded.document, namespace=ns)
     name = cr["metadata"]["name"]
@@ -292,6 +359,14 @@ def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: b
         existing = kube.get_pipeline(name) or {}
     theirs = cr_stage_ids(existing)
     phase = (existing.get("status") or {}).get("phase") or "Pending"
+    if partial and theirs != ours:
+        if all(theirs.get(s) == i for s, i in ours.items()):
+            console.print(f"ProLongPipeline {ns}/{name} exists and runs these stages with the "
+                          f"same ids: {phase}; nothing changed", markup=False)
+            return Submitted("ProLongPipeline", ns, name, False, phase)
+        raise SubmitRefused(f"ProLongPipeline {ns}/{name} exists with other stages or ids; "
+                            f"--with-upstream would replace them: submit {loaded.path} itself "
+                            "to update it")
     if theirs == ours:
         console.print(f"ProLongPipeline {ns}/{name} exists with the same stage ids: {phase}; "
                       "nothing changed", markup=False)
@@ -562,9 +637,10 @@ class KubeBackend(Backend):
     def __init__(self, kube: Kube) -> None:
         self.kube = kube
 
-    def submit(self, loaded: Loaded, console: Console, *, dry_run: bool = False,
-               yaml_out: Console | None = None) -> Submitted:
-        return submit_k8s(loaded, self.kube, console, dry_run=dry_run, yaml_out=yaml_out)
+    def submit(self, what: Submission, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
+        return submit_k8s(what, self.kube, console, dry_run=dry_run, yaml_out=yaml_out,
+                          with_upstream=with_upstream)
 
     def wait(self, submitted: Submitted, console: Console, *,
              interval: float = DEFAULT_INTERVAL, timeout: float | None = None) -> bool:
@@ -582,6 +658,6 @@ class KubeBackend(Backend):
 
 __all__ = [
     "HEAD_CONTAINER", "SUBMITTER_CONTAINER", "Kube", "KubeBackend", "cr_stage_ids",
-    "default_namespace", "delete_k8s", "kube_client", "logs_k8s", "merge_patch", "rayjob_line",
-    "status_k8s", "submit_k8s", "wait_k8s",
+    "default_namespace", "delete_k8s", "dry_run_offline", "kube_client", "logs_k8s",
+    "merge_patch", "rayjob_line", "status_k8s", "submit_k8s", "upstream_states", "wait_k8s",
 ]

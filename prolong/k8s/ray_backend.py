@@ -33,15 +33,17 @@ from prolong.k8s.backend import (
     Backend,
     ClusterError,
     Observation,
+    Submission,
+    SubmitRefused,
     Submitted,
     UnknownName,
     follow,
     target_name,
 )
-from prolong.k8s.rayjob import render_standalone
-from prolong.spec import ProLongPipeline
-from prolong.specfile import Loaded, dump_yaml
-from prolong.stage.identity import pipeline_stages, standalone_stage
+from prolong.k8s.target import StageTarget, UpstreamState, refusal
+from prolong.specfile import dump_yaml
+from prolong.stage.directory import stage_complete
+from prolong.stage.identity import pipeline_stages
 from prolong.stage.names import (
     DIRECTORY_ANNOTATION,
     KIND_LABEL,
@@ -56,11 +58,12 @@ PIPELINE_FILE = "pipeline.yaml"
 TERMINAL_RAY = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-def ray_submission_id(loaded: Loaded) -> str:
-    """Deterministic Ray submission id: a job's RayJob name; for a pipeline, its name and a
+def ray_submission_id(what: Submission) -> str:
+    """Deterministic Ray submission id: a stage's RayJob name; for a pipeline, its name and a
     short hash of every stage id (same stages, same id)."""
-    if not loaded.is_pipeline:
-        return target_name(loaded)
+    if isinstance(what, StageTarget):
+        return target_name(what)
+    loaded = what
     ids = [r.id for r in pipeline_stages(loaded.document, loaded.jobs)]
     digest = hashlib.sha256(",".join(ids).encode()).hexdigest()[:8]
     return rayjob_name(loaded.document.metadata.name, digest)
@@ -135,29 +138,29 @@ class RayJobs:
         return f"{self.address}/#/jobs/{submission_id}"
 
 
-def ray_files(loaded: Loaded) -> tuple[dict[str, str], str]:
+def ray_files(what: Submission) -> tuple[dict[str, str], str]:
     """The working_dir's files and the spec file's name in it."""
-    if loaded.is_pipeline:
-        return {PIPELINE_FILE: dump_yaml(loaded.document)}, PIPELINE_FILE
-    configmap = render_standalone(loaded.document)[0]
-    return dict(configmap["data"]), JOB_FILE
+    if isinstance(what, StageTarget):
+        configmap = what.render()[0]
+        return dict(configmap["data"]), JOB_FILE
+    return {PIPELINE_FILE: dump_yaml(what.document)}, PIPELINE_FILE
 
 
 def ray_entrypoint(spec_file: str) -> str:
     return f"prolongctl run {spec_file} --ray-address auto"
 
 
-def _ray_metadata(loaded: Loaded) -> dict[str, str]:
-    doc = loaded.document
-    if isinstance(doc, ProLongPipeline):
-        return {PIPELINE_LABEL: doc.metadata.name, KIND_LABEL: doc.kind}
-    ref = standalone_stage(doc)
-    return {PIPELINE_LABEL: ref.pipeline, STAGE_LABEL: ref.stage, STAGE_ID_LABEL: ref.id,
-            KIND_LABEL: doc.kind, DIRECTORY_ANNOTATION: ref.directory}
+def _ray_metadata(what: Submission) -> dict[str, str]:
+    if isinstance(what, StageTarget):
+        ref = what.ref
+        return {PIPELINE_LABEL: ref.pipeline, STAGE_LABEL: ref.stage, STAGE_ID_LABEL: ref.id,
+                KIND_LABEL: what.job.kind, DIRECTORY_ANNOTATION: ref.directory}
+    return {PIPELINE_LABEL: what.document.metadata.name, KIND_LABEL: what.document.kind}
 
 
-def _relative_roots(loaded: Loaded) -> list[str]:
-    roots = {j.spec.storage.root for j in loaded.jobs.values()}
+def _relative_roots(what: Submission) -> list[str]:
+    jobs = [what.job] if isinstance(what, StageTarget) else list(what.jobs.values())
+    roots = {j.spec.storage.root for j in jobs}
     return sorted(r for r in roots if "://" not in r and not Path(r).is_absolute())
 
 
@@ -167,10 +170,34 @@ def ray_line(info: Any) -> str:
     return f"{status}" + (f" - {' '.join(message.split())}" if message else "")
 
 
-def submit_ray(loaded: Loaded, ray: RayJobs, console: Console, *,
-               dry_run: bool = False) -> Submitted:
-    """Submit a job (or a whole pipeline) through the Job Submission API unless its submission id
-    exists already."""
+def ray_upstream_pending(target: StageTarget, ray: RayJobs) -> str | None:
+    """The refusal of a stage whose upstream is not done on this Ray cluster (neither its
+    COMPLETE marker nor a SUCCEEDED Ray job with the upstream's submission id), else None."""
+    for name, ref in target.upstream.items():
+        if stage_complete(ref.directory):
+            continue
+        sid = rayjob_name(f"{ref.pipeline}-{ref.stage}", ref.id)
+        info = ray.info(sid)
+        if info is not None and str(info.status) == "SUCCEEDED":
+            continue
+        seen = (f"Ray job {sid} is {info.status}" if info is not None else
+                f"no Ray job {sid} at {ray.address}, no COMPLETE marker in {ref.directory}")
+        return refusal(target, name, UpstreamState(False, seen))
+    return None
+
+
+def submit_ray(what: Submission, ray: RayJobs, console: Console, *,
+               dry_run: bool = False, with_upstream: bool = False) -> Submitted:
+    """Submit a stage (or a whole pipeline) through the Job Submission API unless its submission
+    id exists already. A stage whose upstream is not done is refused, or with ``with_upstream``
+    its pipeline up to that stage is submitted instead."""
+    if isinstance(what, StageTarget) and what.upstream:
+        pending = ray_upstream_pending(what, ray)
+        if pending is not None:
+            if not with_upstream:
+                raise SubmitRefused(pending)
+            what = what.pipeline_until_here()
+    loaded = what
     sid = ray_submission_id(loaded)
     existing = ray.info(sid)
     if existing is not None:
@@ -304,11 +331,11 @@ class RayBackend(Backend):
     def __init__(self, ray: RayJobs) -> None:
         self.ray = ray
 
-    def submit(self, loaded: Loaded, console: Console, *, dry_run: bool = False,
-               yaml_out: Console | None = None) -> Submitted:
+    def submit(self, what: Submission, console: Console, *, dry_run: bool = False,
+               yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
         """As :func:`submit_ray`; a Ray dry run has no objects to print, so ``yaml_out`` stays
         unused."""
-        return submit_ray(loaded, self.ray, console, dry_run=dry_run)
+        return submit_ray(what, self.ray, console, dry_run=dry_run, with_upstream=with_upstream)
 
     def wait(self, submitted: Submitted, console: Console, *,
              interval: float = DEFAULT_INTERVAL, timeout: float | None = None) -> bool:

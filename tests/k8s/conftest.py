@@ -1,9 +1,10 @@
-"""Shared checks for the Kubernetes tests: KubeRay's CRD schemas, kubernetes-validate, and a
-strict reading of OpenAPI schemas (the API server silently prunes unknown fields; here they fail)."""
+"""Shared checks for the Kubernetes tests: KubeRay's CRD schemas (read from shared/, the source
+the packaged copy is checked against), kubernetes-validate, and the strict reading of OpenAPI
+schemas that ``prolongctl submit --dry-run`` uses offline (prolong.k8s.schemas: the API server
+silently prunes unknown fields; here they fail)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,46 +15,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from prolong.k8s.schemas import CUSTOM_GROUPS, KUBE_VERSION, pod_templates, strict_openapi
+
 REPO = Path(__file__).resolve().parents[2]
 # The KubeRay CRDs live in shared/, beside the checkout (CI, developers) or inside it.
 _CANDIDATES = [REPO.parent / "shared" / "schemas" / "kuberay", REPO / "shared" / "schemas" / "kuberay"]
 KUBERAY_SCHEMAS = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
-KUBE_VERSION = "1.30"
-# Objects whose kind is a custom resource: kubernetes-validate has no schema for them.
-CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/", "prolong.dev/")
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def strict_openapi(schema: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAPI v3 (CRD) schema as plain JSON Schema that rejects unknown fields and honours
-    ``nullable``."""
-    node = copy.deepcopy(schema)
-
-    def walk(n: Any) -> None:
-        if isinstance(n, list):
-            for item in n:
-                walk(item)
-            return
-        if not isinstance(n, dict):
-            return
-        if n.pop("nullable", False) and "type" in n:
-            n["type"] = [n["type"], "null"]
-            if "enum" in n:
-                n["enum"] = [*n["enum"], None]
-        if ("properties" in n and "additionalProperties" not in n
-                and not n.get("x-kubernetes-preserve-unknown-fields")):
-            n["additionalProperties"] = False
-        for key, value in n.items():
-            if key == "properties":
-                for sub in value.values():
-                    walk(sub)
-            elif key not in ("enum", "default", "required", "example"):
-                walk(value)
-
-    walk(node)
-    # The root metadata is ObjectMeta, validated by the API server itself, never pruned.
-    node.get("properties", {}).get("metadata", {}).pop("additionalProperties", None)
-    return node
 
 
 def crd_validator(crd: dict[str, Any], version: str) -> jsonschema.Validator:
@@ -77,15 +45,6 @@ def kuberay() -> dict[str, jsonschema.Validator]:
         crd = yaml.load((KUBERAY_SCHEMAS / file).read_text(), Loader=_YAML_LOADER)
         out[kind] = crd_validator(crd, "v1")
     return out
-
-
-def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every pod template of a RayJob or RayCluster, as a Pod object."""
-    spec = obj["spec"].get("rayClusterSpec", obj["spec"])
-    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
-    return [{"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "template", **g["template"].get("metadata", {})},
-             "spec": g["template"]["spec"]} for g in groups]
 
 
 @pytest.fixture(scope="session")

@@ -254,3 +254,14 @@ def test_kubernetes_section_is_documented_and_scheduling_only():
         assert field.description, f"KubernetesSpec.{name} has no docstring"
     assert set(KubernetesSpec.model_fields["submission_mode"].annotation.__args__) <= \
         set(KUBERAY_SUBMISSION_MODES)
+
+
+def test_the_packaged_kuberay_schema_is_the_crds(tmp_path) -> None:
+    """The RayJob schema submit --dry-run checks against offline is KubeRay's CRD, unchanged."""
+    from prolong.k8s.schemas import KUBERAY_RAYJOB_SCHEMA, extract_rayjob_schema
+    from tests.k8s.conftest import KUBERAY_SCHEMAS
+
+    fresh = tmp_path / "rayjob-v1.json.gz"
+    extract_rayjob_schema(KUBERAY_SCHEMAS / "ray.io_rayjobs.yaml", fresh)
+    assert fresh.read_bytes() == KUBERAY_RAYJOB_SCHEMA.read_bytes(), \
+        "regenerate: python -m prolong.k8s.schemas shared/schemas/kuberay/ray.io_rayjobs.yaml"
