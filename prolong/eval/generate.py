@@ -14,21 +14,28 @@ compute the same attention.
 **vLLM** is used when importable on a GPU (backend ``auto``) or when asked for (``vllm``). It is
 not installed in this CPU environment, so that path is **untested** here.
 
-``stop_new_line`` tasks (RAG, re-rank, ICL) have their output cut at the first newline after
-decoding, as HELMET's stop-on-newline does.
+Both backends stop the same way (:mod:`prolong.eval.stopping`): on the generation config's eos
+list plus the chat template's end-of-turn tokens, and, for ``stop_new_line`` tasks (RAG, re-rank,
+ICL), on the first newline during generation (an output starting with one is an empty answer).
+vLLM's ``max_model_len`` is the longest length evaluated, capped at the model's own limit: every
+prompt already leaves its output budget free within the length (prolong.eval.sizing).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from prolong.eval.samples import Sample
+from prolong.eval.stopping import NEWLINE, cut_at_newline, stop_token_ids
 
 
 class Answerer(Protocol):
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]: ...
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int, *,
+                 stop_new_line: bool = False) -> list[str]: ...
 
 
 def choose_backend(requested: str, *, has_vllm: bool, has_cuda: bool) -> str:
@@ -46,16 +53,11 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def stop_at_newline(text: str) -> str:
-    """HELMET's stop_new_line: the output up to its first newline (leading newlines skipped)."""
-    stripped = text.lstrip("\n")
-    return stripped.split("\n", 1)[0]
-
-
 class ReferenceAnswerer:
     """Answers every sample with its gold reference (scores 100 on every task)."""
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int, *,
+                 stop_new_line: bool = False) -> list[str]:
         return [" " + s.reference for s in samples]
 
 
@@ -65,8 +67,10 @@ class ConstantAnswerer:
     def __init__(self, text: str = "qqqq"):
         self.text = text
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
-        return [self.text for _ in samples]
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int, *,
+                 stop_new_line: bool = False) -> list[str]:
+        text = cut_at_newline(self.text) if stop_new_line else self.text
+        return [text for _ in samples]
 
 
 class HFGenerator:
@@ -89,24 +93,27 @@ class HFGenerator:
         ).to(self.device).eval()
         self.model.config.use_cache = True
         self.batch_size = batch_size
+        self.stop_ids = stop_token_ids(self.tok, model_path)
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int, *,
+                 stop_new_line: bool = False) -> list[str]:
         import torch
 
         order = sorted(range(len(samples)), key=lambda i: -samples[i].tokens)
         outputs: list[str] = [""] * len(samples)
-        eos = self.tok.eos_token_id
+        stops = {"stop_strings": [NEWLINE], "tokenizer": self.tok} if stop_new_line else {}
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             batch = self._encode([samples[i] for i in idx])
             with torch.inference_mode():
                 out = self.model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                    pad_token_id=self.tok.pad_token_id, eos_token_id=eos,
-                    temperature=None, top_p=None, top_k=None)
+                    pad_token_id=self.tok.pad_token_id, eos_token_id=self.stop_ids,
+                    temperature=None, top_p=None, top_k=None, **stops)
             new = out[:, batch["input_ids"].shape[1]:]
             for i, row in zip(idx, new, strict=True):
-                outputs[i] = self.tok.decode(row, skip_special_tokens=True)
+                text = self.tok.decode(row, skip_special_tokens=True)
+                outputs[i] = cut_at_newline(text) if stop_new_line else text
         return outputs
 
     def _encode(self, samples: Sequence[Sample]) -> dict[str, Any]:
@@ -124,26 +131,50 @@ class HFGenerator:
         return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
+def model_limit(model_path: str) -> int | None:
+    """The model's own context limit (config.json's max_position_embeddings), if it says."""
+    path = os.path.join(model_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        limit = json.load(f).get("max_position_embeddings")
+    return int(limit) if limit else None
+
+
+def fitted_max_model_len(wanted: int | None, model_path: str) -> int | None:
+    """vLLM's max_model_len: what the eval needs, never above the model's limit (vLLM refuses a
+    max_model_len past max_position_embeddings)."""
+    limit = model_limit(model_path)
+    if wanted is None or limit is None:
+        return wanted or limit
+    return min(wanted, limit)
+
+
 class VLLMGenerator:  # pragma: no cover - needs vllm and a GPU; untested in this environment
-    """vLLM offline inference, greedy, on one GPU."""
+    """vLLM offline inference, greedy, on one GPU; stops as :class:`HFGenerator` does."""
 
     def __init__(self, model_path: str, *, tokenizer_path: str | None = None,
                  max_model_len: int | None = None):
         from vllm import LLM
 
         self.llm = LLM(model=model_path, tokenizer=tokenizer_path or model_path,
-                       max_model_len=max_model_len, tensor_parallel_size=1,
-                       enable_prefix_caching=False)
+                       max_model_len=fitted_max_model_len(max_model_len, model_path),
+                       tensor_parallel_size=1, enable_prefix_caching=False)
         self.tok = self.llm.get_tokenizer()
+        self.stop_ids = stop_token_ids(self.tok, model_path)
 
-    def generate(self, samples: Sequence[Sample], max_new_tokens: int) -> list[str]:
+    def generate(self, samples: Sequence[Sample], max_new_tokens: int, *,
+                 stop_new_line: bool = False) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                stop=[NEWLINE] if stop_new_line else None,
+                                stop_token_ids=self.stop_ids, skip_special_tokens=True)
         prompts = [{"prompt_token_ids": self.tok.backend_tokenizer.encode(
             s.prompt, add_special_tokens=s.add_special_tokens).ids} for s in samples]
         results = self.llm.generate(prompts, params, use_tqdm=False)
-        return [r.outputs[0].text for r in results]
+        texts = [r.outputs[0].text for r in results]
+        return [cut_at_newline(t) for t in texts] if stop_new_line else texts
 
 
 def build_generator(backend: str, model_path: str, *, tokenizer_path: str | None = None,

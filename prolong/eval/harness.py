@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from prolong.eval import loaders, synthetic
-from prolong.eval.generate import Answerer, stop_at_newline
+from prolong.eval.generate import Answerer
 from prolong.eval.metrics import score_output
 from prolong.eval.samples import PromptFormat, Sample, TooShort
-from prolong.eval.tasks import HELMET_TASKS, METRIC_NOTES, samples_for
+from prolong.eval.sizing import Sizing
+from prolong.eval.tasks import HELMET_TASKS, METRIC_NOTES, STANDIN, samples_for
 
 
 @dataclass(frozen=True, order=True)
@@ -51,24 +52,28 @@ def shard(items: Sequence[WorkItem], workers: int) -> list[list[WorkItem]]:
 
 
 class SampleBuilder:
-    """Builds samples for work items with one tokenizer (synthetic generators or loaders)."""
+    """Builds samples for work items with one tokenizer (synthetic generators or loaders).
+    ``sizing`` says how much context goes in (prolong.eval.sizing; HELMET's amounts by default);
+    ``use_chat=False`` keeps every prompt plain (``useChatTemplate: false``)."""
 
     def __init__(self, tokenizer: Any, *, seed: int, data_dir: str | None = None,
-                 haystack: Callable[[int], str] | None = None):
-        self.fmt = PromptFormat(tokenizer)
+                 haystack: Callable[[int], str] | None = None, sizing: Sizing | None = None,
+                 use_chat: bool = True):
+        self.fmt = PromptFormat(tokenizer, use_chat=use_chat)
         self.seed = seed
         self.data_dir = data_dir
         self.haystack = haystack
+        self.sizing = sizing or Sizing()
 
     def build(self, item: WorkItem) -> Sample | None:
         info = HELMET_TASKS[item.task]
         if info.synthetic:
             return synthetic.generate(item.task, self.fmt, item.length, item.index, self.seed,
-                                      haystack=self.haystack)
+                                      haystack=self.haystack, sizing=self.sizing)
         if not self.data_dir:
             raise loaders.MissingData(f"task {item.task} needs dataDir")
         return loaders.load_sample(item.task, self.fmt, self.data_dir, item.length, item.index,
-                                   self.seed)
+                                   self.seed, self.sizing)
 
 
 def score_sample(sample: Sample, output: str) -> float:
@@ -78,12 +83,25 @@ def score_sample(sample: Sample, output: str) -> float:
                                 prefix=sample.prefix, extra=sample.extra)
 
 
+JUDGE_FIELDS = ("question", "keypoints", "expert_summary")
+"""What a model judge needs besides the output and the answers (prolong.eval.judge)."""
+
+
 def record(sample: Sample, output: str) -> dict[str, Any]:
+    """One sample's record. A task HELMET scores with a model judge starts out with the ROUGE-L
+    stand-in (metric ``rougeL_f1_standin``) and its judge inputs; prolong.eval.judge replaces the
+    score when a judge is configured."""
     info = HELMET_TASKS[sample.task]
-    return {"task": sample.task, "category": info.category, "metric": info.metric,
-            "length": sample.length, "index": sample.index, "depth": sample.depth,
-            "prompt_hash": sample.prompt_hash, "prompt_tokens": sample.tokens,
-            "output": output, "answers": sample.answers, "score": score_sample(sample, output)}
+    judged = info.metric.startswith("judge_")
+    out = {"task": sample.task, "category": info.category,
+           "metric": STANDIN if judged else info.metric,
+           "length": sample.length, "index": sample.index, "depth": sample.depth,
+           "prompt_hash": sample.prompt_hash, "prompt_tokens": sample.tokens,
+           "truncated": bool(sample.extra.get("truncated")),
+           "output": output, "answers": sample.answers, "score": score_sample(sample, output)}
+    if judged:
+        out["judge_inputs"] = {k: sample.extra.get(k) for k in JUDGE_FIELDS}
+    return out
 
 
 def _build_or_skip(builder: SampleBuilder, item: WorkItem, skipped: list[dict[str, Any]]
@@ -116,9 +134,9 @@ def evaluate_items(items: Iterable[WorkItem], builder: SampleBuilder, answerer: 
                                    for it in group[start:start + batch]) if s]
             if not samples:
                 continue
-            outputs = answerer.generate(samples, budget)
+            outputs = answerer.generate(samples, budget, stop_new_line=info.stop_new_line)
             for s, o in zip(samples, outputs, strict=True):
-                out.append(record(s, stop_at_newline(o) if info.stop_new_line else o))
+                out.append(record(s, o))
             if progress is not None:
                 progress(len(samples))
     return out + skipped
@@ -136,19 +154,29 @@ def aggregate(records: Sequence[dict[str, Any]], *, tasks: Sequence[str] | None 
     lengths = sorted(lengths) if lengths is not None else sorted({r["length"] for r in records})
     by: dict[tuple[str, int], list[float]] = defaultdict(list)
     skipped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    unjudged: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    metrics: dict[str, list[str]] = defaultdict(list)
     for r in records:
         if "skipped" in r:
             skipped[r["task"]][str(r["length"])] += 1
+            continue
+        metrics[r["task"]].append(r.get("metric") or HELMET_TASKS[r["task"]].metric)
+        if r.get("score") is None:  # the judge gave no usable answer: not scored, never a 0
+            unjudged[r["task"]][str(r["length"])] += 1
             continue
         by[(r["task"], r["length"])].append(r["score"])
     task_scores: dict[str, Any] = {}
     for t in tasks:
         info = HELMET_TASKS[t]
         per = {str(n): _mean(by[(t, n)]) for n in lengths if by.get((t, n))}
-        task_scores[t] = {"category": info.category, "metric": info.metric,
-                          "metric_note": METRIC_NOTES.get(info.metric, ""),
+        used = list(dict.fromkeys(metrics.get(t) or [info.metric]))
+        metric = used[0] if len(used) == 1 else "+".join(used)
+        task_scores[t] = {"category": info.category, "metric": metric,
+                          "metric_note": "; ".join(METRIC_NOTES.get(m, m) for m in used),
                           "samples": {str(n): len(by.get((t, n), [])) for n in lengths},
                           "by_length": per, "mean": _mean(per.values())}
+        if t in unjudged:
+            task_scores[t]["unjudged"] = dict(unjudged[t])
     categories: dict[str, Any] = {}
     for cat in dict.fromkeys(HELMET_TASKS[t].category for t in tasks):
         members = [t for t in tasks if HELMET_TASKS[t].category == cat]
@@ -167,7 +195,8 @@ def aggregate(records: Sequence[dict[str, Any]], *, tasks: Sequence[str] | None 
     return {"lengths": list(lengths), "tasks": task_scores, "categories": categories,
             "average": {"by_length": avg, "mean": _mean(avg.values())},
             "samples": sum(len(v) for v in by.values()),
-            "skipped": {t: dict(v) for t, v in skipped.items()}}
+            "skipped": {t: dict(v) for t, v in skipped.items()},
+            "unjudged": {t: dict(v) for t, v in unjudged.items()}}
 
 
 def run_local(tasks: Sequence[str], lengths: Sequence[int], samples: int, builder: SampleBuilder,

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prolong.eval.datacheck import check_data_dir
 from prolong.eval.generate import build_generator
 from prolong.eval.harness import (
     SampleBuilder,
@@ -31,9 +32,19 @@ from prolong.eval.harness import (
     shard,
     work_items,
 )
-from prolong.eval.report import REPORT, RESULTS, SAMPLES, SCORES_PNG, markdown_report, scores_png
+from prolong.eval.judge import JudgeClient, judge_records
+from prolong.eval.report import (
+    REPORT,
+    RESULTS,
+    SAMPLES,
+    SCORES_PNG,
+    comparability,
+    markdown_report,
+    scores_png,
+)
+from prolong.eval.samples import PromptFormat
+from prolong.eval.sizing import Sizing
 from prolong.eval.synthetic import essay_haystack
-from prolong.eval.tasks import HELMET_TASKS
 from prolong.spec import EvalJob
 from prolong.stage.directory import Manifest, StageDir, local_copy
 from prolong.stage.identity import StageRef
@@ -75,9 +86,11 @@ def shard_config(job: EvalJob, model: str) -> dict[str, Any]:
             "backend": spec.generation.backend, "batch_size": spec.generation.batch_size,
             "max_new_tokens": spec.generation.max_new_tokens,
             "device": "cuda" if spec.cluster.device == "gpu" else "cpu",
-            "max_model_len": max(spec.lengths) + max(
-                spec.generation.max_new_tokens or HELMET_TASKS[t].max_new_tokens
-                for t in spec.tasks),
+            # Prompts keep their output budget free within the length, so the longest length is
+            # all vLLM needs (capped at the model's own limit in prolong.eval.generate).
+            "max_model_len": spec.generation.max_model_len or max(spec.lengths),
+            "sizing": spec.sizing, "sizing_tokenizer": _absolute(spec.sizing_tokenizer),
+            "use_chat_template": spec.use_chat_template,
             "corpus_cache": corpus_cache(job)}
 
 
@@ -91,8 +104,14 @@ def eval_shard(items: Sequence[WorkItem], config: dict[str, Any]) -> list[dict[s
     tok_path = local_copy(config["tokenizer"])
 
     tokenizer = AutoTokenizer.from_pretrained(tok_path, local_files_only=True)
+    counter = None
+    if config.get("sizing_tokenizer"):  # HELMET counts documents with Llama-2's tokenizer
+        counter = PromptFormat(AutoTokenizer.from_pretrained(
+            local_copy(config["sizing_tokenizer"]), local_files_only=True))
+    sizing = Sizing(config.get("sizing", "helmet"), config["max_new_tokens"], counter)
     builder = SampleBuilder(tokenizer, seed=config["seed"], data_dir=config["data_dir"],
-                            haystack=essay_haystack(config["corpus_cache"]))
+                            haystack=essay_haystack(config["corpus_cache"]), sizing=sizing,
+                            use_chat=config.get("use_chat_template", True))
     generator = build_generator(config["backend"], model, tokenizer_path=tok_path,
                                 batch_size=config["batch_size"], device=config["device"],
                                 max_model_len=config["max_model_len"])
@@ -141,6 +160,7 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
         return stage.read_json(RESULTS)
     spec = job.spec
     start = time.monotonic()
+    check_data_dir(spec)  # a missing or malformed data file is bad input: before any model loads
     model = model_location(job, upstream_dir)
     config = shard_config(job, model)
     items = work_items(spec.tasks, spec.lengths, spec.samples, spec.icl_samples)
@@ -152,12 +172,15 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
     else:
         records = [r for s in shards for r in eval_shard(s, config)]
     records.sort(key=lambda r: (list(spec.tasks).index(r["task"]), r["length"], r["index"]))
+    if spec.judge is not None:  # on the driver, after generation: one concurrency limit
+        judge_records(records, JudgeClient.from_spec(spec.judge),
+                      concurrency=spec.judge.concurrency, retries=spec.judge.retries, log=log)
 
     results = aggregate(records, tasks=spec.tasks, lengths=spec.lengths)
     name = f"{ref.pipeline}/{ref.stage}-{ref.id}"
     results.update({"name": name, "model": model, "seconds": time.monotonic() - start,
                     "backend": spec.generation.backend, "workers": len(shards),
-                    "versions": versions()})
+                    "versions": versions(), **comparability(spec)})
     stage.ensure()
     stage.write_bytes(SAMPLES, "".join(json.dumps(r, sort_keys=True) + "\n"
                                        for r in records).encode())

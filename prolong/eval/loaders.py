@@ -34,18 +34,17 @@ alce_asqa, _qampari ``alce/{asqa,qampari}_eval_gtr_top2000.json`` (JSON list or 
                     [{title, text}], qa_pairs [{short_answers}] (ASQA) or answers [[aliases]]
 ==================  ==========================================================================
 
-Sizing, per length L (prompt tokens of the evaluated model's tokenizer, see prolong.eval.samples):
+Sizing, per length L (see prolong.eval.sizing; the input budget B is L minus the task's output
+budget, in tokens of the evaluated model's tokenizer):
 
-- RAG / re-rank: the file with HELMET's passage count for L (RAG 50/105/220/440/1000, MS MARCO
-  50/130/285/600/1000 at 8K ... 128K; other lengths scale the 8K count), or the nearest larger one;
-  passages that do not fit are dropped from the end, never the gold ones (has_answer / label > 0).
-- ICL: as many label-balanced demos as fit (HELMET fixes the count per length, e.g. 400 / 6600
-  shots of TREC coarse at 8K / 128K, which is what fits Llama-2's tokenizer); labels are mapped to
-  random integers per sample, as in HELMET.
-- long documents (NarrativeQA, ∞Bench, Multi-LexSum): the document is cut to what fits and marked
-  " ... [the rest of the text is omitted]" (HELMET cuts it with Llama-2's tokenizer to L minus a
-  per-task reserve; we cut with the evaluated model's tokenizer to the whole prompt).
-- ALCE: as many retrieved documents as fit (HELMET: 700 at 128K).
+- ``sizing: helmet``: RAG / re-rank read the file with HELMET's passage count for L and use all of
+  a record's passages; ICL uses HELMET's shot count (label-balanced; labels mapped to random
+  integers per sample); ALCE HELMET's document count; long documents are cut to L minus HELMET's
+  reserve with the counting tokenizer (Llama-2's in HELMET) and filtered by HELMET's length
+  bounds. Then the end of the context is truncated until the prompt fits B.
+- ``sizing: fill``: as many passages (never dropping the gold ones: has_answer / label > 0), demos
+  or documents as fit B, from the file with the nearest larger K; long documents are cut to what
+  fits and marked " ... [the rest of the text is omitted]".
 
 Sample i of a task is record i of the file shuffled with the eval seed; indices past the end of a
 file give no sample (:func:`load_sample` returns None).
@@ -64,7 +63,16 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prolong.eval.samples import PromptFormat, Sample, TooShort, fit
+from prolong.eval.samples import PromptFormat, Sample, TooShort
+from prolong.eval.sizing import (
+    DOCUMENT_RESERVE,
+    LENGTH_FILTERS,
+    OMITTED,
+    Sizing,
+    keeps_document,
+    precut_document,
+    size_prompt,
+)
 from prolong.eval.tasks import HELMET_TASKS
 
 
@@ -72,8 +80,6 @@ class MissingData(FileNotFoundError):
     """A task's released data file is not in dataDir."""
 
 
-RAG_K = {8192: 50, 16384: 105, 32768: 220, 65536: 440, 131072: 1000}
-RERANK_K = {8192: 50, 16384: 130, 32768: 285, 65536: 600, 131072: 1000}
 
 RAG_FILES = {
     "nq": ("kilt/nq-dev-multikilt_1000_k{k}_dep6.jsonl", "kilt/nq-train-multikilt_1000_k3_dep6.jsonl"),
@@ -143,11 +149,22 @@ def _require(data_dir: str, rel: str) -> str:
     return path
 
 
-def passages_for(length: int, table: dict[int, int]) -> int:
-    """HELMET's passage count at ``length``; other lengths scale the 8K count (at least 1)."""
-    if length in table:
-        return table[length]
-    return max(1, math.ceil(table[8192] * length / 8192))
+def passages_for(task: str, length: int, sizing: Sizing) -> int:
+    """Passages wanted at ``length``: HELMET's count where it has one; elsewhere (fill only) the
+    8K count scaled with the length (at least 1)."""
+    if sizing.mode == "helmet":
+        return sizing.amount(task, length)
+    try:
+        return sizing.amount(task, length)
+    except ValueError:
+        return max(1, math.ceil(sizing.amount(task, 8192) * length / 8192))
+
+
+def k_file(data_dir: str, pattern: str, want: int, sizing: Sizing) -> str:
+    """helmet: exactly HELMET's file for ``want`` passages; fill: :func:`pick_k_file`."""
+    if sizing.mode == "helmet":
+        return _require(data_dir, pattern.format(k=want))
+    return pick_k_file(data_dir, pattern, want)
 
 
 def pick_k_file(data_dir: str, pattern: str, want: int) -> str:
@@ -200,7 +217,7 @@ def _truncator(fmt: PromptFormat, doc: str) -> tuple[Callable[[int], str], int]:
     def cut(n: int) -> str:
         if n >= len(offsets):
             return doc
-        return (doc[: offsets[n - 1][1]] if n > 0 else "") + PromptFormat.OMITTED
+        return (doc[: offsets[n - 1][1]] if n > 0 else "") + OMITTED
     return cut, len(offsets)
 
 
@@ -236,10 +253,12 @@ def _popular_enough(r: dict[str, Any]) -> bool:
 
 
 def rag(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-        shots: int = 2) -> Sample | None:
+        shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     info = HELMET_TASKS[task]
     test_pat, demo_rel = RAG_FILES[task]
-    records = read_records(pick_k_file(data_dir, test_pat, passages_for(length, RAG_K)))
+    want = passages_for(task, length, sizing)
+    records = read_records(k_file(data_dir, test_pat, want, sizing))
     demos = read_records(_require(data_dir, demo_rel))
     if task == "popqa":
         records = tuple(r for r in records if _popular_enough(r))
@@ -254,16 +273,19 @@ def rag(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, se
     ctxs = rec["ctxs"]
     gold = [bool(c.get("has_answer")) for c in ctxs]
 
-    def build(n: int) -> tuple[str, bool]:
-        context = "\n\n".join(_passage(ctxs[i]) for i in _keep(n, gold))
+    def render(context: str) -> tuple[str, bool]:
         user = f"{RAG_INSTRUCTION}\n\n{demo_text}{context}\n\nQuestion: {rec['question']}"
         return fmt.render(user, "Answer:", chat=info.chat)
 
-    n, prompt, special, tokens = fit(build, fmt.count, length, upper=len(ctxs),
-                                     guess=passages_for(length, RAG_K), minimum=0)
-    kept = _keep(n, gold)
+    def parts(n: int) -> tuple[str, Callable[[str], tuple[str, bool]]]:
+        idx = range(len(ctxs)) if sizing.mode == "helmet" else _keep(n, gold)
+        return "\n\n".join(_passage(ctxs[i]) for i in idx), render
+
+    n, prompt, special, tokens, cut = size_prompt(sizing, task, fmt, length, parts,
+                                                  helmet_n=len(ctxs), upper=len(ctxs), guess=want)
+    kept = list(range(len(ctxs))) if sizing.mode == "helmet" else _keep(n, gold)
     return Sample(task, length, index, prompt, list(rec["answers"]), tokens, _depth(kept, gold),
-                  special, "Answer:", {"passages": len(kept)})
+                  special, "Answer:", {"passages": len(kept), "truncated": cut})
 
 
 def _rerank_passage(c: dict[str, Any]) -> str:
@@ -277,9 +299,11 @@ def _ranking(ctxs: list[dict[str, Any]]) -> str:
 
 
 def msmarco(fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-            shots: int = 2) -> Sample | None:
+            shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     info = HELMET_TASKS["msmarco"]
-    records = read_records(pick_k_file(data_dir, RERANK_FILES[0], passages_for(length, RERANK_K)))
+    want = passages_for("msmarco", length, sizing)
+    records = read_records(k_file(data_dir, RERANK_FILES[0], want, sizing))
     demos = read_records(_require(data_dir, RERANK_FILES[1]))
     if index >= len(records):
         return None
@@ -291,17 +315,23 @@ def msmarco(fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int
     ctxs = [{**c, "id": str(c["id"])} for c in rec["ctxs"]]
     gold = [int(c["label"]) > 0 for c in ctxs]
 
-    def build(n: int) -> tuple[str, bool]:
-        context = "\n\n".join(_rerank_passage(ctxs[i]) for i in _keep(n, gold))
+    def render(context: str) -> tuple[str, bool]:
         user = f"{RERANK_INSTRUCTION}\n\n{demo_text}{context}\n\nQuery: {rec['query']}"
         return fmt.render(user, "Ranking:", chat=info.chat)
 
-    n, prompt, special, tokens = fit(build, fmt.count, length, upper=len(ctxs),
-                                     guess=passages_for(length, RERANK_K), minimum=0)
-    kept = [ctxs[i] for i in _keep(n, gold)]
-    ranking = _ranking(kept)
-    return Sample("msmarco", length, index, prompt, [ranking], tokens, None, special, "Ranking:",
-                  {"qrels": {c["id"]: int(c["label"]) for c in kept}, "passages": len(kept)})
+    def kept_ids(n: int) -> list[int]:
+        return list(range(len(ctxs))) if sizing.mode == "helmet" else _keep(n, gold)
+
+    def parts(n: int) -> tuple[str, Callable[[str], tuple[str, bool]]]:
+        return "\n\n".join(_rerank_passage(ctxs[i]) for i in kept_ids(n)), render
+
+    n, prompt, special, tokens, cut = size_prompt(sizing, "msmarco", fmt, length, parts,
+                                                  helmet_n=len(ctxs), upper=len(ctxs), guess=want)
+    kept = [ctxs[i] for i in kept_ids(n)]
+    # HELMET scores against every passage's label of the record (its qrels), kept or cut.
+    return Sample("msmarco", length, index, prompt, [_ranking(kept)], tokens, None, special,
+                  "Ranking:", {"qrels": {c["id"]: int(c["label"]) for c in kept},
+                               "passages": len(kept), "truncated": cut})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,8 +357,9 @@ def _balanced_demos(train: tuple[dict[str, Any], ...], field: str, rng: random.R
         yield from rnd
 
 
-def icl(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int
-        ) -> Sample | None:
+def icl(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
+        sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     info = HELMET_TASKS[task]
     train = read_records(_require(data_dir, f"icl/{task}/train.jsonl"))
     test = read_records(_require(data_dir, f"icl/{task}/test.jsonl"))
@@ -344,17 +375,21 @@ def icl(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, se
     stream = _balanced_demos(train, field, rng)
     demos: list[str] = []
 
-    def build(n: int) -> tuple[str, bool]:
+    def render(context: str) -> tuple[str, bool]:
+        return fmt.render(f"{ICL_INSTRUCTION}\n\n{context}\n\n{rec['text']}", "label:",
+                          chat=info.chat)
+
+    def parts(n: int) -> tuple[str, Callable[[str], tuple[str, bool]]]:
         while len(demos) < n:
             d = next(stream)
             demos.append(f"{d['text']}\nlabel: {mapping[int(d[field])]}")
-        user = f"{ICL_INSTRUCTION}\n\n" + "\n\n".join(demos[:n]) + f"\n\n{rec['text']}"
-        return fmt.render(user, "label:", chat=info.chat)
+        return "\n\n".join(demos[:n]), render
 
-    n, prompt, special, tokens = fit(build, fmt.count, length, guess=max(1, length // 16),
-                                     minimum=0)
+    helmet_n = sizing.amount(task, length) if sizing.mode == "helmet" else 0
+    n, prompt, special, tokens, cut = size_prompt(sizing, task, fmt, length, parts,
+                                                  helmet_n=helmet_n, guess=max(1, length // 16))
     return Sample(task, length, index, prompt, [str(mapping[int(rec[field])])], tokens, None,
-                  special, "label:", {"demos": n})
+                  special, "label:", {"demos": n, "truncated": cut})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,24 +408,59 @@ def _nqa_fields(r: dict[str, Any]) -> tuple[str, str, list[str]]:
     return doc, question, answers
 
 
+_DOC_TOKENS: dict[tuple[int, str], int] = {}
+
+
+def _doc_tokens(counter: PromptFormat, doc: str) -> int:
+    """Counting-tokenizer length of a document, special tokens included (HELMET's filter counts
+    ``tokenizer(text)``); cached, since NarrativeQA asks ~30 questions per book."""
+    key = (id(counter), hashlib.sha256(doc.encode()).hexdigest())
+    if key not in _DOC_TOKENS:
+        _DOC_TOKENS[key] = counter.count(doc, add_special_tokens=True)
+    return _DOC_TOKENS[key]
+
+
+def length_filtered(task: str, records: tuple[dict[str, Any], ...], doc_of: Callable[[dict], str],
+                    fmt: PromptFormat, sizing: Sizing) -> tuple[dict[str, Any], ...]:
+    """helmet: only the records whose document passes HELMET's length filter for ``task``."""
+    if sizing.mode != "helmet" or task not in LENGTH_FILTERS:
+        return records
+    counter = sizing.count_format(fmt)
+    return tuple(r for r in records if keeps_document(task, _doc_tokens(counter, doc_of(r))))
+
+
 def _long_doc_sample(task: str, fmt: PromptFormat, length: int, index: int, doc: str,
                      make_user: Callable[[str], str], prefix: str, answers: list[str],
-                     extra: dict[str, Any] | None = None, sep: str = "\n") -> Sample:
+                     extra: dict[str, Any] | None = None, sep: str = "\n",
+                     sizing: Sizing | None = None) -> Sample:
+    sizing = sizing or Sizing()
     info = HELMET_TASKS[task]
-    cut, total = _truncator(fmt, doc)
 
-    def build(n: int) -> tuple[str, bool]:
-        return fmt.render(make_user(cut(n)), prefix, chat=info.chat, sep=sep)
+    def render(context: str) -> tuple[str, bool]:
+        return fmt.render(make_user(context), prefix, chat=info.chat, sep=sep)
 
-    n, prompt, special, tokens = fit(build, fmt.count, length, upper=total, guess=length,
-                                     minimum=0)
+    if sizing.mode == "helmet":
+        # Cut to HELMET's document budget with its counting tokenizer, then to the input budget.
+        doc = precut_document(sizing.count_format(fmt), doc, length - DOCUMENT_RESERVE[task])
+        cut, total = (lambda n: doc), 0
+    else:
+        cut, total = _truncator(fmt, doc)
+
+    def parts(n: int) -> tuple[str, Callable[[str], tuple[str, bool]]]:
+        return cut(n), render
+
+    n, prompt, special, tokens, truncated = size_prompt(
+        sizing, task, fmt, length, parts, helmet_n=0, upper=total, guess=length, minimum=0)
     return Sample(task, length, index, prompt, answers, tokens, None, special, prefix,
-                  {**(extra or {}), "document_tokens": n, "document_total": total})
+                  {**(extra or {}), "document_tokens": n, "document_total": total,
+                   "truncated": truncated})
 
 
 def narrativeqa(fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-                shots: int = 2) -> Sample | None:
-    test = read_records(_require(data_dir, "narrativeqa/test.jsonl"))
+                shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
+    test = length_filtered("narrativeqa", read_records(_require(data_dir, "narrativeqa/test.jsonl")),
+                           lambda r: _nqa_fields(r)[0], fmt, sizing)
     if index >= len(test):
         return None
     rec = test[sample_order(len(test), seed, "narrativeqa")[index]]
@@ -406,7 +476,7 @@ def narrativeqa(fmt: PromptFormat, data_dir: str, length: int, index: int, seed:
     return _long_doc_sample(
         "narrativeqa", fmt, length, index, doc,
         lambda ctx: f"{NARRATIVEQA_INSTRUCTION}\n\n{demo}{ctx}\n\nQuestion: {question}",
-        "Answer:", answers)
+        "Answer:", answers, {"question": question}, sizing=sizing)
 
 
 def _options(r: dict[str, Any]) -> str:
@@ -418,9 +488,23 @@ def _mc_answers(r: dict[str, Any]) -> list[str]:
     return [letter, f"{letter}. {r['answer'][0]}"]
 
 
+INFBENCH_KEYPOINTS = "infbench/longbook_sum_eng_keypoints.jsonl"
+"""HELMET's key points of the ∞Bench summaries (id, keypoints): what its judge checks recall on."""
+
+
+def _infbench_keypoints(data_dir: str, rec_id: Any) -> list[str] | None:
+    path = os.path.join(data_dir, INFBENCH_KEYPOINTS)
+    if not os.path.isfile(path):
+        return None
+    by_id = {str(r["id"]): r["keypoints"] for r in read_records(path)}
+    return by_id.get(str(rec_id))
+
+
 def infbench(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-             shots: int = 2) -> Sample | None:
+             shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     records = read_records(_require(data_dir, f"infbench/{INFBENCH_FILES[task]}.jsonl"))
+    records = length_filtered(task, records, lambda r: r["context"], fmt, sizing)
     if index >= len(records):
         return None
     rec = records[sample_order(len(records), seed, task)[index]]
@@ -428,33 +512,38 @@ def infbench(task: str, fmt: PromptFormat, data_dir: str, length: int, index: in
     random.Random(f"{seed}/{task}/demos").shuffle(others)
     chosen = others[: shots]
     question = rec.get("input", "")
+    extra: dict[str, Any] = {"question": question}
     if task == "infbench_qa":
         items = [f"[story text]\nQuestion: {d['input']}\nAnswer: {d['answer'][0]}" for d in chosen]
         answers = [str(a) for a in rec["answer"]]
-        instruction, prefix, sep = INFBENCH_QA_INSTRUCTION, "Answer:", "\n"
+        instruction, prefix, sep = INFBENCH_QA_INSTRUCTION, "Answer:", "\n\n"
         tail = f"\n\nQuestion: {question}"
     elif task == "infbench_mc":
         items = [f"[story text]\nQuestion: {d['input']}\nOptions:\n{_options(d)}\n"
                  f"Answer: {_mc_answers(d)[0]}" for d in chosen]
         answers = _mc_answers(rec)
-        instruction, prefix, sep = INFBENCH_MC_INSTRUCTION, "Answer:", "\n"
+        instruction, prefix, sep = INFBENCH_MC_INSTRUCTION, "Answer:", "\n\n"
         tail = f"\n\nQuestion: {question}\nOptions:\n{_options(rec)}"
     else:
         items = [f"[story text]\nSummary: {d['answer'][0].strip()}" for d in chosen]
         answers = [str(a) for a in rec["answer"]]
         instruction, prefix, sep = INFBENCH_SUM_INSTRUCTION, "Summary:", "\n\n"
         tail = "\n\nNow summarize the book."
+        extra = {"keypoints": _infbench_keypoints(data_dir, rec.get("id")),
+                 "expert_summary": answers[0]}
     demo = ("For example:\n\n" + "\n\n".join(items) + "\n\nNow, read the following story:\n\n"
             if items else "")
     return _long_doc_sample(task, fmt, length, index, rec["context"],
                             lambda ctx: f"{instruction}\n\n{demo}{ctx}{tail}", prefix, answers,
-                            sep=sep)
+                            extra, sep=sep, sizing=sizing)
 
 
 def multi_lexsum(fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-                 shots: int = 2) -> Sample | None:
+                 shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     test = tuple(r for r in read_records(_require(data_dir, "multi_lexsum/validation.jsonl"))
                  if r.get("summary/short"))
+    test = length_filtered("multi_lexsum", test, lambda r: "\n\n".join(r["sources"]), fmt, sizing)
     if index >= len(test):
         return None
     rec = test[sample_order(len(test), seed, "multi_lexsum")[index]]
@@ -468,10 +557,14 @@ def multi_lexsum(fmt: PromptFormat, data_dir: str, length: int, index: int, seed
         demo = ("Example summaries:\n\n" + "\n\n".join(f"Summary: {d['summary/short']}"
                                                        for d in chosen)
                 + "\n\nNow, write a summary of the following legal documents.\n")
+    # HELMET's judge: recall on the short summary's key points, precision against the long one.
+    extra = {"keypoints": rec.get("summary/short_keypoints"),
+             "expert_summary": rec.get("summary/long") or rec["summary/short"]}
     return _long_doc_sample(
         "multi_lexsum", fmt, length, index, "\n\n".join(rec["sources"]),
         lambda ctx: f"{LEXSUM_INSTRUCTION}\n\n{demo}Legal documents:\n{ctx}\n\nNow please "
-                    "summarize the case.", "Summary:", [rec["summary/short"]], sep="\n\n")
+                    "summarize the case.", "Summary:", [rec["summary/short"]], extra, sep="\n\n",
+        sizing=sizing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +584,8 @@ def _doc(doc_prompt: str, d: dict[str, Any], i: int) -> str:
 
 
 def alce(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-         shots: int = 2) -> Sample | None:
+         shots: int = 2, sizing: Sizing | None = None) -> Sample | None:
+    sizing = sizing or Sizing()
     info = HELMET_TASKS[task]
     name = task.removeprefix("alce_")
     path = next((p for p in (f"alce/{name}_eval_gtr_top2000.json",
@@ -521,13 +615,18 @@ def alce(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, s
         demo_text += "\n\n\n"
     docs = rec["docs"]
 
-    def build(n: int) -> tuple[str, bool]:
-        context = "\n\n".join(_doc(doc_prompt, d, i) for i, d in enumerate(docs[:n]))
+    def render(context: str) -> tuple[str, bool]:
         user = f"{demo_text}{instruction}\n\nQuestion: {rec['question']}\n\n{context}"
         return fmt.render(user, "Answer:", chat=info.chat, sep="\n\n")
 
-    n, prompt, special, tokens = fit(build, fmt.count, length, upper=len(docs),
-                                     guess=max(1, length // 200), minimum=0)
+    def parts(k: int) -> tuple[str, Callable[[str], tuple[str, bool]]]:
+        return "\n\n".join(_doc(doc_prompt, d, i) for i, d in enumerate(docs[:k])), render
+
+    helmet_n = sizing.amount(task, length) if sizing.mode == "helmet" else 0
+    n, prompt, special, tokens, cut = size_prompt(sizing, task, fmt, length, parts,
+                                                  helmet_n=helmet_n, upper=len(docs),
+                                                  guess=max(1, length // 200))
+    n = min(n, len(docs))
     if "qa_pairs" in rec:
         groups = [list(q["short_answers"]) for q in rec["qa_pairs"]]
         extra = {"qa_pairs": groups, "reference": " ".join(f"{g[0]}." for g in groups if g)}
@@ -535,22 +634,23 @@ def alce(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, s
         groups = [list(a) if isinstance(a, list) else [a] for a in rec["answers"]]
         extra = {"answer_lists": groups, "reference": ", ".join(g[0] for g in groups if g)}
     return Sample(task, length, index, prompt, [g[0] for g in groups if g], tokens, None, special,
-                  "Answer:", {**extra, "docs": n})
+                  "Answer:", {**extra, "docs": n, "truncated": cut})
 
 
 # ---------------------------------------------------------------------------------------------
 
-def load_sample(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int
-                ) -> Sample | None:
-    """Sample ``index`` of released task ``task`` at ``length``, or None past the file's end.
-    HELMET's 2 demos are kept when they fit; at lengths too short for them (HELMET starts at 8K)
-    fewer are used, and ``extra["shots"]`` says how many."""
+def load_sample(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
+                sizing: Sizing | None = None) -> Sample | None:
+    """Sample ``index`` of released task ``task`` at ``length``, or None past the (filtered)
+    file's end. HELMET's 2 demos are kept when they fit; at lengths too short for them (HELMET
+    starts at 4K) fewer are used, and ``extra["shots"]`` says how many."""
     info = HELMET_TASKS[task]
+    sizing = sizing or Sizing()
     if info.shots == 0:
-        return _load(task, fmt, data_dir, length, index, seed, 0)
+        return _load(task, fmt, data_dir, length, index, seed, 0, sizing)
     for shots in range(info.shots, -1, -1):
         try:
-            sample = _load(task, fmt, data_dir, length, index, seed, shots)
+            sample = _load(task, fmt, data_dir, length, index, seed, shots, sizing)
         except TooShort:
             if shots == 0:
                 raise
@@ -562,20 +662,20 @@ def load_sample(task: str, fmt: PromptFormat, data_dir: str, length: int, index:
 
 
 def _load(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, seed: int,
-          shots: int) -> Sample | None:
+          shots: int, sizing: Sizing) -> Sample | None:
     category = HELMET_TASKS[task].category
     if category == "rag":
-        return rag(task, fmt, data_dir, length, index, seed, shots)
+        return rag(task, fmt, data_dir, length, index, seed, shots, sizing)
     if task == "msmarco":
-        return msmarco(fmt, data_dir, length, index, seed, shots)
+        return msmarco(fmt, data_dir, length, index, seed, shots, sizing)
     if category == "icl":
-        return icl(task, fmt, data_dir, length, index, seed)
+        return icl(task, fmt, data_dir, length, index, seed, sizing)
     if task == "narrativeqa":
-        return narrativeqa(fmt, data_dir, length, index, seed, shots)
+        return narrativeqa(fmt, data_dir, length, index, seed, shots, sizing)
     if task in INFBENCH_FILES:
-        return infbench(task, fmt, data_dir, length, index, seed, shots)
+        return infbench(task, fmt, data_dir, length, index, seed, shots, sizing)
     if task == "multi_lexsum":
-        return multi_lexsum(fmt, data_dir, length, index, seed, shots)
+        return multi_lexsum(fmt, data_dir, length, index, seed, shots, sizing)
     if category == "cite":
-        return alce(task, fmt, data_dir, length, index, seed, shots)
+        return alce(task, fmt, data_dir, length, index, seed, shots, sizing)
     raise KeyError(f"{task} has no loader")

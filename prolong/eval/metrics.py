@@ -7,8 +7,9 @@
   log2 discounts as trec_eval's ``ndcg_cut.10`` (``pytrec_eval`` when installed, else our own,
   which the tests hold equal to it).
 - :func:`accuracy` -- exact match of the parsed answer (ICL labels, ∞Bench MC letters).
-- :func:`rouge_l_f1` -- ROUGE-L F1 (``rouge-score``, stemming), best over the golds. **A stand-in**:
-  HELMET scores NarrativeQA and the summarization tasks with a GPT-4o judge; we have none.
+- :func:`rouge_l_f1` -- ROUGE-L F1 (``rouge-score``, stemming), best over the golds: HELMET's
+  metric for ∞Bench QA, and the stand-in for NarrativeQA and summarization when no model judge is
+  configured (prolong.eval.judge scores those).
 - :func:`alce_correctness` -- ALCE answer correctness only: ASQA STR-EM (fraction of questions whose
   short answers appear), QAMPARI recall-5. **Citation recall/precision are not computed**: they
   need an NLI model (ALCE/HELMET use TRUE, T5-11B).
@@ -79,21 +80,21 @@ def mc_accuracy(output: str, answers: Sequence[str], prefix: str = "Answer:") ->
     return float(len(answers) > 1 and answers[1].lower() in output.lower())
 
 
-_ID_TOKEN = re.compile(r"[^\s>,\[\]]+")
+_RANK_CHAIN = re.compile(r"(\d+)(?:\s*>\s*(\d+))*")
 
 
-def parse_ranking(output: str, prefix: str = "Ranking:") -> list[str]:
-    """Passage ids of a "Ranking: ID3 > ID1 > ID2" output, first occurrence of each kept."""
-    text = output
-    at = text.lower().rfind(prefix.lower())
-    if at >= 0:
-        text = text[at + len(prefix):]
-    text = text.strip().splitlines()[0] if text.strip() else ""
+def parse_ranking(output: str) -> list[str]:
+    """Passage ids of a ranking output, best first, first occurrence of each kept -- HELMET's
+    ``parse_rankings``: drop brackets and colons and every "id" (any case), then take the longest
+    run of integers joined by ">" ("Ranking: ID3 > ID1 > ID2" -> 3, 1, 2). Passage ids are
+    integers in HELMET's files, so nothing else can match a label."""
+    text = re.sub(r"[\[\]:]", "", output).lower().replace("id", "")
+    longest = max((m.group(0) for m in _RANK_CHAIN.finditer(text)), key=len, default="")
     ids: list[str] = []
-    for part in text.split(">"):
-        m = _ID_TOKEN.search(part.replace("ID:", " ").strip())
-        if m and m.group(0) not in ids:
-            ids.append(m.group(0))
+    for part in longest.split(">"):
+        part = part.strip()
+        if part.isdigit() and part not in ids:
+            ids.append(part)
     return ids
 
 
@@ -198,7 +199,7 @@ def score_output(task: str, metric: str, output: str, answers: Sequence[str], *,
         if task == "infbench_mc":
             return mc_accuracy(output, answers, label_prefix)
         return accuracy(output, answers, label_prefix)
-    if metric == "rougeL_f1":
+    if metric in ("rougeL_f1", "judge_qa", "judge_summ"):  # judged tasks: the stand-in
         parsed = parse_output(output, prefix) if prefix else None
         best = rouge_l_f1(output, answers)
         return max(best, rouge_l_f1(parsed, answers)) if parsed else best

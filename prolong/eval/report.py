@@ -18,6 +18,33 @@ from typing import Any
 from prolong.eval.tasks import METRIC_NOTES
 from prolong.plots import png_bytes, pyplot
 
+
+def comparability(spec: Any) -> dict[str, Any]:
+    """What a run's scores can stand next to: the settings that decide it (sizing, judge, chat
+    template, counting tokenizer, NLI model) and, per category, None when comparable to published
+    HELMET numbers or the reason it is not. Stored in results.json; reports print it."""
+    reasons: dict[str, list[str]] = {c: [] for c in CATEGORY_TITLES}
+    if spec.sizing != "helmet":
+        for c in reasons:
+            reasons[c].append("sizing fill (prompts filled with the model's tokenizer)")
+    if not spec.use_chat_template:
+        for c in ("longqa", "summ", "cite"):
+            reasons[c].append("useChatTemplate false")
+    if spec.judge is None:
+        reasons["longqa"].append("NarrativeQA scored by the ROUGE-L stand-in (no judge)")
+        reasons["summ"].append("ROUGE-L stand-in (no judge)")
+    if spec.sizing == "helmet" and not spec.sizing_tokenizer:
+        for c in ("longqa", "summ"):
+            reasons[c].append("documents cut and filtered with the model's tokenizer, not "
+                              "Llama-2's (sizingTokenizer unset)")
+    reasons["cite"].append("citation recall and precision not computed")
+    return {"sizing": spec.sizing, "sizing_tokenizer": spec.sizing_tokenizer,
+            "use_chat_template": spec.use_chat_template,
+            "judge": spec.judge.model if spec.judge is not None else None,
+            "nli_model": spec.nli_model,
+            "not_comparable": {c: "; ".join(r) for c, r in reasons.items() if r}}
+
+
 RESULTS = "results.json"
 REPORT = "report.md"
 SCORES_PNG = "scores.png"
@@ -45,6 +72,7 @@ def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> s
     lines = [f"# {title}", ""]
     if results.get("model"):
         lines += [f"Model: `{results['model']}`", ""]
+    lines += settings_lines(results)
     lines += ["## Categories", "", head, rule]
     for cat, c in results["categories"].items():
         lines.append(f"| {CATEGORY_TITLES.get(cat, cat)} | "
@@ -59,6 +87,11 @@ def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> s
         lines.append(f"| {task} | {t['metric']} | "
                      + " | ".join(fmt_score(t["by_length"].get(n)) for n in lengths)
                      + f" | {fmt_score(t['mean'])} |")
+    unjudged = results.get("unjudged") or {}
+    if unjudged:
+        lines += ["", "Unjudged (no usable judge reply after retries; left out of the means): "
+                  + "; ".join(f"{task} at {', '.join(f'{length_label(n)} x{c}' for n, c in per.items())}"
+                              for task, per in unjudged.items()) + "."]
     skipped = results.get("skipped") or {}
     if skipped:
         lines += ["", "Not scored (the fixed prompt alone exceeds the length): " + "; ".join(
@@ -69,6 +102,25 @@ def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> s
               f"Scores are 0-100; {results.get('samples', 0)} samples; lengths are prompt tokens "
               "of the evaluated model's tokenizer.", ""]
     return "\n".join(lines)
+
+
+MODEL_OWN = "the model's own"
+
+
+def settings_lines(results: dict[str, Any]) -> list[str]:
+    """The settings that decide comparability, and which categories are not comparable."""
+    if "sizing" not in results:
+        return ["Settings: not recorded (a run from before sizing was recorded): not comparable "
+                "to published HELMET numbers.", ""]
+    sizing = results["sizing"]
+    lines = [f"Sizing: **{sizing}**" + ("" if sizing == "helmet" else
+                                         " -- not comparable to published HELMET numbers")
+             + f"; judge: {results.get('judge') or 'none (ROUGE-L stand-ins)'}"
+             + f"; chat template: {'HELMET defaults' if results.get('use_chat_template', True) else 'off'}"
+             + f"; counting tokenizer: {results.get('sizing_tokenizer') or MODEL_OWN}.", ""]
+    for cat, why in (results.get("not_comparable") or {}).items():
+        lines.append(f"- {CATEGORY_TITLES.get(cat, cat)}: not comparable ({why})")
+    return [*lines, ""] if results.get("not_comparable") else lines
 
 
 def scores_png(results: dict[str, Any], title: str = "HELMET") -> bytes:

@@ -7,10 +7,12 @@ tokenizer, chat template and special tokens included; the output budget comes on
 prompt (pairs, needles, haystack, passages, demos, the document) with :func:`fit`, the largest
 size whose prompt still fits.
 
-Prompt assembly follows HELMET (``data.py``): the prompt is ``user + sep + prefix`` where ``prefix``
-is the answer prefix ("Answer:", "Corresponding value:", ...), or, for tasks HELMET runs with its
-chat template, the user turn rendered by the tokenizer's chat template with a generation prompt,
-followed by the prefix.
+Prompt assembly follows HELMET (``data.py`` and ``model_utils.tokenize``): the prompt is
+``user + sep + prefix`` where ``prefix`` is the answer prefix ("Answer:", "Corresponding value:",
+...), encoded with the tokenizer's special tokens (BOS); or, for tasks HELMET runs with its chat
+template (``useChatTemplate`` and the task's own setting), the user turn alone rendered by the
+tokenizer's chat template with its generation prompt -- nothing after it, no system message --
+encoded without adding special tokens (the template holds them).
 """
 
 from __future__ import annotations
@@ -60,21 +62,22 @@ class Sample:
 
 
 class PromptFormat:
-    """Renders prompts and counts their tokens with one tokenizer (a fast transformers tokenizer)."""
+    """Renders prompts and counts their tokens with one tokenizer (a fast transformers tokenizer).
+    ``use_chat=False`` (``useChatTemplate: false``, for base models) never applies a chat
+    template."""
 
-    OMITTED = " ... [the rest of the text is omitted]"
-
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, *, use_chat: bool = True):
         self.tok = tokenizer
         template = getattr(tokenizer, "chat_template", None)
-        self.has_chat = isinstance(template, str) and bool(template)
+        self.has_chat = use_chat and isinstance(template, str) and bool(template)
 
     def render(self, user: str, prefix: str, *, chat: bool, sep: str = "\n") -> tuple[str, bool]:
-        """(prompt text, add_special_tokens) for a user turn and an answer prefix."""
+        """(prompt text, add_special_tokens) for a user turn and an answer prefix. A chat prompt
+        ends at the template's generation prompt: HELMET puts no answer prefix after it."""
         if chat and self.has_chat:
             text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                                 add_generation_prompt=True)
-            return text + prefix, False
+            return text, False
         return user + sep + prefix, True
 
     def count(self, text: str, add_special_tokens: bool = True) -> int:
@@ -87,6 +90,11 @@ class PromptFormat:
     def offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of every token of ``text`` (no special tokens)."""
         return self.tok.backend_tokenizer.encode(text, add_special_tokens=False).offsets
+
+    def offsets_with_special(self, text: str) -> list[tuple[int, int]]:
+        """Character spans with the special tokens encoding adds ((0, 0) for a BOS), as
+        ``tokenizer(text, return_offsets_mapping=True)`` gives them."""
+        return self.tok.backend_tokenizer.encode(text, add_special_tokens=True).offsets
 
 
 class TooShort(ValueError):

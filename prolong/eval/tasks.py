@@ -53,24 +53,33 @@ HELMET_TASKS: dict[str, TaskInfo] = {
     **_tasks("icl", "accuracy", ("trec_coarse", "trec_fine", "nlu", "banking77", "clinc150"), 20,
              shots=0, stop_new_line=True),
     # HELMET's configs (longqa.yaml): 100 new tokens for NarrativeQA, 10 for both InfBench tasks.
-    **_tasks("longqa", "rougeL_f1", ("narrativeqa",), 100, chat=True, reserve=300),
+    **_tasks("longqa", "judge_qa", ("narrativeqa",), 100, chat=True, reserve=300),
     **_tasks("longqa", "rougeL_f1", ("infbench_qa",), 10, chat=True, reserve=210),
     **_tasks("longqa", "accuracy", ("infbench_mc",), 10, chat=True, reserve=210),
-    **_tasks("summ", "rougeL_f1", ("infbench_sum",), 1200, chat=True, reserve=1400),
-    **_tasks("summ", "rougeL_f1", ("multi_lexsum",), 400, chat=True, reserve=700),
+    **_tasks("summ", "judge_summ", ("infbench_sum",), 1200, chat=True, reserve=1400),
+    **_tasks("summ", "judge_summ", ("multi_lexsum",), 400, chat=True, reserve=700),
     **_tasks("cite", "alce_correctness", ("alce_asqa", "alce_qampari"), 300, chat=True),
 }
-"""Every HELMET task we know, by the name used in specs. Where HELMET scores with a model judge
-(NarrativeQA, summarization) we report ROUGE-L F1 and name it as the stand-in; for ALCE we report
-answer correctness only (citation recall/precision need an NLI model; see prolong.eval.metrics)."""
+"""Every HELMET task we know, by the name used in specs. NarrativeQA and summarization are scored
+by a model judge (``EvalJob.spec.judge``, prolong.eval.judge); without one their records carry
+ROUGE-L F1 under the metric name ``rougeL_f1_standin``. For ALCE we report answer correctness only
+(citation recall/precision need an NLI model; see prolong.eval.metrics)."""
+
+STANDIN = "rougeL_f1_standin"
+"""The metric of a judged task's sample that no judge scored (no judge configured)."""
 
 METRIC_NOTES: dict[str, str] = {
     "subem": "substring exact match",
     "ruler_recall": "fraction of gold values in the output",
     "ndcg@10": "NDCG@10 of the parsed ranking",
     "accuracy": "exact match of the parsed answer",
-    "rougeL_f1": "ROUGE-L F1 (stand-in where HELMET uses a GPT-4o judge)",
-    "alce_correctness": "ASQA STR-EM / QAMPARI recall-5 (citation scores not computed)",
+    "rougeL_f1": "ROUGE-L F1",
+    STANDIN: "ROUGE-L F1, a stand-in: HELMET scores this task with a GPT-4o judge",
+    "judge_qa": "model judge: fluency x correctness (0-3), x100/3 (HELMET's gpt-4-score)",
+    "judge_summ": "model judge: fluency x F1 of key-point recall and precision, x100 "
+                  "(HELMET's gpt-4-f1)",
+    "alce_correctness": "ASQA STR-EM / QAMPARI recall-5 only: citation recall and precision not "
+                        "computed (HELMET's Cite averages all six)",
 }
 """How each metric is reported: what the report prints beside a score."""
 

@@ -41,3 +41,14 @@ HELMET_TASK_SYNTHETIC: dict[str, bool] = {
 }
 """Every HELMET task name specs accept, in :data:`prolong.eval.tasks.HELMET_TASKS` order, mapped to
 True when its samples are generated locally (no dataDir needed)."""
+
+HELMET_SIZING_LENGTHS: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
+"""The lengths HELMET's configs give fixed amounts for (scripts/generate_configs.py: 4K ... 128K).
+``sizing: helmet`` accepts only these for the tasks in :data:`HELMET_TABLED_TASKS`;
+``tests/eval/test_sizing.py`` keeps them equal to the tables in :mod:`prolong.eval.sizing`."""
+
+HELMET_TABLED_TASKS: frozenset[str] = frozenset({
+    "json_kv", "nq", "triviaqa", "hotpotqa", "popqa", "msmarco",
+    "trec_coarse", "trec_fine", "nlu", "banking77", "clinc150", "alce_asqa", "alce_qampari"})
+"""Tasks whose HELMET amount (pairs, passages, shots, documents) is a per-length table; the
+others (RULER, long documents) derive theirs from the length itself."""

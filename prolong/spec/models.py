@@ -520,6 +520,33 @@ class GenerationSpec(SpecModel):
     """Prompts decoded together."""
     max_new_tokens: int | None = Field(None, ge=1)
     """Override every task's own output budget."""
+    max_model_len: int | None = Field(None, ge=1)
+    """vLLM's context limit; default: the model's own limit (max_position_embeddings), never
+    more, since HELMET keeps every prompt plus its answer within the length."""
+
+
+class JudgeSpec(SpecModel):
+    """A model judge for LongQA and summarization (HELMET: GPT-4o), reached through any
+    OpenAI-compatible chat-completions endpoint (vLLM, TGI, a hosted API)."""
+
+    endpoint: str = Field(pattern=r"^https?://")
+    """Base URL of the API, e.g. https://api.openai.com/v1 (/chat/completions is appended)."""
+    model: str = Field(min_length=1)
+    """Model name sent with each request (HELMET: gpt-4o-2024-05-13)."""
+    api_key_secret_ref: str | None = Field(None, pattern=DNS_LABEL)
+    """Secret holding the API key under the key JUDGE_API_KEY; it reaches the eval workers as
+    that environment variable. None: no Authorization header (a local vLLM server)."""
+    concurrency: int = Field(8, ge=1)
+    """Requests in flight at once."""
+    retries: int = Field(3, ge=0)
+    """Further attempts after a failed, timed-out or unparseable reply; then the sample is
+    reported as unjudged (never scored 0)."""
+    timeout_seconds: float = Field(120.0, gt=0)
+    """Per-request timeout."""
+    temperature: float = Field(0.1, ge=0)
+    """HELMET's judge runs at 0.1."""
+    max_tokens: int = Field(4096, ge=1)
+    """Judge reply budget (HELMET: 4096 for summaries)."""
 
 
 class EvalSpec(SpecModel):
@@ -541,6 +568,24 @@ class EvalSpec(SpecModel):
     """Directory holding HELMET's released data files; needed by every non-synthetic task."""
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     """Decoding settings."""
+    sizing: Literal["helmet", "fill"] = "helmet"
+    """helmet: HELMET's fixed amounts per length (JSON KV pairs, ICL shots, RAG / re-rank
+    passages, ALCE documents, long documents cut to HELMET's budgets) and its length filters, then
+    truncated to fit; only at HELMET's lengths (4096 ... 131072). fill: as much as fits the length
+    with the evaluated model's tokenizer, at any length -- not comparable to published HELMET
+    numbers."""
+    sizing_tokenizer: str | None = None
+    """Tokenizer HELMET counts long documents and its length filters with (it uses
+    meta-llama/Llama-2-7b-hf), as a local path or hub id. None: the evaluated model's tokenizer,
+    and reports say so."""
+    use_chat_template: bool = True
+    """true: HELMET's default for instruct models (the chat template for LongQA, summarization and
+    citation, plain prompts for the rest); false: plain prompts everywhere (base models)."""
+    judge: JudgeSpec | None = None
+    """Model judge for NarrativeQA and summarization; None: ROUGE-L stand-ins, named as such."""
+    nli_model: str | None = None
+    """Local path of the NLI model for ALCE citation recall / precision (HELMET: TRUE, T5-11B);
+    None: citation scores are reported as not computed."""
     seed: int = 42
     """Seed for synthetic generators and demo selection."""
     storage: StorageSpec = Field(default_factory=StorageSpec)

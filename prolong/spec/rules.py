@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from prolong.parallel.dims import ParallelDimsError
-from prolong.spec.helmet import HELMET_TASK_SYNTHETIC
+from prolong.spec.helmet import HELMET_SIZING_LENGTHS, HELMET_TABLED_TASKS, HELMET_TASK_SYNTHETIC
 from prolong.spec.issues import SpecIssue, did_you_mean
 from prolong.spec.models import (
     EMBEDDED_CORPORA,
@@ -180,6 +180,14 @@ def _check_eval(spec: EvalSpec) -> list[SpecIssue]:
                              + ", ".join(released)))
     if len(set(spec.lengths)) != len(spec.lengths):
         out.append(SpecIssue("lengths", "lists a length twice", spec.lengths))
+    tabled = [t for t in spec.tasks if t in HELMET_TABLED_TASKS]
+    if spec.sizing == "helmet" and tabled:
+        for i, n in enumerate(spec.lengths):
+            if n not in HELMET_SIZING_LENGTHS:
+                out.append(SpecIssue(
+                    f"lengths[{i}]", "sizing helmet has HELMET's amounts only at "
+                    + ", ".join(map(str, HELMET_SIZING_LENGTHS)) + f" (needed by {tabled[0]}); "
+                    "set sizing: fill for other lengths", n))
     return out
 
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
+from prolong.eval.datacheck import check_data_dir
 from prolong.eval.job import run_eval_stage
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
@@ -104,6 +105,8 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
         for job, ref, upstream_dirs in pending:
             if job.spec.model.from_stage not in running:
                 upstream_ready(job, ref, upstream_dirs)
+            if isinstance(job, EvalJob):  # bad eval data is bad input (exit 2), before any model
+                check_data_dir(job.spec)
         if pending:
             _prepare(path, progress)
             _connect(ray_address, console, verbose=verbose)

@@ -1,5 +1,5 @@
-"""The harness on every task: released-format loaders on small files, scoring pinned by a reference
-answerer (100) and a constant one (0), sharding and aggregation."""
+"""The harness on every task under sizing fill: released-format loaders on small files, scoring
+pinned by a reference answerer (100) and a constant one (0), sharding and aggregation."""
 
 from __future__ import annotations
 
@@ -8,14 +8,11 @@ import re
 import pytest
 
 from prolong.eval import loaders
-from prolong.eval.generate import (
-    ConstantAnswerer,
-    ReferenceAnswerer,
-    choose_backend,
-    stop_at_newline,
-)
+from prolong.eval.generate import ConstantAnswerer, ReferenceAnswerer, choose_backend
 from prolong.eval.harness import SampleBuilder, WorkItem, aggregate, run_local, shard, work_items
 from prolong.eval.samples import PromptFormat
+from prolong.eval.sizing import FILL, OMITTED
+from prolong.eval.stopping import cut_at_newline
 from prolong.eval.synthetic import essay_haystack
 from prolong.eval.tasks import HELMET_TASKS
 
@@ -27,7 +24,7 @@ LENGTH = 2048
 @pytest.fixture(scope="module")
 def builder(tokenizer, helmet_dir, corpus_cache):
     return SampleBuilder(tokenizer, seed=5, data_dir=str(helmet_dir),
-                         haystack=essay_haystack(corpus_cache))
+                         haystack=essay_haystack(corpus_cache), sizing=FILL)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +48,12 @@ def test_released_prompts_fit_and_follow_helmet_formats(builder, tokenizer, refe
     fmt = PromptFormat(tokenizer)
     for t in RELEASED:
         s = builder.build(WorkItem(t, LENGTH, 0))
-        assert s.tokens == fmt.count(s.prompt, s.add_special_tokens) <= LENGTH, t
         info = HELMET_TASKS[t]
-        if info.chat:  # HELMET's chat-template tasks: chatml user turn, then the answer prefix
+        budget = LENGTH - info.max_new_tokens
+        assert s.tokens == fmt.count(s.prompt, s.add_special_tokens) <= budget, t
+        if info.chat:  # HELMET's chat-template tasks: chatml user turn, the generation prompt last
             assert s.prompt.startswith("<|im_start|>user\n") and not s.add_special_tokens, t
-            assert s.prompt.endswith("<|im_start|>assistant\n" + s.prefix), t
+            assert s.prompt.endswith("<|im_start|>assistant\n"), t
         else:
             assert s.prompt.endswith("\n" + s.prefix), t
     nq = builder.build(WorkItem("nq", LENGTH, 1))
@@ -75,8 +73,8 @@ def test_released_prompts_fit_and_follow_helmet_formats(builder, tokenizer, refe
     for t in ("narrativeqa", "infbench_qa", "infbench_mc", "infbench_sum", "multi_lexsum"):
         s = builder.build(WorkItem(t, LENGTH, 0))
         assert s.extra["document_tokens"] < s.extra["document_total"], t  # truncated to fit
-        assert PromptFormat.OMITTED in s.prompt, t
-        assert s.tokens >= 0.98 * LENGTH, t
+        assert OMITTED in s.prompt, t
+        assert s.tokens >= 0.98 * (LENGTH - HELMET_TASKS[t].max_new_tokens), t
     mc = builder.build(WorkItem("infbench_mc", LENGTH, 0))
     assert "\nOptions:\nA. option one" in mc.prompt and mc.answers[0] == "B"
     asqa = builder.build(WorkItem("alce_asqa", LENGTH, 0))
@@ -89,15 +87,15 @@ def test_samples_past_the_end_of_a_file_are_skipped(builder):
 
 
 def test_missing_released_file_says_which(tokenizer, tmp_path):
-    b = SampleBuilder(tokenizer, seed=0, data_dir=str(tmp_path))
+    b = SampleBuilder(tokenizer, seed=0, data_dir=str(tmp_path), sizing=FILL)
     with pytest.raises(loaders.MissingData, match="nq-dev-multikilt"):
         b.build(WorkItem("nq", LENGTH, 0))
 
 
 def test_passage_counts_and_file_choice(tmp_path):
-    assert loaders.passages_for(8192, loaders.RAG_K) == 50
-    assert loaders.passages_for(131072, loaders.RERANK_K) == 1000
-    assert loaders.passages_for(1024, loaders.RAG_K) == 7
+    assert loaders.passages_for("nq", 8192, FILL) == 50
+    assert loaders.passages_for("msmarco", 131072, FILL) == 1000
+    assert loaders.passages_for("nq", 1024, FILL) == 7
     for k in (50, 105, 1000):
         (tmp_path / f"x_k{k}_dep6.jsonl").write_text("")
     pat = "x_k{k}_dep6.jsonl"
@@ -132,14 +130,14 @@ def test_backend_choice_and_newline_stop():
     assert choose_backend("hf", has_vllm=True, has_cuda=True) == "hf"
     with pytest.raises(RuntimeError):
         choose_backend("vllm", has_vllm=False, has_cuda=True)
-    assert stop_at_newline("\n 42\nmore") == " 42"
+    assert cut_at_newline(" 42\nmore") == " 42"
 
 
 def test_short_lengths_drop_demos_then_skip(builder):
     full = builder.build(WorkItem("msmarco", LENGTH, 0))
     assert full.extra["shots"] == 2
     short = builder.build(WorkItem("msmarco", 700, 0))
-    assert short.extra["shots"] < 2 and short.tokens <= 700
+    assert short.extra["shots"] < 2 and short.tokens <= 700 - 200
     records, results = run_local(["msmarco", "json_kv"], [64], 1, builder, ReferenceAnswerer())
     assert all("skipped" in r for r in records)
     assert results["skipped"] == {"msmarco": {"64": 1}, "json_kv": {"64": 1}}
