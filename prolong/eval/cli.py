@@ -9,7 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from prolong.eval.report import comparison_markdown, comparison_png, comparison_rows, load_run
+from prolong.eval.report import (
+    comparison_markdown,
+    comparison_png,
+    comparison_rows,
+    load_paper,
+    load_run,
+    paper_markdown,
+    paper_rows,
+)
 
 eval_app = typer.Typer(
     help="HELMET evaluation results: compare eval stage directories.",
@@ -30,6 +38,9 @@ def report(
                                                show_default=False)],
     out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Also write comparison.md and comparison.png into this directory.")] = None,
+    paper: Annotated[Path | None, typer.Option(
+        "--paper", help="Published scores to show beside the runs, with which of ours are "
+                        "comparable (e.g. jobs/prolong-8b/helmet-paper.json).")] = None,
 ) -> None:
     """Put eval runs side by side: one row per category and length, one column per run.
 
@@ -40,12 +51,15 @@ def report(
     """
     console = Console(highlight=False, soft_wrap=True)
     runs = []
-    for d in dirs:
-        try:
+    published = None
+    try:
+        for d in dirs:
             runs.append(load_run(d))
-        except (FileNotFoundError, ValueError) as exc:
-            Console(stderr=True).print(f"prolongctl eval report: {exc}", markup=False)
-            raise typer.Exit(2) from None
+        if paper is not None:
+            published = load_paper(paper)
+    except (FileNotFoundError, ValueError) as exc:
+        Console(stderr=True).print(f"prolongctl eval report: {exc}", markup=False)
+        raise typer.Exit(2) from None
     names = _unique([name for name, _ in runs])
     runs = [(n, r) for n, (_, r) in zip(names, runs, strict=True)]
     table = Table(title="HELMET (scores 0-100)", show_edge=False, pad_edge=False)
@@ -57,8 +71,18 @@ def report(
         style = "bold" if row[0] == "average" else None
         table.add_row(*row, style=style)
     console.print(table)
+    if published is not None:
+        ptable = Table(title=f"Published HELMET scores ({published['source'][:60]}...)",
+                       show_edge=False, pad_edge=False)
+        for head in ["category", *names, *published["models"], "comparable"]:
+            ptable.add_column(head)
+        for row in paper_rows(runs, published):
+            ptable.add_row(*row)
+        console.print(ptable)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if published is not None:
+            (out / "paper.md").write_text(paper_markdown(runs, published))
         (out / "comparison.md").write_text(comparison_markdown(runs))
         (out / "comparison.png").write_bytes(comparison_png(runs))
         console.print(f"wrote {out / 'comparison.md'} and {out / 'comparison.png'}", markup=False)

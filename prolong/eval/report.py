@@ -217,3 +217,59 @@ def comparison_png(runs: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     return png_bytes(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# A run next to published numbers
+# ---------------------------------------------------------------------------------------------
+
+def load_paper(path: str | Path) -> dict[str, Any]:
+    """Published HELMET scores (jobs/prolong-8b/helmet-paper.json): source, length, models ->
+    {category: score, "average": score}."""
+    try:
+        paper = json.loads(Path(path).read_text())
+        models, length, source = paper["models"], int(paper["length"]), paper["source"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file (published scores)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a published-scores file (needs source, length, models): "
+                         f"{exc}") from None
+    return {"source": source, "length": length, "models": models, "note": paper.get("note")}
+
+
+def paper_rows(runs: Sequence[tuple[str, dict[str, Any]]], paper: dict[str, Any]
+               ) -> list[list[str]]:
+    """[category, run scores at the paper's length..., published scores..., comparable?] per
+    category of the paper, then the average. A run's score is comparable when the run used
+    HELMET's sizing and nothing else marks the category (judge, counting tokenizer, ...)."""
+    n = str(paper["length"])
+    cats = list(dict.fromkeys(c for m in paper["models"].values() for c in m if c != "average"))
+    rows = []
+    for cat in [*cats, "average"]:
+        cells = []
+        marks = []
+        for name, r in runs:
+            block = r["average"] if cat == "average" else r["categories"].get(cat)
+            cells.append(fmt_score(block["by_length"].get(n)) if block else "-")
+            if cat == "average":
+                marks.append(f"{name}: average of the categories run")
+                continue
+            why = (r.get("not_comparable") or {}).get(cat) if "sizing" in r else \
+                "settings not recorded"
+            marks.append(f"{name}: " + ("comparable" if block and not why else
+                                        f"not comparable ({why or 'not run'})"))
+        cells += [fmt_score(m.get(cat)) for m in paper["models"].values()]
+        rows.append([CATEGORY_TITLES.get(cat, cat), *cells, "; ".join(marks)])
+    return rows
+
+
+def paper_markdown(runs: Sequence[tuple[str, dict[str, Any]]], paper: dict[str, Any]) -> str:
+    heads = [name for name, _ in runs] + list(paper["models"])
+    lines = [f"# HELMET at {length_label(paper['length'])}: runs next to published scores", "",
+             f"Source: {paper['source']}", ""]
+    if paper.get("note"):
+        lines += [f"Note: {paper['note']}", ""]
+    lines += ["| category | " + " | ".join(heads) + " | comparable |",
+              "|---|" + "---:|" * len(heads) + "---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in paper_rows(runs, paper)]
+    return "\n".join(lines) + "\n"

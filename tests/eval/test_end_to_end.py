@@ -41,7 +41,7 @@ def tiny_model(tmp_path_factory, tokenizer, tokenizer_dir) -> Path:
 def eval_job(root: Path, helmet_dir: Path, model: Path | None = None, *, seed: int = 1,
              workers: int = 1, name: str = "tiny-eval") -> dict:
     spec = {"tasks": TASKS, "lengths": [512, 1024], "samples": 2, "iclSamples": 2,
-            "dataDir": str(helmet_dir), "seed": seed,
+            "dataDir": str(helmet_dir), "seed": seed, "sizing": "fill",  # below HELMET's lengths
             "generation": {"backend": "hf", "batchSize": 2, "maxNewTokens": 3},
             "storage": {"root": str(root)},
             "cluster": {"device": "cpu", "nodes": 1, "workersPerNode": workers}}
@@ -150,10 +150,11 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tokenizer)
     """Left padding + attention mask + KV cache: a batch decodes exactly as single prompts do."""
     from prolong.eval.generate import HFGenerator
     from prolong.eval.samples import PromptFormat
+    from prolong.eval.sizing import FILL
     from prolong.eval.synthetic import json_kv
 
     fmt = PromptFormat(tokenizer)
-    samples = [json_kv(fmt, n, 0, seed=9) for n in (400, 550, 700)]
+    samples = [json_kv(fmt, n, 0, seed=9, sizing=FILL) for n in (400, 550, 700)]
     assert len({s.tokens for s in samples}) == 3
     one = HFGenerator(str(tiny_model), batch_size=1, device="cpu").generate(samples, 6)
     many = HFGenerator(str(tiny_model), batch_size=3, device="cpu").generate(samples, 6)

@@ -104,3 +104,14 @@ def test_score_output_dispatch():
     assert M.score_output("msmarco", "ndcg@10", " 2 > 1", ["2 > 1"],
                           extra={"qrels": {"1": 1, "2": 2}}) == pytest.approx(1.0)
     assert M.score_output("nq", "subem", "", ["Paris"]) == 0.0
+
+
+def test_helmets_ranking_format_scores():
+    """"Ranking: ID3 > ID1 > ID2", the format the prompt asks for, parses to the ids (the old
+    parser kept "ID3" and scored 0); brackets and "[ID: 3]" too; the longest chain wins."""
+    assert M.parse_ranking("Ranking: ID3 > ID1 > ID2") == ["3", "1", "2"]
+    assert M.parse_ranking("[ID: 3] > [ID: 1] > [ID: 2]") == ["3", "1", "2"]
+    assert M.parse_ranking("see 7 then: 3 > 1 > 2 > 3") == ["3", "1", "2"]
+    qrels = {"3": 2, "1": 1, "2": 0}
+    assert M.score_output("msmarco", "ndcg@10", "Ranking: ID3 > ID1 > ID2", ["3 > 1 > 2"],
+                          extra={"qrels": qrels}) == pytest.approx(1.0)

@@ -241,3 +241,24 @@ def test_cpu_runs_cannot_use_bf16(write_spec):
     data = job_dict("quickstart/stage1.yaml")
     data["spec"]["precision"] = "bf16"
     assert first(write_spec, data).path == "spec.precision"
+
+
+def test_eval_sizing_helmet_is_the_default_and_needs_helmets_lengths(write_spec):
+    shipped = load(JOBS / "prolong-8b/eval.yaml").document
+    assert shipped.spec.sizing == "helmet" and shipped.spec.use_chat_template
+    data = job_dict("quickstart/eval.yaml")
+    del data["spec"]["sizing"]  # the quickstart's 512 / 1024 need sizing: fill
+    issues = issues_of(write_spec, data)
+    rule = next(r for p, r in issues if p == "spec.lengths[0]")
+    assert "4096, 8192" in rule and "json_kv" in rule and "sizing: fill" in rule
+    assert load(JOBS / "quickstart/eval.yaml").document.spec.sizing == "fill"
+
+
+def test_eval_judge_fields(write_spec):
+    data = job_dict("prolong-8b/eval.yaml")
+    data["spec"]["judge"] = {"endpoint": "ftp://judge", "model": "gpt-4o-2024-05-13"}
+    assert first(write_spec, data).path.startswith("spec.judge.endpoint")
+    data["spec"]["judge"] = {"endpoint": "http://judge:8000/v1", "model": "m",
+                             "apiKeySecretRef": "judge-key"}
+    judge = load(write_spec(data, "eval.yaml")).document.spec.judge
+    assert judge.api_key_secret_ref == "judge-key" and judge.retries == 3
