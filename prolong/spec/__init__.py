@@ -31,7 +31,7 @@ Imports from prolong: :mod:`prolong.stage.names` and :mod:`prolong.parallel.dims
 
 from __future__ import annotations
 
-from prolong.spec.helmet import HELMET_TASK_SYNTHETIC
+from prolong.spec.helmet import HELMET_SIZING_LENGTHS, HELMET_TABLED_TASKS, HELMET_TASK_SYNTHETIC
 from prolong.spec.issues import (
     SpecError,
     SpecIssue,
@@ -106,6 +106,8 @@ __all__ = [
     "DNS_LABEL",
     "DOMAIN_NAME",
     "EMBEDDED_CORPORA",
+    "HELMET_SIZING_LENGTHS",
+    "HELMET_TABLED_TASKS",
     "HELMET_TASK_SYNTHETIC",
     "JOB_KINDS",
     "KINDS",
