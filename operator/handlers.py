@@ -15,7 +15,11 @@ is patched only when it changed. What triggers it:
 * the pipeline is created, resumed (operator restart) or its spec changes;
 * a RayJob the operator manages changes (KubeRay updates its status);
 * a timer every ``PROLONG_RESYNC_SECONDS`` (default 60), for what the cluster sends no event for
-  (a COMPLETE marker appearing in storage) and for a missed event.
+  (a COMPLETE marker appearing in storage, a retry's backoff running out) and for a missed
+  event.
+
+Each status change also posts Kubernetes Events on the pipeline (Normal for progress, Warning
+for failures and retries: :func:`prolong.reconcile.events.transition_events`).
 
 Configuration (environment): ``KUBECONFIG`` (a kubeconfig file; otherwise the pod's service
 account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``.
@@ -27,7 +31,7 @@ import datetime
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,6 +42,7 @@ from pydantic import ValidationError
 from prolong.k8s.client import kube_client
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
+from prolong.reconcile.events import PipelineEvent, invalid_spec_event, transition_events
 from prolong.reconcile.observe import observe_rayjob
 from prolong.reconcile.planner import Plan, PlannedRayJob, invalid_spec_status, plan_pipeline
 from prolong.reconcile.status import PipelineStatus
@@ -82,29 +87,30 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 def pipeline_changed(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger,
                      **_: Any) -> None:
-    reconcile(memo.api, namespace, name, logger)
+    reconcile(memo.api, namespace, name, logger, post_event)
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
 def resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
-    reconcile(memo.api, namespace, name, logger)
+    reconcile(memo.api, namespace, name, logger, post_event)
 
 
 @kopf.on.event(RAY_GROUP, RAY_VERSION, RAY_PLURAL,
                labels={"app.kubernetes.io/managed-by": MANAGED_BY, PIPELINE_LABEL: kopf.PRESENT})
 def rayjob_changed(labels: kopf.Labels, namespace: str, memo: kopf.Memo, logger: logging.Logger,
                    **_: Any) -> None:
-    reconcile(memo.api, namespace, labels[PIPELINE_LABEL], logger)
+    reconcile(memo.api, namespace, labels[PIPELINE_LABEL], logger, post_event)
 
 
 # ------------------------------------------------------------------------------------------
 # Reconcile: read, plan, apply
 # ------------------------------------------------------------------------------------------
 
-def reconcile(api: ApiClient, namespace: str, name: str,
-              logger: logging.Logger | None = None) -> Plan | None:
+def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger | None = None,
+              post: Callable[[dict[str, Any], PipelineEvent], None] | None = None) -> Plan | None:
     """Bring one pipeline one step forward. Returns the plan applied (None: nothing to plan,
-    because the pipeline is gone or its spec is invalid)."""
+    because the pipeline is gone or its spec is invalid). ``post`` posts a Kubernetes Event on
+    the pipeline for each transition (the handlers pass :func:`post_event`)."""
     log = logger or logging.getLogger(__name__)
     with _serialised(namespace, name):
         body = get_pipeline(api, namespace, name)
@@ -120,6 +126,8 @@ def reconcile(api: ApiClient, namespace: str, name: str,
             if status != previous:
                 log.warning("Invalid spec: %s", err.one_line())
                 patch_status(api, namespace, name, status)
+                if post is not None:
+                    post(body, invalid_spec_event(err.one_line()))
             return None
         owned = owned_rayjobs(api, body)
         complete = {r.directory for r in pipeline_stages(pipeline, jobs)
@@ -135,7 +143,16 @@ def reconcile(api: ApiClient, namespace: str, name: str,
             create_stage(api, body, pipeline, jobs, run)
         if plan.status != previous:
             patch_status(api, namespace, name, plan.status)
+            if post is not None:
+                for event in transition_events(previous, plan.status):
+                    post(body, event)
         return plan
+
+
+def post_event(body: dict[str, Any], event: PipelineEvent) -> None:
+    """Post an Event on the pipeline through kopf's poster (it batches and retries; needs kopf's
+    context, which every handler has)."""
+    kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
 
 def resolve(body: dict[str, Any]) -> tuple[ProLongPipeline, dict[str, Job]]:
@@ -187,11 +204,10 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     attempt's RayJob, both owned by the pipeline. 409 means it exists already: fine."""
     namespace = body["metadata"]["namespace"]
     configmap, rayjob = render_stage(pipeline, jobs, run.stage, namespace=namespace,
-                                     managed_by=MANAGED_BY)
+                                     managed_by=MANAGED_BY, name=run.name)
     owner = owner_reference(body)
     for obj in (configmap, rayjob):
         obj["metadata"]["ownerReferences"] = [owner]
-    rayjob["metadata"]["name"] = run.name
     rayjob["metadata"]["labels"][ATTEMPT_LABEL] = str(run.attempt)
     _ignore(409)(CoreV1Api(api).create_namespaced_config_map)(namespace, configmap)
     _ignore(409)(CustomObjectsApi(api).create_namespaced_custom_object)(

@@ -7,6 +7,7 @@ streams are exact (every document is targetLength tokens).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from prolong.eval.tasks import HELMET_TASKS
@@ -16,7 +17,7 @@ from prolong.model.flops import (
     doc_causal_flops_per_token,
     prefill_flops_per_token,
 )
-from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec
+from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec, resolved_architecture
 from prolong.stage.identity import StageRef
 
 DEFAULT_MFU = 0.4
@@ -123,3 +124,29 @@ def _plan_eval(job: EvalJob, ref: StageRef, arch: ArchitectureSpec | None, mfu: 
                      device=spec.cluster.device, gpu_type=spec.cluster.gpu_type,
                      tokens=int(prompt_tokens), prompts=prompts, flops_dense=per_token,
                      total_flops=total if arch is not None else None, gpu_hours=hours, notes=notes)
+
+
+STARTUP_ALLOWANCE_SECONDS = 3600
+"""Added to the estimate for a stage's default deadline: image pull, data preparation, Ray start,
+checkpoint loading."""
+
+
+def wall_hours(job: Job, ref: StageRef, jobs: dict[str, Job] | None = None, *,
+               mfu: float = DEFAULT_MFU) -> float | None:
+    """Estimated wall-clock hours of a stage on its cluster (GPU-hours over GPUs at ``mfu``);
+    None without an estimate (CPU, unknown shape). ``jobs``: the pipeline's stages, through which
+    fromStage finds the architecture."""
+    arch = resolved_architecture(job, jobs or {})
+    hours = plan_stage(job, ref, arch, mfu=mfu).gpu_hours
+    return None if hours is None else hours / job.spec.cluster.world_size
+
+
+def default_active_deadline(job: Job, ref: StageRef,
+                            jobs: dict[str, Job] | None = None) -> int | None:
+    """The RayJob's activeDeadlineSeconds when the spec sets none: the estimate x
+    ``activeDeadlineMargin`` + :data:`STARTUP_ALLOWANCE_SECONDS`; None without an estimate."""
+    hours = wall_hours(job, ref, jobs)
+    if hours is None:
+        return None
+    margin = job.spec.cluster.kubernetes.active_deadline_margin
+    return math.ceil(hours * 3600 * margin) + STARTUP_ALLOWANCE_SECONDS

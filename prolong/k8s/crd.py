@@ -13,7 +13,7 @@ fields, and the operator validates it with the same pydantic models (reporting e
 
 from __future__ import annotations
 
-import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,9 @@ def crd() -> dict[str, Any]:
 
 
 def crd_yaml() -> str:
-    return HEADER + yaml.safe_dump(copy.deepcopy(crd()), sort_keys=False, width=100)
+    # A JSON round trip, not deepcopy: shared sub-schemas must be written out, never as YAML
+    # anchors and aliases (deepcopy keeps the sharing).
+    return HEADER + yaml.safe_dump(json.loads(json.dumps(crd())), sort_keys=False, width=100)
 
 
 def main(argv: list[str] | None = None) -> int:

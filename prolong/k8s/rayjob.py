@@ -13,7 +13,10 @@ The output is a list of two plain dicts, applied together:
 Pure functions: no cluster access. KubeRay facts this relies on (ray-operator/apis/ray/v1):
 RayJob names are at most 47 characters (the RayCluster and its head Service derive longer names
 from it) and DNS-1035; a RayJob is run-once (spec edits after creation are ignored), so a new
-stage id gives a new name; ``ttlSecondsAfterFinished`` needs ``shutdownAfterJobFinishes``; the Ray
+stage id gives a new name; ``deletionStrategy.deletionRules`` needs ``shutdownAfterJobFinishes``
+false (and the RayJobDeletionPolicy feature gate, on by default since KubeRay 1.6), and a worker
+rule's TTL may not exceed its cluster rule's; ``authOptions.mode: token`` needs ``rayVersion``
+2.52.0 or later; the Ray
 container is the first container of each pod template; KubeRay derives the Ray resources
 (``num-gpus``, ``num-cpus``, memory) from the container limits.
 """
@@ -25,7 +28,15 @@ from typing import Any
 
 import yaml
 
-from prolong.spec import API_VERSION, ClusterSpec, Job, ProLongPipeline, StorageSpec
+from prolong.plan import default_active_deadline
+from prolong.spec import (
+    API_VERSION,
+    ClusterSpec,
+    Job,
+    KubernetesSpec,
+    ProLongPipeline,
+    StorageSpec,
+)
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 from prolong.stage.names import (
     DIRECTORY_ANNOTATION,
@@ -67,6 +78,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 RAY_METRICS_PORT = 8080
 DASHBOARD_PORT = 8265
+RAY_UID = 1000
+"""The user the train image runs as (images/train/Dockerfile; KubeRay's images use it too)."""
+POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"}}
+"""Pod-level part of Kubernetes' restricted profile for every Ray pod we render."""
 
 # Per-worker defaults (see KubernetesSpec): an 8 x H100 node has 192-208 vCPUs and 1.8-2 TiB.
 DEFAULT_CPUS_PER_WORKER = {"gpu": 22.0, "cpu": 2.0}
@@ -169,8 +185,12 @@ def _container(name: str, image: str, resources: dict[str, str], env: list[dict]
     }
     if env_from:
         container["envFrom"] = env_from
+    # Kubernetes' "restricted" profile; an RDMA fabric adds IPC_LOCK (pinned memory for the
+    # verbs), the one documented exception.
+    caps: dict[str, list[str]] = {"drop": ["ALL"]}
     if capabilities:
-        container["securityContext"] = {"capabilities": {"add": capabilities}}
+        caps["add"] = list(capabilities)
+    container["securityContext"] = {"allowPrivilegeEscalation": False, "capabilities": caps}
     return container
 
 
@@ -179,7 +199,8 @@ def _pod_spec(container: dict[str, Any], volumes: list[dict], cluster: ClusterSp
     tolerations = [t.model_dump(exclude_none=True) for t in cluster.tolerations]
     if workers and cluster.device == "gpu":
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
-    pod: dict[str, Any] = {"containers": [container], "volumes": [dict(v) for v in volumes]}
+    pod: dict[str, Any] = {"containers": [container], "volumes": [dict(v) for v in volumes],
+                           "securityContext": dict(POD_SECURITY_CONTEXT)}
     if tolerations:
         pod["tolerations"] = tolerations
     if workers and cluster.node_selector:
@@ -187,6 +208,17 @@ def _pod_spec(container: dict[str, Any], volumes: list[dict], cluster: ClusterSp
     if cluster.kubernetes.service_account:
         pod["serviceAccountName"] = cluster.kubernetes.service_account
     return pod
+
+
+def auth_options(k8s: KubernetesSpec) -> dict[str, str]:
+    """KubeRay's authOptions: token auth unless the spec turns it off; the token comes from
+    rayAuthSecret (key auth_token) or, by default, the Secret KubeRay generates per cluster."""
+    if k8s.ray_auth != "token":
+        return {"mode": "disabled"}
+    out = {"mode": "token"}
+    if k8s.ray_auth_secret:
+        out["secretName"] = k8s.ray_auth_secret
+    return out
 
 
 def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
@@ -226,6 +258,8 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
 
     group = "gpu-workers" if cluster.device == "gpu" else "cpu-workers"
     return {
+        "rayVersion": k8s.ray_version,
+        "authOptions": auth_options(k8s),
         "enableInTreeAutoscaling": False,
         "headGroupSpec": {
             # num-cpus 0: Ray schedules no task or actor with resources on the head pod.
@@ -250,16 +284,21 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
 # ------------------------------------------------------------------------------------------
 
 def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None = None,
-               namespace: str | None = None, managed_by: str = "prolongctl") -> list[dict[str, Any]]:
+               namespace: str | None = None, managed_by: str = "prolongctl",
+               name: str | None = None,
+               pipeline_jobs: dict[str, Job] | None = None) -> list[dict[str, Any]]:
     """[ConfigMap, RayJob] for one stage. ``upstream`` maps stage names this stage starts from to
-    their refs (recorded in stage.json so the engine finds their outputs)."""
-    name = rayjob_name(job.metadata.name, ref.id)
+    their refs (recorded in stage.json so the engine finds their outputs). ``name``: the RayJob's
+    name when it is not the stage's first (a retry's ``-r<n>``); the ConfigMap is the stage's
+    either way. ``pipeline_jobs``: the pipeline's stages, for the default deadline's estimate."""
+    first = rayjob_name(job.metadata.name, ref.id)
+    name = name or first
     labels = stage_labels(job, ref, managed_by=managed_by)
     k8s = job.spec.cluster.kubernetes
     meta: dict[str, Any] = {"name": name, "labels": labels}
     if namespace:
         meta["namespace"] = namespace
-    cm_name = configmap_name(name)
+    cm_name = configmap_name(first)
     cm_meta = {**meta, "name": cm_name, "labels": dict(labels)}
 
     dumped = job.model_dump(mode="json", by_alias=True)
@@ -283,19 +322,51 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": k8s.submission_mode,
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": k8s.ttl_seconds_after_finished,
+        # The Ray submission id: one per RayJob (a retry is a new RayJob), so resubmitting the
+        # same RayJob never runs the entrypoint twice.
+        "jobId": name,
         "backoffLimit": k8s.backoff_limit,
+        "preRunningDeadlineSeconds": k8s.pre_running_deadline_seconds,
+        **lifecycle(k8s),
         "rayClusterSpec": ray_cluster_spec(job, ref, cm_name, pod_labels),
         "metadata": {"pipeline": ref.pipeline, "stage": ref.stage, "stageId": ref.id},
     }
-    if k8s.active_deadline_seconds is not None:
-        spec["activeDeadlineSeconds"] = k8s.active_deadline_seconds
+    if k8s.submission_mode == "K8sJobMode":
+        spec["submitterConfig"] = {"backoffLimit": k8s.submitter_backoff_limit}
+    deadline = (default_active_deadline(job, ref, pipeline_jobs)
+                if k8s.active_deadline_seconds is None else k8s.active_deadline_seconds)
+    if deadline:  # 0 or no estimate: no limit
+        spec["activeDeadlineSeconds"] = deadline
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
               "metadata": {**meta, "labels": rj_labels,
                            "annotations": {DIRECTORY_ANNOTATION: ref.directory}},
               "spec": spec}
     return [configmap, rayjob]
+
+
+ENDINGS: tuple[dict[str, str], ...] = ({"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"},
+                                       {"jobDeploymentStatus": "Failed"})
+"""Every way a RayJob ends that KubeRay's deletion rules can match: the Ray job succeeded or
+failed, or the RayJob itself failed (a deadline passed, submission failed) with no Ray job
+status."""
+
+
+def lifecycle(k8s: KubernetesSpec) -> dict[str, Any]:
+    """How KubeRay releases the stage's Ray cluster once its job ends.
+
+    With deletionRules (the default): the workers (the GPUs) after releaseWorkersAfterSeconds,
+    the whole cluster after deleteClusterAfterSeconds (the head keeps the logs until then), for
+    every ending. The RayJob itself stays: its status is the stage's history, and it goes with
+    its pipeline or ``prolongctl delete``. KubeRay requires shutdownAfterJobFinishes false with
+    rules. Without rules: shutdownAfterJobFinishes and one TTL for the whole cluster."""
+    if not k8s.deletion_rules:
+        return {"shutdownAfterJobFinishes": True,
+                "ttlSecondsAfterFinished": k8s.delete_cluster_after_seconds}
+    rules = [{"condition": {**ending, "ttlSeconds": ttl}, "policy": policy}
+             for ending in ENDINGS
+             for policy, ttl in (("DeleteWorkers", k8s.release_workers_after_seconds),
+                                 ("DeleteCluster", k8s.delete_cluster_after_seconds))]
+    return {"shutdownAfterJobFinishes": False, "deletionStrategy": {"deletionRules": rules}}
 
 
 def render_standalone(job: Job, *, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -304,9 +375,10 @@ def render_standalone(job: Job, *, namespace: str | None = None) -> list[dict[st
 
 
 def render_stage(pipeline: ProLongPipeline, jobs: dict[str, Job], stage: str, *,
-                 namespace: str | None = None,
-                 managed_by: str = "prolong-operator") -> list[dict[str, Any]]:
-    """[ConfigMap, RayJob] of one stage of a resolved pipeline (what the operator creates)."""
+                 namespace: str | None = None, managed_by: str = "prolong-operator",
+                 name: str | None = None) -> list[dict[str, Any]]:
+    """[ConfigMap, RayJob] of one stage of a resolved pipeline (what the operator creates);
+    ``name``: the RayJob's, for an attempt after the first."""
     refs = {r.stage: r for r in pipeline_stages(pipeline, jobs)}
     if stage not in refs:
         raise KeyError(f"pipeline {pipeline.metadata.name} has no stage {stage!r}")
@@ -314,7 +386,7 @@ def render_stage(pipeline: ProLongPipeline, jobs: dict[str, Job], stage: str, *,
     src = job.spec.model.from_stage
     upstream = {src: refs[src]} if src else {}
     return render_job(job, refs[stage], upstream=upstream, namespace=namespace,
-                      managed_by=managed_by)
+                      managed_by=managed_by, name=name, pipeline_jobs=jobs)
 
 
 def pipeline_resource(pipeline: ProLongPipeline, *,

@@ -20,6 +20,16 @@ _FAILED_DEPLOYMENT_STATUSES = ("Failed", "ValidationFailed")
 
 
 @dataclass(frozen=True)
+class ClusterCondition:
+    """One condition of the RayJob's Ray cluster, as KubeRay reports it."""
+
+    type: str
+    status: str
+    reason: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
 class ObservedRayJob:
     """One RayJob owned by the pipeline, as read from the cluster."""
 
@@ -35,6 +45,12 @@ class ObservedRayJob:
     job_status: str | None = None
     """status.jobStatus (the Ray job's own status)."""
     message: str | None = None
+    reason: str | None = None
+    """status.reason: KubeRay's cause of the current state (e.g. DeadlineExceeded)."""
+    cluster_state: str | None = None
+    """status.rayClusterStatus.state."""
+    cluster_conditions: tuple[ClusterCondition, ...] = ()
+    """status.rayClusterStatus.conditions."""
     dashboard_url: str | None = None
     start_time: datetime.datetime | None = None
     end_time: datetime.datetime | None = None
@@ -67,6 +83,7 @@ def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
     meta = obj.get("metadata") or {}
     labels = meta.get("labels") or {}
     status = obj.get("status") or {}
+    cluster = status.get("rayClusterStatus") or {}
     try:
         attempt = max(1, int(labels.get(ATTEMPT_LABEL, "1")))
     except ValueError:
@@ -77,6 +94,12 @@ def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
         deployment_status=status.get("jobDeploymentStatus") or None,
         job_status=status.get("jobStatus") or None,
         message=status.get("message") or status.get("reason") or None,
+        reason=status.get("reason") or None,
+        cluster_state=cluster.get("state") or None,
+        cluster_conditions=tuple(
+            ClusterCondition(str(c.get("type")), str(c.get("status")), c.get("reason") or None,
+                             c.get("message") or None)
+            for c in cluster.get("conditions") or () if isinstance(c, dict) and c.get("type")),
         dashboard_url=status.get("dashboardURL") or None,
         start_time=_k8s_time(status.get("startTime") or meta.get("creationTimestamp")),
         end_time=_k8s_time(status.get("endTime")))

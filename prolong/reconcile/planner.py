@@ -13,6 +13,17 @@ Policy, in one place:
   1 + maxStageRetries attempts; after the last one fails the pipeline is Failed. Attempts are
   counted from the RayJobs themselves (label prolong.dev/attempt), never from the status, so a
   restarted operator neither forgets nor repeats one.
+* Between attempts the stage is Retrying for an exponential backoff
+  (:func:`retry_backoff`: retryBackoffSeconds x 2^(n-1) after the n-th failure, at most
+  retryBackoffMaxSeconds), counted from the failed RayJob's endTime (else from when the
+  operator first saw it fail), so a fault that needs time to clear (a node draining, a quota)
+  is not hit again at once with a full cluster's worth of GPUs.
+* The COMPLETE marker is the truth about a stage's output: it is written last, after final/ and
+  the manifest, by the run itself. A stage whose directory holds it counts as Succeeded (Skipped
+  when no RayJob of its id exists) whatever its RayJob says: still RUNNING (the driver is
+  winding down after writing it) or FAILED (it failed after the output was complete, e.g. in
+  teardown). Its RayJob is then not retried, and the next stage may start while that RayJob
+  finishes on its own (KubeRay's deletion rules release its cluster).
 * A spec change (new generation) only changes ids: stages whose id is unchanged keep their
   result, stages with a new id (the edited one and the ones starting from it) run again from
   attempt 1. RayJobs of ids that are no longer current are deleted while they are still active
@@ -25,11 +36,11 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from prolong.reconcile.observe import ObservedRayJob
 from prolong.reconcile.status import Condition, PipelineStatus, StageStatus
-from prolong.spec import Job, ProLongPipeline
+from prolong.spec import Job, PipelineSpec, ProLongPipeline
 from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.names import attempt_rayjob_name, rayjob_name
 
@@ -54,6 +65,14 @@ class Plan:
     deletes: tuple[str, ...]
     """Names of RayJobs to delete (active runs of superseded stage ids)."""
     status: PipelineStatus
+    retry_at: datetime | None = None
+    """When a Retrying stage's next attempt is due (reconcile again then)."""
+
+
+def retry_backoff(spec: PipelineSpec, failed_attempts: int) -> timedelta:
+    """The wait after a stage's ``failed_attempts``-th failed attempt before the next one."""
+    seconds = spec.retry_backoff_seconds * 2 ** max(0, failed_attempts - 1)
+    return timedelta(seconds=min(seconds, spec.retry_backoff_max_seconds))
 
 
 def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
@@ -80,6 +99,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     stages: list[StageStatus] = []
     waiting = False  # an earlier stage is not done yet
     failure: str | None = None
+    retry_at: datetime | None = None
     for ref in refs:
         mine = runs.get((ref.stage, ref.id), [])
         prev = before.get(ref.stage)
@@ -88,7 +108,20 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
         st = _stage_status(ref, mine, prev, complete, now)
         if st is None and not waiting:
             latest = mine[-1] if mine else None
-            if latest is None or (latest.outcome == "failed" and latest.attempt < max_attempts):
+            retry = latest is not None and latest.outcome == "failed" and \
+                latest.attempt < max_attempts
+            if retry:
+                st = _run_status(ref, latest, prev, now, phase="Retrying", message=None)
+                due = st.completion_time + retry_backoff(pipeline.spec, latest.attempt)
+                if now < due:
+                    st.next_attempt_time = due
+                    st.message = (f"attempt {latest.attempt} failed: {_reason(latest)}; attempt "
+                                  f"{latest.attempt + 1} of {max_attempts} at "
+                                  f"{due.isoformat(timespec='seconds')}")
+                    retry_at = due if retry_at is None else min(retry_at, due)
+                else:
+                    st = None
+            if st is None and (latest is None or retry):
                 attempt = latest.attempt + 1 if latest else 1
                 run = PlannedRayJob(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
                 creates.append(run)
@@ -98,7 +131,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                 st = StageStatus(name=ref.stage, id=ref.id, phase="Submitted", ray_job=run.name,
                                  output_uri=ref.directory, start_time=now, attempts=attempt,
                                  message=message)
-            elif latest.outcome == "failed":
+            elif st is None and latest.outcome == "failed":
                 failure = (f"stage {ref.stage} failed after {latest.attempt} attempt"
                            f"{'s' if latest.attempt > 1 else ''}: {_reason(latest)}")
                 st = _run_status(ref, latest, prev, now, phase="Failed", message=failure)
@@ -107,7 +140,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             if latest is not None and latest.active:
                 st = _run_status(ref, latest, prev, now,
                                  phase="Running" if latest.outcome == "running" else "Submitted",
-                                 message=latest.message)
+                                 message=latest.message or _not_ready(latest))
             else:
                 st = StageStatus(name=ref.stage, id=ref.id, phase="Pending",
                                  output_uri=ref.directory, attempts=len(mine) and mine[-1].attempt)
@@ -119,7 +152,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     status = PipelineStatus(phase=phase, current_stage=current_stage,
                             observed_generation=generation, stages=stages)
     status.conditions = _conditions(status, previous, failure, now, generation)
-    return Plan(tuple(creates), deletes, status)
+    return Plan(tuple(creates), deletes, status, retry_at)
 
 
 def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: datetime,
@@ -129,9 +162,13 @@ def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: da
 
     base = previous.model_copy(deep=True) if previous is not None else PipelineStatus()
     base.observed_generation = generation
+    # kstatus: an invalid spec is Stalled (it will not progress until edited), not Reconciling.
     conds = [Condition(type="SpecValid", status="False", reason="InvalidSpec", message=reason),
-             Condition(type="Ready", status="False", reason="InvalidSpec", message=reason)]
-    keep = [c for c in base.conditions if c.type not in ("SpecValid", "Ready")]
+             Condition(type="Ready", status="False", reason="InvalidSpec", message=reason),
+             Condition(type="Reconciling", status="False", reason="InvalidSpec"),
+             Condition(type="Stalled", status="True", reason="InvalidSpec", message=reason)]
+    mine = {c.type for c in conds}
+    keep = [c for c in base.conditions if c.type not in mine]
     base.conditions = _stamped(conds, previous, now, generation) + keep
     return base
 
@@ -161,32 +198,61 @@ def _run_status(ref: StageRef, rj: ObservedRayJob, prev: StageStatus | None, now
     for the same RayJob (so that a repeated reconcile writes the same status), else now."""
 
     same = prev if prev is not None and prev.ray_job == rj.name else None
-    done = phase in ("Succeeded", "Failed")
+    done = phase in ("Succeeded", "Failed", "Retrying")  # the RayJob has ended
     return StageStatus(
         name=ref.stage, id=ref.id, phase=phase, ray_job=rj.name,
         dashboard_url=None if done else rj.dashboard_url, output_uri=ref.directory,
         start_time=rj.start_time or (same.start_time if same else None) or now,
         completion_time=(rj.end_time or (same.completion_time if same else None) or now)
         if done else None,
-        attempts=rj.attempt if attempts is None else attempts, message=message)
+        attempts=rj.attempt if attempts is None else attempts, message=message,
+        deployment_status=rj.deployment_status, job_status=rj.job_status, reason=rj.reason,
+        cluster_state=rj.cluster_state,
+        cluster_conditions=[Condition(type=c.type, status=_condition_status(c.status),
+                                      reason=c.reason, message=_short(c.message))
+                            for c in rj.cluster_conditions])
+
+
+def _condition_status(value: str) -> str:
+    return value if value in ("True", "False") else "Unknown"
+
+
+def _not_ready(rj: ObservedRayJob) -> str | None:
+    """Why a RayJob that has not started is waiting, from its cluster's False conditions
+    (e.g. "HeadPodReady=False: ContainersNotReady"); None when nothing says."""
+    parts = [f"{c.type}=False" + (f": {c.reason}" if c.reason else "") +
+             (f" ({_short(c.message)})" if c.message else "")
+             for c in rj.cluster_conditions if c.status == "False"]
+    if not parts:
+        return None
+    state = rj.deployment_status or "waiting"
+    return f"{state}: {'; '.join(parts)}"
 
 
 MESSAGE_MAX = 300
 """Longest RayJob message quoted in the status (Ray's can carry 20,000 characters of logs)."""
 
 
+def _short(text: str | None) -> str | None:
+    """One line of at most MESSAGE_MAX characters."""
+    if not text:
+        return None
+    line = " ".join(text.split())
+    return line if len(line) <= MESSAGE_MAX else line[:MESSAGE_MAX - 3] + "..."
+
+
 def _reason(rj: ObservedRayJob) -> str:
     state = "/".join(s for s in (rj.deployment_status, rj.job_status) if s) or "unknown state"
-    message = " ".join((rj.message or "").split())
-    if len(message) > MESSAGE_MAX:
-        message = message[:MESSAGE_MAX - 3] + "..."
+    if rj.reason and rj.reason not in (rj.message or ""):
+        state += f" ({rj.reason})"
+    message = _short(rj.message)
     return f"RayJob {rj.name} {state}" + (f": {message}" if message else "")
 
 
 def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str, str | None]:
     if failure is not None:
         return "Failed", next(s.name for s in stages if s.phase == "Failed")
-    active = next((s for s in stages if s.phase in ("Submitted", "Running")), None)
+    active = next((s for s in stages if s.phase in ("Submitted", "Running", "Retrying")), None)
     if active is not None:
         return "Running", active.name
     if all(s.phase in _DONE_PHASES for s in stages):
@@ -198,21 +264,34 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str
 def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
                 now: datetime, generation: int | None) -> list[Condition]:
 
+    """Ready, plus kstatus' Reconciling (work in progress) and Stalled (will not progress by
+    itself: retries spent, or an invalid spec), which Flux and Argo CD's health checks read."""
     n = len(status.stages)
     if status.phase == "Succeeded":
         ready = Condition(type="Ready", status="True", reason="Succeeded",
                           message=f"all {n} stages succeeded")
+        reconciling = Condition(type="Reconciling", status="False", reason="Succeeded")
     elif status.phase == "Failed":
         ready = Condition(type="Ready", status="False", reason="Failed", message=failure)
+        reconciling = Condition(type="Reconciling", status="False", reason="Failed")
     else:
+        current = next((s for s in status.stages if s.name == status.current_stage), None)
         where = f"stage {status.current_stage} " if status.current_stage else ""
         ready = Condition(type="Ready", status="False", reason=status.phase,
                           message=f"{where}{status.phase.lower()}".strip())
+        why = "RetryBackoff" if current is not None and current.phase == "Retrying" else \
+            (current.phase if current is not None else status.phase)
+        detail = current.message if current is not None and current.message else None
+        reconciling = Condition(type="Reconciling", status="True", reason=why,
+                                message=f"{where}{why}".strip() + (f": {detail}" if detail else ""))
+    stalled = (Condition(type="Stalled", status="True", reason="RetriesExhausted",
+                         message=failure) if failure is not None else
+               Condition(type="Stalled", status="False", reason="NotStalled"))
     failed = (Condition(type="StageFailed", status="True", reason="RetriesExhausted",
                         message=failure) if failure is not None else
               Condition(type="StageFailed", status="False", reason="NoFailure"))
     valid = Condition(type="SpecValid", status="True", reason="Valid")
-    return _stamped([valid, ready, failed], previous, now, generation)
+    return _stamped([valid, ready, reconciling, stalled, failed], previous, now, generation)
 
 
 def _stamped(conds: list[Condition], previous: PipelineStatus | None, now: datetime,

@@ -13,12 +13,30 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 PipelinePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
-StagePhase = Literal["Pending", "Submitted", "Running", "Succeeded", "Failed", "Skipped"]
+StagePhase = Literal["Pending", "Submitted", "Running", "Retrying", "Succeeded", "Failed",
+                     "Skipped"]
 
 
 class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True,
                               use_attribute_docstrings=True)
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str
+    """Condition type, e.g. Ready, Reconciling, Stalled, SpecValid, StageFailed."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: str | None = None
+    """CamelCase reason for the last transition."""
+    message: str | None = None
+    """Human-readable details."""
+    last_transition_time: datetime | None = None
+    """When status last changed."""
+    observed_generation: int | None = None
+    """metadata.generation the condition was computed from."""
 
 
 class StageStatus(_Status):
@@ -27,8 +45,9 @@ class StageStatus(_Status):
     name: str
     """Stage name (spec.stages[].name)."""
     phase: StagePhase = "Pending"
-    """Pending, Submitted (RayJob created), Running, Succeeded, Failed, or Skipped (its output
-    directory already holds a COMPLETE marker for the same stage id)."""
+    """Pending, Submitted (RayJob created), Running, Retrying (an attempt failed; the next one
+    waits out its backoff), Succeeded, Failed, or Skipped (its output directory already holds a
+    COMPLETE marker for the same stage id)."""
     id: str | None = None
     """Stage id: a hash of the stage's spec, upstream ids and rerun counter."""
     ray_job: str | None = None
@@ -45,23 +64,20 @@ class StageStatus(_Status):
     """RayJobs submitted for this stage id (1 + retries)."""
     message: str | None = None
     """Human-readable reason for the phase (e.g. the Ray job's failure message)."""
-
-
-class Condition(_Status):
-    """A standard Kubernetes condition (metav1.Condition)."""
-
-    type: str
-    """Condition type, e.g. Ready, SpecValid, StageFailed."""
-    status: Literal["True", "False", "Unknown"]
-    """Whether the condition holds."""
+    next_attempt_time: datetime | None = None
+    """Retrying: when the next attempt is created (exponential backoff)."""
+    deployment_status: str | None = None
+    """KubeRay's status.jobDeploymentStatus of the stage's RayJob (Initializing, Running,
+    Complete, Failed, Retrying, ...)."""
+    job_status: str | None = None
+    """KubeRay's status.jobStatus: the Ray job's own status (PENDING, RUNNING, SUCCEEDED, ...)."""
     reason: str | None = None
-    """CamelCase reason for the last transition."""
-    message: str | None = None
-    """Human-readable details."""
-    last_transition_time: datetime | None = None
-    """When status last changed."""
-    observed_generation: int | None = None
-    """metadata.generation the condition was computed from."""
+    """KubeRay's status.reason (e.g. DeadlineExceeded, SubmissionFailed)."""
+    cluster_state: str | None = None
+    """status.rayClusterStatus.state of the RayJob's Ray cluster (ready, suspended, ...)."""
+    cluster_conditions: list[Condition] = Field(default_factory=list)
+    """status.rayClusterStatus.conditions (HeadPodReady, RayClusterProvisioned, ...): why a
+    stage stuck before Running is stuck."""
 
 
 class PipelineStatus(_Status):

@@ -353,13 +353,58 @@ class KubernetesSpec(SpecModel):
     submission_mode: SubmissionMode = "K8sJobMode"
     """How KubeRay submits the entrypoint: K8sJobMode (a Kubernetes Job runs ray job submit, logs
     kept in its pod) or HTTPMode (the KubeRay operator calls the dashboard's job API directly)."""
-    ttl_seconds_after_finished: int = Field(3600, ge=0)
-    """Seconds KubeRay keeps the finished Ray cluster (for logs) before deleting it."""
-    active_deadline_seconds: int | None = Field(None, ge=1)
-    """Wall-clock limit of the whole RayJob in seconds; the job fails when it is exceeded."""
+    deletion_rules: bool = True
+    """Release the Ray cluster with KubeRay's deletionStrategy.deletionRules (KubeRay 1.6+, where
+    the RayJobDeletionPolicy feature gate is on by default; 1.3-1.5 need
+    --feature-gates=RayJobDeletionPolicy=true): the worker pods when the job ends, the head after
+    deleteClusterAfterSeconds. false: shutdownAfterJobFinishes with ttlSecondsAfterFinished =
+    deleteClusterAfterSeconds (workers and head go together)."""
+    release_workers_after_seconds: int = Field(0, ge=0)
+    """Seconds after the Ray job ends (succeeded or failed) before KubeRay deletes the worker
+    pods and so releases their GPUs (deletionRules only)."""
+    delete_cluster_after_seconds: int = Field(300, ge=0)
+    """Seconds after the Ray job ends before KubeRay deletes the whole Ray cluster; until then
+    the head pod keeps the dashboard and the driver's logs. At least
+    releaseWorkersAfterSeconds."""
+    pre_running_deadline_seconds: int = Field(1800, ge=1)
+    """Seconds the RayJob may take to reach Running (pods scheduled, image pulled, job
+    submitted); past that KubeRay fails it with its reason instead of waiting forever."""
+    active_deadline_seconds: int | None = Field(None, ge=0)
+    """Wall-clock limit of the whole RayJob in seconds; the job fails when it is exceeded.
+    Default: the plan's estimate (prolongctl plan) x activeDeadlineMargin + 1 h for start-up;
+    no limit when there is no estimate (device cpu, unknown model size). 0: no limit."""
+    active_deadline_margin: float = Field(2.0, ge=1.0)
+    """Multiplier on the plan's wall-clock estimate for the default activeDeadlineSeconds
+    (the estimate assumes the plan's MFU)."""
     backoff_limit: int = Field(0, ge=0)
     """Times KubeRay re-creates the Ray cluster and resubmits after a failed Ray job. 0: Ray
     Train's maxFailures handles worker failures and the pipeline's maxStageRetries the rest."""
+    submitter_backoff_limit: int = Field(2, ge=0)
+    """Retries of KubeRay's submitter Job (K8sJobMode: submitterConfig.backoffLimit) when
+    ``ray job submit`` itself fails, e.g. while the dashboard is still starting."""
+    ray_auth: Literal["token", "disabled"] = "token"
+    """Ray token authentication on the stage's cluster (authOptions.mode). token: every Ray API
+    (dashboard, job submission, client) needs the token from the cluster's Secret; KubeRay
+    injects it into the Ray pods and its submitter. disabled: anyone who reaches the pods' ports
+    can run code on them."""
+    ray_auth_secret: str | None = Field(None, pattern=DNS_LABEL)
+    """Secret (key auth_token) holding the Ray token, for one token shared by several stages.
+    Default: KubeRay generates one Secret per Ray cluster, named like the cluster."""
+    ray_version: str = Field("2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
+    """Ray version of the image (rayClusterSpec.rayVersion); KubeRay needs 2.52.0 or later for
+    token authentication."""
+
+    @model_validator(mode="after")
+    def _deletion_order(self) -> KubernetesSpec:
+        # KubeRay refuses rules whose workers outlive their cluster (validateTTLConsistency).
+        if self.release_workers_after_seconds > self.delete_cluster_after_seconds:
+            raise ValueError("releaseWorkersAfterSeconds must not exceed "
+                             "deleteClusterAfterSeconds")
+        major, minor, _ = (int(x) for x in self.ray_version.split("."))
+        if self.ray_auth == "token" and (major, minor) < (2, 52):
+            raise ValueError("rayAuth token needs rayVersion 2.52.0 or later (KubeRay refuses "
+                             "it on older Ray)")
+        return self
     object_store_secret: str | None = Field(None, pattern=DNS_LABEL)
     """Secret whose keys become environment variables of every Ray container (e.g.
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) when storage.root is s3:// or
@@ -703,6 +748,11 @@ class PipelineSpec(SpecModel):
     """Stages in run order (ProLong: stage1 -> stage2 -> sft -> eval)."""
     max_stage_retries: int = Field(2, ge=0)
     """Times a failed stage is resubmitted before the pipeline is marked Failed."""
+    retry_backoff_seconds: int = Field(60, ge=0)
+    """Wait after a stage's first failed attempt before the next one; doubled after each
+    further failure (exponential backoff), up to retryBackoffMaxSeconds."""
+    retry_backoff_max_seconds: int = Field(1800, ge=0)
+    """Longest wait between two attempts of a stage."""
 
 
 class ProLongPipeline(_Object):

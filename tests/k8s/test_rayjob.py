@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import string
@@ -19,7 +20,8 @@ from prolong.k8s.rayjob import (
     render_stage,
     render_standalone,
 )
-from prolong.spec import API_VERSION, PretrainJob
+from prolong.plan import wall_hours
+from prolong.spec import API_VERSION, PretrainJob, SpecError
 from prolong.specfile import load, parse_document
 from prolong.stage.identity import SCHEDULING_ONLY, pipeline_stages, stage_id, standalone_stage
 from prolong.stage.names import RAYJOB_NAME_MAX, rayjob_name
@@ -48,6 +50,38 @@ def _all_renders():
 ALL = _all_renders()
 
 
+def assert_kuberay_accepts(spec: dict) -> None:
+    """KubeRay's own checks of a RayJob that its CRD schema leaves out: the CEL rules of
+    deletionStrategy and ValidateRayJobSpec / ValidateRayClusterSpec (validation.go, v1.7)."""
+    rules = spec["deletionStrategy"]["deletionRules"]
+    assert spec["shutdownAfterJobFinishes"] is False  # rules and shutdown are exclusive
+    assert not spec.get("ttlSecondsAfterFinished")  # a TTL needs shutdownAfterJobFinishes
+    ttl: dict[tuple[str, str], dict[str, int]] = {}
+    for rule in rules:
+        cond = {k: v for k, v in rule["condition"].items() if k != "ttlSeconds"}
+        assert len(cond) == 1 and set(cond) <= {"jobStatus", "jobDeploymentStatus"}, cond
+        key = next(iter(cond.items()))
+        assert rule["policy"] not in ttl.setdefault(key, {}), f"duplicate rule {rule}"
+        ttl[key][rule["policy"]] = rule["condition"]["ttlSeconds"]
+    for key, by_policy in ttl.items():  # Workers <= Cluster <= Self
+        order = [by_policy[p] for p in ("DeleteWorkers", "DeleteCluster", "DeleteSelf")
+                 if p in by_policy]
+        assert order == sorted(order), (key, by_policy)
+    # Every ending releases the GPUs: the job succeeded or failed, or the RayJob failed.
+    assert {("jobStatus", "SUCCEEDED"), ("jobStatus", "FAILED"),
+            ("jobDeploymentStatus", "Failed")} <= {k for k, p in ttl.items()
+                                                   if "DeleteWorkers" in p}
+    assert spec["preRunningDeadlineSeconds"] >= 1
+    assert spec.get("activeDeadlineSeconds", 1) > 0 and spec["backoffLimit"] >= 0
+    if spec["submissionMode"] == "InteractiveMode":
+        assert spec["backoffLimit"] == 0
+    cluster = spec["rayClusterSpec"]
+    if cluster["authOptions"]["mode"] == "token":
+        major, minor, _ = map(int, cluster["rayVersion"].split("."))
+        assert (major, minor) >= (2, 52), "token auth needs Ray 2.52.0"
+        assert not cluster["authOptions"].get("enableK8sTokenAuth")  # not for RayJobs
+
+
 def _by_kind(objs):
     return {o["kind"]: o for o in objs}
 
@@ -72,9 +106,17 @@ def test_rendered_objects_are_valid(label, objs, validate_object):
     spec = rj["spec"]
     # What KubeRay's CRD cannot check (no enum, no CEL) but its operator rejects.
     assert spec["submissionMode"] in KUBERAY_SUBMISSION_MODES
-    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    assert_kuberay_accepts(spec)
     assert spec["entrypoint"] == ENTRYPOINT
     name = rj["metadata"]["name"]
+    assert spec["jobId"] == name  # deterministic Ray submission id
+    for pod in (spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+                _worker(rj)["template"]["spec"]):
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        sc = pod["containers"][0]["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+        assert set(sc["capabilities"].get("add", [])) <= {"IPC_LOCK"}  # RDMA's one exception
     assert len(name) <= RAYJOB_NAME_MAX and DNS_1035.match(name), name
     assert cm["metadata"]["name"] == f"{name}-spec"
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -186,7 +228,9 @@ def test_rayjob_name_random_inputs():
 def test_kubernetes_knobs(validate_object):
     job = _with_kubernetes(STAGE2, network="efa", queue="h100-queue", submissionMode="HTTPMode",
                            activeDeadlineSeconds=86400, backoffLimit=1,
-                           ttlSecondsAfterFinished=600, cpusPerWorker=20.5, memoryPerWorkerGi=180,
+                           deletionRules=False, deleteClusterAfterSeconds=600,
+                           preRunningDeadlineSeconds=7200, rayAuthSecret="prolong-ray-token",
+                           cpusPerWorker=20.5, memoryPerWorkerGi=180,
                            ncclEnv={"NCCL_DEBUG": "INFO"}, serviceAccount="trainer")
     objs = render_standalone(job)
     for obj in objs:
@@ -195,7 +239,12 @@ def test_kubernetes_knobs(validate_object):
     spec = rj["spec"]
     assert spec["submissionMode"] == "HTTPMode" in KUBERAY_SUBMISSION_MODES
     assert spec["activeDeadlineSeconds"] == 86400 and spec["backoffLimit"] == 1
-    assert spec["ttlSecondsAfterFinished"] == 600
+    # KubeRay without the RayJobDeletionPolicy gate: one TTL for the whole cluster.
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
+    assert "deletionStrategy" not in spec and spec["preRunningDeadlineSeconds"] == 7200
+    assert "submitterConfig" not in spec  # HTTPMode has no submitter Job
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token",
+                                                     "secretName": "prolong-ray-token"}
     assert rj["metadata"]["labels"][QUEUE_LABEL] == "h100-queue"
     pod = _worker(rj)["template"]["spec"]
     container = pod["containers"][0]
@@ -265,3 +314,48 @@ def test_the_packaged_kuberay_schema_is_the_crds(tmp_path) -> None:
     extract_rayjob_schema(KUBERAY_SCHEMAS / "ray.io_rayjobs.yaml", fresh)
     assert fresh.read_bytes() == KUBERAY_RAYJOB_SCHEMA.read_bytes(), \
         "regenerate: python -m prolong.k8s.schemas shared/schemas/kuberay/ray.io_rayjobs.yaml"
+
+
+def test_lifecycle_defaults_release_the_gpus_and_bound_the_run():
+    _, rj = render(load(STAGE2))
+    spec = rj["spec"]
+    rules = {(tuple(sorted((k, v) for k, v in r["condition"].items() if k != "ttlSeconds")),
+              r["policy"]): r["condition"]["ttlSeconds"]
+             for r in spec["deletionStrategy"]["deletionRules"]}
+    assert rules[((("jobStatus", "SUCCEEDED"),), "DeleteWorkers")] == 0  # GPUs freed at once
+    assert rules[((("jobStatus", "FAILED"),), "DeleteCluster")] == 300  # head kept 5 min
+    assert not any(policy == "DeleteSelf" for _, policy in rules)  # the RayJob is the history
+    assert spec["submitterConfig"] == {"backoffLimit": 2}
+    assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    # activeDeadlineSeconds: the plan's estimate x 2 + 1 h (stage 2: about 200 h on 64 H100s).
+    loaded = load(STAGE2)
+    ref = standalone_stage(loaded.document)
+    hours = wall_hours(loaded.document, ref)
+    assert 150 < hours < 250
+    assert spec["activeDeadlineSeconds"] == math.ceil(hours * 3600 * 2.0) + 3600
+
+
+def test_a_cpu_stage_has_no_deadline_without_an_estimate_and_zero_turns_it_off():
+    _, rj = render(load(REPO / "jobs" / "quickstart" / "stage1.yaml"))
+    assert "activeDeadlineSeconds" not in rj["spec"]
+    job = _with_kubernetes(STAGE2, activeDeadlineSeconds=0)
+    assert "activeDeadlineSeconds" not in render_standalone(job)[1]["spec"]
+
+
+@pytest.mark.parametrize(("k8s", "field", "rule"), [
+    ({"releaseWorkersAfterSeconds": 600, "deleteClusterAfterSeconds": 60},
+     "spec.cluster.kubernetes", "releaseWorkersAfterSeconds must not exceed"),
+    ({"rayVersion": "2.50.0"}, "spec.cluster.kubernetes", "rayAuth token needs rayVersion 2.52.0"),
+    ({"preRunningDeadlineSeconds": 0}, "spec.cluster.kubernetes.preRunningDeadlineSeconds",
+     "greater than or equal to 1"),
+    ({"rayAuth": "none"}, "spec.cluster.kubernetes.rayAuth", "'token' or 'disabled'"),
+])
+def test_lifecycle_fields_are_validated(tmp_path, k8s, field, rule):
+    raw = yaml.safe_load(STAGE2.read_text())
+    raw["spec"]["cluster"]["kubernetes"] = k8s
+    path = tmp_path / "stage2.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as err:
+        load(path)
+    line = err.value.one_line()
+    assert line.startswith(f"{path}: {field}") and rule in line, line

@@ -41,6 +41,7 @@ NAMESPACE = "default"
 PIPELINES = kmock.resource("prolong.dev/v1alpha1/prolongpipelines")
 RAYJOBS = kmock.resource("ray.io/v1/rayjobs")
 CONFIGMAPS = kmock.resource("v1/configmaps")
+EVENTS = kmock.resource("v1/events")
 _module_ids = itertools.count()
 
 
@@ -122,6 +123,17 @@ class Cluster:
     def status_patches(self) -> int:
         return sum(1 for r in self.kmock if r.action == kmock.action.UPDATE
                    and r.resource == PIPELINES and r.subresource == "status")
+
+    def events(self) -> list[tuple[str, str, str]]:
+        """(type, reason, message) of every Event posted, in order (kopf posts core v1 Events
+        on the pipeline)."""
+        return [(r.data.get("type"), r.data.get("reason"), r.data.get("message"))
+                for r in self.kmock if r.action == kmock.action.CREATE and r.resource == EVENTS
+                and isinstance(r.data, dict)]
+
+    async def set_rayjob_status(self, name: str, status: dict) -> None:
+        """Play KubeRay with a whole status (reason, rayClusterStatus, ...)."""
+        await self._send("PATCH", self._path(RAYJOBS, name, "status"), {"status": status})
 
     def rayjob_creates(self) -> int:
         return sum(1 for r in self.kmock if r.action == kmock.action.CREATE and r.resource == RAYJOBS)

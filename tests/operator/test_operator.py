@@ -100,6 +100,7 @@ async def test_runs_the_four_stages_in_order_and_owns_what_it_creates(cluster: C
 @pytest.mark.asyncio
 async def test_a_failed_stage_is_retried_then_the_pipeline_fails(cluster: Cluster) -> None:
     cr = pipeline_cr()  # maxStageRetries: 2, so three attempts
+    cr["spec"]["retryBackoffSeconds"] = 0  # the backoff has its own test
     name = cr["metadata"]["name"]
     assert cr["spec"]["maxStageRetries"] == 2
     endings = [("Complete", "FAILED", "worker died"),  # KubeRay says Complete for a failed job
@@ -125,6 +126,18 @@ async def test_a_failed_stage_is_retried_then_the_pipeline_fails(cluster: Cluste
     ready, failed = condition(status, "Ready"), condition(status, "StageFailed")
     assert ready["status"] == "False" and ready["reason"] == "Failed"
     assert failed["status"] == "True" and "NCCL timeout" in failed["message"]
+    stalled, reconciling = condition(status, "Stalled"), condition(status, "Reconciling")
+    assert (stalled["status"], stalled["reason"]) == ("True", "RetriesExhausted")
+    assert reconciling["status"] == "False"
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+    events = await cluster.wait("the last event", lambda: cluster.events()
+                                if any(r == "PipelineFailed" for _, r, _ in cluster.events())
+                                else None)
+    reasons = [(t, r) for t, r, _ in events]
+    assert reasons[0] == ("Normal", "StageSubmitted")
+    assert reasons.count(("Warning", "StageRetried")) == 2
+    assert ("Warning", "StageFailed") in reasons and reasons[-1] == ("Warning", "PipelineFailed")
+    assert any("NCCL timeout" in m for t, r, m in events if r == "StageFailed")
     assert_fits_the_crd(status)
 
 
@@ -223,6 +236,10 @@ async def test_an_invalid_spec_is_reported_in_status_not_crashed_on(cluster: Clu
         status = await cluster.wait_status(name, lambda s: s.get("conditions"))
         valid = condition(status, "SpecValid")
         assert valid["status"] == "False" and valid["reason"] == "InvalidSpec"
+        assert condition(status, "Stalled")["status"] == "True"  # what Argo CD reads
+        assert condition(status, "Reconciling")["status"] == "False"
+        await cluster.wait("the InvalidSpec event", lambda: any(
+            (t, r) == ("Warning", "InvalidSpec") for t, r, _ in cluster.events()))
         assert "spec.stages[3].spec.samples" in valid["message"]
         assert "\n" not in valid["message"]
         assert cluster.rayjobs() == {}
@@ -277,3 +294,79 @@ async def test_creating_what_exists_is_not_an_error(cluster: Cluster) -> None:
     assert list(cluster.rayjobs()) == [run.name]
     assert list(cluster.configmaps()) == [f"{run.name}-spec"]
     assert cluster.rayjob_creates() == 2
+
+
+@pytest.mark.asyncio
+async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RayJob whose cluster never comes up: its conditions reach the stage's status; KubeRay's
+    preRunningDeadlineSeconds fails it with its reason; the retry waits out its backoff."""
+    monkeypatch.setenv("PROLONG_RESYNC_SECONDS", "0.3")  # read when the handlers load
+    cr = pipeline_cr()
+    cr["spec"].update(retryBackoffSeconds=2, retryBackoffMaxSeconds=2)
+    name = cr["metadata"]["name"]
+    first = rayjob_for(cr, "stage1")
+    async with running_operator():
+        await cluster.create_pipeline(cr)
+        rayjob = await cluster.wait_rayjob(first)
+        assert rayjob["spec"]["preRunningDeadlineSeconds"] == 1800
+        assert rayjob["spec"]["jobId"] == first
+        await cluster.set_rayjob_status(first, {
+            "jobDeploymentStatus": "Initializing", "rayClusterName": f"{first}-abcde",
+            "rayClusterStatus": {"state": "", "conditions": [
+                {"type": "HeadPodReady", "status": "False", "reason": "ContainersNotReady",
+                 "message": "ImagePullBackOff"},
+                {"type": "RayClusterProvisioned", "status": "False",
+                 "reason": "RayClusterPodsProvisioning"}]}})
+        status = await cluster.wait_status(name, lambda s: (s.get("stages") or [{}])[0]
+                                           .get("deploymentStatus") == "Initializing")
+        stage1 = status["stages"][0]
+        assert stage1["phase"] == "Submitted"
+        assert "HeadPodReady=False: ContainersNotReady (ImagePullBackOff)" in stage1["message"]
+        assert [c["type"] for c in stage1["clusterConditions"]] == ["HeadPodReady",
+                                                                    "RayClusterProvisioned"]
+        reconciling = condition(status, "Reconciling")
+        assert reconciling["status"] == "True" and "ImagePullBackOff" in reconciling["message"]
+        assert_fits_the_crd(status)
+
+        # KubeRay gives up at the deadline: the stage waits 2 s, then attempt 2 is created.
+        await cluster.set_rayjob_status(first, {
+            "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
+            "message": "The RayJob has passed the preRunningDeadlineSeconds",
+            "endTime": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")})
+        status = await cluster.wait_status(
+            name, lambda s: (s.get("stages") or [{}])[0].get("phase") == "Retrying")
+        stage1 = status["stages"][0]
+        assert stage1["reason"] == "DeadlineExceeded" and stage1["nextAttemptTime"]
+        assert "(DeadlineExceeded)" in stage1["message"] and "attempt 2 of 3" in stage1["message"]
+        assert condition(status, "Reconciling")["reason"] == "RetryBackoff"
+        assert_fits_the_crd(status)
+        assert rayjob_for(cr, "stage1", 2) not in cluster.rayjobs()  # not before the backoff
+        await cluster.wait_rayjob(rayjob_for(cr, "stage1", 2))
+        await cluster.wait("events", lambda: ("Warning", "StageRetried") in
+                           [(t, r) for t, r, _ in cluster.events()])
+    reasons = [(t, r) for t, r, _ in cluster.events()]
+    assert reasons.index(("Normal", "StageSubmitted")) < \
+        reasons.index(("Warning", "StageAttemptFailed")) < reasons.index(("Warning", "StageRetried"))
+    failed_msg = next(m for _, r, m in cluster.events() if r == "StageAttemptFailed")
+    assert "DeadlineExceeded" in failed_msg
+
+
+@pytest.mark.asyncio
+async def test_kuberay_retrying_a_job_is_shown_not_counted_as_a_failure(cluster: Cluster) -> None:
+    cr = pipeline_cr()
+    name = cr["metadata"]["name"]
+    first = rayjob_for(cr, "stage1")
+    async with running_operator():
+        await cluster.create_pipeline(cr)
+        await cluster.wait_rayjob(first)
+        await cluster.set_rayjob_status(first, {
+            "jobDeploymentStatus": "Retrying", "jobStatus": "FAILED", "reason": "AppFailed",
+            "message": "Ray job failed; KubeRay resubmits (backoffLimit)"})
+        status = await cluster.wait_status(name, lambda s: (s.get("stages") or [{}])[0]
+                                           .get("deploymentStatus") == "Retrying")
+    stage1 = status["stages"][0]
+    assert (stage1["phase"], stage1["jobStatus"], stage1["reason"]) == ("Submitted", "FAILED",
+                                                                        "AppFailed")
+    assert "KubeRay resubmits" in stage1["message"]
+    assert cluster.rayjob_creates() == 1  # KubeRay's own retry is not a new attempt

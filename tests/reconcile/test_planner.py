@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from prolong.k8s.rayjob import render_stage
-from prolong.reconcile.observe import ObservedRayJob, rayjob_outcome
-from prolong.reconcile.planner import Plan, invalid_spec_status, plan_pipeline
+from prolong.reconcile.observe import ClusterCondition, ObservedRayJob, rayjob_outcome
+from prolong.reconcile.planner import Plan, invalid_spec_status, plan_pipeline, retry_backoff
 from prolong.reconcile.status import PipelineStatus
 from prolong.specfile import Loaded, dump_yaml, load
 from prolong.stage.identity import pipeline_stages
@@ -170,9 +170,12 @@ def test_all_stages_succeeded(p8b):
 
 # --- failures and retries ---------------------------------------------------------------------
 
+LONG_AGO = T0 - timedelta(hours=2)  # every backoff of the 8B pipeline has passed
+
+
 def test_a_failed_stage_is_retried_as_a_new_rayjob(p8b):
     p = plan(p8b, [done(p8b, "stage1"),
-                   run(p8b, "stage2", "Complete", "FAILED", message="OOM")])
+                   run(p8b, "stage2", "Complete", "FAILED", message="OOM", end_time=LONG_AGO)])
     (retry,) = p.creates
     assert (retry.stage, retry.attempt) == ("stage2", 2)
     assert retry.name == name_of(p8b, "stage2") + "-r2"
@@ -184,8 +187,8 @@ def test_a_failed_stage_is_retried_as_a_new_rayjob(p8b):
 
 
 def test_retries_are_counted_from_the_rayjobs(p8b):
-    rayjobs = [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None, 1),
-               run(p8b, "stage2", "Complete", "STOPPED", 2)]
+    rayjobs = [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None, 1, end_time=LONG_AGO),
+               run(p8b, "stage2", "Complete", "STOPPED", 2, end_time=LONG_AGO)]
     (retry,) = plan(p8b, rayjobs).creates
     assert retry.attempt == 3 and retry.name == name_of(p8b, "stage2", 3)
 
@@ -206,6 +209,75 @@ def test_after_the_last_retry_the_pipeline_fails(p8b):
     assert (failed.status, failed.reason) == ("True", "RetriesExhausted")
     assert "stage stage2 failed after 3 attempts" in failed.message
     assert "boom 3" in failed.message and ready.message == failed.message
+
+
+def test_retries_back_off_exponentially(p8b):
+    spec = p8b.document.spec
+    assert (spec.retry_backoff_seconds, spec.retry_backoff_max_seconds) == (60, 1800)
+    assert [retry_backoff(spec, n).total_seconds() for n in (1, 2, 3, 5, 9)] == \
+        [60, 120, 240, 960, 1800]
+    failed_at = T0 - timedelta(seconds=100)  # attempt 2 failed 100 s ago: 120 s to wait
+    rayjobs = [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None, 1, end_time=LONG_AGO),
+               run(p8b, "stage2", "Complete", "FAILED", 2, message="NCCL timeout",
+                   reason="AppFailed", end_time=failed_at)]
+    waiting = plan(p8b, rayjobs)
+    assert waiting.creates == ()
+    s2 = waiting.status.stages[1]
+    due = failed_at + timedelta(seconds=120)
+    assert (s2.phase, s2.next_attempt_time, waiting.retry_at) == ("Retrying", due, due)
+    assert s2.completion_time == failed_at and s2.attempts == 2
+    assert "attempt 2 failed" in s2.message and "NCCL timeout" in s2.message
+    assert f"attempt 3 of 3 at {due.isoformat(timespec='seconds')}" in s2.message
+    assert (waiting.status.phase, waiting.status.current_stage) == ("Running", "stage2")
+    reconciling = cond(waiting.status, "Reconciling")
+    assert (reconciling.status, reconciling.reason) == ("True", "RetryBackoff")
+    assert cond(waiting.status, "Stalled").status == "False"
+    # Once the backoff has passed, the third attempt is created.
+    later = plan(p8b, rayjobs, now=due, previous=waiting.status)
+    assert [(c.stage, c.attempt) for c in later.creates] == [("stage2", 3)]
+    assert later.retry_at is None
+
+
+def test_a_failure_without_an_end_time_waits_from_when_it_was_first_seen(p8b):
+    rayjobs = [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None, reason="DeadlineExceeded",
+                                        message="preRunningDeadlineSeconds exceeded")]
+    first = plan(p8b, rayjobs)
+    assert first.status.stages[1].completion_time == T0 and first.creates == ()
+    assert "(DeadlineExceeded)" in first.status.stages[1].message
+    # The next reconcile keeps the time it first saw the failure, so the wait does not restart.
+    again = plan(p8b, rayjobs, now=T0 + timedelta(seconds=59), previous=first.status)
+    assert again.creates == () and again.status == first.status
+    assert plan(p8b, rayjobs, now=T0 + timedelta(seconds=60), previous=again.status).creates
+
+
+def test_a_complete_marker_wins_over_what_the_rayjob_says(p8b):
+    """The rule in the planner's docstring: COMPLETE is written last by the run itself, so the
+    stage succeeded whatever its RayJob says, and it is not retried."""
+    stage1 = pipeline_stages(p8b.document, p8b.jobs)[0]
+    for rayjob in (run(p8b, "stage1", "Running", "RUNNING"),
+                   run(p8b, "stage1", "Complete", "FAILED", message="teardown crashed")):
+        p = plan(p8b, [rayjob], complete={stage1.directory})
+        s1 = p.status.stages[0]
+        assert (s1.phase, s1.ray_job) == ("Succeeded", rayjob.name), rayjob
+        assert "COMPLETE marker" in s1.message
+        assert [(c.stage, c.attempt) for c in p.creates] == [("stage2", 1)]
+        assert p.deletes == ()  # the running one finishes on its own
+    skipped = plan(p8b, [], complete={stage1.directory})
+    assert skipped.status.stages[0].phase == "Skipped"
+
+
+def test_a_stage_stuck_before_running_says_why(p8b):
+    stuck = run(p8b, "stage1", "Initializing", None, cluster_state=None, cluster_conditions=(
+        ClusterCondition("HeadPodReady", "False", "ContainersNotReady", "image pull backoff"),
+        ClusterCondition("RayClusterProvisioned", "False", "Unschedulable",
+                         "0/12 nodes: insufficient nvidia.com/gpu")))
+    s1 = plan(p8b, [stuck]).status.stages[0]
+    assert (s1.phase, s1.deployment_status) == ("Submitted", "Initializing")
+    assert s1.message.startswith("Initializing: HeadPodReady=False: ContainersNotReady")
+    assert "insufficient nvidia.com/gpu" in s1.message
+    assert [(c.type, c.status, c.reason) for c in s1.cluster_conditions] == [
+        ("HeadPodReady", "False", "ContainersNotReady"),
+        ("RayClusterProvisioned", "False", "Unschedulable")]
 
 
 def test_no_retries_fail_at_once(write_spec):
@@ -295,7 +367,7 @@ def test_planning_again_is_a_fixed_point(p8b):
     assert again.creates == () and again.deletes == ()
     assert again.status == first.status
 
-    retry = plan(p8b, [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None)],
+    retry = plan(p8b, [done(p8b, "stage1"), run(p8b, "stage2", "Failed", None, end_time=LONG_AGO)],
                  previous=first.status)
     (r2,) = retry.creates
     seen_r2 = run(p8b, "stage2", None, None, attempt=2)

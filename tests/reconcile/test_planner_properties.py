@@ -6,6 +6,8 @@ operators that restart (with the status kept, or lost), spec edits mid-run. On e
 - at most one stage of the current spec runs at a time;
 - a stage id that succeeded is never started again, and none gets more than 1 + maxStageRetries
   attempts;
+- a retry is never created before its backoff has passed since the failed attempt ended (its
+  endTime, else when a reconcile first saw it fail);
 
 and at the end, with the cluster left to finish, the pipeline settles: Succeeded, or Failed with
 its retries spent, and a further reconcile changes nothing.
@@ -14,7 +16,7 @@ its retries spent, and a further reconcile changes nothing.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import yaml
@@ -22,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from prolong.reconcile.observe import ObservedRayJob
-from prolong.reconcile.planner import Plan, plan_pipeline
+from prolong.reconcile.planner import Plan, plan_pipeline, retry_backoff
 from prolong.reconcile.status import PipelineStatus
 from prolong.specfile import Loaded, dump_yaml, load
 from prolong.stage.identity import pipeline_stages
@@ -37,6 +39,8 @@ def variants(tmp_path_factory) -> dict[str, Loaded]:
     """The quickstart pipeline and two edits of it: one changes only eval, one changes stage 2
     (and so every stage after it)."""
     base = yaml.safe_load(dump_yaml(load(JOBS / "quickstart/pipeline.yaml").document))
+    # Retries with short backoffs, so that histories reach them: 20 s, 40 s, then 60 s at most.
+    base["spec"].update(maxStageRetries=2, retryBackoffSeconds=20, retryBackoffMaxSeconds=60)
     out = {}
     for name, edit in (("base", None), ("eval", (3, "samples", 3)), ("stage2", (1, "seed", 7))):
         data = yaml.safe_load(yaml.safe_dump(base))
@@ -57,11 +61,17 @@ class Cluster:
     variant: str = "base"
     generation: int = 1
     succeeded_ids: set[tuple[str, str]] = dataclasses.field(default_factory=set)
+    now: datetime = T0
+    failed_seen: dict[str, datetime] = dataclasses.field(default_factory=dict)
+    """RayJob name -> when a reconcile first saw it failed."""
 
 
 def reconcile(cluster: Cluster, loaded: Loaded) -> Plan:
-    plan = plan_pipeline(loaded.document, loaded.jobs, list(cluster.rayjobs.values()), now=T0,
-                         complete=cluster.complete, previous=cluster.status,
+    for rj in cluster.rayjobs.values():
+        if rj.outcome == "failed":
+            cluster.failed_seen.setdefault(rj.name, cluster.now)
+    plan = plan_pipeline(loaded.document, loaded.jobs, list(cluster.rayjobs.values()),
+                         now=cluster.now, complete=cluster.complete, previous=cluster.status,
                          generation=cluster.generation)
     order = [r.stage for r in pipeline_stages(loaded.document, loaded.jobs)]
     phase = {s.name: s.phase for s in plan.status.stages}
@@ -72,6 +82,12 @@ def reconcile(cluster: Cluster, loaded: Loaded) -> Plan:
         assert all(phase[s] in DONE for s in earlier), (run.stage, phase)
         assert (run.stage, run.stage_id) not in cluster.succeeded_ids, f"{run.stage} re-run"
         assert run.attempt <= 1 + loaded.document.spec.max_stage_retries, run
+        if run.attempt > 1:
+            (failed,) = [rj for rj in cluster.rayjobs.values() if (rj.stage, rj.stage_id,
+                         rj.attempt) == (run.stage, run.stage_id, run.attempt - 1)]
+            ended = failed.end_time or cluster.failed_seen[failed.name]
+            wait = retry_backoff(loaded.document.spec, failed.attempt)
+            assert cluster.now >= ended + wait, (run, ended, wait, cluster.now)
     for name in plan.deletes:
         cluster.rayjobs.pop(name, None)
     for run in plan.creates:
@@ -90,22 +106,26 @@ OUTCOMES = {"running": ("Running", "RUNNING"), "succeeded": ("Complete", "SUCCEE
 ACTIONS = st.one_of(
     st.just(("reconcile",)),
     st.tuples(st.just("advance"), st.integers(0, 5), st.sampled_from(sorted(OUTCOMES)),
-              st.booleans()),
+              st.booleans(), st.booleans()),
+    st.tuples(st.just("wait"), st.sampled_from([5, 20, 45, 90])),
     st.just(("restart_keep",)),
     st.just(("restart_lose_status",)),
     st.tuples(st.just("edit"), st.sampled_from(["base", "eval", "stage2"])),
 )
 
 
-def advance(cluster: Cluster, loaded: Loaded, k: int, outcome: str, marker: bool) -> None:
-    """A RayJob (the k-th active one) moves on; a success may also leave its COMPLETE marker."""
+def advance(cluster: Cluster, loaded: Loaded, k: int, outcome: str, marker: bool,
+            end_time: bool = True) -> None:
+    """A RayJob (the k-th active one) moves on; a success may also leave its COMPLETE marker.
+    An ending carries KubeRay's endTime, or (``end_time`` False) none."""
     active = sorted((rj for rj in cluster.rayjobs.values() if rj.active), key=lambda r: r.name)
     if not active:
         return
     rj = active[k % len(active)]
     deployment, job = OUTCOMES[outcome]
+    ended = cluster.now if outcome != "running" and end_time else None
     cluster.rayjobs[rj.name] = dataclasses.replace(rj, deployment_status=deployment,
-                                                   job_status=job)
+                                                   job_status=job, end_time=ended)
     if outcome == "succeeded":
         cluster.succeeded_ids.add((rj.stage, rj.stage_id))
         if marker:
@@ -128,6 +148,8 @@ def test_planner_invariants_hold_through_random_histories(variants, actions):
             reconcile(cluster, loaded)
         elif kind == "advance":
             advance(cluster, loaded, *action[1:])
+        elif kind == "wait":
+            cluster.now += timedelta(seconds=action[1])
         elif kind == "edit" and action[1] != cluster.variant:
             cluster.variant = action[1]
             cluster.generation += 1
@@ -140,6 +162,7 @@ def test_planner_invariants_hold_through_random_histories(variants, actions):
         for rj in list(cluster.rayjobs.values()):
             if rj.active:
                 advance(cluster, loaded, 0, "succeeded", True)
+        cluster.now += timedelta(seconds=30)  # backoffs pass
     else:
         pytest.fail(f"the pipeline did not settle: {cluster.status.phase}")
     again = reconcile(cluster, loaded)
