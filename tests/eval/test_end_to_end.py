@@ -154,7 +154,7 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_model, tokenizer)
     from prolong.eval.synthetic import json_kv
 
     fmt = PromptFormat(tokenizer)
-    samples = [json_kv(fmt, n, 0, seed=9, sizing=FILL) for n in (400, 550, 700)]
+    samples = [json_kv(fmt, n, 0, seed=9, sizing=FILL) for n in (500, 650, 800)]
     assert len({s.tokens for s in samples}) == 3
     one = HFGenerator(str(tiny_model), batch_size=1, device="cpu").generate(samples, 6)
     many = HFGenerator(str(tiny_model), batch_size=3, device="cpu").generate(samples, 6)
