@@ -430,9 +430,12 @@ def _pipeline_observation(body: dict[str, Any], where: str) -> Observation:
             text += f" - {st['message']}"
         lines[f"  stage {st.get('name')} {st.get('id') or ''}".rstrip()] = text
     done_stages = sum(1 for st in stages if st.get("phase") in ("Succeeded", "Skipped"))
-    done = current and phase in ("Succeeded", "Failed")
-    return Observation(lines, done=done, ok=done and phase == "Succeeded", completed=done_stages,
-                       total=total)
+    # Stalled (kstatus): an invalid spec or spent retries; it will not move without an edit.
+    stalled = any(c.get("type") == "Stalled" and c.get("status") == "True"
+                  for c in status.get("conditions") or [])
+    done = current and (phase in ("Succeeded", "Failed") or stalled)
+    return Observation(lines, done=done, ok=done and phase == "Succeeded" and not stalled,
+                       completed=done_stages, total=total)
 
 
 def status_k8s(kube: Kube, name: str, console: Console) -> None:
@@ -465,21 +468,44 @@ def _print_pipeline(body: dict[str, Any], namespace: str, console: Console) -> N
     ids = cr_stage_ids(body)
     by_name = {st.get("name"): st for st in status.get("stages") or []}
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("stage", "id", "phase", "RayJob", "attempts", "message"):
+    for col in ("stage", "id", "phase", "RayJob", "attempts", "KubeRay", "message"):
         table.add_column(col, overflow="fold")
     for stage in ids or by_name:
         st = by_name.get(stage, {})
         table.add_row(stage, st.get("id") or ids.get(stage, "-"), st.get("phase", "Pending"),
-                      st.get("rayJob") or "-", str(st.get("attempts", 0)), st.get("message") or "")
+                      st.get("rayJob") or "-", str(st.get("attempts", 0)), kuberay_state(st),
+                      st.get("message") or "")
     console.print(table)
+    for stage, st in by_name.items():  # why a stage before Running waits
+        for cond in st.get("clusterConditions") or []:
+            if cond.get("status") == "False":
+                console.print(f"  {stage}: Ray cluster {cond.get('type')}=False"
+                              f"{': ' + cond['reason'] if cond.get('reason') else ''}"
+                              f"{' (' + cond['message'] + ')' if cond.get('message') else ''}",
+                              markup=False)
+        if st.get("nextAttemptTime"):
+            console.print(f"  {stage}: next attempt at {st['nextAttemptTime']}", markup=False)
     for stage, st in by_name.items():  # whole lines: URLs are for copying
         if st.get("dashboardURL"):
             console.print(f"  dashboard of {stage}: {_dashboard(st['dashboardURL'])}",
                           markup=False, soft_wrap=True)
     for cond in status.get("conditions") or []:
-        if cond.get("status") != "True" or cond.get("type") != "Ready":
+        # What needs reading: a condition that is not in its good state (Ready and SpecValid
+        # True; Stalled and StageFailed False), and Reconciling while it says what is going on.
+        good = "False" if cond.get("type") in ("Stalled", "StageFailed", "Reconciling") \
+            else "True"
+        if cond.get("status") != good:
             console.print(f"  condition {cond.get('type')}={cond.get('status')}: "
                           f"{cond.get('message') or cond.get('reason') or ''}", markup=False)
+
+
+def kuberay_state(st: dict[str, Any]) -> str:
+    """KubeRay's view of a stage's RayJob: deployment/job status (reason), e.g.
+    ``Failed (DeadlineExceeded)``."""
+    state = "/".join(x for x in (st.get("deploymentStatus"), st.get("jobStatus")) if x)
+    if st.get("reason"):
+        state += f" ({st['reason']})"
+    return state or "-"
 
 
 def _print_rayjobs(objs: list[dict[str, Any]], namespace: str, console: Console) -> None:
@@ -496,7 +522,15 @@ def _print_rayjobs(objs: list[dict[str, Any]], namespace: str, console: Console)
         rows = [("pipeline", labels.get(PIPELINE_LABEL)), ("stage", labels.get(STAGE_LABEL)),
                 ("stage id", labels.get(STAGE_ID_LABEL)),
                 ("output", (meta.get("annotations") or {}).get(DIRECTORY_ANNOTATION)),
-                ("ray cluster", status.get("rayClusterName")), ("ray job id", status.get("jobId")),
+                ("reason", status.get("reason")),
+                ("ray cluster", status.get("rayClusterName")),
+                ("cluster state", (status.get("rayClusterStatus") or {}).get("state")),
+                *[(f"cluster {c.get('type')}", f"{c.get('status')}"
+                   f"{': ' + c['reason'] if c.get('reason') else ''}"
+                   f"{' (' + c['message'] + ')' if c.get('message') else ''}")
+                  for c in (status.get("rayClusterStatus") or {}).get("conditions") or []
+                  if isinstance(c, dict) and c.get("status") != "True"],
+                ("ray job id", status.get("jobId")),
                 ("dashboard", _dashboard(status.get("dashboardURL"))),
                 ("started", status.get("startTime")), ("ended", status.get("endTime"))]
         for key, value in rows:

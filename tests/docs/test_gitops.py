@@ -85,3 +85,69 @@ def test_flux_units():
     for unit in (crds, pipelines):
         assert unit["spec"]["sourceRef"] == {"kind": "GitRepository",
                                              "name": source["metadata"]["name"]}
+
+
+# --- the Argo CD health check, run by a real Lua interpreter on real status objects ----------
+
+def argocd_health(obj: dict) -> tuple[str, str]:
+    """(status, message) of docs/gitops/argocd-cm-health.yaml's check for ``obj``, as Argo CD
+    runs it (Lua; ``obj`` is the resource as a table)."""
+    from lupa import LuaRuntime
+
+    script = objects()["ConfigMap/argocd-cm"]["data"][
+        "resource.customizations.health.prolong.dev_ProLongPipeline"]
+    lua = LuaRuntime(unpack_returned_tuples=True)
+    run = lua.eval(f"function(obj)\n{script}\nend")
+    hs = run(lua.table_from(obj, recursive=True))
+    return hs["status"], hs["message"]
+
+
+def _pipeline_with(status) -> dict:
+    return {"apiVersion": "prolong.dev/v1alpha1", "kind": "ProLongPipeline",
+            "metadata": {"name": "prolong-8b", "generation": 1},
+            "status": status.model_dump(mode="json", by_alias=True, exclude_none=True)}
+
+
+def test_argocd_health_on_the_operators_statuses():
+    from datetime import datetime, timezone
+
+    from prolong.reconcile.observe import ObservedRayJob
+    from prolong.reconcile.planner import invalid_spec_status, plan_pipeline
+    from prolong.specfile import load
+    from prolong.stage.identity import pipeline_stages
+
+    now = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    loaded = load(REPO / "jobs" / "prolong-8b" / "pipeline.yaml")
+    refs = pipeline_stages(loaded.document, loaded.jobs)
+
+    def rayjob(ref, deployment, job, attempt=1):
+        return ObservedRayJob(name=f"{ref.stage}-{attempt}", stage=ref.stage, stage_id=ref.id,
+                              attempt=attempt, deployment_status=deployment, job_status=job,
+                              message="NCCL timeout", end_time=now)
+
+    def health(rayjobs, **kw):
+        plan = plan_pipeline(loaded.document, loaded.jobs, rayjobs, now=now, generation=1, **kw)
+        return argocd_health(_pipeline_with(plan.status))
+
+    assert health([]) [0] == "Progressing"
+    assert health([rayjob(refs[0], "Running", "RUNNING")]) == ("Progressing",
+                                                              "stage stage1 Running: NCCL timeout")
+    status, message = health([rayjob(refs[0], "Complete", "FAILED")])
+    assert status == "Progressing" and "RetryBackoff" in message  # waits for its retry
+    failed = [rayjob(refs[0], "Complete", "FAILED", a) for a in (1, 2, 3)]
+    status, message = health(failed)
+    assert status == "Degraded" and "failed after 3 attempts" in message
+    done = [rayjob(r, "Complete", "SUCCEEDED") for r in refs]
+    assert health(done) == ("Healthy", "all stages succeeded")
+
+    invalid = invalid_spec_status(None, "pipeline.yaml: spec.stages[3].spec.samples: must be "
+                                        ">= 1", now=now, generation=1)
+    status, message = argocd_health(_pipeline_with(invalid))
+    assert status == "Degraded" and "spec.stages[3].spec.samples" in message
+
+    # A spec edit the operator has not reconciled yet is Progressing, not the old verdict.
+    stale = _pipeline_with(plan_pipeline(loaded.document, loaded.jobs, done, now=now,
+                                         generation=1).status)
+    stale["metadata"]["generation"] = 2
+    assert argocd_health(stale)[0] == "Progressing"
+    assert argocd_health({"metadata": {"name": "x"}})[0] == "Progressing"  # no status yet

@@ -163,8 +163,8 @@ async def test_render_resolves_the_stage_through_its_pipeline(refs: dict) -> Non
     assert "unresolved:" not in result.stdout
 
 
-def test_dry_run_without_a_cluster_checks_here(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_dry_run_without_a_cluster_checks_here(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     from prolong.cli import app
@@ -192,3 +192,34 @@ def test_dry_run_without_a_cluster_checks_here(tmp_path: Path,
     # Without --dry-run the same cluster is an error (exit 1), not a silent local render.
     real = CliRunner().invoke(app, ["submit", str(QUICKSTART / "stage1.yaml")])
     assert real.exit_code == 1 and "cannot reach the Kubernetes API" in real.stderr
+
+
+async def test_status_shows_kuberays_reason_and_the_cluster_conditions(api: Api,
+                                                                       refs: dict) -> None:
+    """prolongctl status on what the operator and KubeRay write for a stage stuck before
+    Running (the status is built by the planner itself, from an observed RayJob)."""
+    from datetime import datetime, timezone
+
+    from prolong.reconcile.observe import observe_rayjob
+    from prolong.reconcile.planner import plan_pipeline
+
+    loaded = load(QUICKSTART / "pipeline.yaml")
+    assert (await cli("submit", str(QUICKSTART / "pipeline.yaml"))).exit_code == 0
+    rayjob = {"metadata": {"name": rayjob_of("stage1", refs), "labels": {
+        "prolong.dev/stage": "stage1", "prolong.dev/stage-id": refs["stage1"].id}},
+        "status": {"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
+                   "message": "passed preRunningDeadlineSeconds",
+                   "rayClusterStatus": {"state": "", "conditions": [
+                       {"type": "HeadPodReady", "status": "False", "reason": "Unschedulable",
+                        "message": "0/3 nodes: insufficient nvidia.com/gpu"}]}}}
+    plan = plan_pipeline(loaded.document, loaded.jobs, [observe_rayjob(rayjob)],
+                         now=datetime.now(timezone.utc), generation=1)
+    await api.set_pipeline_status("quickstart",
+                                  plan.status.model_dump(mode="json", by_alias=True))
+    shown = await cli("status", "quickstart")
+    assert shown.exit_code == 0, shown.output
+    out = " ".join(shown.stdout.split())
+    assert "Failed (DeadlineExceeded)" in out
+    assert "stage1: Ray cluster HeadPodReady=False: Unschedulable (0/3 nodes: insufficient " \
+           "nvidia.com/gpu)" in out
+    assert "condition Stalled=True" in out
