@@ -139,6 +139,8 @@ def test_h100_ray_cluster(rendered):
     assert {"name": "storage", "persistentVolumeClaim": {"claimName": "prolong-runs"}} in pod["volumes"]
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head["resources"]["limits"]
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}  # token auth by default
+    assert cluster["spec"]["rayVersion"] == "2.60.0"
     service = _one(objs, "Service")
     assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"],
                                            "ray.io/node-type": "head"}
@@ -175,8 +177,12 @@ def test_chart_ships_the_generated_crd(chart):
     {"operator": {"logFormat": "xml"}},
     {"rayCluster": {"name": "x" * 48}},
     {"monitoring": {"podMonitor": {"enable": True}}},
+    {"rayCluster": {"auth": {"mode": "none"}}},
+    # An unauthenticated job-submission API on a public address: refused.
+    {"dashboard": {"service": {"type": "LoadBalancer"}}, "rayCluster": {"auth": {"mode": "disabled"}}},
 ])
 def test_values_schema_rejects_bad_values(chart, bad):
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(bad)
     chart.validate_schema(H100)
+    chart.validate_schema({"dashboard": {"service": {"type": "LoadBalancer"}}})  # auth on
