@@ -21,7 +21,7 @@ from prolong.plots import png_bytes, pyplot
 
 def comparability(spec: Any) -> dict[str, Any]:
     """What a run's scores can stand next to: the settings that decide it (sizing, judge, chat
-    template, counting tokenizer, NLI model) and, per category, None when comparable to published
+    template, counting tokenizer) and, per category, None when comparable to published
     HELMET numbers or the reason it is not. Stored in results.json; reports print it."""
     reasons: dict[str, list[str]] = {c: [] for c in CATEGORY_TITLES}
     if spec.sizing != "helmet":
@@ -37,11 +37,12 @@ def comparability(spec: Any) -> dict[str, Any]:
         for c in ("longqa", "summ"):
             reasons[c].append("documents cut and filtered with the model's tokenizer, not "
                               "Llama-2's (sizingTokenizer unset)")
+    # HELMET's Cite averages correctness with citation recall and precision (an NLI model, TRUE
+    # T5-11B); we compute correctness only.
     reasons["cite"].append("citation recall and precision not computed")
     return {"sizing": spec.sizing, "sizing_tokenizer": spec.sizing_tokenizer,
             "use_chat_template": spec.use_chat_template,
             "judge": spec.judge.model if spec.judge is not None else None,
-            "nli_model": spec.nli_model,
             "not_comparable": {c: "; ".join(r) for c, r in reasons.items() if r}}
 
 

@@ -628,9 +628,6 @@ class EvalSpec(SpecModel):
     citation, plain prompts for the rest); false: plain prompts everywhere (base models)."""
     judge: JudgeSpec | None = None
     """Model judge for NarrativeQA and summarization; None: ROUGE-L stand-ins, named as such."""
-    nli_model: str | None = None
-    """Local path of the NLI model for ALCE citation recall / precision (HELMET: TRUE, T5-11B);
-    None: citation scores are reported as not computed."""
     seed: int = 42
     """Seed for synthetic generators and demo selection."""
     storage: StorageSpec = Field(default_factory=StorageSpec)

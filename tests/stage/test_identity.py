@@ -89,19 +89,19 @@ def test_directories_follow_the_layout():
 # purpose; anything else that changes them is a bug.
 PINNED_PIPELINE_IDS = {
     "prolong-8b/pipeline.yaml": {"stage1": "cab6a1d8", "stage2": "c44f61a3", "sft": "87e5502a",
-                                 "eval": "bf1f03d4"},
+                                 "eval": "306a01ed"},
     "quickstart/pipeline.yaml": {"stage1": "a9bba5a4", "stage2": "8d69cc68", "sft": "1802c406",
-                                 "eval": "f6c88e6c"},
+                                 "eval": "b7be12f1"},
 }
 PINNED_STANDALONE_IDS = {
     "prolong-8b/stage1-64k.yaml": "cab6a1d8",
     "prolong-8b/stage2-512k.yaml": "6c3d931d",
     "prolong-8b/sft.yaml": "09b36482",
-    "prolong-8b/eval.yaml": "4198f41a",
+    "prolong-8b/eval.yaml": "b4e6eace",
     "quickstart/stage1.yaml": "a9bba5a4",
     "quickstart/stage2.yaml": "0c9e421b",
     "quickstart/sft.yaml": "476defd7",
-    "quickstart/eval.yaml": "4d595602",
+    "quickstart/eval.yaml": "dc7156b2",
 }
 
 
