@@ -41,6 +41,7 @@ from prolong.k8s.rayjob import (
     RAY_GROUP,
     RAY_PLURAL,
     RAY_VERSION,
+    SUBMITTER_CONTAINER,
     pipeline_resource,
 )
 from prolong.k8s.schemas import check_client_side
@@ -57,9 +58,6 @@ from prolong.stage.names import (
     STAGE_LABEL,
 )
 
-SUBMITTER_CONTAINER = "ray-job-submitter"
-"""KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
-head pod)."""
 HEAD_CONTAINER = "ray-head"
 
 
@@ -691,7 +689,7 @@ class KubeBackend(Backend):
 
 
 __all__ = [
-    "HEAD_CONTAINER", "SUBMITTER_CONTAINER", "Kube", "KubeBackend", "cr_stage_ids",
+    "HEAD_CONTAINER", "Kube", "KubeBackend", "cr_stage_ids",
     "default_namespace", "delete_k8s", "dry_run_offline", "kube_client", "logs_k8s",
     "merge_patch", "rayjob_line", "status_k8s", "submit_k8s", "upstream_states", "wait_k8s",
 ]

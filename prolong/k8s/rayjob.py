@@ -83,6 +83,12 @@ RAY_UID = 1000
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_UID,
                         "seccompProfile": {"type": "RuntimeDefault"}}
 """Pod-level part of Kubernetes' restricted profile for every Ray pod we render."""
+SUBMITTER_CONTAINER = "ray-job-submitter"
+"""KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
+head pod)."""
+SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"},
+                       "limits": {"cpu": "1", "memory": "1Gi"}}
+"""What KubeRay gives its default submitter (common.GetDefaultSubmitterContainer)."""
 
 # Per-worker defaults (see KubernetesSpec): an 8 x H100 node has 192-208 vCPUs and 1.8-2 TiB.
 DEFAULT_CPUS_PER_WORKER = {"gpu": 22.0, "cpu": 2.0}
@@ -210,6 +216,22 @@ def _pod_spec(container: dict[str, Any], volumes: list[dict], cluster: ClusterSp
     return pod
 
 
+def submitter_template(image: str, pod_labels: dict[str, str]) -> dict[str, Any]:
+    """The pod of KubeRay's submitter Job (K8sJobMode), as KubeRay's default one (the head's
+    image, its resources, restartPolicy Never) plus what the default lacks: the stage's labels
+    (the chart's NetworkPolicy lets only labelled stage pods reach a head's dashboard) and the
+    restricted securityContext (a namespace enforcing Pod Security "restricted" refuses the
+    default). No command: KubeRay fills in ``ray job submit``, the dashboard address, the
+    submission id and the auth token's environment."""
+    container = {"name": SUBMITTER_CONTAINER, "image": image, "imagePullPolicy": "IfNotPresent",
+                 "resources": {k: dict(v) for k, v in SUBMITTER_RESOURCES.items()},
+                 "securityContext": {"allowPrivilegeEscalation": False,
+                                     "capabilities": {"drop": ["ALL"]}}}
+    return {"metadata": {"labels": dict(pod_labels)},
+            "spec": {"restartPolicy": "Never", "containers": [container],
+                     "securityContext": dict(POD_SECURITY_CONTEXT)}}
+
+
 def auth_options(k8s: KubernetesSpec) -> dict[str, str]:
     """KubeRay's authOptions: token auth unless the spec turns it off; the token comes from
     rayAuthSecret (key auth_token) or, by default, the Secret KubeRay generates per cluster."""
@@ -333,6 +355,9 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     }
     if k8s.submission_mode == "K8sJobMode":
         spec["submitterConfig"] = {"backoffLimit": k8s.submitter_backoff_limit}
+        spec["submitterPodTemplate"] = submitter_template(
+            spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"],
+            pod_labels)
     deadline = (default_active_deadline(job, ref, pipeline_jobs)
                 if k8s.active_deadline_seconds is None else k8s.active_deadline_seconds)
     if deadline:  # 0 or no estimate: no limit

@@ -97,12 +97,14 @@ def schema_errors(check: jsonschema.Validator, obj: dict[str, Any]) -> list[str]
 
 
 def pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every pod template of a RayJob or RayCluster, as a Pod object."""
+    """Every pod template of a RayJob (its submitter's included) or RayCluster, as a Pod."""
     spec = obj["spec"].get("rayClusterSpec", obj["spec"])
-    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    templates = [g["template"] for g in (spec["headGroupSpec"], *spec.get("workerGroupSpecs", []))]
+    if "submitterPodTemplate" in obj["spec"]:
+        templates.append(obj["spec"]["submitterPodTemplate"])
     return [{"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": "template", **g["template"].get("metadata", {})},
-             "spec": g["template"]["spec"]} for g in groups]
+             "metadata": {"name": "template", **t.get("metadata", {})},
+             "spec": t["spec"]} for t in templates]
 
 
 def kubernetes_validate_installed() -> bool:

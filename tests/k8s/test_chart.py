@@ -77,7 +77,8 @@ def test_every_object_is_valid(values, rendered, validate_object):
 def test_default_install(rendered):
     objs, _ = rendered["default"]
     assert sorted(_kinds(objs)) == sorted(["ServiceAccount", "Role", "RoleBinding", "Deployment",
-                                           "PersistentVolumeClaim", "ConfigMap"])
+                                           "PersistentVolumeClaim", "ConfigMap",
+                                           "NetworkPolicy", "NetworkPolicy"])
     pvc = _one(objs, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == "prolong-runs"  # what jobs/prolong-8b mount
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -178,6 +179,8 @@ def test_chart_ships_the_generated_crd(chart):
     {"rayCluster": {"name": "x" * 48}},
     {"monitoring": {"podMonitor": {"enable": True}}},
     {"rayCluster": {"auth": {"mode": "none"}}},
+    {"networkPolicy": {"clientsFrom": [{"pods": {"matchLabels": {"a": "b"}}}]}},
+    {"networkPolicy": {"stageNamespaces": ["Team_B"]}},
     # An unauthenticated job-submission API on a public address: refused.
     {"dashboard": {"service": {"type": "LoadBalancer"}}, "rayCluster": {"auth": {"mode": "disabled"}}},
 ])

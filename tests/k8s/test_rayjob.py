@@ -17,6 +17,7 @@ from prolong.k8s.rayjob import (
     ENTRYPOINT,
     KUBERAY_SUBMISSION_MODES,
     QUEUE_LABEL,
+    SUBMITTER_CONTAINER,
     render_stage,
     render_standalone,
 )
@@ -110,8 +111,20 @@ def test_rendered_objects_are_valid(label, objs, validate_object):
     assert spec["entrypoint"] == ENTRYPOINT
     name = rj["metadata"]["name"]
     assert spec["jobId"] == name  # deterministic Ray submission id
-    for pod in (spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
-                _worker(rj)["template"]["spec"]):
+    head_template = spec["rayClusterSpec"]["headGroupSpec"]["template"]
+    templates = [head_template, _worker(rj)["template"]]
+    if spec["submissionMode"] == "K8sJobMode":
+        # KubeRay's submitter Job: the stage's labels (the chart's NetworkPolicy admits only
+        # labelled stage pods to a head's dashboard) and the restricted profile; no command, so
+        # KubeRay fills in `ray job submit` and the token's environment.
+        submitter = spec["submitterPodTemplate"]
+        assert submitter["metadata"]["labels"] == head_template["metadata"]["labels"]
+        (container,) = submitter["spec"]["containers"]
+        assert container["name"] == SUBMITTER_CONTAINER and "command" not in container
+        assert container["image"] == head_template["spec"]["containers"][0]["image"]
+        assert submitter["spec"]["restartPolicy"] == "Never"
+        templates.append(submitter)
+    for pod in (t["spec"] for t in templates):
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         sc = pod["containers"][0]["securityContext"]
@@ -243,6 +256,7 @@ def test_kubernetes_knobs(validate_object):
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 600
     assert "deletionStrategy" not in spec and spec["preRunningDeadlineSeconds"] == 7200
     assert "submitterConfig" not in spec  # HTTPMode has no submitter Job
+    assert "submitterPodTemplate" not in spec
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token",
                                                      "secretName": "prolong-ray-token"}
     assert rj["metadata"]["labels"][QUEUE_LABEL] == "h100-queue"
