@@ -16,10 +16,14 @@ bounded in size so that building, training a tokenizer on it and tokenizing it t
   over 2,048 tokens of a 4,096-entry BPE (about 3-4 characters per token on this text).
 - ``short-text``: docstrings of standard-library modules, classes and functions, and paragraphs
   of the books: short documents for concat streams.
+- ``retrieval``: synthetic retrieval documents in HELMET's recall phrasing
+  (:mod:`prolong.data.retrieval`): a JSON object of UUID pairs with lookups, RULER needle lists
+  with questions and answers; context sizes log-uniform from :data:`RETRIEVAL_MIN_CHARS` to
+  :data:`RETRIEVAL_MAX_CHARS`, so a stream's ``minLength``/``maxLength`` picks one length bucket.
 - ``sft-conversations``: conversations in UltraChat form (``messages``: [{role, content}]): a user
   asks what a standard-library object does and the assistant answers with its documentation;
   a user asks about a Python reference topic and the assistant answers with its opening; and
-  key-value retrieval dialogues over a JSON object (answers exact, several turns each).
+  retrieval dialogues over a JSON object or a needle list (answers exact, 1-3 turns each).
 
 Each corpus is written to ``<cache>/<name>-<envkey>/data.jsonl`` (``{"id", "text"}`` or
 ``{"id", "messages"}``) under a temporary name and renamed; a finished directory is reused.
@@ -44,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from prolong.data.errors import DataError
+from prolong.data.retrieval import retrieval_dialogue, retrieval_documents
 from prolong.data.sources import is_binary, repo_document
 from prolong.spec import EMBEDDED_CORPORA
 
-CORPUS_VERSION = 1  # bump when a builder changes its output for the same environment
+CORPUS_VERSION = 2  # bump when a builder changes its output for the same environment
 DATA_FILE = "data.jsonl"
 
 REPO_CHARS = 48_000
@@ -61,6 +66,9 @@ MAX_BOOKS = 48
 DOCSTRING_FILES = 60
 MAX_SHORT = 2_500
 KV_DIALOGUES = 600
+RETRIEVAL_DOCUMENTS = 6_000
+RETRIEVAL_MIN_CHARS = 250
+RETRIEVAL_MAX_CHARS = 9_000
 SEED = 1234
 
 _PROSE_NAMES = re.compile(r"^(license|licence|copying|notice|readme|authors|changelog|changes)"
@@ -294,29 +302,15 @@ def _sft_conversations() -> Iterator[dict[str, Any]]:
                 {"role": "assistant", "content": first}]})
     yield from qa[:1_500]
     for i in range(KV_DIALOGUES):
-        yield {"id": f"kv/{i}", "messages": _kv_dialogue(rng)}
+        yield {"id": f"retrieval/{i}", "messages": retrieval_dialogue(rng)}
 
 
-def _kv_dialogue(rng: random.Random) -> list[dict[str, str]]:
-    """A JSON object of random keys and values, then 1-3 exact retrieval questions."""
-    n = rng.randint(4, 40)
-    pairs = {_token(rng): _token(rng) for _ in range(n)}
-    keys = list(pairs)
-    text = json.dumps(pairs, indent=0)
-    messages = []
-    for turn in range(rng.randint(1, 3)):
-        key = rng.choice(keys)
-        ask = f"Key: {key}" if turn else (
-            f"Extract the value corresponding to the specified key in the JSON object below.\n\n"
-            f"{text}\n\nKey: {key}")
-        messages += [{"role": "user", "content": ask},
-                     {"role": "assistant", "content": f"Corresponding value: {pairs[key]}"}]
-    return messages
-
-
-def _token(rng: random.Random) -> str:
-    return f"{rng.getrandbits(32):08x}-{rng.getrandbits(16):04x}"
+def _retrieval() -> Iterator[dict[str, Any]]:
+    docs = retrieval_documents(SEED, RETRIEVAL_DOCUMENTS, min_chars=RETRIEVAL_MIN_CHARS,
+                               max_chars=RETRIEVAL_MAX_CHARS)
+    for i, text in enumerate(docs):
+        yield {"id": f"retrieval/{i}", "text": text}
 
 
 BUILDERS = {"code-repos": _code_repos, "books": _books, "short-text": _short_text,
-            "sft-conversations": _sft_conversations}
+            "retrieval": _retrieval, "sft-conversations": _sft_conversations}

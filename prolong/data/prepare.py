@@ -30,6 +30,8 @@ Length rules, per stream (``TrainSpec.stream_min_length`` / ``stream_target_leng
   documents at least as long as the target).
 - ``concat`` and ``conversation``: documents shorter than minLength are dropped; the rest are kept
   whole (the packer cuts rows).
+- Any packing: documents longer than ``maxLength`` (when set) are dropped before the rules
+  above, so one source can feed a short stream and a long one.
 
 Pretraining documents get no BOS/EOS (as in ProLong's released data: document boundaries travel
 as lengths). Conversations are rendered with the chat template (``sft.chatTemplate``: the
@@ -76,9 +78,10 @@ BATCH_CHARS = 2_000_000
 # ---------------------------------------------------------------------------------------------
 
 def length_pieces(length: int, *, packing: str, min_length: int,
-                  target_length: int | None = None) -> list[tuple[int, int]]:
+                  target_length: int | None = None,
+                  max_length: int | None = None) -> list[tuple[int, int]]:
     """The (start, end) token spans a document of ``length`` tokens contributes under the rules."""
-    if length < min_length or length == 0:
+    if length < min_length or length == 0 or (max_length is not None and length > max_length):
         return []
     if packing != "long":
         return [(0, length)]
@@ -238,6 +241,8 @@ def plan_streams(job: Job, ref: TokenizerRef, template_of: Any = None) -> list[S
         target = job.spec.stream_target_length(s) if s.packing == "long" else None
         rules = {"packing": "long" if s.packing == "long" else "whole", "min": min_len,
                  "target": target}
+        if s.max_length is not None:  # only when set: shards built before the field keep their hash
+            rules["max"] = s.max_length
         slug = _slug(s.path)
         out.append(StreamPlan(s.domain, s, conv, template, conv and assistant_only, min_len,
                               target, root / "tokenized" / f"{slug}-{_hash(ident)}",
@@ -519,6 +524,8 @@ class _Preparer:
     def _apply_rules(self, plan: StreamPlan, tokenized: dict[str, Any]) -> bool:
         rules = {"packing": plan.stream.packing, "minLength": plan.min_length,
                  "targetLength": plan.target_length}
+        if plan.stream.max_length is not None:
+            rules["maxLength"] = plan.stream.max_length
         inputs_hash = _hash([tokenized["inputs_hash"], rules], 16)
         meta = _read_meta(plan.shard_dir)
         if meta and meta.get("inputs_hash") == inputs_hash:
@@ -530,7 +537,8 @@ class _Preparer:
         try:
             for i, n in enumerate(lengths.tolist()):
                 pieces = length_pieces(n, packing=plan.stream.packing, min_length=plan.min_length,
-                                       target_length=plan.target_length)
+                                       target_length=plan.target_length,
+                                       max_length=plan.stream.max_length)
                 if pieces:
                     kept_docs += 1
                 doc, mask = src.doc(i), src.mask(i)
@@ -544,6 +552,16 @@ class _Preparer:
         if not out_lengths:
             writer.abort()
             longest = int(lengths.max()) if len(lengths) else 0
+            shortest = int(lengths.min()) if len(lengths) else 0
+            cap = plan.stream.max_length
+            if cap is not None and shortest > cap:
+                raise DataError(f"all {len(lengths)} documents are longer than maxLength {cap} "
+                                f"tokens (shortest: {shortest}); raise maxLength",
+                                domain=plan.domain, path=plan.stream.path)
+            if cap is not None and longest >= plan.min_length:
+                raise DataError(f"no document of the {len(lengths)} has between minLength "
+                                f"{plan.min_length} and maxLength {cap} tokens; widen the range",
+                                domain=plan.domain, path=plan.stream.path)
             raise DataError(f"all {len(lengths)} documents are shorter than minLength "
                             f"{plan.min_length} tokens (longest: {longest}); lower minLength or "
                             "targetLength, or add longer documents", domain=plan.domain,

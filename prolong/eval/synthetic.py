@@ -34,11 +34,22 @@ import functools
 import json
 import random
 import re
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from prolong.data.corpus import corpus_file
+from prolong.data.retrieval import (
+    ALL_PREFIX,
+    ALL_QUESTION,
+    KV_INSTRUCTION,
+    KV_PREFIX,
+    NEEDLE,
+    ONE_PREFIX,
+    ONE_QUESTION,
+    seven_digits,
+    uuid4,
+    word_keys,
+)
 from prolong.eval.samples import PromptFormat, Sample, fit
 from prolong.eval.sizing import Sizing, size_prompt, truncate_context
 from prolong.eval.tasks import HELMET_TASKS
@@ -46,56 +57,7 @@ from prolong.eval.tasks import HELMET_TASKS
 DEPTHS = 6
 """Evenly spaced depths per dictionary (HELMET's "dep6"): 0, 0.2, ..., 1."""
 
-KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
-KV_PREFIX = "Corresponding value:"
-
-# RULER's needle and question templates as HELMET phrases them (data.py, load_ruler).
-NEEDLE = "One of the special magic {kind} for {key} is: {value}."
-ONE_QUESTION = ("A special magic {one} is hidden within the following text. Make sure to memorize "
-                "it. I will quiz you about the {one} afterwards.\n{context}\nWhat is the special "
-                "magic {one} for {query} mentioned in the provided text?")
-ONE_PREFIX = "The special magic {one} for {query} mentioned in the provided text is"
-ALL_QUESTION = ("Some special magic {kind} are hidden within the following text. Make sure to "
-                "memorize it. I will quiz you about the {kind} afterwards.\n{context}\nWhat are all "
-                "the special magic {kind} for {query} mentioned in the provided text?")
-ALL_PREFIX = "The special magic {kind} for {query} mentioned in the provided text are"
 MV_VALUES = 4
-
-_ADJECTIVES = (
-    "able acid aged airy alert amber ample angry arid ashen awake bald bare basic bent big bitter "
-    "black bland blank blind blond blue blunt bold brave brief bright brisk broad brown bumpy busy "
-    "calm candid chilly civic clean clear clever close cloudy coarse cold cool coral cosy crisp "
-    "cruel curly cute damp dark dear deep dense dim dizzy dry dull dusty eager early easy elder "
-    "empty equal even exact faint fair false fancy fast fat fierce fine firm flat fluffy fond "
-    "foggy frail free fresh frosty full fuzzy gentle giant glad glossy golden good grand gray great "
-    "green grim gritty happy hard harsh hasty heavy hidden high hollow holy honest huge humble "
-    "icy idle inner ivory jolly keen kind large late lazy lean light lime little lively lofty "
-    "long loose loud lucky lunar mad magic major mellow merry mild minor misty modest moist "
-    "narrow neat new nice noble noisy odd oily old olive open orange pale patient plain polite "
-    "poor proud pure purple quick quiet rapid rare raw ready real red rich rigid ripe rosy rough "
-    "round royal rude rusty sad safe salty sandy scarce sharp shiny short shy silent silky silver "
-    "simple slim slow small smart smooth soft solar solid sour spare spicy stale steady steep "
-    "sticky stiff still stormy strong sunny sweet swift tall tame tender thick thin tidy tiny "
-    "tired tough true urban vague vast violet vivid warm wary weak wet white whole wide wild wise "
-    "witty wooden young zany")
-_NOUNS = (
-    "acorn actor anchor angle apple arch arrow attic autumn badge bagel ballad banjo barn basket "
-    "beach beacon bean bell bench berry bird blade blanket boat bonnet book bottle boulder bow "
-    "bridge brook broom bucket button cabin cable cactus camel candle canoe canyon carpet castle "
-    "cat cellar chair chalk channel cheese cherry chimney cider circle cliff clock cloud clover "
-    "coast comet compass cookie copper cork cotton cradle crane crater creek crown crystal cup "
-    "daisy desert diamond dinner dog dolphin door dragon drum eagle echo engine falcon feather "
-    "fence fern ferry fiddle field flame flute forest fossil fountain fox garden garnet gate "
-    "ginger glacier glove goat grape harbor harp hat hawk helmet hill honey horizon horse island "
-    "jacket jewel kettle kite ladder lake lamp lantern lemon letter lily lion lizard meadow "
-    "melon mirror monkey moon mountain mule needle nest oak ocean orchard otter owl paddle palace "
-    "panda parrot path pearl pebble pepper piano pillow pine planet plum pond poppy puzzle quartz "
-    "quill rabbit raven reef ribbon river robin rocket rose saddle sail salmon scarf shell ship "
-    "shovel silk sparrow spoon spruce star statue stone storm stream sugar swan table thistle "
-    "thunder tiger timber tomato tower trail tulip tunnel turtle valley vase violin wagon walnut "
-    "whale wheel willow window wizard wolf yarn zebra")
-ADJECTIVES = tuple(_ADJECTIVES.split())
-NOUNS = tuple(_NOUNS.split())
 
 
 def group_and_depth(index: int) -> tuple[int, float]:
@@ -105,29 +67,6 @@ def group_and_depth(index: int) -> tuple[int, float]:
 
 def rng_for(seed: int, task: str, length: int, group: int) -> random.Random:
     return random.Random(f"{seed}/{task}/{length}/{group}")
-
-
-def uuid4(rng: random.Random) -> str:
-    return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-
-
-def word_keys(rng: random.Random) -> Iterator[str]:
-    """Distinct word keys, endlessly: adjective-noun, then adjective-adjective-noun once most
-    two-word keys are taken."""
-    seen: set[str] = set()
-    pairs = len(ADJECTIVES) * len(NOUNS)
-    while True:
-        if len(seen) < pairs * 0.7:
-            key = f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-        else:
-            key = f"{rng.choice(ADJECTIVES)}-{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
-        if key not in seen:
-            seen.add(key)
-            yield key
-
-
-def seven_digits(rng: random.Random) -> str:
-    return str(rng.randint(1_000_000, 9_999_999))
 
 
 def position(depth: float, n: int) -> int:

@@ -42,7 +42,7 @@ DNS_LABEL = DNS_1035_PATTERN
 DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # Local corpora that `prolongctl data prepare` builds without any download (see prolong.data).
-EMBEDDED_CORPORA = ("code-repos", "books", "short-text", "sft-conversations")
+EMBEDDED_CORPORA = ("code-repos", "books", "short-text", "retrieval", "sft-conversations")
 
 
 class SpecModel(BaseModel):
@@ -174,7 +174,7 @@ class DataStream(SpecModel):
     """jsonl / parquet / arrow / hf_disk (datasets.save_to_disk); repo_dir: every sub-directory is
     one repository whose files are concatenated into one document; text_dir: one document per
     file; mds: ProLong's released Mosaic shards (already tokenized); embedded: a corpus built
-    locally without download (code-repos, books, short-text, sft-conversations)."""
+    locally without download (code-repos, books, short-text, retrieval, sft-conversations)."""
     proportion: float = Field(gt=0, le=1)
     """Share of the stage's training tokens drawn from this stream; shares sum to 1."""
     packing: Packing = "concat"
@@ -188,6 +188,9 @@ class DataStream(SpecModel):
     min_length: int | None = Field(None, ge=1)
     """Documents shorter than this are dropped (default: targetLength for long streams, 1
     otherwise)."""
+    max_length: int | None = Field(None, ge=1)
+    """Documents longer than this are dropped (default: no limit). Takes one length bucket of a
+    mixed-length source: short retrieval episodes for a 512-token stage, long ones for the next."""
     text_field: str = "text"
     """Column holding the document text (jsonl, parquet, arrow, hf_disk)."""
     messages_field: str = "messages"

@@ -67,6 +67,9 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
         if is_sft and s.packing != "conversation":
             out.append(SpecIssue(f"{where}.packing", "SFTJob streams must use packing: conversation",
                                  s.packing))
+        if s.max_length is not None and s.max_length < spec.stream_min_length(s):
+            out.append(SpecIssue(f"{where}.maxLength", "must be at least the stream's minLength "
+                                 f"{spec.stream_min_length(s)} tokens", s.max_length))
         if not is_sft and s.packing == "conversation":
             out.append(SpecIssue(f"{where}.packing", "packing conversation belongs to SFTJob; "
                                  "pretraining streams use concat or long", s.packing))

@@ -54,6 +54,19 @@ def test_whole_documents_kept_at_or_above_minimum(length, min_length, packing):
     assert pieces == ([(0, length)] if length >= min_length and length > 0 else [])
 
 
+@given(st.integers(0, 5_000), st.integers(1, 600), st.integers(1, 5_000),
+       st.sampled_from(["concat", "conversation", "long"]))
+def test_documents_over_max_length_are_dropped(length, min_length, max_length, packing):
+    target = min_length if packing == "long" else None
+    pieces = length_pieces(length, packing=packing, min_length=min_length, target_length=target,
+                           max_length=max_length)
+    if length > max_length:
+        assert pieces == []
+    else:
+        assert pieces == length_pieces(length, packing=packing, min_length=min_length,
+                                       target_length=target)
+
+
 def test_length_histogram_power_of_two_buckets():
     hist = length_histogram(np.array([1, 2, 3, 4, 5, 1024, 1025]))
     assert hist == [{"upTo": 1, "documents": 1}, {"upTo": 2, "documents": 1},
@@ -153,6 +166,36 @@ def test_all_documents_shorter_than_the_minimum(tmp_path, tok_dir):
                                 "proportion": 1.0}], tok_dir)
     with pytest.raises(DataError, match=r"stream books.*all 10 documents are shorter than "
                                         r"minLength 128"):
+        prepare_file(str(job), workers=1, progress=False)
+
+
+def test_max_length_takes_one_length_bucket_of_a_source(tmp_path, tok_dir):
+    rng = random.Random(3)
+    texts = [words(rng, rng.randint(1, 200)) for _ in range(200)]
+    write_jsonl(tmp_path / "mixed.jsonl", [{"text": t} for t in texts])
+    job = write_job(tmp_path, [
+        {"domain": "short", "path": str(tmp_path / "mixed.jsonl"), "format": "jsonl",
+         "packing": "concat", "maxLength": 40, "proportion": 0.5},
+        {"domain": "long", "path": str(tmp_path / "mixed.jsonl"), "format": "jsonl",
+         "packing": "concat", "minLength": 41, "proportion": 0.5}], tok_dir)
+    prepare_file(str(job), workers=1, progress=False)
+    tok = tokmod.load_tokenizer(tok_dir)
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    loaded = load(job)
+    shards = open_shards(loaded.jobs["job"], loaded)
+    short, long = shards["short"], shards["long"]
+    assert [short.doc(i).tolist() for i in range(len(short))] == [d for d in ids if len(d) <= 40]
+    assert [long.doc(i).tolist() for i in range(len(long))] == [d for d in ids if len(d) > 40]
+    assert len(short) and len(long)
+
+
+def test_max_length_below_every_document(tmp_path, tok_dir):
+    write_jsonl(tmp_path / "s.jsonl", [{"text": "a b c d e f g h i j k l"}] * 10)
+    job = write_job(tmp_path, [{"domain": "web", "path": str(tmp_path / "s.jsonl"),
+                                "format": "jsonl", "packing": "concat", "maxLength": 2,
+                                "proportion": 1.0}], tok_dir)
+    with pytest.raises(DataError, match=r"stream web.*all 10 documents are longer than "
+                                        r"maxLength 2 tokens"):
         prepare_file(str(job), workers=1, progress=False)
 
 

@@ -191,6 +191,13 @@ def test_long_target_must_divide_sequence(write_spec):
     assert first(write_spec, data).path == "spec.data.streams[1].minLength"
 
 
+def test_max_length_must_reach_min_length(write_spec):
+    data = job_dict("quickstart/stage2.yaml")
+    data["spec"]["data"]["streams"][1]["maxLength"] = 100  # a long stream: minLength = 256
+    issue = first(write_spec, data)
+    assert issue.path == "spec.data.streams[1].maxLength" and "minLength 256" in issue.rule
+
+
 def test_packing_matches_job_kind(write_spec):
     sft = job_dict("quickstart/sft.yaml")
     sft["spec"]["data"]["streams"][0]["packing"] = "concat"
