@@ -2,18 +2,22 @@
 back to.
 
 A checkpoint (``<stage dir>/checkpoint-<step>[<suffix>]/``) holds DeepSpeed's shards under
-``ds/``, ``trainer_state.json`` (step, loader state) and one ``rng-rank<r>.pt`` per rank. One that a
-crash, a full disk or a storage fault left partial or corrupt must not stop a resume when an older
-good one exists: :func:`checkpoint_problems` says what is wrong with one (missing files, a file
-torch cannot open, an unreadable trainer state) without loading it into an engine, so that every
-rank can check a candidate and all agree before any of them loads it.
+``ds/``, ``trainer_state.json`` (step, loader state, and the :class:`Layout` that wrote it) and one
+``rng-rank<r>.pt`` per rank; a resume on another world size adds DeepSpeed's universal copy beside
+``ds/`` (:mod:`prolong.train.reshape`). One that a crash, a full disk or a storage fault left
+partial or corrupt must not stop a resume when an older good one exists:
+:func:`checkpoint_problems` says what is wrong with one (missing files, a file torch cannot open,
+an unreadable trainer state), judged against the layout that wrote it and without loading it into
+an engine, so that every rank can check a candidate and all agree before any of them loads it.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 import torch
@@ -41,8 +45,72 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank:05d}.pt"
 
 
-def checkpoint_problems(directory: Path, *, world: int, zero_stage: int) -> list[str]:
-    """What makes a checkpoint unusable for a run of ``world`` ranks (empty: usable)."""
+def rng_file_for(rank: int, saved_world: int) -> str:
+    """The RNG file rank ``rank`` restores from a checkpoint of ``saved_world`` ranks: its own,
+    or on a larger world the one of rank ``rank mod saved_world`` (a rank's RNG draws nothing
+    the step's result depends on: dropout is off and the loader is seeded by step; restoring one
+    keeps a same-world resume bit-identical)."""
+    return rng_file(rank % saved_world)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the run that wrote a checkpoint was laid out: what decides whether DeepSpeed's shards
+    fit another run (ZeRO partitions the optimizer, and under ZeRO-3 the weights, over all
+    ``world`` ranks: DP x SP, since Ulysses shards activations, not parameters)."""
+
+    world: int
+    zero_stage: int
+    sp: int | None = None
+    """None for checkpoints written before the layout was recorded (not needed to load them)."""
+
+    @classmethod
+    def of(cls, dims: Any, zero_stage: int) -> Layout:
+        """The layout of a run with these :class:`~prolong.parallel.dims.ParallelDims`."""
+        return cls(world=dims.world_size, zero_stage=zero_stage, sp=dims.sp)
+
+    def describe(self) -> str:
+        shape = f" (DP {self.world // self.sp} x SP {self.sp})" if self.sp else ""
+        return f"{self.world} worker{'s' if self.world > 1 else ''}{shape}, ZeRO-{self.zero_stage}"
+
+    def to_json(self) -> dict[str, int | None]:
+        return {"world": self.world, "zeroStage": self.zero_stage, "sp": self.sp}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Layout:
+        return cls(world=int(data["world"]), zero_stage=int(data["zeroStage"]),
+                   sp=None if data.get("sp") is None else int(data["sp"]))
+
+
+def read_layout(directory: Path) -> Layout:
+    """The layout recorded in the checkpoint's trainer state; for a checkpoint written before it
+    was recorded (or whose trainer state is unreadable), what its files show: one RNG file per
+    rank, and DeepSpeed's file names (ZeRO-0 writes no optimizer shards, ZeRO-3 one model-state
+    file per rank; ZeRO-1 and 2 differ only in a field of the shards)."""
+    try:
+        return Layout.from_json(json.loads((directory / TRAINER_STATE).read_text())["layout"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    world = len(list(directory.glob("rng-rank*.pt")))
+    shards = directory / CHECKPOINT_TAG
+    optim = sorted(shards.glob("*optim_states.pt"))
+    if not optim:
+        zero = 0
+    elif any(shards.glob("*zero_pp_rank_*model_states.pt")):
+        zero = 3
+    else:
+        try:  # mmap: reads the archive's index and one small field, not the tensors
+            zero = int(torch.load(optim[0], map_location="cpu", mmap=True, weights_only=False)
+                       ["optimizer_state_dict"].get("zero_stage", 1))
+        except Exception:  # unreadable: checkpoint_problems names the file
+            zero = 1
+    # ZeRO >= 1 writes one optimizer shard per rank: a lost RNG file cannot shrink the world.
+    return Layout(world=max(world, len(optim)), zero_stage=zero)
+
+
+def checkpoint_problems(directory: Path) -> list[str]:
+    """What makes a checkpoint unusable (empty: usable), judged against the layout that wrote it.
+    Whether it fits the resuming run is :func:`prolong.train.reshape.load_tag`'s question."""
     problems: list[str] = []
     try:
         state = json.loads((directory / TRAINER_STATE).read_text())
@@ -50,15 +118,17 @@ def checkpoint_problems(directory: Path, *, world: int, zero_stage: int) -> list
             problems.append(f"{TRAINER_STATE} has no step or loader state")
     except (OSError, ValueError) as exc:
         problems.append(f"{TRAINER_STATE} unreadable ({type(exc).__name__})")
+    layout = read_layout(directory)
+    world = layout.world
     missing = [rng_file(r) for r in range(world) if not (directory / rng_file(r)).is_file()]
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
+    if missing or not world:
+        problems.append(f"missing {', '.join(missing) or 'every rng-rank*.pt'}")
     shards = directory / CHECKPOINT_TAG
     files = sorted(shards.glob("*.pt")) if shards.is_dir() else []
     if not any(f.name.endswith("model_states.pt") for f in files):
         problems.append(f"no model states in {CHECKPOINT_TAG}/")
     optim = [f for f in files if f.name.endswith("optim_states.pt")]
-    if zero_stage >= 1 and len(optim) != world:  # ZeRO partitions the optimizer over all ranks
+    if layout.zero_stage >= 1 and len(optim) != world:  # ZeRO partitions over all ranks
         problems.append(f"{len(optim)} optimizer shards in {CHECKPOINT_TAG}/, {world} expected")
     for f in files:
         try:  # mmap: opens the archive and its index without reading the tensors

@@ -34,16 +34,20 @@ class Engine:
     """The DeepSpeed config it was built with."""
 
 
-def build_engine(model: torch.nn.Module, spec: TrainSpec, groups: ParallelGroups,
-                 **loss_kwargs: Any) -> Engine:
-    """DeepSpeed ZeRO around ``model`` for one stage. ``loss_kwargs`` go to the chunked loss
-    (``chunk_tokens``, ``checkpoint``; the defaults are the trainer's)."""
+def build_engine(model: torch.nn.Module, spec: TrainSpec, groups: ParallelGroups, *,
+                 load_universal: bool = False, **loss_kwargs: Any) -> Engine:
+    """DeepSpeed ZeRO around ``model`` for one stage. ``load_universal``: the engine will load a
+    universal checkpoint (DeepSpeed reads the switch from its config, ``checkpoint.load_universal``,
+    when ``load_checkpoint`` runs; see :mod:`prolong.train.reshape`). ``loss_kwargs`` go to the
+    chunked loss (``chunk_tokens``, ``checkpoint``; the defaults are the trainer's)."""
     # Imported here: importing deepspeed fixes its accelerator from DS_ACCELERATOR, which only a
     # worker's environment sets.
     import deepspeed
 
     wrapped = CausalLMWithLoss(model, **loss_kwargs)
     config = deepspeed_config(spec, groups.dims)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     optimizer = build_optimizer(wrapped, spec)
     scheduler = build_scheduler(optimizer, spec.schedule, spec.total_steps)
     engine, _, _, scheduler = deepspeed.initialize(

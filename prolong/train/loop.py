@@ -18,7 +18,11 @@ State and its order of writing:
 
 Resumption: Ray Train hands the latest checkpoint back (``ray.train.get_checkpoint``) when a run
 with the same name and storage path is fitted again, or after a worker failure. A stage whose last
-step was checkpointed but whose final/ was not written resumes straight into writing final/.
+step was checkpointed but whose final/ was not written resumes straight into writing final/. A
+checkpoint (or an upstream stage's final checkpoint) written on another world size is loaded
+through DeepSpeed's universal copy, made once by rank 0 (:mod:`prolong.train.reshape`); the
+loader continues with the same global rows, now dealt over the new data-parallel ranks.
+:meth:`Worker.start` does all of it and needs no Ray, so the reshape tests drive it directly.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +60,32 @@ from prolong.stage.payload import StageRun
 from prolong.train.checkpoints import (
     CHECKPOINT_TAG,
     TRAINER_STATE,
+    Layout,
     checkpoint_dir_name,
     checkpoint_problems,
     older_checkpoints,
+    read_layout,
     rng_file,
+    rng_file_for,
     step_of,
 )
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
-from prolong.train.metrics import RayGauges, make_step_metrics, step_flops
+from prolong.train.metrics import RayGauges, StepMetrics, make_step_metrics, step_flops
 from prolong.train.report import (
     CURVES_PNG,
     TRAIN_REPORT,
     curves_png,
     training_figures,
     training_markdown,
+)
+from prolong.train.reshape import (
+    UNIVERSAL_TAG,
+    ReshapeError,
+    convert_to_universal,
+    has_universal,
+    load_tag,
+    load_universal,
 )
 from prolong.versions import versions
 
@@ -86,7 +102,35 @@ def train_worker(config: dict[str, Any]) -> None:
         Worker(run, context).run()
 
 
+@dataclass(frozen=True)
+class LoadSource:
+    """A checkpoint to load, and how."""
+
+    directory: Path
+    """Local directory of the checkpoint (``ds/``, ``trainer_state.json``, RNG files)."""
+    uri: str
+    """Where it lives in its stage directory (for messages)."""
+    tag: str
+    """``ds`` (DeepSpeed's own shards) or ``ds_universal`` (another world size)."""
+    saved: Layout
+    """The layout of the run that wrote it."""
+
+
+@dataclass
+class Started:
+    """What :meth:`Worker.start` hands the train loop."""
+
+    built: Engine
+    model: torch.nn.Module
+    loader: MixtureLoader
+    step: int
+    """The last completed step (0 on a fresh start)."""
+
+
 class Worker:
+    """One training process. ``context`` answers ``get_world_rank``, ``get_world_size`` and
+    ``get_local_rank`` (Ray Train's context, or the tests' own over plain torch.distributed)."""
+
     def __init__(self, run: StageRun, context: Any):
         self.run_info = run
         self.job = run.job_model()
@@ -102,6 +146,7 @@ class Worker:
             self.device = torch.device("cpu")
         self.dims = self.spec.parallel_dims
         self.groups = self.dims.build(self.rank)
+        self.layout = Layout.of(self.dims, self.spec.parallelism.zero_stage)
         self.name_suffix = ""
         """Appended to checkpoint names after a resume fell back past a broken checkpoint."""
 
@@ -130,11 +175,15 @@ class Worker:
         import ray.train  # on the worker, where Ray Train runs this (see train_worker)
 
         stage = StageDir(self.ref.directory)
-        model = self._model()
-        self.arch = self.spec.model.architecture or architecture_of(model)
-        built = build_engine(model, self.spec, self.groups)
-        loader = self._loader()
-        step = self._restore(built, loader, ray.train.get_checkpoint())
+        checkpoint = ray.train.get_checkpoint()
+        # Loaded (and for another world size converted) while its local directory is at hand.
+        with (checkpoint.as_directory() if checkpoint is not None
+              else contextlib.nullcontext()) as latest:
+            # On an object store the local copy has a temporary name: the stage's is its path's.
+            started = self.start(None if latest is None else Path(latest),
+                                 None if latest is None else checkpoint.path.rstrip("/")
+                                 .rsplit("/", 1)[-1])
+        built, loader, step = started.built, started.loader, started.step
         # Steps after the restored one are replayed: their old rows go (MetricsLog resume_from).
         log = MetricsLog(stage, resume_from=step) if self.rank == 0 else None
         gauges = (RayGauges(pipeline=self.ref.pipeline, stage=self.ref.stage,
@@ -142,7 +191,7 @@ class Worker:
         try:
             while step < self.spec.total_steps:
                 step += 1
-                metrics = self._train_one(built, loader, step)
+                metrics = self.train_one(built, loader, step)
                 record = metrics.as_record()
                 if log is not None:
                     log.append(record)
@@ -156,9 +205,31 @@ class Worker:
         finally:
             if log is not None:
                 log.close()
-        self._finalize(built.engine, model, stage, step)
+        self._finalize(built.engine, started.model, stage, step)
 
-    def _train_one(self, built: Engine, loader: MixtureLoader, step: int):
+    def start(self, latest: Path | None, latest_name: str | None = None) -> Started:
+        """Model, engine and loader, resumed from ``latest`` (the local directory of the stage's
+        latest checkpoint, whose name in the stage directory is ``latest_name``, by default its
+        own; or an older usable one) or started from the upstream stage's final
+        checkpoint (weightsAndOptimizer), through the universal copy when the checkpoint was
+        written on another world size. The engine is built after the choice: whether it loads
+        a universal checkpoint is part of its DeepSpeed config."""
+        model = self._model()
+        self.arch = self.spec.model.architecture or architecture_of(model)
+        if latest is not None:
+            source = self._usable_checkpoint(latest, latest_name or latest.name)
+        elif self.spec.model.init == "weightsAndOptimizer":
+            source = self._upstream_checkpoint()
+        else:
+            source = None
+        built = build_engine(model, self.spec, self.groups,
+                             load_universal=source is not None and source.tag == UNIVERSAL_TAG)
+        loader = self._loader()
+        step = self._restore(built, loader, source, resume=latest is not None)
+        return Started(built, model, loader, step)
+
+    def train_one(self, built: Engine, loader: MixtureLoader, step: int) -> StepMetrics:
+        """Step ``step``: this rank's rows of it through :func:`train_step`, and its metrics."""
         rows = loader.next_step()
         lr = built.scheduler.get_last_lr()[0]
         start = time.perf_counter()
@@ -185,81 +256,124 @@ class Worker:
         import ray.train  # on the worker, where Ray Train runs this (see train_worker)
 
         with tempfile.TemporaryDirectory(prefix="prolong-ckpt-") as tmp:
-            engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG)
-            maybe_fault("save", step, stage, rank=self.rank)
-            torch.save(_rng_state(), Path(tmp) / rng_file(self.rank))
-            if self.rank == 0:
-                state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict()}
-                (Path(tmp) / TRAINER_STATE).write_text(json.dumps(state))
+            self.write_checkpoint(Path(tmp), engine, loader, step, stage)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step, self.name_suffix))
 
-    def _restore(self, built: Engine, loader: MixtureLoader, checkpoint: Any) -> int:
-        """Resume from Ray Train's checkpoint, or start from the upstream stage's optimizer state
-        (weightsAndOptimizer). Returns the last completed step."""
+    def write_checkpoint(self, directory: Path, engine: Any, loader: MixtureLoader, step: int,
+                         stage: StageDir) -> None:
+        """This rank's part of checkpoint ``step`` in ``directory``: its DeepSpeed shards and
+        RNG state, and on rank 0 the trainer state (step, loader state, this run's layout)."""
+        engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+        maybe_fault("save", step, stage, rank=self.rank)
+        torch.save(_rng_state(), directory / rng_file(self.rank))
+        if self.rank == 0:
+            state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict(),
+                     "layout": self.layout.to_json()}
+            (directory / TRAINER_STATE).write_text(json.dumps(state))
+
+    def _restore(self, built: Engine, loader: MixtureLoader, source: LoadSource | None, *,
+                 resume: bool) -> int:
+        """Load ``source``: the stage's own checkpoint (``resume``: engine, loader, RNG) or the
+        upstream stage's (weights and optimizer state). Returns the last completed step."""
+        if source is None:
+            return 0
         engine = built.engine
-        if checkpoint is not None:
-            with checkpoint.as_directory() as latest:
-                directory = self._usable_checkpoint(Path(latest), checkpoint.path)
-                engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
-                state = json.loads((directory / TRAINER_STATE).read_text())
-                loader.load_state_dict(state["loader"])
-                _set_rng_state(torch.load(directory / rng_file(self.rank), weights_only=False))
-            return int(state["step"])
-        if self.spec.model.init == "weightsAndOptimizer":
-            upstream = self._upstream_checkpoint()
-            # Weights and AdamW moments from the upstream stage; the LR schedule starts afresh
-            # (as ProLong's stage 2 did), so the scheduler state is not loaded and the learning
-            # rate the loaded optimizer carries is reset to this schedule's first value.
-            engine.load_checkpoint(upstream, tag=CHECKPOINT_TAG, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False)
+        # Upstream: weights and AdamW moments; the LR schedule starts afresh (as ProLong's stage
+        # 2 did), so the scheduler state is not loaded.
+        kwargs = ({} if resume else
+                  {"load_optimizer_states": True, "load_lr_scheduler_states": False})
+        if source.tag == UNIVERSAL_TAG:
+            load_universal(engine, source.directory, **kwargs)
+        else:
+            engine.load_checkpoint(str(source.directory), tag=CHECKPOINT_TAG, **kwargs)
+        if not resume:
+            # The learning rate the loaded optimizer carries is reset to this schedule's first.
             for group, lr in zip(engine.optimizer.param_groups, built.scheduler.get_last_lr(),
                                  strict=False):
                 group["lr"] = lr
-        return 0
+            return 0
+        state = json.loads((source.directory / TRAINER_STATE).read_text())
+        loader.load_state_dict(state["loader"])
+        rng = source.directory / rng_file_for(self.rank, source.saved.world)
+        _set_rng_state(torch.load(rng, weights_only=False))
+        return int(state["step"])
 
-    def _usable_checkpoint(self, latest: Path, latest_uri: str) -> Path:
+    def _agree(self, ok: bool) -> bool:
+        """True when ``ok`` on every rank."""
+        # On the device the process group communicates on (NCCL needs a CUDA tensor).
+        flag = torch.tensor([int(ok)], dtype=torch.int64, device=self.device if self.gpu else "cpu")
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _usable_checkpoint(self, latest: Path, name: str) -> LoadSource:
         """``latest`` when every rank finds it usable, else the newest older checkpoint of the
         stage that is (all ranks agree on each candidate before any loads it). Checkpoints
         written after falling back get a name suffix, so none reuses a broken one's name."""
         stage = StageDir(self.ref.directory)
-        name = latest_uri.rstrip("/").rsplit("/", 1)[-1]
         step = step_of(name)
         # (name, uri) of each candidate; an older one is fetched only when its turn comes (on an
         # object store that is a download).
         candidates: list[tuple[str, str | None]] = [(name, None)]
         if step is not None:
             candidates += [(uri.rsplit("/", 1)[-1], uri) for uri in older_checkpoints(stage, step)]
-        zero = self.spec.parallelism.zero_stage
         for i, (cand_name, uri) in enumerate(candidates):
             directory = latest if uri is None else Path(local_copy(uri))
-            problems = checkpoint_problems(directory, world=self.world, zero_stage=zero)
-            # On the device the process group communicates on (NCCL needs a CUDA tensor).
-            usable = torch.tensor([0 if problems else 1], dtype=torch.int64,
-                                  device=self.device if self.gpu else "cpu")
-            if dist.is_initialized():
-                dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-            if int(usable.item()):
-                if i:
-                    self.name_suffix = f"-from{step_of(cand_name):06d}"
-                    if self.rank == 0:
-                        print(f"resuming from {cand_name} instead of the newer unusable "
-                              f"checkpoint(s) {', '.join(n for n, _ in candidates[:i])}",
-                              file=sys.stderr, flush=True)
-                return directory
+            problems = checkpoint_problems(directory)
+            if self._agree(not problems):
+                source, reason = self._prepare(directory, stage.uri_of(cand_name))
+                if source is not None:
+                    if i:
+                        self.name_suffix = f"-from{step_of(cand_name):06d}"
+                        if self.rank == 0:
+                            print(f"resuming from {cand_name} instead of the newer unusable "
+                                  f"checkpoint(s) {', '.join(n for n, _ in candidates[:i])}",
+                                  file=sys.stderr, flush=True)
+                    return source
+                problems = [reason] if self.rank == 0 else []  # the same on every rank
             if problems:  # this rank's reasons; the others log theirs
                 print(f"checkpoint {cand_name} is unusable on rank {self.rank}: "
                       f"{'; '.join(problems)}", file=sys.stderr, flush=True)
         raise RuntimeError(f"no usable checkpoint in {self.ref.directory} "
                            f"(tried {', '.join(n for n, _ in candidates)}; see the workers' logs)")
 
-    def _upstream_checkpoint(self) -> str:
+    def _prepare(self, directory: Path, uri: str) -> tuple[LoadSource | None, str | None]:
+        """How to load the usable checkpoint ``directory`` on this run's layout: (source, None),
+        or (None, why) when its universal copy could not be made. Raises ReshapeError when no
+        copy can make it fit (the same on every rank: all read the same trainer state)."""
+        saved = read_layout(directory)
+        tag = load_tag(uri, saved, self.layout)
+        if tag == UNIVERSAL_TAG:
+            # Rank 0 converts, once; the broadcast of its outcome is also the others' wait.
+            reason = None
+            if self.rank == 0 and not has_universal(directory):
+                print(f"converting {uri} (written by {saved.describe()}) to a universal checkpoint "
+                      f"for {self.layout.describe()}", file=sys.stderr, flush=True)
+                try:
+                    convert_to_universal(directory)
+                except Exception as exc:  # DeepSpeed's converter fails in many ways
+                    first = (str(exc).strip().splitlines() or [""])[0][:200]
+                    reason = f"its universal copy could not be made ({type(exc).__name__}: {first})"
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                box = [reason]
+                dist.broadcast_object_list(box, src=0)
+                reason = box[0]
+            if reason is not None:
+                return None, reason
+        return LoadSource(directory, uri, tag, saved), None
+
+    def _upstream_checkpoint(self) -> LoadSource:
         manifest = StageDir(self.run_info.upstream_dir).read_manifest()
         if manifest.final_checkpoint is None:
             raise RuntimeError(f"{self.run_info.upstream_dir}: its manifest names no final "
                                "checkpoint (an eval stage?); weightsAndOptimizer needs a training "
                                "stage")
-        return local_copy(manifest.final_checkpoint)
+        uri = manifest.final_checkpoint
+        source, reason = self._prepare(Path(local_copy(uri)), uri)
+        if source is None:
+            raise ReshapeError(f"{uri}: {reason}")
+        return source
 
     # ---- the end -------------------------------------------------------------------------
 

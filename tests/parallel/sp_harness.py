@@ -185,9 +185,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str], *, timeout: float, log_dir: Path) -> None:
-    """Run ``sp_worker.py args`` as ``world`` gloo ranks on this machine; raise with the logs of
-    every rank if any fails or the whole run exceeds ``timeout``. Always reaps every process."""
+def launch(world: int, args: list[str], *, timeout: float, log_dir: Path,
+           worker: Path = WORKER) -> None:
+    """Run ``worker args`` (by default ``sp_worker.py``) as ``world`` gloo ranks on this machine;
+    raise with the logs of every rank if any fails or the whole run exceeds ``timeout``. Always
+    reaps every process."""
     port = free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "WORLD_SIZE": str(world), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
@@ -202,7 +204,7 @@ def launch(world: int, args: list[str], *, timeout: float, log_dir: Path) -> Non
             log = open(log_dir / f"rank{rank}.log", "w+")  # noqa: SIM115 - closed below
             logs.append(log)
             procs.append(subprocess.Popen(
-                [sys.executable, str(WORKER), *args],
+                [sys.executable, str(worker), *args],
                 env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True))
         deadline = time.monotonic() + timeout

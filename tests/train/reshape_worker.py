@@ -1,0 +1,91 @@
+"""One rank of the reshape tests: training stages through the trainer's own Worker, over plain
+torch.distributed (gloo on CPU) instead of Ray Train.
+
+Launched by ``sp_harness.launch`` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. For each task
+of the plan it builds :class:`prolong.train.loop.Worker` for the task's stage and calls what
+``Worker.run`` calls: ``start`` (resume choice, universal conversion, engine, loader, restore),
+``train_one`` per step, ``write_checkpoint`` where Ray Train would persist one (here straight into
+the stage directory, where Ray Train copies it) and ``_finalize`` (final/, manifest, COMPLETE).
+Rank 0 writes each task's losses to the plan's output file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class GlooContext:
+    """The three answers Worker asks of Ray Train's context, from torch.distributed."""
+
+    def get_world_rank(self) -> int:
+        return dist.get_rank()
+
+    def get_world_size(self) -> int:
+        return dist.get_world_size()
+
+    def get_local_rank(self) -> int:
+        return dist.get_rank()
+
+
+def run_task(task: dict) -> dict:
+    from prolong.stage.directory import StageDir
+    from prolong.stage.payload import StageRun
+    from prolong.train.checkpoints import checkpoint_dir_name
+    from prolong.train.loop import Worker
+
+    run = StageRun(job=task["job"], stage=task["ref"], upstream_dir=task.get("upstream_dir"),
+                   shard_dirs=task["shard_dirs"])
+    worker = Worker(run, GlooContext())
+    stage = StageDir(worker.ref.directory)
+    resume = task.get("resume")
+    started = worker.start(Path(resume) if resume else None)
+    built, loader = started.built, started.loader
+    losses = {}
+    for step in range(started.step + 1, task["until"] + 1):
+        losses[step] = worker.train_one(built, loader, step).loss
+        if step in task.get("save", []):
+            directory = Path(stage.uri) / checkpoint_dir_name(step)
+            directory.mkdir(parents=True, exist_ok=True)
+            worker.write_checkpoint(directory, built.engine, loader, step, stage)
+            dist.barrier()
+    if task.get("finalize"):
+        worker._finalize(built.engine, started.model, stage, task["until"])
+    out = {"start_step": started.step, "losses": losses,
+           "universal": built.config.get("checkpoint", {}).get("load_universal", False)}
+    built.engine.destroy()
+    del built, started
+    gc.collect()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plan", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    torch.set_num_threads(1)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    try:
+        results = {}
+        for task in json.loads(Path(args.plan).read_text()):
+            results[task["name"]] = run_task(task)
+            print(f"task {task['name']} done", file=sys.stderr, flush=True)
+        if rank == 0:
+            Path(args.out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Resuming on another world size (issue 14, item 4): a checkpoint written by 2 workers (DP 2 or
+SP 2) resumes on 1, one written by 1 resumes on 2, and a stage starts from an upstream stage that
+ran on 2 workers, each within 1e-5 of the loss of a run that never changed its world size.
+
+The reference. A stage's global batch (``globalBatchTokens / sequenceLength`` rows per step) and
+its data order do not depend on the layout: every rank plans the same global rows of a step, in a
+seeded order, and replica ``d`` of ``DP`` reads rows ``d, d + DP, ...`` of it (SP ranks of a
+replica share its rows); the loss is the token mean over the whole global batch. So a run on any
+layout follows the same global loss trajectory up to the order of float sums, and "uninterrupted"
+is a run that used the resuming layout from step 1 to the end, with the same spec otherwise:
+
+- 2 workers (DP 2, or SP 2) to step 3, then 1 worker to step 6  vs  1 worker for steps 1-6;
+- 1 worker to step 3, then 2 workers (DP 2, or SP 2)            vs  those 2 workers for 1-6;
+- stage 2 (weightsAndOptimizer, fresh schedule, 1 worker) from a stage 1 that ran on DP 2
+  vs  the same stage 2 from the same stage 1 run on 1 worker.
+
+Everything runs through the trainer's own Worker (reshape_worker.py: ``start``, ``train_one``,
+``write_checkpoint``, ``_finalize``) over gloo, ZeRO-2 (the quickstart's) and ZeRO-3 (whose
+universal load needs the repairs in prolong.train.reshape). Before the universal path existed,
+every resume here failed: DeepSpeed refuses ZeRO shards of another world size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prolong.data.mixture import MixtureLoader
+from prolong.data.shards import ShardWriter, TokenShards
+from prolong.parallel.dims import ParallelDims
+from prolong.spec import PretrainSpec
+from prolong.train.checkpoints import TRAINER_STATE, Layout, checkpoint_dir_name, read_layout
+from prolong.train.reshape import UNIVERSAL_TAG, ReshapeError, load_tag
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parallel"))
+import sp_harness as H  # the parity tests' launcher, shared
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).resolve().parent / "reshape_worker.py"
+TINY = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numKeyValueHeads=2,
+            intermediateSize=128, vocabSize=256, tieWordEmbeddings=False)
+SEQ, ROWS, STEPS, SAVE = 64, 4, 6, 3
+TOLERANCE = 1e-5
+
+
+def job(*, world: int, sp: int = 1, zero: int = 2, steps: int = STEPS,
+        upstream: bool = False) -> dict:
+    model = {"architecture": TINY, "attention": "sdpa"}
+    if upstream:
+        model.update(fromStage="up", init="weightsAndOptimizer")
+    streams = [{"domain": "text", "path": "text.jsonl", "format": "jsonl", "proportion": 0.6},
+               {"domain": "long", "path": "long.jsonl", "format": "jsonl", "packing": "long",
+                "proportion": 0.4}]
+    return {"apiVersion": "prolong.dev/v1alpha1", "kind": "PretrainJob",
+            "metadata": {"name": "reshape"},
+            "spec": {"model": model, "data": {"streams": streams, "seed": 3},
+                     "sequenceLength": SEQ, "globalBatchTokens": SEQ * ROWS, "steps": steps,
+                     "schedule": {"peakLR": 3e-3, "warmupSteps": 2, "decay": "cosine"},
+                     "precision": "fp32",
+                     "parallelism": {"sequenceParallel": sp, "zeroStage": zero},
+                     "checkpoint": {"everySteps": SAVE},
+                     "cluster": {"device": "cpu", "nodes": 1, "workersPerNode": world}}}
+
+
+def write_shards(root: Path) -> dict[str, str]:
+    rng = np.random.default_rng(0)
+    text = ShardWriter(root / "text", dtype=np.uint16)
+    for _ in range(60):
+        text.add(rng.integers(0, 256, size=int(rng.integers(3, 90))))
+    long = ShardWriter(root / "long", dtype=np.uint16)
+    for _ in range(12):
+        long.add(rng.integers(0, 256, size=SEQ))
+    return {"text": str(text.close()), "long": str(long.close())}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reshape")
+    shards = write_shards(root / "shards")
+
+    def ref(name: str) -> dict:
+        return {"pipeline": "reshape", "stage": name, "kind": "PretrainJob", "id": "t",
+                "upstream": [], "storageRoot": str(root / "runs")}
+
+    def checkpoint(name: str) -> str:
+        return str(root / "runs" / "reshape" / f"{name}-t" / checkpoint_dir_name(SAVE))
+
+    def task(name: str, spec: dict, *, stage: str | None = None, **more) -> dict:
+        return {"name": name, "job": spec, "ref": ref(stage or name), "shard_dirs": shards,
+                "until": STEPS, **more}
+
+    one = [task("ref-z2", job(world=1), save=[SAVE]),
+           task("ref-z3", job(world=1, zero=3), save=[SAVE]),
+           task("up1", job(world=1, steps=SAVE), until=SAVE, save=[SAVE], finalize=True)]
+    # SP = 1 before SP = 2 in one process: DeepSpeed keeps the mpu of the last engine built with
+    # one in a module global, and an engine built without one (SP 1) would inherit it.
+    two = [task("dp2-z2", job(world=2), save=[SAVE]),
+           task("dp2-z3", job(world=2, zero=3), until=SAVE, save=[SAVE]),
+           task("up2", job(world=2, steps=SAVE), until=SAVE, save=[SAVE], finalize=True),
+           # 1 -> 2: the reference runs' stages, resumed on two workers.
+           task("ref-z2>dp2", job(world=2), stage="ref-z2", resume=checkpoint("ref-z2")),
+           task("sp2-z2", job(world=2, sp=2), until=SAVE, save=[SAVE]),
+           task("sp2-z3", job(world=2, sp=2, zero=3), save=[SAVE]),
+           task("ref-z3>sp2", job(world=2, sp=2, zero=3), stage="ref-z3",
+                resume=checkpoint("ref-z3"))]
+    back = [task(f"{c}>1", job(world=1, zero=int(c[-1])), stage=c, resume=checkpoint(c))
+            for c in ("dp2-z2", "sp2-z2", "dp2-z3", "sp2-z3")]
+    back += [task("dp2-z2>1 again", job(world=1), stage="dp2-z2", resume=checkpoint("dp2-z2"),
+                  until=SAVE),
+             task("down-from-up1", job(world=1, steps=SAVE, upstream=True), stage="down1",
+                  until=SAVE, upstream_dir=str(Path(checkpoint("up1")).parent)),
+             task("down-from-up2", job(world=1, steps=SAVE, upstream=True), stage="down2",
+                  until=SAVE, upstream_dir=str(Path(checkpoint("up2")).parent))]
+    results, logs = {}, {}
+    for world, tasks in (("1", one), ("2", two), ("1b", back)):
+        work = root / f"launch-{world}"
+        work.mkdir()
+        (work / "plan.json").write_text(json.dumps(tasks))
+        H.launch(int(world[0]), ["--plan", str(work / "plan.json"), "--out",
+                                 str(work / "out.json")],
+                 timeout=300, log_dir=work, worker=WORKER)
+        results.update(json.loads((work / "out.json").read_text()))
+        logs[world] = (work / "rank0.log").read_text()
+    return {"root": root, "results": results, "logs": logs, "checkpoint": checkpoint,
+            "shards": shards}
+
+
+def losses(result: dict, steps) -> list[float]:
+    return [result["losses"][str(s)] for s in steps]
+
+
+def worst(got: list[float], want: list[float]) -> float:
+    return max(abs(a - b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("case", ["dp2-z2", "sp2-z2", "dp2-z3", "sp2-z3"])
+def test_two_workers_resume_on_one(runs, case):
+    results = runs["results"]
+    reference = results[f"ref-z{case[-1]}"]
+    resumed = results[f"{case}>1"]
+    assert resumed["start_step"] == SAVE and resumed["universal"]
+    after = range(SAVE + 1, STEPS + 1)
+    err = worst(losses(resumed, after), losses(reference, after))
+    print(f"{case} -> 1 worker: steps {SAVE + 1}-{STEPS} within {err:.1e} of the 1-worker run")
+    assert err <= TOLERANCE, (losses(resumed, after), losses(reference, after))
+    # The layout-independent trajectory the reference rests on: the 2-worker steps too.
+    before = range(1, SAVE + 1)
+    assert worst(losses(results[case], before), losses(reference, before)) <= TOLERANCE
+    # The universal copy sits beside DeepSpeed's shards; no temporary directory is left.
+    directory = Path(runs["checkpoint"](case))
+    assert (directory / UNIVERSAL_TAG / "zero").is_dir()
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("case,reference", [("ref-z2>dp2", "dp2-z2"), ("ref-z3>sp2", "sp2-z3")])
+def test_one_worker_resumes_on_two(runs, case, reference):
+    resumed, ref = runs["results"][case], runs["results"][reference]
+    assert resumed["start_step"] == SAVE and resumed["universal"]
+    after = range(SAVE + 1, STEPS + 1)
+    err = worst(losses(resumed, after), losses(ref, after))
+    print(f"{case}: steps {SAVE + 1}-{STEPS} within {err:.1e} of the uninterrupted {reference}")
+    assert err <= TOLERANCE, (losses(resumed, after), losses(ref, after))
+
+
+def test_a_stage_starts_from_an_upstream_of_another_world_size(runs):
+    results = runs["results"]
+    native, universal = results["down-from-up1"], results["down-from-up2"]
+    assert not native["universal"] and universal["universal"]
+    steps = range(1, SAVE + 1)
+    err = worst(losses(universal, steps), losses(native, steps))
+    print(f"stage 2 from a DP-2 stage 1: within {err:.1e} of stage 2 from a 1-worker stage 1")
+    assert err <= TOLERANCE, (losses(universal, steps), losses(native, steps))
+
+
+def test_the_universal_copy_is_made_once(runs):
+    again = runs["results"]["dp2-z2>1 again"]
+    assert again["start_step"] == SAVE and again["universal"] and again["losses"] == {}
+    log = runs["logs"]["1b"]
+    assert log.count(f"converting {runs['checkpoint']('dp2-z2')} (written by 2 workers "
+                     "(DP 2 x SP 1), ZeRO-2) to a universal checkpoint for 1 worker") == 1, log
+
+
+def test_rows_each_rank_reads_after_the_change(runs):
+    """Step 4 after the DP-2 checkpoint: the one worker reads every global row of the step, the
+    two DP ranks had split them (rows j, j + 2, ...), and both SP ranks read all of them."""
+    state = json.loads((Path(runs["checkpoint"]("dp2-z2")) / TRAINER_STATE).read_text())
+    shards = {d: TokenShards(p) for d, p in runs["shards"].items()}
+
+    def rows(world: int, sp: int, rank: int) -> Counter:
+        spec = PretrainSpec.model_validate(job(world=world, sp=sp)["spec"])
+        loader = MixtureLoader.from_spec(spec, shards, dims=ParallelDims(world, sp), rank=rank)
+        loader.load_state_dict(state["loader"])
+        return Counter(tuple(r.input_ids.tolist()) for r in loader.next_rows())
+
+    one = rows(1, 1, 0)
+    assert sum(one.values()) == ROWS
+    assert rows(2, 1, 0) + rows(2, 1, 1) == one and rows(2, 1, 0) != one
+    assert rows(2, 2, 0) == rows(2, 2, 1) == one
+
+
+def test_layout_is_recorded_and_inferred_for_older_checkpoints(runs, tmp_path):
+    for case, layout in (("dp2-z2", Layout(world=2, zero_stage=2, sp=1)),
+                         ("sp2-z3", Layout(world=2, zero_stage=3, sp=2))):
+        directory = Path(runs["checkpoint"](case))
+        assert read_layout(directory) == layout
+        # Written before layouts were recorded: its files tell the world and the ZeRO stage.
+        old = tmp_path / case
+        shutil.copytree(directory, old, ignore=shutil.ignore_patterns(UNIVERSAL_TAG))
+        state = json.loads((old / TRAINER_STATE).read_text())
+        del state["layout"]
+        (old / TRAINER_STATE).write_text(json.dumps(state))
+        assert read_layout(old) == Layout(world=2, zero_stage=layout.zero_stage)
+
+
+def test_impossible_conversions_are_one_line_naming_the_checkpoint():
+    two, one = Layout(world=2, zero_stage=2, sp=1), Layout(world=1, zero_stage=2, sp=1)
+    assert load_tag("/runs/p/s-1/checkpoint-000003", two, one) == UNIVERSAL_TAG
+    assert load_tag("/runs/p/s-1/checkpoint-000003", two, Layout(2, 2, sp=2)) == "ds"
+    assert load_tag("/x", Layout(2, 0, 1), Layout(1, 0, 1)) == "ds"  # ZeRO-0: one full file
+    for saved, current, uri, reason in [
+            (two, Layout(world=1, zero_stage=3, sp=1), "/runs/p/s-1/checkpoint-000003",
+             "written with ZeRO-2, this run uses ZeRO-3"),
+            (two, one, "s3://bucket/p/s-1/checkpoint-000003", "not an object store")]:
+        with pytest.raises(ReshapeError) as err:
+            load_tag(uri, saved, current)
+        message = str(err.value)
+        assert message.startswith(f"{uri}: ") and reason in message and "\n" not in message
