@@ -30,6 +30,12 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "kubernetes"),
     ("checkpoint", "keep"),
     ("storage", "volumeClaim"),
+    # The world layout: the global batch, the data order and the token-mean loss do not depend on
+    # it (tests/train/test_reshape.py), and a stage resubmitted on fewer or more workers, or
+    # another SP degree, resumes its own checkpoints (prolong.train.reshape).
+    ("cluster", "nodes"),
+    ("cluster", "workersPerNode"),
+    ("parallelism", "sequenceParallel"),
 )
 
 DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}

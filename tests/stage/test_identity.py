@@ -68,6 +68,17 @@ def test_scheduling_only_fields_keep_identity(write_spec):
     assert _ids(write_spec, data) == before
 
 
+def test_the_world_layout_keeps_identity(write_spec):
+    # A stage that lost a node resumes its own checkpoints on fewer workers, or another SP degree.
+    data = _inline("prolong-8b/pipeline.yaml")
+    before = _ids(write_spec, data)
+    stage2 = data["spec"]["stages"][1]["spec"]
+    stage2["cluster"]["nodes"] = 4
+    stage2["cluster"]["workersPerNode"] = 4
+    stage2["parallelism"]["sequenceParallel"] = 4
+    assert _ids(write_spec, data) == before
+
+
 def test_explicit_default_equals_omitted(write_spec):
     job = load(JOBS / "quickstart/stage1.yaml").document
     data = yaml.safe_load((JOBS / "quickstart/stage1.yaml").read_text())
@@ -88,20 +99,20 @@ def test_directories_follow_the_layout():
 # keep resuming after a refactor. An intended change to what a stage computes changes these on
 # purpose; anything else that changes them is a bug.
 PINNED_PIPELINE_IDS = {
-    "prolong-8b/pipeline.yaml": {"stage1": "cab6a1d8", "stage2": "c44f61a3", "sft": "87e5502a",
-                                 "eval": "306a01ed"},
-    "quickstart/pipeline.yaml": {"stage1": "a9bba5a4", "stage2": "8d69cc68", "sft": "1802c406",
-                                 "eval": "b7be12f1"},
+    "prolong-8b/pipeline.yaml": {"stage1": "a12b524d", "stage2": "def3c1ca", "sft": "dd601f0d",
+                                 "eval": "a93d35c6"},
+    "quickstart/pipeline.yaml": {"stage1": "9440aec9", "stage2": "b57c9a34", "sft": "1ad58ca9",
+                                 "eval": "e0ac3838"},
 }
 PINNED_STANDALONE_IDS = {
-    "prolong-8b/stage1-64k.yaml": "cab6a1d8",
-    "prolong-8b/stage2-512k.yaml": "6c3d931d",
-    "prolong-8b/sft.yaml": "09b36482",
-    "prolong-8b/eval.yaml": "b4e6eace",
-    "quickstart/stage1.yaml": "a9bba5a4",
-    "quickstart/stage2.yaml": "0c9e421b",
-    "quickstart/sft.yaml": "476defd7",
-    "quickstart/eval.yaml": "dc7156b2",
+    "prolong-8b/stage1-64k.yaml": "a12b524d",
+    "prolong-8b/stage2-512k.yaml": "6c67c7e2",
+    "prolong-8b/sft.yaml": "a9d1ede2",
+    "prolong-8b/eval.yaml": "78f044bf",
+    "quickstart/stage1.yaml": "9440aec9",
+    "quickstart/stage2.yaml": "fa482242",
+    "quickstart/sft.yaml": "1b8eacbb",
+    "quickstart/eval.yaml": "e370d0f9",
 }
 
 
