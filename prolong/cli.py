@@ -33,6 +33,7 @@ from prolong.k8s.backend import (
     submission,
 )
 from prolong.k8s.kube_backend import default_namespace, dry_run_offline
+from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
 from prolong.k8s.submit import open_backend
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
@@ -242,8 +243,12 @@ RAY_ADDRESS_OPT = typer.Option(None, "--ray-address",
                                help="Use this Ray cluster's Job Submission API (its dashboard URL, "
                                     "e.g. http://127.0.0.1:8265) instead of Kubernetes.")
 RAY_TOKEN_OPT = typer.Option(None, "--ray-token", envvar="RAY_AUTH_TOKEN", show_envvar=True,
-                             help="Ray auth token (default: $RAY_AUTH_TOKEN_PATH or "
-                                  "~/.ray/auth_token when present).")
+                             help="Ray auth token (default: --ray-token-secret, else "
+                                  "$RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token when present).")
+RAY_TOKEN_SECRET_OPT = typer.Option(None, "--ray-token-secret", envvar="PROLONG_RAY_TOKEN_SECRET",
+                                    show_envvar=True, metavar="[NAMESPACE/]NAME",
+                                    help="Read the Ray token from this Kubernetes Secret (key "
+                                         "auth_token; KubeRay's is named like the Ray cluster).")
 
 
 @contextmanager
@@ -253,7 +258,7 @@ def cluster_errors() -> Iterator[None]:
     with user_errors():
         try:
             yield
-        except (UnknownName, SubmitRefused, InvalidObjects) as exc:
+        except (UnknownName, SubmitRefused, InvalidObjects, TokenSecretError) as exc:
             err.print(str(exc), markup=False)
             raise typer.Exit(EXIT_BAD_INPUT) from None
         except ClusterError as exc:
@@ -281,6 +286,7 @@ def submit(
                               "success, 1 on failure."),
     ray_address: str = RAY_ADDRESS_OPT,
     ray_token: str = RAY_TOKEN_OPT,
+    ray_token_secret: str = RAY_TOKEN_SECRET_OPT,
     interval: float = typer.Option(5.0, "--interval", min=0.05, help="Seconds between status "
                                    "reads with --wait."),
     timeout: float = typer.Option(None, "--timeout", min=1, help="Give up waiting after this many "
@@ -306,11 +312,13 @@ def submit(
       prolongctl submit jobs/prolong-8b/pipeline.yaml --dry-run
 
       prolongctl submit jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265 --wait
+
+      prolongctl submit jobs/prolong-8b/stage1-64k.yaml --ray-address http://localhost:8265 --ray-token-secret ml/prolong-ray
     """
     with cluster_errors():
         what = submission(load(file), pipeline)
         try:
-            backend = open_backend(namespace, ray_address, ray_token)
+            backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
             done = backend.submit(what, err, dry_run=dry_run, yaml_out=out,
                                   with_upstream=with_upstream)
         except ClusterUnreachable as exc:
@@ -325,7 +333,8 @@ def submit(
 
 @app.command()
 def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
-           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT) -> None:
+           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT,
+           ray_token_secret: str = RAY_TOKEN_SECRET_OPT) -> None:
     """Show a run: a pipeline's phase and stage table (ids, RayJobs, dashboards), or a RayJob's
     state (KubeRay's jobDeploymentStatus and jobStatus). Unknown names exit 2.
 
@@ -336,7 +345,7 @@ def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
       prolongctl status jobs/quickstart/stage1.yaml --ray-address http://127.0.0.1:8265
     """
     with cluster_errors():
-        backend = open_backend(namespace, ray_address, ray_token)
+        backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
         backend.status(resolve_name(name), out)
 
 
@@ -344,7 +353,7 @@ def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
 def logs(name: str = NAME_ARG, follow: bool = typer.Option(False, "--follow", "-f",
                                                            help="Keep streaming new output."),
          namespace: str = NAMESPACE_OPT, ray_address: str = RAY_ADDRESS_OPT,
-         ray_token: str = RAY_TOKEN_OPT) -> None:
+         ray_token: str = RAY_TOKEN_OPT, ray_token_secret: str = RAY_TOKEN_SECRET_OPT) -> None:
     """Print a run's logs: the RayJob's submitter pod (it tails the Ray job), else its head pod; a
     pipeline's current stage; on Ray, the job's driver output.
 
@@ -355,13 +364,14 @@ def logs(name: str = NAME_ARG, follow: bool = typer.Option(False, "--follow", "-
       prolongctl logs quickstart-stage1-0123abcd --ray-address http://127.0.0.1:8265
     """
     with cluster_errors():
-        backend = open_backend(namespace, ray_address, ray_token)
+        backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
         backend.logs(resolve_name(name), sys.stdout, follow=follow)
 
 
 @app.command()
 def delete(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
-           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT) -> None:
+           ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT,
+           ray_token_secret: str = RAY_TOKEN_SECRET_OPT) -> None:
     """Delete a run: a pipeline custom resource (its RayJobs go with it), or a RayJob and its
     ConfigMap; on Ray, stop and delete the job. Stage outputs in storage are kept.
 
@@ -372,7 +382,7 @@ def delete(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
       prolongctl delete prolong-8b
     """
     with cluster_errors():
-        backend = open_backend(namespace, ray_address, ray_token)
+        backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
         backend.delete(resolve_name(name), err)
 
 

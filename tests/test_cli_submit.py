@@ -27,6 +27,7 @@ import yaml
 from typer.testing import CliRunner
 
 from prolong.cli import app
+from prolong.k8s.backend import submission
 from prolong.k8s.ray_backend import normalise_address, ray_submission_id, ray_token
 from prolong.specfile import load
 from prolong.stage.directory import StageDir
@@ -185,10 +186,11 @@ def test_token_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_submission_ids_are_deterministic() -> None:
-    stage = load(JOBS / "quickstart/stage1.yaml")
-    assert ray_submission_id(stage) == ray_submission_id(load(JOBS / "quickstart/stage1.yaml"))
+    stage = submission(load(JOBS / "quickstart/stage1.yaml"))  # what submit sends
+    again = submission(load(JOBS / "quickstart/stage1.yaml"))
+    assert ray_submission_id(stage) == ray_submission_id(again)
     assert ray_submission_id(stage).startswith("quickstart-stage1-")
-    pipeline = ray_submission_id(load(JOBS / "quickstart/pipeline.yaml"))
+    pipeline = ray_submission_id(submission(load(JOBS / "quickstart/pipeline.yaml")))
     assert pipeline.startswith("quickstart-") and len(pipeline) <= 47
     assert normalise_address("127.0.0.1:8265/") == "http://127.0.0.1:8265"
 

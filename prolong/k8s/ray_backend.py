@@ -7,15 +7,19 @@ uses). The spec travels in the job's ``runtime_env`` working_dir (``job.yaml`` a
 name; a pipeline's name and a hash of its stage ids), so submitting again submits nothing.
 
 Ray 2.60 token auth: the dashboard wants ``Authorization: Bearer <token>``. The token is taken
-from ``--ray-token`` / $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH, else
-``~/.ray/auth_token`` (where ``ray start`` / ``ray get-auth-token --generate`` keep it), and sent
-as that header; Ray's own client only adds it when the *client* process runs with
-RAY_AUTH_MODE=token, which a laptop talking to a remote cluster usually does not.
+from ``--ray-token`` / $RAY_AUTH_TOKEN, else the Kubernetes Secret ``--ray-token-secret
+[NAMESPACE/]NAME`` names (key ``auth_token``: the Secret KubeRay generates for a cluster with
+``authOptions.mode: token``, named like the cluster, or the chart's ``rayCluster.auth.secretName``),
+else the file $RAY_AUTH_TOKEN_PATH, else ``~/.ray/auth_token`` (where ``ray start`` / ``ray
+get-auth-token --generate`` keep it), and sent as that header; Ray's own client only adds it when
+the *client* process runs with RAY_AUTH_MODE=token, which a laptop talking to a remote cluster
+usually does not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import hashlib
 import os
@@ -40,6 +44,7 @@ from prolong.k8s.backend import (
     follow,
     target_name,
 )
+from prolong.k8s.kube_backend import Kube, default_namespace, kube_client
 from prolong.k8s.target import StageTarget, UpstreamState, refusal
 from prolong.specfile import dump_yaml
 from prolong.stage.directory import stage_complete
@@ -69,14 +74,28 @@ def ray_submission_id(what: Submission) -> str:
     return rayjob_name(loaded.document.metadata.name, digest)
 
 
-def ray_token(explicit: str | None = None) -> str | None:
-    """The Ray auth token: explicit (--ray-token / $RAY_AUTH_TOKEN), else $RAY_AUTH_TOKEN_PATH,
-    else ~/.ray/auth_token; None when there is none (a cluster without token auth)."""
+TOKEN_KEY = "auth_token"
+"""The key of the Ray token in KubeRay's per-cluster Secret (and in a Secret named by
+``rayAuthSecret`` / the chart's ``rayCluster.auth.secretName``)."""
+
+
+class TokenSecretError(ValueError):
+    """--ray-token-secret names a Secret that is missing or holds no token (bad input: exit 2)."""
+
+
+def ray_token(explicit: str | None = None, *, secret: str | None = None,
+              namespace: str | None = None) -> str | None:
+    """The Ray auth token: explicit (--ray-token / $RAY_AUTH_TOKEN), else the Secret ``secret``
+    ([NAMESPACE/]NAME, default namespace ``namespace`` or the kubeconfig context's), else
+    $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token; None when there is none (a cluster without
+    token auth)."""
     if explicit:
         return explicit.strip()
     env = os.environ.get("RAY_AUTH_TOKEN")
     if env:
         return env.strip()
+    if secret:
+        return secret_token(secret, namespace)
     for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
         if path:
             try:
@@ -86,6 +105,26 @@ def ray_token(explicit: str | None = None) -> str | None:
             if token:
                 return token
     return None
+
+
+def secret_token(secret: str, namespace: str | None = None) -> str:
+    """The token in the Secret ``[NAMESPACE/]NAME`` (key auth_token), read through the Kubernetes
+    API (kubeconfig or service account: ``get`` on that Secret is all it needs)."""
+    ns, _, name = secret.rpartition("/")
+    ns = ns or namespace or default_namespace()
+    kube = Kube(kube_client(), ns)
+    found = kube.call(f"get Secret {ns}/{name}", kube.core.read_namespaced_secret, name, ns,
+                      missing_ok=True)
+    where = f"--ray-token-secret {secret}: Secret {ns}/{name}"
+    if found is None:
+        raise TokenSecretError(f"{where} does not exist (KubeRay names it like the Ray cluster)")
+    encoded = (found.data or {}).get(TOKEN_KEY)
+    if not encoded:
+        raise TokenSecretError(f"{where} has no key {TOKEN_KEY}")
+    token = base64.b64decode(encoded).decode().strip()
+    if not token:
+        raise TokenSecretError(f"{where}: key {TOKEN_KEY} is empty")
+    return token
 
 
 def normalise_address(address: str) -> str:
@@ -352,7 +391,7 @@ class RayBackend(Backend):
 
 
 __all__ = [
-    "PIPELINE_FILE", "TERMINAL_RAY", "RayBackend", "RayJobs", "delete_ray", "logs_ray",
-    "normalise_address", "ray_entrypoint", "ray_files", "ray_line", "ray_submission_id",
-    "ray_token", "status_ray", "submit_ray", "wait_ray",
+    "PIPELINE_FILE", "TERMINAL_RAY", "TOKEN_KEY", "RayBackend", "RayJobs", "TokenSecretError",
+    "delete_ray", "logs_ray", "normalise_address", "ray_entrypoint", "ray_files", "ray_line",
+    "ray_submission_id", "ray_token", "secret_token", "status_ray", "submit_ray", "wait_ray",
 ]

@@ -33,7 +33,7 @@ from prolong.k8s.crd import open_api_schema
 KUBERAY_RAYJOB_SCHEMA = Path(__file__).with_name("schemas") / "rayjob-v1.json.gz"
 KUBE_VERSION = "1.30"
 """The Kubernetes release whose schemas built-in kinds are checked against."""
-CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/", "prolong.dev/")
+CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/", "prolong.dev/", "kopf.dev/")
 """API groups of custom resources: kubernetes-validate has no schema for them."""
 
 
@@ -64,8 +64,13 @@ def strict_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 walk(value)
 
     walk(node)
-    # The root metadata is ObjectMeta, validated by the API server itself, never pruned.
-    node.get("properties", {}).get("metadata", {}).pop("additionalProperties", None)
+    # The root's apiVersion, kind and metadata are the API server's (a CRD need not declare
+    # them); metadata is ObjectMeta, validated by the API server itself, never pruned.
+    if "properties" in node:
+        props = node["properties"]
+        for key in ("apiVersion", "kind"):
+            props.setdefault(key, {"type": "string"})
+        props.setdefault("metadata", {"type": "object"}).pop("additionalProperties", None)
     return node
 
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import helm_python as helm
+import kopf
 import pytest
 import yaml
 
@@ -19,13 +20,18 @@ H100 = yaml.safe_load((CHART / "ci" / "h100-values.yaml").read_text())
 VALUES = {"default": {}, "h100": H100,
           "cluster-wide": {"rbac": {"clusterWide": True}, "rayCluster": {"enabled": True},
                            "monitoring": {"podMonitor": {"enabled": True},
-                                          "serviceMonitor": {"enabled": True}}}}
+                                          "serviceMonitor": {"enabled": True}}},
+          "peering": {"operator": {"peering": {"enabled": True}, "replicas": 3,
+                                   "storage": {"mount": False}}},
+          "cluster-wide-peering": {"rbac": {"clusterWide": True},
+                                   "operator": {"peering": {"enabled": True}}}}
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering")
 NAMESPACE = "ml"
-# What the operator may touch: (apiGroup, resource).
+# What the operator may touch: (apiGroup, resource). The verbs are checked against the code in
+# tests/operator/test_rbac.py.
 ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipelines/status"),
            ("prolong.dev", "prolongpipelines/finalizers"), ("ray.io", "rayjobs"),
-           ("", "configmaps"), ("", "events"), ("events.k8s.io", "events")}
-CLUSTER_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
+           ("", "configmaps"), ("", "events")}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,7 @@ def test_every_object_is_valid(values, rendered, validate_object):
     assert objs
     for obj in objs:
         validate_object(obj)
-        if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+        if obj["kind"] not in CLUSTER_SCOPED:
             assert obj["metadata"]["namespace"] in (NAMESPACE,)
     assert "KubeRay" in notes
 
@@ -105,8 +111,9 @@ def _rules(objs, kind):
 
 
 def test_rbac_is_least_privilege(rendered):
+    # Cluster-wide, kopf lists no namespaces or CRDs: the handlers turn its scanning off.
     for values, kind, extra in (("default", "Role", set()), ("h100", "Role", set()),
-                                ("cluster-wide", "ClusterRole", CLUSTER_ONLY)):
+                                ("cluster-wide", "ClusterRole", set())):
         objs, _ = rendered[values]
         assert not [o for o in objs if o["kind"] == ("ClusterRole" if kind == "Role" else "Role")]
         granted = set()
@@ -165,9 +172,14 @@ def test_grafana_dashboard(rendered):
 
 
 def test_chart_ships_the_generated_crd(chart):
-    (crd,) = chart.crds
-    assert crd["filename"].endswith("crds/prolong.dev_prolongpipelines.yaml")
+    (crd,) = [c for c in chart.crds if c["filename"].endswith("prolong.dev_prolongpipelines.yaml")]
     assert crd["data"] == crd_yaml()
+    # and kopf's peering CRDs (operator.peering), both scopes
+    (peering,) = [c for c in chart.crds if c["filename"].endswith("crds/kopf.dev_peerings.yaml")]
+    kinds = {d["spec"]["names"]["kind"]: d["spec"]["scope"]
+             for d in yaml.safe_load_all(peering["data"]) if d}
+    assert kinds == {"KopfPeering": "Namespaced", "ClusterKopfPeering": "Cluster"}
+    assert len(chart.crds) == 2
     assert chart.metadata["name"] == "prolong" and chart.metadata["apiVersion"] == "v2"
 
 
@@ -189,3 +201,59 @@ def test_values_schema_rejects_bad_values(chart, bad):
         chart.validate_schema(bad)
     chart.validate_schema(H100)
     chart.validate_schema({"dashboard": {"service": {"type": "LoadBalancer"}}})  # auth on
+
+
+def _container(workload):
+    (container,) = workload["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize(("values", "scope"), [("peering", "KopfPeering"),
+                                               ("cluster-wide-peering", "ClusterKopfPeering")])
+def test_peering_runs_replicas_with_distinct_priorities(values, scope, rendered, chart, k8s):
+    objs, _ = rendered[values]
+    assert "Deployment" not in _kinds(objs)
+    workload = _one(objs, "StatefulSet")
+    assert workload["spec"]["replicas"] == (3 if values == "peering" else 2)
+    args = _container(workload)["args"]
+    assert "--standalone" not in args
+    # kopf pauses every replica that shares the highest priority: each takes its ordinal.
+    assert "--peering=prolong-operator" in args and "--priority=$(POD_INDEX)" in args
+    env = {e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+           for e in _container(workload)["env"]}
+    assert env["POD_INDEX"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    assert env["POD_ID"] == "metadata.name"
+    # The peering object kopf patches exists, named as --peering says, valid for kopf's CRD.
+    peering = _one(objs, scope)
+    assert peering["metadata"]["name"] == "prolong-operator"
+    (crd,) = [d for c in chart.crds if c["filename"].endswith("kopf.dev_peerings.yaml")
+              for d in yaml.safe_load_all(c["data"]) if d and d["spec"]["names"]["kind"] == scope]
+    assert k8s.errors_of(k8s.crd_validator(crd, "v1"), peering) == []
+    assert ("namespace" in peering["metadata"]) == (crd["spec"]["scope"] == "Namespaced")
+    (rule,) = [r for r in _rules(objs, "ClusterRole" if "cluster" in values else "Role")
+               if r["apiGroups"] == ["kopf.dev"]]
+    assert rule["resources"] == [crd["spec"]["names"]["plural"]]
+
+
+def test_standalone_is_one_recreated_replica(rendered):
+    objs, _ = rendered["default"]
+    assert "StatefulSet" not in _kinds(objs) and "KopfPeering" not in _kinds(objs)
+    assert not [r for r in _rules(objs, "Role") if r["apiGroups"] == ["kopf.dev"]]
+
+
+def test_the_storage_mount_is_optional(rendered):
+    pod = _one(rendered["peering"][0], "StatefulSet")["spec"]["template"]["spec"]
+    assert "storage" not in {v["name"] for v in pod["volumes"]}
+    assert "storage" not in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    pod = _one(rendered["default"][0], "Deployment")["spec"]["template"]["spec"]
+    assert "storage" in {v["name"] for v in pod["volumes"]}
+
+
+def test_notes_say_how_to_uninstall_and_get_the_token(rendered):
+    _, notes = rendered["default"]
+    # kopf's finalizer: the pipelines go first, while the operator still runs to release them.
+    first, then = notes.index("kubectl delete prolongpipelines"), notes.index("helm uninstall")
+    assert first < then
+    assert kopf.OperatorSettings().persistence.finalizer in notes
+    _, notes = rendered["h100"]
+    assert "--ray-token-secret" in notes and "auth_token" in notes
