@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -c "import prolong.versions as v; print(v.summary())"
+	$(BIN)/hadolint images/train/Dockerfile images/operator/Dockerfile
 	$(BIN)/python -m pytest -q tests
 
 # The main job on the embedded default: the quickstart pipeline on a local Ray instance with a

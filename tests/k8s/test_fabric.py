@@ -1,0 +1,73 @@
+"""The startup fabric check (prolong.k8s.fabric) on NCCL's own log lines: which network and net
+plugin NCCL took, and the WARNING when that is not the fabric the stage asks for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prolong.k8s.fabric import expected_fabric, main, parse_nccl_log, plugin_libraries, verdict
+from prolong.k8s.rayjob import NETWORK_ENV
+
+HOST = "gpu-node-1:4711:4711 [0]"
+IB = f"""{HOST} NCCL INFO Bootstrap : Using eth0:10.0.0.5<0>
+{HOST} NCCL INFO NET/Plugin: Could not find: libnccl-net.so. Using internal network plugin.
+{HOST} NCCL INFO NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB [RO]; OOB eth0:10.0.0.5<0>
+{HOST} NCCL INFO Using network IB
+{HOST} NCCL INFO ncclCommInitRank comm 0x5555 rank 0 nranks 1 - Init COMPLETE
+"""
+SOCKETS = f"""{HOST} NCCL INFO NET/Plugin: Could not find: libnccl-net.so. Using internal network plugin.
+{HOST} NCCL INFO NET/IB : No device found.
+{HOST} NCCL INFO NET/Socket : Using [0]eth0:10.0.0.5<0>
+{HOST} NCCL INFO Using network Socket
+"""
+EFA = f"""{HOST} NCCL INFO NET/OFI Using aws-ofi-nccl 1.9.1-aws
+{HOST} NCCL INFO NET/OFI Selected Provider is efa (found 32 nics)
+{HOST} NCCL INFO NET/Plugin: Loaded net plugin AWS Libfabric (v8)
+{HOST} NCCL INFO Using network AWS Libfabric
+"""
+OFI_OVER_TCP = EFA.replace("Selected Provider is efa", "Selected Provider is tcp")
+
+
+def test_parses_the_network_plugin_and_devices():
+    ib = parse_nccl_log(IB)
+    assert (ib.network, ib.plugin, ib.fabric) == ("IB", None, "infiniband")
+    assert ib.devices == ["mlx5_0:1/IB", "mlx5_1:1/IB"]
+    assert ib.plugin_missing.startswith("Could not find: libnccl-net.so")
+    sockets = parse_nccl_log(SOCKETS)
+    assert (sockets.network, sockets.fabric, sockets.no_ib_device) == ("Socket", "tcp", True)
+    efa = parse_nccl_log(EFA)
+    assert (efa.plugin, efa.network, efa.ofi_provider, efa.fabric) == \
+        ("AWS Libfabric", "AWS Libfabric", "efa", "efa")
+    assert parse_nccl_log(OFI_OVER_TCP).fabric == "tcp"  # the plugin, but not the EFA provider
+    assert parse_nccl_log("").network is None
+
+
+def test_the_expected_fabric_is_what_the_renderer_sets():
+    for network, env in NETWORK_ENV.items():
+        assert expected_fabric(env) == network
+
+
+def test_verdicts(tmp_path: Path):
+    ok, line = verdict(parse_nccl_log(IB), "infiniband", [])
+    assert ok and line.startswith("fabric check: NCCL network: IB") and line.endswith(": ok")
+    ok, line = verdict(parse_nccl_log(SOCKETS), "efa", [])
+    assert not ok and "WARNING" in line and "no aws-ofi-nccl plugin loaded" in line
+    assert "no libnccl-net*.so on the library path" in line
+    ok, line = verdict(parse_nccl_log(SOCKETS), "infiniband", [])
+    assert not ok and "found no InfiniBand device" in line
+    assert verdict(parse_nccl_log(EFA), "efa", [])[0]
+    assert verdict(parse_nccl_log(SOCKETS), "tcp", [])[0]
+    assert not verdict(parse_nccl_log(""), "tcp", [])[0]  # NCCL said nothing: not ok
+
+
+def test_plugin_libraries_are_found_on_the_library_path(tmp_path: Path):
+    (tmp_path / "libnccl-net-ofi.so").write_bytes(b"")
+    (tmp_path / "libother.so").write_bytes(b"")
+    found = plugin_libraries({"LD_LIBRARY_PATH": f"/nonexistent:{tmp_path}"})
+    assert str(tmp_path / "libnccl-net-ofi.so") in found
+    assert not any(f.endswith("libother.so") for f in found)
+
+
+def test_without_a_gpu_it_says_so_and_passes(capsys):
+    assert main(["--strict"]) == 0  # no /dev/nvidia* here
+    assert capsys.readouterr().out.strip() == "fabric check: no GPU on this node, skipped"
