@@ -4,7 +4,8 @@ the tiny Llama on the embedded corpus.
 - an SP=2 stage learns (loss falls), writes its stage directory, and a second run of the same id
   does nothing;
 - a run that dies while a checkpoint is being written, submitted again, resumes from the previous
-  checkpoint and ends with exactly the losses and weights of an uninterrupted run.
+  checkpoint and ends with exactly the losses and weights of an uninterrupted run;
+- a run on 2 workers that dies, submitted again on 1 worker, resumes the same stage.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def prepared(tmp_path_factory):
 
 
 def stage_spec(tmp: Path, data: Path, *, steps: int, every: int, sp: int, seq: int,
-               max_failures: int = 0) -> Path:
+               max_failures: int = 0, workers: int = 2) -> Path:
     job = job_dict("quickstart/stage1.yaml")
     spec = job["spec"]
     spec["sequenceLength"] = seq
@@ -52,6 +53,7 @@ def stage_spec(tmp: Path, data: Path, *, steps: int, every: int, sp: int, seq: i
     spec["checkpoint"] = {"everySteps": every, "keep": 2}
     spec["parallelism"]["sequenceParallel"] = sp
     spec["cluster"]["maxFailures"] = max_failures
+    spec["cluster"]["workersPerNode"] = workers
     spec["storage"] = {"root": str(tmp / "runs")}
     spec["data"]["preparedDir"] = str(data)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,37 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(uninterrupted
     ref_w, w = _final_weights(uninterrupted), _final_weights(stage)
     for name, tensor in ref_w.items():
         torch.testing.assert_close(w[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_stage_checkpointed_on_two_workers_resumes_on_one(uninterrupted, prepared, tmp_path,
+                                                             monkeypatch):
+    # The 2-worker run dies after step 7 (checkpoints 3 and 6 registered). Submitted again with
+    # one worker per node (a node lost), it is the same stage (the layout is not part of the
+    # id), so it resumes from checkpoint 6 through DeepSpeed's universal copy and ends where the
+    # uninterrupted run ends. That run used 2 workers: the global batch and data order do not
+    # depend on the layout, so neither does the loss trajectory (tests/train/test_reshape.py
+    # holds it to a 1-worker run as well).
+    monkeypatch.setenv(FAULT_ENV, "step:7")
+    path = stage_spec(tmp_path / "shrink", prepared, steps=8, every=3, sp=1, seq=256)
+    with pytest.raises(Exception, match="injected fault"):
+        run_file(path, progress=False)
+    stage = only_stage(path)
+    stage_spec(tmp_path / "shrink", prepared, steps=8, every=3, sp=1, seq=256, workers=1)
+    run_file(path, progress=False)
+
+    assert only_stage(path).uri == stage.uri and stage.is_complete()
+    logs = sorted(p.name for p in (Path(stage.uri) / "logs").iterdir())
+    log = (Path(stage.uri) / "logs" / "worker-rank000.log").read_text()
+    assert logs == ["worker-rank000.log", "worker-rank001.log"]  # the 2-worker run's
+    assert "to a universal checkpoint for 1 worker (DP 1 x SP 1), ZeRO-2" in log, log[-3000:]
+    assert (Path(stage.uri) / "checkpoint-000006" / "ds_universal" / "zero").is_dir()
+    expected, got = _losses_by_step(uninterrupted), _losses_by_step(stage)
+    assert got.keys() == expected.keys()
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    ref_w, w = _final_weights(uninterrupted), _final_weights(stage)
+    for name, tensor in ref_w.items():
+        torch.testing.assert_close(w[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_sft_then_eval_pipeline(ray_cluster, prepared, tmp_path):
