@@ -9,8 +9,15 @@ API (the pipeline, the RayJobs it owns, the stage directories' COMPLETE markers)
 planner :func:`prolong.reconcile.planner.plan_pipeline` what to do, and applies the plan: create
 [ConfigMap, RayJob] pairs rendered by :func:`prolong.k8s.rayjob.render_stage` (owned by the
 pipeline, so deleting it deletes them), delete superseded RayJobs, merge-patch the status. It is
-idempotent: state is re-read every time, a 409 on create means "already exists", and the status
-is patched only when it changed. What triggers it:
+idempotent: state is re-read every time, and the status is patched only when it changed.
+
+Under API faults (:data:`API`): every call has a timeout, and 5xx, 429, timeouts and broken
+connections are retried in place with backoff (a create whose response was lost is safe to
+repeat: names are deterministic). A 409 on create means the name exists: ours (nothing to do),
+an orphan of the same run (adopted), or someone else's (the stage waits, NameTaken, with the
+reason in its status; never a second RayJob under another name). The status patch carries the
+resourceVersion it was planned from; a 409 means the pipeline changed meanwhile, and the plan
+is made again from a fresh read. What triggers it:
 
 * the pipeline is created, resumed (operator restart) or its spec changes;
 * a RayJob the operator manages changes (KubeRay updates its status);
@@ -22,7 +29,9 @@ Each status change also posts Kubernetes Events on the pipeline (Normal for prog
 for failures and retries: :func:`prolong.reconcile.events.transition_events`).
 
 Configuration (environment): ``KUBECONFIG`` (a kubeconfig file; otherwise the pod's service
-account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``.
+account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``, ``PROLONG_API_TIMEOUT_SECONDS``
+(per API call, default 30), ``PROLONG_API_BACKOFF_SECONDS`` (the first retry's wait, default
+0.2, doubling).
 """
 
 from __future__ import annotations
@@ -36,12 +45,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes.client import ApiClient, ApiException, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
-from prolong.k8s.client import kube_client
+from prolong.k8s.client import RetryPolicy, kube_client
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
+from prolong.reconcile.claim import adoption_patch, claim, controlled_by_another
 from prolong.reconcile.events import PipelineEvent, invalid_spec_event, transition_events
 from prolong.reconcile.observe import observe_rayjob
 from prolong.reconcile.planner import Plan, PlannedRayJob, invalid_spec_status, plan_pipeline
@@ -55,6 +66,14 @@ from prolong.stage.names import ATTEMPT_LABEL, PIPELINE_LABEL, STAGE_ID_LABEL
 MANAGED_BY = "prolong-operator"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))
 MERGE_PATCH = "application/merge-patch+json"
+API = RetryPolicy(timeout=float(os.environ.get("PROLONG_API_TIMEOUT_SECONDS", "30")),
+                  first_delay=float(os.environ.get("PROLONG_API_BACKOFF_SECONDS", "0.2")))
+"""Every API call of the reconcile: a timeout (a hung connection must not hold a pipeline's
+reconcile, and its lock, forever) and transient faults retried with backoff in place, because
+kopf does not retry the RayJob event handler."""
+FRESH_READS = 5
+RETRY_DELAY = 10
+"""Seconds before kopf runs a create/update/resume handler again after a TemporaryError."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,47 +125,98 @@ def rayjob_changed(labels: kopf.Labels, namespace: str, memo: kopf.Memo, logger:
 # Reconcile: read, plan, apply
 # ------------------------------------------------------------------------------------------
 
+class Stale(Exception):
+    """What the plan was made from has changed: a write carrying the resourceVersion it read was
+    answered 409, or a create found its name taken or adopted an object. Read and plan again."""
+
+
+class NameTaken(Stale):
+    def __init__(self, rayjob: str, reason: str) -> None:
+        super().__init__(reason)
+        self.rayjob, self.reason = rayjob, reason
+
+
+class _Pass:
+    """What one reconcile carries from a read to the next. (A plain class: ``kopf run`` and the
+    image test load this file without registering it in sys.modules, which dataclasses need.)"""
+
+    def __init__(self) -> None:
+        self.taken: dict[str, str] = {}
+        """RayJob names found taken (NameTaken): the planner does not plan them again."""
+        self.writing: tuple[PipelineStatus | None, PipelineStatus] | None = None
+        """(previous, new) of a status patch that failed: if the next read finds it written
+        after all (only its response was lost), its events are posted then."""
+
+
 def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger | None = None,
               post: Callable[[dict[str, Any], PipelineEvent], None] | None = None) -> Plan | None:
     """Bring one pipeline one step forward. Returns the plan applied (None: nothing to plan,
     because the pipeline is gone or its spec is invalid). ``post`` posts a Kubernetes Event on
-    the pipeline for each transition (the handlers pass :func:`post_event`)."""
+    the pipeline for each transition (the handlers pass :func:`post_event`).
+
+    API calls ride out transient faults under :data:`API` (timeouts, retries with backoff); a
+    :class:`Stale` plan is made again from a fresh read, up to FRESH_READS times."""
     log = logger or logging.getLogger(__name__)
     with _serialised(namespace, name):
-        body = get_pipeline(api, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return None
-        previous = previous_status(body)
-        generation = body["metadata"].get("generation")
-        now = datetime.datetime.now(datetime.timezone.utc)
-        try:
-            pipeline, jobs = resolve(body)
-        except SpecError as err:
-            status = invalid_spec_status(previous, err.one_line(), now=now, generation=generation)
-            if status != previous:
-                log.warning("Invalid spec: %s", err.one_line())
-                patch_status(api, namespace, name, status)
-                if post is not None:
-                    post(body, invalid_spec_event(err.one_line()))
-            return None
-        owned = owned_rayjobs(api, body)
-        complete = {r.directory for r in pipeline_stages(pipeline, jobs)
-                    if stage_complete(r.directory)}
-        plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
-                             complete=complete, previous=previous, generation=generation)
-        for rayjob in plan.deletes:
-            log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
-            _ignore(404)(CustomObjectsApi(api).delete_namespaced_custom_object)(
-                RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, rayjob)
-        for run in plan.creates:
-            log.info("Creating RayJob %s (stage %s, attempt %d)", run.name, run.stage, run.attempt)
-            create_stage(api, body, pipeline, jobs, run)
-        if plan.status != previous:
-            patch_status(api, namespace, name, plan.status)
+        state = _Pass()
+        for _ in range(FRESH_READS):
+            try:
+                return _reconcile_once(api, namespace, name, log, post, state)
+            except NameTaken as taken:
+                log.warning("%s", taken.reason)
+                state.taken[taken.rayjob] = taken.reason
+            except Stale as why:
+                log.info("Planning again from a fresh read: %s", why)
+        raise kopf.TemporaryError(f"the pipeline changed during each of {FRESH_READS} reads",
+                                  delay=RETRY_DELAY)
+
+
+def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logger,
+                    post: Callable[[dict[str, Any], PipelineEvent], None] | None,
+                    state: _Pass) -> Plan | None:
+    body = get_pipeline(api, namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    previous = previous_status(body)
+    if state.writing is not None:
+        if state.writing[1] == previous and post is not None:  # it was written after all
+            for event in transition_events(*state.writing):
+                post(body, event)
+        state.writing = None
+    generation = body["metadata"].get("generation")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        pipeline, jobs = resolve(body)
+    except SpecError as err:
+        status = invalid_spec_status(previous, err.one_line(), now=now, generation=generation)
+        if status != previous:
+            log.warning("Invalid spec: %s", err.one_line())
+            patch_status(api, body, status)
             if post is not None:
-                for event in transition_events(previous, plan.status):
-                    post(body, event)
-        return plan
+                post(body, invalid_spec_event(err.one_line()))
+        return None
+    owned, taken = pipeline_rayjobs(api, body)
+    state.taken.update(taken)
+    complete = {r.directory for r in pipeline_stages(pipeline, jobs)
+                if stage_complete(r.directory)}
+    plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
+                         complete=complete, previous=previous, generation=generation,
+                         taken=state.taken)
+    for rayjob in plan.deletes:
+        log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
+        _call(CustomObjectsApi(api).delete_namespaced_custom_object,
+              RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, rayjob, ok=(404,))
+    for run in plan.creates:
+        log.info("Creating RayJob %s (stage %s, attempt %d)", run.name, run.stage, run.attempt)
+        create_stage(api, body, pipeline, jobs, run)
+    if plan.status != previous:
+        state.writing = (previous, plan.status)
+        patch_status(api, body, plan.status)
+        state.writing = None
+        if post is not None:
+            for event in transition_events(previous, plan.status):
+                post(body, event)
+    return plan
 
 
 def post_event(body: dict[str, Any], event: PipelineEvent) -> None:
@@ -175,33 +245,41 @@ def previous_status(body: dict[str, Any]) -> PipelineStatus | None:
 # ------------------------------------------------------------------------------------------
 
 def get_pipeline(api: ApiClient, namespace: str, name: str) -> dict[str, Any] | None:
-    return _ignore(404)(CustomObjectsApi(api).get_namespaced_custom_object)(
-        GROUP, VERSION, namespace, PLURAL, name)
+    return _call(CustomObjectsApi(api).get_namespaced_custom_object,
+                 GROUP, VERSION, namespace, PLURAL, name, ok=(404,))
 
 
-def owned_rayjobs(api: ApiClient, body: dict[str, Any]) -> list[dict[str, Any]]:
-    """RayJobs of this pipeline: its label (server-side filter) and, when the pipeline has a uid,
-    an ownerReference to it (a same-named pipeline deleted before does not count)."""
+def pipeline_rayjobs(api: ApiClient,
+                     body: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The RayJobs this pipeline owns: its label (server-side filter) and, when the pipeline has
+    a uid, an ownerReference to it (a same-named pipeline deleted before does not count). Also
+    those with its label that another controller holds, by name, with the reason: their names
+    are taken."""
     meta = body["metadata"]
-    items = CustomObjectsApi(api).list_namespaced_custom_object(
-        RAY_GROUP, RAY_VERSION, meta["namespace"], RAY_PLURAL,
-        label_selector=f"{PIPELINE_LABEL}={meta['name']}")["items"]
+    items = _call(CustomObjectsApi(api).list_namespaced_custom_object,
+                  RAY_GROUP, RAY_VERSION, meta["namespace"], RAY_PLURAL,
+                  label_selector=f"{PIPELINE_LABEL}={meta['name']}")["items"]
     uid = meta.get("uid")
-
-    def ours(obj: dict[str, Any]) -> bool:
+    owned, taken = [], {}
+    for obj in items:
         m = obj.get("metadata") or {}
         labels = m.get("labels") or {}
+        if labels.get(PIPELINE_LABEL) != meta["name"] or STAGE_ID_LABEL not in labels:
+            continue
         owners = {o.get("uid") for o in m.get("ownerReferences") or ()}
-        return (labels.get(PIPELINE_LABEL) == meta["name"] and STAGE_ID_LABEL in labels
-                and (uid is None or uid in owners))
-
-    return [obj for obj in items if ours(obj)]
+        if uid is None or uid in owners:
+            owned.append(obj)
+        elif (reason := controlled_by_another(obj, uid)) is not None:
+            taken[m.get("name", "")] = reason
+    return owned, taken
 
 
 def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
                  jobs: dict[str, Job], run: PlannedRayJob) -> None:
     """Create the stage's ConfigMap (shared by its attempts: same stage id, same content) and the
-    attempt's RayJob, both owned by the pipeline. 409 means it exists already: fine."""
+    attempt's RayJob, both owned by the pipeline. A 409 means the name exists: fine when it is
+    ours (a create whose response was lost, a racing reconcile), adopted when it is an orphan
+    of the same run, NameTaken otherwise (:func:`prolong.reconcile.claim.claim`)."""
     namespace = body["metadata"]["namespace"]
     configmap, rayjob = render_stage(pipeline, jobs, run.stage, namespace=namespace,
                                      managed_by=MANAGED_BY, name=run.name)
@@ -209,9 +287,37 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     for obj in (configmap, rayjob):
         obj["metadata"]["ownerReferences"] = [owner]
     rayjob["metadata"]["labels"][ATTEMPT_LABEL] = str(run.attempt)
-    _ignore(409)(CoreV1Api(api).create_namespaced_config_map)(namespace, configmap)
-    _ignore(409)(CustomObjectsApi(api).create_namespaced_custom_object)(
-        RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, rayjob)
+    core, custom = CoreV1Api(api), CustomObjectsApi(api)
+    ray = (RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL)
+    if _call(core.create_namespaced_config_map, namespace, configmap, ok=(409,)) is None:
+        cm_name = configmap["metadata"]["name"]
+        existing = _call(core.read_namespaced_config_map, cm_name, namespace, ok=(404,))
+        _settle(api, run, configmap, existing and api.sanitize_for_serialization(existing),
+                owner, lambda patch: _call(core.patch_namespaced_config_map, cm_name, namespace,
+                                           patch, _content_type=MERGE_PATCH))
+    if _call(custom.create_namespaced_custom_object, *ray, rayjob, ok=(409,)) is None:
+        existing = _call(custom.get_namespaced_custom_object, *ray, run.name, ok=(404,))
+        _settle(api, run, rayjob, existing, owner, lambda patch: _call(
+            custom.patch_namespaced_custom_object, *ray, run.name, patch,
+            _content_type=MERGE_PATCH))
+
+
+def _settle(api: ApiClient, run: PlannedRayJob, wanted: dict[str, Any],
+            existing: dict[str, Any] | None, owner: dict[str, Any],
+            patch: Callable[[dict[str, Any]], Any]) -> None:
+    """After a create answered 409: nothing to do when the object found is ours; adopt an orphan
+    of the same run, then plan again from it; NameTaken when it is someone else's."""
+    kind, name = wanted["kind"], wanted["metadata"]["name"]
+    if existing is None:  # deleted since the 409: plan again
+        raise Stale(f"{kind} {name} answered 409 on create, then 404")
+    existing = {"kind": kind, **existing}
+    verdict = claim(existing, wanted, owner["uid"] or None)
+    if verdict.verdict == "taken":
+        raise NameTaken(run.name, f"cannot create RayJob {run.name} for stage {run.stage}: "
+                                  f"{verdict.reason}")
+    if verdict.verdict == "adopt":
+        patch(adoption_patch(existing, owner, MANAGED_BY))
+        raise Stale(f"adopted {kind} {name}, an orphan of the same run")
 
 
 def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
@@ -220,27 +326,35 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
             "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True}
 
 
-def patch_status(api: ApiClient, namespace: str, name: str, status: PipelineStatus) -> None:
-    """Merge-patch the status subresource (keys set to null are removed)."""
-    _ignore(404)(CustomObjectsApi(api).patch_namespaced_custom_object_status)(
-        GROUP, VERSION, namespace, PLURAL, name,
-        {"status": status.model_dump(mode="json", by_alias=True)}, _content_type=MERGE_PATCH)
+def patch_status(api: ApiClient, body: dict[str, Any], status: PipelineStatus) -> None:
+    """Merge-patch the status subresource (keys set to null are removed). The patch carries the
+    resourceVersion the status was planned from: if the pipeline changed since, the API server
+    answers 409 (Stale) instead of a status made from an older state overwriting a newer one."""
+    meta = body["metadata"]
+    patch: dict[str, Any] = {"status": status.model_dump(mode="json", by_alias=True)}
+    if meta.get("resourceVersion"):
+        patch["metadata"] = {"resourceVersion": meta["resourceVersion"]}
+    _call(CustomObjectsApi(api).patch_namespaced_custom_object_status,
+          GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
+          _content_type=MERGE_PATCH, ok=(404,))
 
 
-def _ignore(code: int):
-    """Call through, returning None on an ApiException with this HTTP status; other API errors
-    become kopf.TemporaryError (kopf retries the handler later)."""
-    def wrap(fn):
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except ApiException as exc:
-                if exc.status == code:
-                    return None
-                raise kopf.TemporaryError(f"{fn.__name__}: HTTP {exc.status} {exc.reason}",
-                                          delay=10) from exc
-        return call
-    return wrap
+def _call(fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` under :data:`API` (timeout, transient faults retried with
+    backoff). None on an HTTP status in ``ok``; 409 Conflict raises Stale; whatever else fails
+    becomes kopf.TemporaryError (kopf retries the create/update/resume handlers; the resync
+    timer catches up on a RayJob event whose reconcile failed)."""
+    try:
+        return API.call(fn, *args, **kwargs)
+    except ApiException as exc:
+        if exc.status in ok:
+            return None
+        if exc.status == 409:
+            raise Stale(f"{fn.__name__}: HTTP 409 {exc.reason}") from exc
+        raise kopf.TemporaryError(f"{fn.__name__}: HTTP {exc.status} {exc.reason}",
+                                  delay=RETRY_DELAY) from exc
+    except urllib3.exceptions.HTTPError as exc:  # timed out, or no answer, after the retries
+        raise kopf.TemporaryError(f"{fn.__name__}: {exc}", delay=RETRY_DELAY) from exc
 
 
 _locks: dict[tuple[str, str], threading.Lock] = {}

@@ -3,7 +3,8 @@ out; the operator posts them on the ProLongPipeline).
 
 Normal for progress (a stage submitted, running, succeeded, skipped; the pipeline succeeded),
 Warning for trouble (an attempt failed and the stage waits to retry, a retry was submitted, a
-stage or the pipeline failed, the spec is invalid). ``kubectl describe prolongpipeline`` and
+stage cannot start because its RayJob's name is taken, a stage or the pipeline failed, the spec
+is invalid). ``kubectl describe prolongpipeline`` and
 ``kubectl events`` show them without reading the status.
 """
 
@@ -26,6 +27,7 @@ class PipelineEvent:
 
 
 _STAGE_EVENTS: dict[str, tuple[Literal["Normal", "Warning"], str]] = {
+    "Pending": ("Warning", "StageBlocked"),  # only a Pending stage with a message: name taken
     "Submitted": ("Normal", "StageSubmitted"),
     "Running": ("Normal", "StageRunning"),
     "Retrying": ("Warning", "StageAttemptFailed"),
@@ -38,10 +40,11 @@ _STAGE_EVENTS: dict[str, tuple[Literal["Normal", "Warning"], str]] = {
 def transition_events(previous: PipelineStatus | None,
                       status: PipelineStatus) -> list[PipelineEvent]:
     """What changed from ``previous`` to ``status``: a stage's phase, id or RayJob, and the
-    pipeline's end. A stage still Pending has nothing to report."""
+    pipeline's end. A stage still Pending has nothing to report, unless it says why it cannot
+    start."""
     before = {s.name: s for s in (previous.stages if previous else ())}
     events = [_stage_event(st) for st in status.stages
-              if st.phase != "Pending" and _changed(before.get(st.name), st)]
+              if (st.phase != "Pending" or st.message) and _changed(before.get(st.name), st)]
     was = previous.phase if previous else None
     if status.phase != was and status.phase in ("Succeeded", "Failed"):
         kind: Literal["Normal", "Warning"] = "Normal" if status.phase == "Succeeded" \
@@ -58,7 +61,9 @@ def invalid_spec_event(reason: str) -> PipelineEvent:
 
 
 def _changed(old: StageStatus | None, new: StageStatus) -> bool:
-    return old is None or (old.phase, old.id, old.ray_job) != (new.phase, new.id, new.ray_job)
+    key = (old.phase, old.id, old.ray_job) if old is not None else None
+    blocked = new.phase == "Pending" and (old is None or old.message != new.message)
+    return blocked or key != (new.phase, new.id, new.ray_job)
 
 
 def _stage_event(st: StageStatus) -> PipelineEvent:

@@ -30,11 +30,14 @@ Policy, in one place:
   (they would burn GPU hours for a result nobody reads); finished ones are left as history
   (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A spec edited
   back to an earlier id finds its finished RayJob again and reuses it.
+* A name the plan would create that exists but is not the pipeline's (``taken``, judged by
+  :func:`prolong.reconcile.claim.claim`) is not created under another name: the stage stays
+  Pending with the reason and the pipeline is Stalled (reason NameTaken) until the name is free.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -78,12 +81,13 @@ def retry_backoff(spec: PipelineSpec, failed_attempts: int) -> timedelta:
 def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                   rayjobs: Iterable[ObservedRayJob], *, now: datetime,
                   complete: Collection[str] = (), previous: PipelineStatus | None = None,
-                  generation: int | None = None) -> Plan:
+                  generation: int | None = None, taken: Mapping[str, str] | None = None) -> Plan:
     """Decide the next step of a validated pipeline.
 
     ``rayjobs``: every RayJob the pipeline owns. ``complete``: stage directories
     (:attr:`StageRef.directory`) that hold the COMPLETE marker. ``previous``: the status last
     written (None for a new pipeline). ``generation``: metadata.generation of the spec.
+    ``taken``: RayJob names that exist but are not the pipeline's, with the reason.
     """
     refs = pipeline_stages(pipeline, jobs)
     max_attempts = 1 + pipeline.spec.max_stage_retries
@@ -99,6 +103,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     stages: list[StageStatus] = []
     waiting = False  # an earlier stage is not done yet
     failure: str | None = None
+    blocked: str | None = None  # the stage whose RayJob name is taken
     retry_at: datetime | None = None
     for ref in refs:
         mine = runs.get((ref.stage, ref.id), [])
@@ -124,13 +129,20 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             if st is None and (latest is None or retry):
                 attempt = latest.attempt + 1 if latest else 1
                 run = PlannedRayJob(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
-                creates.append(run)
-                message = None if latest is None else (
-                    f"attempt {latest.attempt} failed: {_reason(latest)}; "
-                    f"retrying (attempt {attempt} of {max_attempts})")
-                st = StageStatus(name=ref.stage, id=ref.id, phase="Submitted", ray_job=run.name,
-                                 output_uri=ref.directory, start_time=now, attempts=attempt,
-                                 message=message)
+                if taken and run.name in taken:
+                    blocked = ref.stage
+                    st = StageStatus(name=ref.stage, id=ref.id, phase="Pending",
+                                     output_uri=ref.directory,
+                                     attempts=latest.attempt if latest else 0,
+                                     message=taken[run.name])
+                else:
+                    creates.append(run)
+                    message = None if latest is None else (
+                        f"attempt {latest.attempt} failed: {_reason(latest)}; "
+                        f"retrying (attempt {attempt} of {max_attempts})")
+                    st = StageStatus(name=ref.stage, id=ref.id, phase="Submitted",
+                                     ray_job=run.name, output_uri=ref.directory, start_time=now,
+                                     attempts=attempt, message=message)
             elif st is None and latest.outcome == "failed":
                 failure = (f"stage {ref.stage} failed after {latest.attempt} attempt"
                            f"{'s' if latest.attempt > 1 else ''}: {_reason(latest)}")
@@ -148,10 +160,12 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
         if st.phase not in _DONE_PHASES:
             waiting = True
 
-    phase, current_stage = _pipeline_phase(stages, failure)
+    phase, current_stage = _pipeline_phase(stages, failure, blocked)
     status = PipelineStatus(phase=phase, current_stage=current_stage,
                             observed_generation=generation, stages=stages)
-    status.conditions = _conditions(status, previous, failure, now, generation)
+    status.conditions = _conditions(status, previous, failure, now, generation,
+                                    blocked=next((s.message for s in stages
+                                                  if s.name == blocked), None))
     return Plan(tuple(creates), deletes, status, retry_at)
 
 
@@ -249,9 +263,12 @@ def _reason(rj: ObservedRayJob) -> str:
     return f"RayJob {rj.name} {state}" + (f": {message}" if message else "")
 
 
-def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str, str | None]:
+def _pipeline_phase(stages: list[StageStatus], failure: str | None,
+                    blocked: str | None) -> tuple[str, str | None]:
     if failure is not None:
         return "Failed", next(s.name for s in stages if s.phase == "Failed")
+    if blocked is not None:
+        return "Pending", blocked
     active = next((s for s in stages if s.phase in ("Submitted", "Running", "Retrying")), None)
     if active is not None:
         return "Running", active.name
@@ -262,10 +279,12 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None) -> tuple[str
 
 
 def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
-                now: datetime, generation: int | None) -> list[Condition]:
+                now: datetime, generation: int | None, *,
+                blocked: str | None = None) -> list[Condition]:
 
     """Ready, plus kstatus' Reconciling (work in progress) and Stalled (will not progress by
-    itself: retries spent, or an invalid spec), which Flux and Argo CD's health checks read."""
+    itself: retries spent, a RayJob name taken, or an invalid spec), which Flux and Argo CD's
+    health checks read."""
     n = len(status.stages)
     if status.phase == "Succeeded":
         ready = Condition(type="Ready", status="True", reason="Succeeded",
@@ -274,6 +293,9 @@ def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure
     elif status.phase == "Failed":
         ready = Condition(type="Ready", status="False", reason="Failed", message=failure)
         reconciling = Condition(type="Reconciling", status="False", reason="Failed")
+    elif blocked is not None:
+        ready = Condition(type="Ready", status="False", reason="NameTaken", message=blocked)
+        reconciling = Condition(type="Reconciling", status="False", reason="NameTaken")
     else:
         current = next((s for s in status.stages if s.name == status.current_stage), None)
         where = f"stage {status.current_stage} " if status.current_stage else ""
@@ -286,6 +308,8 @@ def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure
                                 message=f"{where}{why}".strip() + (f": {detail}" if detail else ""))
     stalled = (Condition(type="Stalled", status="True", reason="RetriesExhausted",
                          message=failure) if failure is not None else
+               Condition(type="Stalled", status="True", reason="NameTaken", message=blocked)
+               if blocked is not None else
                Condition(type="Stalled", status="False", reason="NotStalled"))
     failed = (Condition(type="StageFailed", status="True", reason="RetriesExhausted",
                         message=failure) if failure is not None else

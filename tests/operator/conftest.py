@@ -8,7 +8,9 @@ same HTTP API: they create and edit the pipeline, and patch RayJob statuses.
 
 kmock is a plain object store: it keeps no generation (tests set metadata.generation as the API
 server would), ignores label selectors (the handlers filter by ownership as well), and has no
-garbage collector (the tests assert the ownerReferences that make deletion cascade).
+garbage collector (the tests assert the ownerReferences that make deletion cascade). Every test
+here runs it as :class:`tests.operator.apiserver.ApiServer`, which adds resourceVersions with
+optimistic concurrency (409 on a stale patch), injected faults and watch disconnects.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from prolong.specfile import dump_yaml, load, pipeline_from_resource
 from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.names import attempt_rayjob_name, rayjob_name
 from tests.conftest import use_kmock_kubeconfig
+from tests.operator.apiserver import ApiServer
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = REPO / "operator" / "handlers.py"
@@ -77,7 +80,7 @@ def rayjob_for(cr: dict, stage: str, attempt: int = 1) -> str:
 class Cluster:
     """The test's side of the API: what the API server and KubeRay would do, over HTTP."""
 
-    def __init__(self, kmock: kmock.KubernetesEmulator, session: aiohttp.ClientSession) -> None:
+    def __init__(self, kmock: ApiServer, session: aiohttp.ClientSession) -> None:
         self.kmock = kmock
         self.session = session
 
@@ -94,6 +97,14 @@ class Cluster:
 
     async def create_pipeline(self, cr: dict) -> None:
         await self._send("POST", self._path(PIPELINES), cr)
+
+    async def create(self, res: kmock.resource, obj: dict) -> None:
+        """Create any object (what someone other than the operator left in the namespace)."""
+        await self._send("POST", self._path(res), obj)
+
+    async def delete(self, res: kmock.resource, name: str) -> None:
+        """Delete an object (as the garbage collector or a user would)."""
+        await self._send("DELETE", self._path(res, name))
 
     async def edit_pipeline(self, name: str, spec: dict, generation: int) -> None:
         await self._send("PATCH", self._path(PIPELINES, name),
@@ -157,8 +168,14 @@ class Cluster:
         return self.status(name)
 
 
+@pytest.fixture
+def kmock_options() -> dict[str, Any]:
+    """kmock's plugin builds its server from these: ours, with resourceVersions and faults."""
+    return {"cls": ApiServer}
+
+
 @pytest_asyncio.fixture
-async def cluster(kmock: kmock.KubernetesEmulator, tmp_path: Path,
+async def cluster(kmock: ApiServer, tmp_path: Path,
                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
     info = kmock.ResourceInfo
     kmock.resources[PIPELINES] = info(namespaced=True, kind="ProLongPipeline",
