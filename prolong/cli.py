@@ -152,6 +152,11 @@ def render(
     out.print(dump_all(render_objects(loaded, namespace=namespace)), markup=False, end="")
 
 
+PIPELINE_OPT = typer.Option(None, "--pipeline", help="For a job file: the pipeline file whose stage "
+                            "it is (default: the one pipeline file beside it that references "
+                            "it).")
+
+
 @app.command()
 def run(
     file: Path = FILE_ARG,
@@ -159,6 +164,7 @@ def run(
                                     help="Join this Ray cluster (auto on a KubeRay head pod) "
                                          "instead of starting a local one."),
     until: str = typer.Option(None, "--until", help="Stop after this stage of a pipeline."),
+    pipeline: Path = PIPELINE_OPT,
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show the workers' and Ray's log lines on the console too "
@@ -167,7 +173,8 @@ def run(
     """Run a job, or a pipeline stage after stage, on Ray Train: prepares the data, trains, and
     writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/, logs/,
     COMPLETE). Complete stages are skipped; an interrupted stage resumes from its last
-    checkpoint. The console shows one line per stage event, a progress bar per training stage and
+    checkpoint. A job file that a pipeline references runs as that pipeline's stage, in the
+    pipeline's directory (as submit resolves it); its upstream stage must be complete. The console shows one line per stage event, a progress bar per training stage and
     a summary at the end; worker output goes to each stage's logs/.
 
     [bold]Examples[/bold]
@@ -184,7 +191,7 @@ def run(
     with user_errors():
         try:
             run_file(file, ray_address=ray_address, progress=not no_progress, until=until,
-                     verbose=verbose)
+                     verbose=verbose, pipeline_file=pipeline)
         except RunError as exc:
             err.print(f"prolongctl run: {exc}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None
@@ -264,11 +271,6 @@ def cluster_errors() -> Iterator[None]:
         except ClusterError as exc:
             err.print(str(exc), markup=False)
             raise typer.Exit(EXIT_FAILED) from None
-
-
-PIPELINE_OPT = typer.Option(None, "--pipeline", help="For a job file: the pipeline file whose stage "
-                            "it is (default: the one pipeline file beside it that references "
-                            "it).")
 
 
 @app.command()

@@ -29,10 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.datacheck import check_data_dir
 from prolong.eval.job import run_eval_stage
+from prolong.jobfile import job_stage
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, final_problems, read_metrics
-from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.lock import StageLock, StageLocked
 from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
@@ -46,8 +47,12 @@ class RunError(RuntimeError):
     """A stage could not run or did not finish (exit code 1)."""
 
 
-def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
-    """(job, its identity, upstream stage name -> stage directory) for every stage, in order."""
+def stages_of(loaded: Loaded, pipeline_file: str | Path | None = None,
+              ) -> list[tuple[Job, StageRef, dict[str, str]]]:
+    """(job, its identity, upstream stage name -> stage directory) for every stage, in order. A
+    job file that a pipeline references (``pipeline_file``, else the one beside it) is that
+    pipeline's stage, in that pipeline's directory: resolved as ``prolongctl submit`` resolves
+    it (:func:`prolong.jobfile.job_stage`)."""
     doc = loaded.document
     if isinstance(doc, ProLongPipeline):
         refs = pipeline_stages(doc, loaded.jobs)
@@ -61,19 +66,30 @@ def stages_of(loaded: Loaded) -> list[tuple[Job, StageRef, dict[str, str]]]:
         except StageFileError as exc:
             raise RunError(str(exc)) from None
         return [(doc, info.ref, info.upstream_dirs)]
-    return [(doc, standalone_stage(doc), {})]
+    found = job_stage(loaded, pipeline_file)  # SpecError: a fromStage file no pipeline names
+    return [(found.job, found.ref, {n: r.directory for n, r in found.upstream.items()})]
+
+
+def data_source(loaded: Loaded, pipeline_file: str | Path | None = None) -> Loaded:
+    """The file whose data a run prepares and reads: for a job file resolved through a pipeline,
+    that pipeline (its stages' shards and tokenizers are the pipeline's, as ``run`` of the
+    pipeline file prepares them); else the file itself."""
+    if loaded.is_pipeline or stage_file_beside(loaded.path).exists():
+        return loaded
+    return job_stage(loaded, pipeline_file).pipeline or loaded
 
 
 def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool = True,
              until: str | None = None, console: Console | None = None,
-             verbose: bool = False) -> list[StageRef]:
+             verbose: bool = False, pipeline_file: str | Path | None = None) -> list[StageRef]:
     """Run every stage of the file that is not complete (up to and including stage ``until``);
     returns the stages, in order. The console gets one line per stage event, a progress bar per
     training stage and a summary at the end; worker output goes to each stage's logs/ (with
     ``verbose``, to the console as well, through Ray)."""
     console = console or Console(stderr=True)
     loaded = load(path)
-    stages = stages_of(loaded)
+    stages = stages_of(loaded, pipeline_file)
+    loaded = data_source(loaded, pipeline_file)
     if until is not None:
         names = [ref.stage for _, ref, _ in stages]
         if until not in names:
@@ -108,7 +124,7 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             if isinstance(job, EvalJob):  # bad eval data is bad input (exit 2), before any model
                 check_data_dir(job.spec)
         if pending:
-            _prepare(path, progress)
+            _prepare(loaded.path, progress)
             _connect(ray_address, console, verbose=verbose)
         for job, ref, upstream_dirs in pending:
             _run_pending(job, ref, upstream_dirs, loaded, console, walls, progress=progress,
