@@ -318,6 +318,7 @@ class Worker:
         candidates: list[tuple[str, str | None]] = [(name, None)]
         if step is not None:
             candidates += [(uri.rsplit("/", 1)[-1], uri) for uri in older_checkpoints(stage, step)]
+        why: list[str] = []  # this rank's reason per candidate, for the error if none is usable
         for i, (cand_name, uri) in enumerate(candidates):
             directory = latest if uri is None else Path(local_copy(uri))
             problems = checkpoint_problems(directory)
@@ -331,12 +332,17 @@ class Worker:
                                   f"checkpoint(s) {', '.join(n for n, _ in candidates[:i])}",
                                   file=sys.stderr, flush=True)
                     return source
-                problems = [reason] if self.rank == 0 else []  # the same on every rank
-            if problems:  # this rank's reasons; the others log theirs
+                problems = [reason]  # rank 0's, broadcast: logged by rank 0 alone
+                if self.rank == 0:
+                    print(f"checkpoint {cand_name} is unusable: {reason}", file=sys.stderr,
+                          flush=True)
+            elif problems:  # this rank's reasons; the others log theirs
                 print(f"checkpoint {cand_name} is unusable on rank {self.rank}: "
                       f"{'; '.join(problems)}", file=sys.stderr, flush=True)
-        raise RuntimeError(f"no usable checkpoint in {self.ref.directory} "
-                           f"(tried {', '.join(n for n, _ in candidates)}; see the workers' logs)")
+            why.append(f"{cand_name}: {'; '.join(problems)[:200]}" if problems
+                       else f"{cand_name}: unusable on another rank")
+        raise RuntimeError(f"no usable checkpoint in {self.ref.directory} ({'; '.join(why)}; "
+                           "see the workers' logs)")
 
     def _prepare(self, directory: Path, uri: str) -> tuple[LoadSource | None, str | None]:
         """How to load the usable checkpoint ``directory`` on this run's layout: (source, None),

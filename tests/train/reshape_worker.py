@@ -47,6 +47,12 @@ def run_task(task: dict) -> dict:
     worker = Worker(run, GlooContext())
     stage = StageDir(worker.ref.directory)
     resume = task.get("resume")
+    if task.get("expect_error"):  # a start that must be refused: its message, from every rank
+        try:
+            worker.start(Path(resume) if resume else None)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        raise AssertionError(f"task {task['name']} started")
     started = worker.start(Path(resume) if resume else None)
     built, loader = started.built, started.loader
     losses = {}

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from prolong.data.mixture import MixtureLoader
 from prolong.data.shards import ShardWriter, TokenShards
@@ -117,9 +118,20 @@ def runs(tmp_path_factory):
              task("down-from-up1", job(world=1, steps=SAVE, upstream=True), stage="down1",
                   until=SAVE, upstream_dir=str(Path(checkpoint("up1")).parent)),
              task("down-from-up2", job(world=1, steps=SAVE, upstream=True), stage="down2",
-                  until=SAVE, upstream_dir=str(Path(checkpoint("up2")).parent))]
+                  until=SAVE, upstream_dir=str(Path(checkpoint("up2")).parent)),
+             # Refused: another ZeRO stage; shards that open but do not convert (made below).
+             task("zero3-from-up2", job(world=1, zero=3, steps=SAVE, upstream=True),
+                  stage="down3", upstream_dir=str(Path(checkpoint("up2")).parent),
+                  expect_error=True),
+             task("broken>1", job(world=1), stage="broken", resume=checkpoint("broken"),
+                  expect_error=True)]
     results, logs = {}, {}
     for world, tasks in (("1", one), ("2", two), ("1b", back)):
+        if world == "1b":  # a copy of a 2-worker checkpoint whose optimizer shard lost its state
+            broken = Path(checkpoint("broken"))
+            shutil.copytree(checkpoint("dp2-z2"), broken)
+            shard = next((broken / "ds").glob("zero_pp_rank_1_*optim_states.pt"))
+            torch.save({"not": "a ZeRO shard"}, shard)
         work = root / f"launch-{world}"
         work.mkdir()
         (work / "plan.json").write_text(json.dumps(tasks))
@@ -217,6 +229,23 @@ def test_layout_is_recorded_and_inferred_for_older_checkpoints(runs, tmp_path):
         del state["layout"]
         (old / TRAINER_STATE).write_text(json.dumps(state))
         assert read_layout(old) == Layout(world=2, zero_stage=layout.zero_stage)
+
+
+def test_refusals_name_the_checkpoint_and_the_reason(runs):
+    results, root = runs["results"], runs["root"]
+    up2 = runs["checkpoint"]("up2")
+    assert results["zero3-from-up2"]["error"] == (
+        f"ReshapeError: {up2}: written with ZeRO-2, this run uses ZeRO-3; DeepSpeed converts a "
+        "checkpoint to another world size but not to another ZeRO stage (run with zeroStage 2)")
+    # Files that open but do not convert: no older checkpoint to fall back to, so the error
+    # names the stage, the checkpoint and DeepSpeed's reason, on one line.
+    error = results["broken>1"]["error"]
+    assert error.startswith(f"RuntimeError: no usable checkpoint in {root}/runs/reshape/broken-t "
+                            "(checkpoint-000003: its universal copy could not be made (")
+    assert "\n" not in error, error
+    assert "checkpoint checkpoint-000003 is unusable: its universal copy" in runs["logs"]["1b"]
+    assert not (Path(runs["checkpoint"]("broken")) / UNIVERSAL_TAG).exists()
+    assert not [p for p in Path(runs["checkpoint"]("broken")).iterdir() if p.name[0] == "."]
 
 
 def test_impossible_conversions_are_one_line_naming_the_checkpoint():
