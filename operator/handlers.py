@@ -136,18 +136,6 @@ class NameTaken(Stale):
         self.rayjob, self.reason = rayjob, reason
 
 
-class _Pass:
-    """What one reconcile carries from a read to the next. (A plain class: ``kopf run`` and the
-    image test load this file without registering it in sys.modules, which dataclasses need.)"""
-
-    def __init__(self) -> None:
-        self.taken: dict[str, str] = {}
-        """RayJob names found taken (NameTaken): the planner does not plan them again."""
-        self.writing: tuple[PipelineStatus | None, PipelineStatus] | None = None
-        """(previous, new) of a status patch that failed: if the next read finds it written
-        after all (only its response was lost), its events are posted then."""
-
-
 def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger | None = None,
               post: Callable[[dict[str, Any], PipelineEvent], None] | None = None) -> Plan | None:
     """Bring one pipeline one step forward. Returns the plan applied (None: nothing to plan,
@@ -155,16 +143,17 @@ def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger 
     the pipeline for each transition (the handlers pass :func:`post_event`).
 
     API calls ride out transient faults under :data:`API` (timeouts, retries with backoff); a
-    :class:`Stale` plan is made again from a fresh read, up to FRESH_READS times."""
+    :class:`Stale` plan is made again from a fresh read, up to FRESH_READS times (the RayJobs
+    it created are found by that read, so nothing is created twice)."""
     log = logger or logging.getLogger(__name__)
     with _serialised(namespace, name):
-        state = _Pass()
+        taken: dict[str, str] = {}  # RayJob names found taken: not planned again
         for _ in range(FRESH_READS):
             try:
-                return _reconcile_once(api, namespace, name, log, post, state)
-            except NameTaken as taken:
-                log.warning("%s", taken.reason)
-                state.taken[taken.rayjob] = taken.reason
+                return _reconcile_once(api, namespace, name, log, post, taken)
+            except NameTaken as found:
+                log.warning("%s", found.reason)
+                taken[found.rayjob] = found.reason
             except Stale as why:
                 log.info("Planning again from a fresh read: %s", why)
         raise kopf.TemporaryError(f"the pipeline changed during each of {FRESH_READS} reads",
@@ -173,16 +162,11 @@ def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger 
 
 def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logger,
                     post: Callable[[dict[str, Any], PipelineEvent], None] | None,
-                    state: _Pass) -> Plan | None:
+                    taken: dict[str, str]) -> Plan | None:
     body = get_pipeline(api, namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     previous = previous_status(body)
-    if state.writing is not None:
-        if state.writing[1] == previous and post is not None:  # it was written after all
-            for event in transition_events(*state.writing):
-                post(body, event)
-        state.writing = None
     generation = body["metadata"].get("generation")
     now = datetime.datetime.now(datetime.timezone.utc)
     try:
@@ -191,17 +175,17 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
         status = invalid_spec_status(previous, err.one_line(), now=now, generation=generation)
         if status != previous:
             log.warning("Invalid spec: %s", err.one_line())
-            patch_status(api, body, status)
+            write_status(api, body, previous, status)
             if post is not None:
                 post(body, invalid_spec_event(err.one_line()))
         return None
-    owned, taken = pipeline_rayjobs(api, body)
-    state.taken.update(taken)
+    owned, held = pipeline_rayjobs(api, body)
+    taken.update(held)
     complete = {r.directory for r in pipeline_stages(pipeline, jobs)
                 if stage_complete(r.directory)}
     plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
                          complete=complete, previous=previous, generation=generation,
-                         taken=state.taken)
+                         taken=taken)
     for rayjob in plan.deletes:
         log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
         _call(CustomObjectsApi(api).delete_namespaced_custom_object,
@@ -210,9 +194,7 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
         log.info("Creating RayJob %s (stage %s, attempt %d)", run.name, run.stage, run.attempt)
         create_stage(api, body, pipeline, jobs, run)
     if plan.status != previous:
-        state.writing = (previous, plan.status)
-        patch_status(api, body, plan.status)
-        state.writing = None
+        write_status(api, body, previous, plan.status)
         if post is not None:
             for event in transition_events(previous, plan.status):
                 post(body, event)
@@ -289,13 +271,13 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     rayjob["metadata"]["labels"][ATTEMPT_LABEL] = str(run.attempt)
     core, custom = CoreV1Api(api), CustomObjectsApi(api)
     ray = (RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL)
-    if _call(core.create_namespaced_config_map, namespace, configmap, ok=(409,)) is None:
+    if _exists_already(core.create_namespaced_config_map, namespace, configmap):
         cm_name = configmap["metadata"]["name"]
         existing = _call(core.read_namespaced_config_map, cm_name, namespace, ok=(404,))
         _settle(api, run, configmap, existing and api.sanitize_for_serialization(existing),
                 owner, lambda patch: _call(core.patch_namespaced_config_map, cm_name, namespace,
                                            patch, _content_type=MERGE_PATCH))
-    if _call(custom.create_namespaced_custom_object, *ray, rayjob, ok=(409,)) is None:
+    if _exists_already(custom.create_namespaced_custom_object, *ray, rayjob):
         existing = _call(custom.get_namespaced_custom_object, *ray, run.name, ok=(404,))
         _settle(api, run, rayjob, existing, owner, lambda patch: _call(
             custom.patch_namespaced_custom_object, *ray, run.name, patch,
@@ -326,6 +308,30 @@ def owner_reference(body: dict[str, Any]) -> dict[str, Any]:
             "uid": meta.get("uid", ""), "controller": True, "blockOwnerDeletion": True}
 
 
+def write_status(api: ApiClient, body: dict[str, Any], base: PipelineStatus | None,
+                 status: PipelineStatus) -> None:
+    """Write ``status``, planned from ``body`` whose status was ``base``. On a 409 (the pipeline
+    changed since it was read) read it again: when its status is ``status`` already, the write
+    landed and only its answer was lost; when it is still ``base``, only metadata moved (kopf's
+    own annotations, a label) and the same status goes again with the new resourceVersion (each
+    write stays one planning pass, so no transition, and no Event, is skipped); when someone
+    else changed the status (another operator), Stale: plan again from the fresh state."""
+    for _ in range(FRESH_READS):
+        try:
+            patch_status(api, body, status)
+            return
+        except Stale:
+            meta = body["metadata"]
+            fresh = get_pipeline(api, meta["namespace"], meta["name"])
+            if fresh is None or previous_status(fresh) == status:
+                return
+            if previous_status(fresh) != base:
+                raise
+            body = fresh
+    raise kopf.TemporaryError(f"status of {body['metadata']['name']}: {FRESH_READS} conflicts in a "
+                              "row", delay=RETRY_DELAY)
+
+
 def patch_status(api: ApiClient, body: dict[str, Any], status: PipelineStatus) -> None:
     """Merge-patch the status subresource (keys set to null are removed). The patch carries the
     resourceVersion the status was planned from: if the pipeline changed since, the API server
@@ -337,6 +343,16 @@ def patch_status(api: ApiClient, body: dict[str, Any], status: PipelineStatus) -
     _call(CustomObjectsApi(api).patch_namespaced_custom_object_status,
           GROUP, VERSION, meta["namespace"], PLURAL, meta["name"], patch,
           _content_type=MERGE_PATCH, ok=(404,))
+
+
+def _exists_already(create: Callable[..., Any], *args: Any) -> bool:
+    """Create through ``create``; True when the name exists already (409). (Not read from the
+    return value: the client returns None for a 200 where it expects 201.)"""
+    try:
+        _call(create, *args)
+    except Stale:  # a create's 409 is AlreadyExists
+        return True
+    return False
 
 
 def _call(fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:

@@ -90,6 +90,12 @@ class ApiServer(kmock.KubernetesEmulator):
             stop.set()
         return len(self._watches)
 
+    def forget_requests(self) -> None:
+        """Drop the request history. kmock matches each request against every reaction by
+        walking the whole history, so a test that sends thousands of requests (the fault
+        property test) forgets between steps to stay fast."""
+        self._requests.clear()
+
     def release(self) -> None:
         """Answer every hung request now (at the end of a test)."""
         self._released.set()

@@ -253,6 +253,29 @@ async def test_a_rayjob_name_held_by_another_owner_blocks_the_stage(cluster: Clu
 
 
 @pytest.mark.asyncio
+async def test_a_configmap_name_held_by_another_owner_blocks_the_stage(cluster: Cluster) -> None:
+    """The operator does not list ConfigMaps: the create's 409 is what finds this one, and the
+    RayJob that would mount it (to be garbage collected with its owner) is not created."""
+    cr = pipeline_cr()
+    name = cr["metadata"]["name"]
+    pipeline, jobs = pipeline_from_resource(cr)
+    leftover, _ = render_stage(pipeline, jobs, "stage1", namespace=NAMESPACE,
+                               managed_by="prolong-operator")
+    leftover["metadata"]["ownerReferences"] = [{
+        "apiVersion": "prolong.dev/v1alpha1", "kind": "ProLongPipeline", "name": name,
+        "uid": "uid-0", "controller": True, "blockOwnerDeletion": True}]
+    await cluster.create(CONFIGMAPS, leftover)
+    await cluster.create_pipeline(cr)
+    handlers = load_handlers()
+    plan = await asyncio.to_thread(handlers.reconcile, handlers.kube_client(), NAMESPACE, name)
+    assert plan.creates == () and cluster.rayjobs() == {}
+    stage1 = stage(cluster.status(name), "stage1")
+    assert stage1["phase"] == "Pending"
+    assert f"ConfigMap {leftover['metadata']['name']}" in stage1["message"]
+    assert "uid-0" in stage1["message"]
+
+
+@pytest.mark.asyncio
 async def test_an_orphan_of_the_same_run_is_adopted_not_run_again(cluster: Cluster) -> None:
     """Stage 1 was submitted alone (``prolongctl submit``) and finished before the pipeline was
     created: its RayJob has the stage's name and id but no owner. The pipeline adopts it (owner,

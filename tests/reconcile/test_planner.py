@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from prolong.k8s.rayjob import render_stage
+from prolong.reconcile.events import transition_events
 from prolong.reconcile.observe import ClusterCondition, ObservedRayJob, rayjob_outcome
 from prolong.reconcile.planner import Plan, invalid_spec_status, plan_pipeline, retry_backoff
 from prolong.reconcile.status import PipelineStatus
@@ -409,3 +410,27 @@ def test_failure_messages_are_one_short_line(p8b):
     p = plan(p8b, [run(p8b, "stage1", "Complete", "FAILED", a, message=logs) for a in (1, 2, 3)])
     message = cond(p.status, "StageFailed").message
     assert "\n" not in message and len(message) < 400 and message.endswith("...")
+
+
+def test_a_taken_name_is_not_created_and_the_stage_says_why(p8b):
+    """A RayJob name that exists but is not the pipeline's: no create, never another name; the
+    stage waits with the reason and the pipeline is Stalled until the name is free."""
+    reason = f"cannot create RayJob {name_of(p8b, 'stage2')}: controlled by someone else"
+    p = plan(p8b, [done(p8b, "stage1")], taken={name_of(p8b, "stage2"): reason})
+    assert p.creates == ()
+    stage2 = p.status.stages[1]
+    assert (stage2.phase, stage2.message, stage2.ray_job) == ("Pending", reason, None)
+    assert (p.status.phase, p.status.current_stage) == ("Pending", "stage2")
+    conds = {c.type: c for c in p.status.conditions}
+    assert (conds["Stalled"].status, conds["Stalled"].reason) == ("True", "NameTaken")
+    assert conds["Stalled"].message == reason
+    assert (conds["Ready"].reason, conds["Reconciling"].status) == ("NameTaken", "False")
+    events = transition_events(None, p.status)
+    assert ("Warning", "StageBlocked") in [(e.type, e.reason) for e in events]
+    assert transition_events(p.status, p.status) == []  # said once, not on every reconcile
+    # Only that attempt's name counts: a retry's name taken blocks the retry, not attempt 1.
+    retry = plan(p8b, [run(p8b, "stage1", "Complete", "FAILED")],
+                 taken={name_of(p8b, "stage1", 2): reason})
+    assert retry.creates == () and retry.status.stages[0].attempts == 1
+    free = plan(p8b, [done(p8b, "stage1")], taken={"someone-else": reason})
+    assert [c.name for c in free.creates] == [name_of(p8b, "stage2")]
