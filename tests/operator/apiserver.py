@@ -11,8 +11,8 @@ behaviour: inherit and override) adds, over the same HTTP:
   response lost), applied and answered only after a delay or never (until the test ends);
 * watch disconnects: :meth:`ApiServer.cut_watches` ends every open watch stream, as an API
   server restart or its timeout does; kopf then watches again;
-* observers of each stored RayJob create (:attr:`ApiServer.on_create`), for invariants that
-  must hold at the moment a stage starts.
+* observers of each stored write (:attr:`ApiServer.on_write`), for invariants that must hold at
+  the moment a stage starts or a status is written.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def named(match: Callable[[kmock.Request], bool],
 @attrs.define(kw_only=True)
 class ApiServer(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list, init=False)
-    on_create: list[Callable[[kmock.Request], None]] = attrs.field(factory=list, init=False)
+    on_write: list[Callable[[kmock.Request], None]] = attrs.field(factory=list, init=False)
+    """Called with each create or patch once it is stored (a refused one is not)."""
     _versions: Any = attrs.field(factory=lambda: itertools.count(100), init=False)
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _released: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
@@ -126,9 +127,8 @@ class ApiServer(kmock.KubernetesEmulator):
             async with self._writes:  # the check and the write are one step, as in etcd
                 self._stamp(request)
                 response = await super()._handle(request)
-            if request.action == kmock.action.CREATE:  # stored (a 409 raised above)
-                for observe in self.on_create:
-                    observe(request)
+            for observe in self.on_write:  # stored: a refusal raised above
+                observe(request)
         else:
             response = await super()._handle(request)
         if fault is None or fault.kind == "before":

@@ -63,10 +63,10 @@ class Invariants:
     def __init__(self, cluster: Cluster, cr: dict) -> None:
         self.cluster, self.cr, self.violations, self.created = cluster, cr, [], []
         self.refs = stage_refs(cr)
-        cluster.kmock.on_create.append(self.check)
+        cluster.kmock.on_write.append(self.check)
 
     def check(self, request: kmock.Request) -> None:
-        if request.resource != RAYJOBS:
+        if request.resource != RAYJOBS or request.action != kmock.action.CREATE:
             return
         meta = request.data["metadata"]
         stage, attempt = meta["labels"][STAGE_LABEL], int(meta["labels"][f"{LABEL_PREFIX}attempt"])

@@ -13,7 +13,8 @@ the API server as each RayJob is stored and after every step:
 - a stage starts only when every earlier stage has a succeeded RayJob, no other RayJob of the
   pipeline is still running, the stage has not succeeded already, and (a retry) its previous
   attempt failed; no stage gets more than 1 + maxStageRetries attempts;
-- the stored status never claims a success that no RayJob had, and never takes one back;
+- the stored status never claims a success that no RayJob had, and no write takes one back
+  (a status planned from an older state must not overwrite a newer one);
 
 and at the end, faults off, the pipeline settles: Succeeded or Failed as its RayJobs say, and a
 further reconcile creates nothing and writes nothing.
@@ -113,9 +114,14 @@ class Sequence:
         return {n: rj for n, rj in self.cluster.rayjobs().items()
                 if rj["metadata"]["labels"].get(PIPELINE_LABEL) == self.name}
 
-    def on_create(self, request: kmock.Request) -> None:
+    def on_write(self, request: kmock.Request) -> None:
+        if request.resource == PIPELINES and request.subresource == "status":
+            if request.name == self.name:
+                self.check_status()  # at the moment of each write, not only between steps
+            return
         meta = request.data["metadata"]
-        if request.resource != RAYJOBS or meta["labels"].get(PIPELINE_LABEL) != self.name:
+        if request.resource != RAYJOBS or request.action != kmock.action.CREATE or \
+                meta["labels"].get(PIPELINE_LABEL) != self.name:
             return
         name, labels = meta["name"], meta["labels"]
         stage, attempt = labels[STAGE_LABEL], int(labels[f"{LABEL_PREFIX}attempt"])
@@ -165,12 +171,15 @@ class Sequence:
         except kopf.TemporaryError as err:  # kopf would run the handler again; so do we
             self.log.append(f"  temporary: {err}")
 
-    async def kuberay(self) -> None:
+    async def kuberay(self, finish: bool = False) -> None:
+        """Move one active RayJob on: to RUNNING, then SUCCEEDED (mostly) or FAILED; at once to
+        the end with ``finish``."""
         active = [n for n, rj in self.rayjobs().items() if terminal(rj) is None]
         if not active:
             return
         name = self.rng.choice(active)
-        if (self.rayjobs()[name].get("status") or {}).get("jobStatus") != "RUNNING":
+        if not finish and (self.rayjobs()[name].get("status") or {}).get("jobStatus") != \
+                "RUNNING":
             await self.cluster.set_rayjob(name, "Running", "RUNNING")
         elif self.rng.random() < 0.8:
             await self.cluster.set_rayjob(name, "Complete", "SUCCEEDED")
@@ -185,8 +194,8 @@ class Sequence:
         if kind == "race":  # another operator reconciles while this status patch is on its way
             other = self.operators[self.rng.randrange(2)]
 
-            async def race() -> None:
-                await self.kuberay()
+            async def race() -> None:  # the status this patch carries is now out of date
+                await self.kuberay(finish=True)
                 await self.run(other)
             fault = Fault(match, "before", hook=race)
         else:
@@ -248,7 +257,7 @@ async def test_random_fault_sequences_keep_the_invariants(
         began = time.monotonic()
         cluster.kmock.objects.clear()  # each sequence on an empty cluster
         seq = Sequence(cluster, seed)
-        cluster.kmock.on_create[:] = [seq.on_create]
+        cluster.kmock.on_write[:] = [seq.on_write]
         await cluster.create_pipeline(seq.cr)
         for _ in range(STEPS):
             cluster.kmock.forget_requests()
