@@ -16,8 +16,9 @@ connections are retried in place with backoff (a create whose response was lost 
 repeat: names are deterministic). A 409 on create means the name exists: ours (nothing to do),
 an orphan of the same run (adopted), or someone else's (the stage waits, NameTaken, with the
 reason in its status; never a second RayJob under another name). The status patch carries the
-resourceVersion it was planned from; a 409 means the pipeline changed meanwhile, and the plan
-is made again from a fresh read. What triggers it:
+resourceVersion it was planned from; a 409 means the pipeline changed meanwhile: read again, the
+same status goes again when only metadata moved, and the plan is made again from the fresh read
+when another writer changed the status (:func:`write_status`). What triggers it:
 
 * the pipeline is created, resumed (operator restart) or its spec changes;
 * a RayJob the operator manages changes (KubeRay updates its status);
@@ -26,7 +27,8 @@ is made again from a fresh read. What triggers it:
   event.
 
 Each status change also posts Kubernetes Events on the pipeline (Normal for progress, Warning
-for failures and retries: :func:`prolong.reconcile.events.transition_events`).
+for failures, retries and a stage blocked by a taken name:
+:func:`prolong.reconcile.events.transition_events`).
 
 Configuration (environment): ``KUBECONFIG`` (a kubeconfig file; otherwise the pod's service
 account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``, ``PROLONG_API_TIMEOUT_SECONDS``
@@ -131,6 +133,9 @@ class Stale(Exception):
 
 
 class NameTaken(Stale):
+    """A name the plan creates belongs to someone else: plan again with it taken (the stage
+    waits, with ``reason`` in its status)."""
+
     def __init__(self, rayjob: str, reason: str) -> None:
         super().__init__(reason)
         self.rayjob, self.reason = rayjob, reason
