@@ -57,7 +57,8 @@ def test_cpu_stage_has_no_gpu_hours():
     job = loaded.document
     from prolong.stage.identity import standalone_stage
     p = plan_stage(job, standalone_stage(job), job.spec.model.architecture)
-    assert p.gpu_hours is None and p.steps == 30 and p.tokens == 61440
+    assert p.gpu_hours is None and p.steps == job.spec.steps
+    assert p.tokens == job.spec.steps * job.spec.global_batch_tokens
 
 
 def test_standalone_stage_without_architecture_says_so():

@@ -161,6 +161,32 @@ class StageDir:
     def read_manifest(self) -> Manifest:
         return Manifest.model_validate(self.read_json(MANIFEST))
 
+    def completed_at(self) -> float | None:
+        """When the stage committed (the time in its COMPLETE marker); None while incomplete, 0
+        for a marker without a readable time."""
+        if not self.is_complete():
+            return None
+        try:
+            return float(self.read_json(COMPLETE)["completed_at"])
+        except (KeyError, TypeError, ValueError):
+            return 0.0
+
+    def supersede(self, keep: tuple[str, ...] = ()) -> str:
+        """Move every entry except ``keep`` into the sibling ``<dir>.superseded-<UTC time>`` and
+        return its URI: a stage that must run again from scratch starts from an empty directory,
+        and the outputs it replaces are kept, not deleted. ``keep`` leaves the run's own lock in
+        place. Refused (OSError) on object stores, which cannot move directories."""
+        if not isinstance(self.fs, pafs.LocalFileSystem):
+            raise OSError(f"{self.uri}: cannot move a stage directory aside on an object store; "
+                          "delete it to run the stage again")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = Path(f"{self.path.rstrip('/')}.superseded-{stamp}")
+        target.mkdir(parents=True, exist_ok=False)
+        for entry in sorted(Path(self.path).iterdir()):
+            if entry.name not in keep:
+                os.replace(entry, target / entry.name)
+        return str(target)
+
     def mark_complete(self) -> None:
         """The commit point of a stage: call only after manifest and final/ are written."""
         if not self.exists(MANIFEST):

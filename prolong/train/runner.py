@@ -34,7 +34,7 @@ from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, final_problems, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages
-from prolong.stage.lock import StageLock, StageLocked
+from prolong.stage.lock import LOCK_FILE, StageLock, StageLocked
 from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
 from prolong.stage.uri import absolute
@@ -95,15 +95,20 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
         if until not in names:
             raise RunError(f"--until {until}: no such stage (stages: {', '.join(names)})")
         stages = stages[: names.index(until) + 1]
-    pending = []
+    pending, stale = [], set()
     walls: dict[str, float] = {}
     for stage in stages:
-        ref = stage[1]
-        if StageDir(ref.directory).is_complete():
+        job, ref, upstream_dirs = stage
+        if not StageDir(ref.directory).is_complete():
+            pending.append(stage)
+        elif (why := out_of_date(job, ref, upstream_dirs, {r.stage for _, r, _ in pending})):
+            console.print(f"stage {ref.stage} ({ref.id}) is complete but {why}: it runs again",
+                          markup=False, soft_wrap=True)
+            pending.append(stage)
+            stale.add(ref.stage)
+        else:
             console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}",
                           markup=False, soft_wrap=True)
-        else:
-            pending.append(stage)
     with contextlib.ExitStack() as held:
         # One run of a stage at a time (prolong.stage.lock): every pending stage is locked
         # before data preparation or Ray start, so a second run of the same stages refuses at once.
@@ -115,6 +120,13 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
             except StageLocked as exc:
                 raise RunError(str(exc)) from None
             held.callback(lock.release)
+            if ref.stage in stale:  # under its lock: nobody else can be using it
+                try:
+                    aside = StageDir(ref.directory).supersede(keep=(LOCK_FILE,))
+                except OSError as exc:
+                    raise RunError(str(exc)) from None
+                console.print(f"stage {ref.stage}: its previous outputs moved to {aside}",
+                              markup=False, soft_wrap=True)
         # Upstream stages finished before this run must be usable now: fail before preparing data
         # or starting Ray (upstreams this run produces are checked when their turn comes).
         running = {ref.stage for _, ref, _ in pending}
@@ -132,6 +144,21 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
     print_summary(console, [StageOutcome.read(ref, wall_seconds=walls.get(ref.stage))
                             for _, ref, _ in stages])
     return [ref for _, ref, _ in stages]
+
+
+def out_of_date(job: Job, ref: StageRef, upstream_dirs: dict[str, str],
+                rerunning: set[str]) -> str | None:
+    """Why a complete stage must run again (None: it need not), make-style: the stage it starts
+    from runs again now (``rerunning``), or completed after it did (someone re-ran it since)."""
+    src = job.spec.model.from_stage
+    if src is None or src not in upstream_dirs:
+        return None
+    if src in rerunning:
+        return f"stage {src}, which it starts from, runs again"
+    mine, theirs = (StageDir(d).completed_at() for d in (ref.directory, upstream_dirs[src]))
+    if mine is not None and theirs is not None and theirs > mine:
+        return f"stage {src}, which it starts from, completed after it"
+    return None
 
 
 def upstream_ready(job: Job, ref: StageRef, upstream_dirs: dict[str, str]) -> str | None:

@@ -280,16 +280,21 @@ def test_quickstart_pipeline_from_nothing_then_nothing_to_do(tmp_path, monkeypat
     path = "quickstart/pipeline.yaml"
     first = prepare_file(path, workers=1, progress=False)
     assert first.work_done and len(first.tokenizers_trained) == 1
-    assert sorted(first.corpora) == ["books", "code-repos", "sft-conversations", "short-text"]
+    assert sorted(first.corpora) == ["books", "code-repos", "retrieval", "sft-conversations",
+                                     "short-text"]
     by = {(s.stage, s.domain): s for s in first.streams}
     assert set(by) == {("stage1", "code-repos"), ("stage1", "books"), ("stage1", "short-text"),
-                       ("stage2", "code-repos-2k"), ("stage2", "code-repos-256"),
-                       ("stage2", "books-2k"), ("stage2", "books-256"),
-                       ("stage2", "short-text"), ("sft", "conversations")}
+                       ("stage1", "retrieval"),
+                       ("stage2", "code-repos-2k"), ("stage2", "code-repos-512"),
+                       ("stage2", "books-2k"), ("stage2", "books-512"), ("stage2", "short-text"),
+                       ("stage2", "retrieval-2k"), ("stage2", "retrieval-512"),
+                       ("sft", "conversations")}
     # Same stream + tokenizer + rules: one shard directory, built once.
-    assert by["stage1", "code-repos"].shard_dir == by["stage2", "code-repos-256"].shard_dir
+    assert by["stage1", "code-repos"].shard_dir == by["stage2", "code-repos-512"].shard_dir
     assert by["stage1", "short-text"].shard_dir == by["stage2", "short-text"].shard_dir
-    assert by["stage2", "books-2k"].shard_dir != by["stage2", "books-256"].shard_dir
+    assert by["stage1", "retrieval"].shard_dir == by["stage2", "retrieval-512"].shard_dir
+    assert by["stage2", "books-2k"].shard_dir != by["stage2", "books-512"].shard_dir
+    assert by["stage2", "retrieval-2k"].shard_dir != by["stage2", "retrieval-512"].shard_dir
 
     loaded = load(path)
     tok = tokmod.load_tokenizer(first.tokenizers_trained[0])
@@ -298,19 +303,22 @@ def test_quickstart_pipeline_from_nothing_then_nothing_to_do(tmp_path, monkeypat
         shards = open_shards(loaded.jobs[name], loaded)
         assert set(shards) == {d for s, d in by if s == name}
     stage2 = open_shards(loaded.jobs["stage2"], loaded)
-    for domain, target in (("code-repos-2k", 2048), ("books-2k", 2048), ("books-256", 256)):
+    for domain, target in (("code-repos-2k", 2048), ("books-2k", 2048), ("books-512", 512)):
         assert set(stage2[domain].lengths.tolist()) == {target}
+    # The retrieval buckets: one source, split by minLength / maxLength.
+    assert max(stage2["retrieval-512"].lengths) <= 512
+    assert min(stage2["retrieval-2k"].lengths) >= 513 and max(stage2["retrieval-2k"].lengths) <= 2048
     for domain in ("books-2k", "code-repos-2k"):  # enough distinct long documents
         stats = json.loads((stage2[domain].directory / "stats.json").read_text())
         assert stats["kept_source_documents"] >= 16, stats
     sft = open_shards(loaded.jobs["sft"], loaded)["conversations"]
     assert sft.mask_array is not None and 0 < int(sft.mask_array.sum()) < sft.num_tokens
 
-    assert first.shards_built == 6  # stage1: 3, stage2: 2 new (3 shared), sft: 1
+    assert first.shards_built == 8  # stage1: 4, stage2: 3 new (4 shared), sft: 1
     console = Console(record=True, width=200)
     console.print(first)
     rendered = console.export_text()
-    assert "books-2k" in rendered and "reused" in rendered and "built 6 shard dir(s)" in rendered
+    assert "books-2k" in rendered and "reused" in rendered and "built 8 shard dir(s)" in rendered
 
     second = prepare_file(path, workers=1, progress=False)
     assert not second.work_done

@@ -47,7 +47,7 @@ def test_recipe_numbers_are_prolongs():
 
 def test_proportions_must_sum_to_one(write_spec):
     data = job_dict("quickstart/stage1.yaml")
-    data["spec"]["data"]["streams"][2]["proportion"] = 0.3  # sums to 0.9
+    data["spec"]["data"]["streams"][2]["proportion"] = 0.1  # 0.2 -> 0.1: sums to 0.9
     issue = first(write_spec, data)
     assert issue.path == "spec.data.streams"
     assert "sum to 1" in issue.rule and issue.value == pytest.approx(0.9)
@@ -120,18 +120,19 @@ def test_floor_above_peak_rejected(write_spec):
 def test_warmup_shorter_than_run(write_spec):
     data = job_dict("quickstart/stage1.yaml")
     data["spec"]["schedule"].pop("warmupRatio")
-    data["spec"]["schedule"]["warmupSteps"] = 30
+    data["spec"]["schedule"]["warmupSteps"] = data["spec"]["steps"]
     issue = first(write_spec, data)
     assert issue.path == "spec.schedule.warmupSteps" and "shorter than the run" in issue.rule
 
 
 def test_steps_or_tokens(write_spec):
     data = job_dict("quickstart/stage1.yaml")
-    data["spec"]["tokens"] = 2048 * 30
+    batch = data["spec"]["globalBatchTokens"]
+    data["spec"]["tokens"] = batch * 30
     assert "give exactly one of steps or tokens" in first(write_spec, data).rule
     del data["spec"]["steps"]
     assert load(write_spec(data)).document.spec.total_steps == 30
-    data["spec"]["tokens"] = 2048 * 30 + 1
+    data["spec"]["tokens"] = batch * 30 + 1
     assert first(write_spec, data).path == "spec.tokens"
 
 
@@ -193,9 +194,9 @@ def test_long_target_must_divide_sequence(write_spec):
 
 def test_max_length_must_reach_min_length(write_spec):
     data = job_dict("quickstart/stage2.yaml")
-    data["spec"]["data"]["streams"][1]["maxLength"] = 100  # a long stream: minLength = 256
+    data["spec"]["data"]["streams"][1]["maxLength"] = 100  # a long stream: minLength = 512
     issue = first(write_spec, data)
-    assert issue.path == "spec.data.streams[1].maxLength" and "minLength 256" in issue.rule
+    assert issue.path == "spec.data.streams[1].maxLength" and "minLength 512" in issue.rule
 
 
 def test_packing_matches_job_kind(write_spec):

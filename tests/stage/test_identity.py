@@ -101,18 +101,18 @@ def test_directories_follow_the_layout():
 PINNED_PIPELINE_IDS = {
     "prolong-8b/pipeline.yaml": {"stage1": "a12b524d", "stage2": "def3c1ca", "sft": "dd601f0d",
                                  "eval": "a93d35c6"},
-    "quickstart/pipeline.yaml": {"stage1": "9440aec9", "stage2": "b57c9a34", "sft": "1ad58ca9",
-                                 "eval": "e0ac3838"},
+    "quickstart/pipeline.yaml": {"stage1": "58b0561a", "stage2": "89ddf25c", "sft": "62475fb8",
+                                 "eval": "b7c32476"},
 }
 PINNED_STANDALONE_IDS = {
     "prolong-8b/stage1-64k.yaml": "a12b524d",
     "prolong-8b/stage2-512k.yaml": "6c67c7e2",
     "prolong-8b/sft.yaml": "a9d1ede2",
     "prolong-8b/eval.yaml": "78f044bf",
-    "quickstart/stage1.yaml": "9440aec9",
-    "quickstart/stage2.yaml": "fa482242",
-    "quickstart/sft.yaml": "1b8eacbb",
-    "quickstart/eval.yaml": "e370d0f9",
+    "quickstart/stage1.yaml": "58b0561a",
+    "quickstart/stage2.yaml": "871e1532",
+    "quickstart/sft.yaml": "a6ecc41b",
+    "quickstart/eval.yaml": "741802bc",
 }
 
 

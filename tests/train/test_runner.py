@@ -11,7 +11,7 @@ from prolong.specfile import load
 from prolong.stage.directory import Manifest, StageDir
 from prolong.stage.identity import pipeline_stages, standalone_stage
 from prolong.stage.lock import LOCK_FILE, StageLock
-from prolong.train.runner import RunError, run_file
+from prolong.train.runner import RunError, out_of_date, run_file
 from tests.conftest import JOBS, job_dict
 
 
@@ -47,3 +47,46 @@ def test_prolongctl_run_refuses_an_upstream_with_missing_weights(tmp_path):
     assert not (tmp_path / "runs" / "data").exists()
     stage2 = pipeline_stages(loaded.document, loaded.jobs)[1]
     assert not (Path(stage2.directory) / LOCK_FILE).exists()  # the locks were released
+
+
+def _quickstart_copy(tmp_path: Path):
+    for name in ("pipeline.yaml", "stage1.yaml", "stage2.yaml", "sft.yaml", "eval.yaml"):
+        text = (JOBS / "quickstart" / name).read_text().replace("./runs", str(tmp_path / "runs"))
+        (tmp_path / name).write_text(text)
+    loaded = load(tmp_path / "pipeline.yaml")
+    return loaded, {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
+
+
+def _finish(ref, at: float) -> StageDir:
+    stage = StageDir(ref.directory)
+    stage.write_manifest(Manifest.for_stage(ref, {}))
+    stage.write_json("COMPLETE", {"completed_at": at})
+    return stage
+
+
+def test_a_stage_is_out_of_date_when_its_upstream_reruns_or_completed_after_it(tmp_path):
+    loaded, refs = _quickstart_copy(tmp_path)
+    dirs = {name: ref.directory for name, ref in refs.items()}
+    sft, evaluation = loaded.jobs["sft"], loaded.jobs["eval"]
+    _finish(refs["stage2"], 100.0)
+    _finish(refs["sft"], 200.0)
+    assert out_of_date(sft, refs["sft"], dirs, rerunning=set()) is None
+    assert "stage2, which it starts from, runs again" in \
+        out_of_date(sft, refs["sft"], dirs, rerunning={"stage2"})
+    _finish(refs["stage2"], 300.0)  # stage 2 was run again after sft finished
+    assert "completed after it" in out_of_date(sft, refs["sft"], dirs, rerunning=set())
+    # An incomplete upstream is not "newer": upstream_ready reports it.
+    assert out_of_date(evaluation, refs["eval"], dirs, rerunning=set()) is None
+    assert out_of_date(loaded.jobs["stage1"], refs["stage1"], dirs, rerunning=set()) is None
+
+
+def test_supersede_keeps_the_replaced_outputs_and_the_lock(tmp_path):
+    stage = StageDir(str(tmp_path / "stage"))
+    stage.write_json("results.json", {"score": 1})
+    (tmp_path / "stage" / "final").mkdir()
+    (tmp_path / "stage" / LOCK_FILE).write_text("held")
+    aside = Path(stage.supersede(keep=(LOCK_FILE,)))
+    assert aside.parent == tmp_path and aside.name.startswith("stage.superseded-")
+    assert sorted(p.name for p in aside.iterdir()) == ["final", "results.json"]
+    assert [p.name for p in (tmp_path / "stage").iterdir()] == [LOCK_FILE]
+    assert not stage.is_complete() and stage.completed_at() is None

@@ -1,0 +1,106 @@
+"""The quickstart pipeline, shortened, end to end through `prolongctl run` as a user runs it:
+stage 1 -> stage 2 (SP=2) -> SFT -> eval on a real local Ray, with the real console.
+
+- the console stays short (worker and Ray logs land in each stage's logs/);
+- a second run trains nothing;
+- deleting one stage's COMPLETE re-runs that stage and the stages after it, and only those;
+- metrics have one row per step after the resume;
+- `prolongctl report` writes its tables and PNGs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import JOBS, REPO
+
+pytestmark = pytest.mark.slow
+
+CONSOLE_LINES = 45
+"""The most console lines a four-stage run may print (header, bar and result per stage, the
+summary and the scores); the full quickstart prints the same shape."""
+
+
+def shortened(tmp: Path) -> Path:
+    """A copy of jobs/quickstart/ with few steps, one eval length and two samples per task."""
+    out = tmp / "jobs"
+    shutil.copytree(JOBS / "quickstart", out)
+    edits = {"stage1.yaml": {"steps": 4, "checkpoint": {"everySteps": 2}},
+             "stage2.yaml": {"steps": 2, "checkpoint": {"everySteps": 2}},
+             "sft.yaml": {"steps": 2, "checkpoint": {"everySteps": 2}},
+             "eval.yaml": {"tasks": ["json_kv", "ruler_mk_needle"], "samples": 2}}
+    for name, spec_edits in edits.items():
+        job = yaml.safe_load((out / name).read_text())
+        job["spec"].update(spec_edits)
+        job["spec"]["storage"] = {"root": str(tmp / "runs")}
+        if name == "eval.yaml":
+            job["spec"]["lengths"] = job["spec"]["lengths"][:1]
+        (out / name).write_text(yaml.safe_dump(job, sort_keys=False))
+    return out / "pipeline.yaml"
+
+
+def prolongctl(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "120", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "prolong.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def stage_dirs(runs: Path) -> dict[str, Path]:
+    return {p.name.split("-")[0]: p for p in (runs / "quickstart").iterdir()
+            if p.is_dir() and ".superseded-" not in p.name}
+
+
+def test_shortened_quickstart(tmp_path):
+    pipeline = shortened(tmp_path)
+    first = prolongctl("run", str(pipeline))
+    assert first.returncode == 0, first.stdout + first.stderr
+    console = (first.stdout + first.stderr).splitlines()
+    assert len(console) <= CONSOLE_LINES, "\n".join(console)
+    assert not any("Reporting training result" in line for line in console)
+    dirs = stage_dirs(tmp_path / "runs")
+    assert sorted(dirs) == ["eval", "sft", "stage1", "stage2"]
+    for name, d in dirs.items():
+        assert (d / "COMPLETE").is_file(), name
+        assert any((d / "logs").iterdir()), f"{name}: no worker logs in logs/"
+    for name in ("stage1", "stage2", "sft"):
+        assert (dirs[name] / "report.md").is_file() and (dirs[name] / "curves.png").is_file()
+    trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in ("stage1", "stage2", "sft")}
+    results = (dirs["eval"] / "results.json").read_text()
+
+    again = prolongctl("run", str(pipeline))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (again.stdout + again.stderr).count("is complete:") == 4
+    assert {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in trained} == trained
+
+    (dirs["sft"] / "COMPLETE").unlink()
+    third = prolongctl("run", str(pipeline))
+    assert third.returncode == 0, third.stdout + third.stderr
+    out = third.stdout + third.stderr
+    assert "stage stage1 (" in out and "stage stage2 (" in out  # reported complete, not run
+    for name in ("stage1", "stage2"):
+        assert (dirs[name] / "metrics.jsonl").stat().st_mtime_ns == trained[name], name
+    assert (dirs["sft"] / "COMPLETE").is_file() and (dirs["eval"] / "COMPLETE").is_file()
+    steps = [json.loads(line)["step"] for line in
+             (dirs["sft"] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # resumed from its last checkpoint: each step once
+    assert "runs again" in out
+    (aside,) = [p for p in (tmp_path / "runs" / "quickstart").iterdir() if ".superseded-" in p.name]
+    assert aside.name.startswith(dirs["eval"].name)
+    assert (aside / "results.json").read_text() == results  # the replaced outputs are kept
+
+    report = prolongctl("report", str(pipeline), "--out", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert (tmp_path / "report" / "report.md").read_text().startswith("# Run report")
+    for png in (dirs["stage1"] / "curves.png", dirs["eval"] / "scores.png"):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.width >= 600 and image.height >= 300
