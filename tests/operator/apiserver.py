@@ -176,8 +176,8 @@ class ApiServer(kmock.KubernetesEmulator):
                     await asyncio.wait({step, stopped}, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     stopped.cancel()
-                if not step.done():
-                    return  # cut: end the stream as a server-side timeout does
+                if stop.is_set():  # cut: end the stream (what came with the cut is not sent)
+                    return
                 try:
                     item = step.result()
                 except StopAsyncIteration:

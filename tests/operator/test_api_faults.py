@@ -317,8 +317,8 @@ async def test_a_watch_disconnect_resumes(cluster: Cluster) -> None:
         down = cluster.kmock.inject(Fault(request_of(KOPF_CLIENT, kmock.action.WATCH, RAYJOBS),
                                           "reject", status=503, times=None))
         assert cluster.kmock.cut_watches() >= 2  # the pipelines' and the RayJobs'
-        await cluster.set_rayjob(first, "Complete", "SUCCEEDED")
         await cluster.wait("a refused watch", lambda: down.hits >= 1)
+        await cluster.set_rayjob(first, "Complete", "SUCCEEDED")
         await asyncio.sleep(0.5)
         assert rayjob_for(cr, "stage2") not in cluster.rayjobs()  # the watch really was down
         cluster.kmock.faults.remove(down)
