@@ -37,6 +37,7 @@ class TrainingFigures:
     step_seconds: float
     devices: int
     first_loss: float | None
+    """Mean loss of the first loss_window(steps) steps (last_loss: of the last ones)."""
     last_loss: float | None
     min_loss: float | None
     mfu_dense: float | None
@@ -65,12 +66,20 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(known) / len(known) if known else None
 
 
+def loss_window(steps: int) -> int:
+    """Steps averaged for the first and last loss: a tenth of the run, 1 to 10 steps. One step's
+    loss depends on which domains its rows came from (a row of retrieval documents scores far
+    below a row of code), so a single first or last step can say the opposite of the trend."""
+    return max(1, min(10, steps // 10))
+
+
 def training_figures(records: Sequence[dict[str, Any]], devices: int) -> TrainingFigures:
     losses = [r["loss"] for r in records]
+    k = loss_window(len(losses))
     return TrainingFigures(
         steps=len(records), tokens=sum(int(r["tokens"]) for r in records),
         step_seconds=sum(float(r["seconds"]) for r in records), devices=devices,
-        first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+        first_loss=_mean(losses[:k]), last_loss=_mean(losses[-k:]) if losses else None,
         min_loss=min(losses) if losses else None,
         mfu_dense=_mean([r.get("mfu_dense") for r in records]),
         mfu_doc_causal=_mean([r.get("mfu_doc_causal") for r in records]),
@@ -89,7 +98,8 @@ def training_markdown(title: str, fig: TrainingFigures, *, device: str) -> str:
         "| figure | value |", "|---|---|",
         f"| steps | {fig.steps:,} |",
         f"| tokens | {fig.tokens:,} |",
-        f"| loss (first -> last, min) | {fmt(fig.first_loss, '.4f')} -> "
+        f"| loss (first -> last, means of {loss_window(fig.steps)} steps; min) | "
+        f"{fmt(fig.first_loss, '.4f')} -> "
         f"{fmt(fig.last_loss, '.4f')} (min {fmt(fig.min_loss, '.4f')}) |",
         f"| devices | {fig.devices} x {device} |",
         f"| step time | {fmt(fig.step_seconds, ',.1f')} s |",

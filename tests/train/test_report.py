@@ -36,7 +36,11 @@ def test_figures_follow_their_definitions():
     assert (fig.steps, fig.tokens, fig.step_seconds) == (6, 6 * 2048, 3.0)
     assert fig.device_hours == pytest.approx(3.0 * 4 / 3600)
     assert fig.tokens_per_s_per_device == pytest.approx(6 * 2048 / 3.0 / 4)
-    assert (fig.first_loss, fig.last_loss, fig.min_loss) == (7.5, 5.0, 5.0)
+    assert (fig.first_loss, fig.last_loss, fig.min_loss) == (7.5, 5.0, 5.0)  # 1-step windows
+    # Longer runs average a tenth of the run (at most 10 steps) at each end.
+    long = training_figures(_records(40), devices=1)
+    assert long.first_loss == pytest.approx(8.0 - 0.5 * 2.5)  # steps 1-4
+    assert long.last_loss == pytest.approx(8.0 - 0.5 * 38.5)  # steps 37-40
     assert fig.mfu_dense is None and fig.cost(2.0) == pytest.approx(fig.device_hours * 2.0)
     assert training_figures(_records(3, mfu=True), 1).mfu_dense == pytest.approx(0.4)
 
