@@ -65,7 +65,7 @@ MIN_BOOKS = 40
 MAX_BOOKS = 48
 DOCSTRING_FILES = 60
 MAX_SHORT = 2_500
-KV_DIALOGUES = 600
+RETRIEVAL_DIALOGUES = 600
 RETRIEVAL_DOCUMENTS = 4_000
 RETRIEVAL_MIN_CHARS = 250
 RETRIEVAL_MAX_CHARS = 9_000
@@ -301,7 +301,7 @@ def _sft_conversations() -> Iterator[dict[str, Any]]:
                 {"role": "user", "content": f"Tell me about the Python topic '{name}'."},
                 {"role": "assistant", "content": first}]})
     yield from qa[:1_500]
-    for i in range(KV_DIALOGUES):
+    for i in range(RETRIEVAL_DIALOGUES):
         yield {"id": f"retrieval/{i}", "messages": retrieval_dialogue(rng)}
 
 

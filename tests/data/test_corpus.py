@@ -59,7 +59,7 @@ def test_conversations_are_ultrachat_form_with_retrieval_dialogues(tmp_path):
     for doc in docs:
         check_messages(doc["messages"], doc["id"])
     # Their answers are checked against their contexts in test_retrieval.py.
-    assert sum(d["id"].startswith("retrieval/") for d in docs) == corpus.KV_DIALOGUES
+    assert sum(d["id"].startswith("retrieval/") for d in docs) == corpus.RETRIEVAL_DIALOGUES
 
 
 def test_retrieval_corpus_spans_both_length_buckets(tmp_path):
