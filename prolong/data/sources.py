@@ -240,7 +240,8 @@ def _check_turn_order(messages: list[dict[str, str]], where: str) -> None:
                                 path=where)
             continue
         if m["role"] != expected:
-            raise DataError(f"message {i} has role {m['role']!r} where a {expected} turn comes "
+            article = "an" if expected == "assistant" else "a"
+            raise DataError(f"message {i} has role {m['role']!r} where {article} {expected} turn comes "
                             "(turns go user, assistant, user, ...)", path=where)
         expected = "assistant" if expected == "user" else "user"
 

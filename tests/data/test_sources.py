@@ -186,7 +186,7 @@ def _msg(role: str, content: str = "x") -> dict[str, str]:
     ([_msg("robot")], "role 'robot'"),
     ([_msg("assistant"), _msg("user")], r"message 0 has role 'assistant' where a user turn comes"),
     ([_msg("user"), _msg("user"), _msg("assistant")],
-     r"message 1 has role 'user' where a assistant turn comes"),
+     r"message 1 has role 'user' where an assistant turn comes"),
     ([_msg("user"), _msg("assistant"), _msg("system")], "message 2 is a system message"),
 ])
 def test_bad_conversations(tmp_path, messages, rule):
