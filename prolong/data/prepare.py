@@ -46,11 +46,13 @@ error naming the pipeline file to prepare instead.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,6 +68,7 @@ from prolong.data.errors import DataError
 from prolong.data.shards import META_FILE, ShardWriter, TokenShards, token_dtype
 from prolong.spec import DataStream, EvalJob, Job, SFTJob
 from prolong.specfile import Loaded, load
+from prolong.stage.lock import StageLock, StageLocked
 from prolong.stage.payload import StageFileError, read_stage_file, stage_file_beside
 
 PREPARE_FORMAT = 1  # bump when the bytes a build writes change for the same inputs
@@ -598,12 +601,48 @@ def default_workers() -> int:
     return max(1, min(os.cpu_count() or 1, 8))
 
 
+PREPARE_WAIT_SECONDS = 1.0
+
+
 def prepare_file(path: str, *, workers: int | None = None, progress: bool = True) -> PrepareReport:
     """Prepare every training stage of a job or pipeline file. Idempotent: a second run with the
-    same inputs does no work (see the module docstring for what counts as the same)."""
-    start = time.monotonic()
+    same inputs does no work (see the module docstring for what counts as the same).
+
+    One preparation per prepared directory at a time: two runs would share staging names
+    (``<dir>.partial``) and one could rename the other's half-written directory into place. The
+    second run waits for the first's lock (:class:`~prolong.stage.lock.StageLock`, the same
+    create-exclusive file with heartbeat and stale takeover), then finds its work done."""
     loaded = load(path)
     stages = training_stages(loaded)  # an EvalJob-only file has nothing to prepare
+    roots = sorted({str(prepared_dir(job).absolute()) for job in stages.values()})
+    with contextlib.ExitStack() as held:
+        for root in roots:  # sorted: two runs over overlapping roots cannot deadlock
+            held.enter_context(_wait_for_lock(root, progress))
+        return _prepare_loaded(loaded, stages, workers, progress)
+
+
+@contextlib.contextmanager
+def _wait_for_lock(root: str, progress: bool) -> Iterator[None]:
+    lock = StageLock(root)
+    told = False
+    while True:
+        try:
+            lock.acquire()
+            break
+        except StageLocked as exc:
+            if progress and not told:
+                print(f"waiting: another data preparation holds {root} ({exc})", file=sys.stderr)
+                told = True
+            time.sleep(PREPARE_WAIT_SECONDS)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _prepare_loaded(loaded: Loaded, stages: dict[str, Job], workers: int | None,
+                    progress: bool) -> PrepareReport:
+    start = time.monotonic()
     bar = None
     if progress:
         from rich.progress import (

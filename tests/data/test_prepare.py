@@ -7,6 +7,9 @@ import json
 import random
 import shutil
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ from prolong.data.prepare import (
 )
 from prolong.data.shards import TokenShards
 from prolong.specfile import load
+from prolong.stage.lock import LOCK_FILE, StageLock
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,6 +201,30 @@ def test_max_length_below_every_document(tmp_path, tok_dir):
     with pytest.raises(DataError, match=r"stream web.*all 10 documents are longer than "
                                         r"maxLength 2 tokens"):
         prepare_file(str(job), workers=1, progress=False)
+
+
+def test_a_second_preparation_waits_for_the_first_then_reuses_its_work(tmp_path, tok_dir):
+    """Two `data prepare` of one prepared directory never build at the same time: with the
+    directory's lock held, a second run waits (writes nothing), and finishes once it is free."""
+    rng = random.Random(7)
+    write_jsonl(tmp_path / "docs.jsonl", [{"text": words(rng, 40)} for _ in range(50)])
+    job = write_job(tmp_path, [{"domain": "web", "path": str(tmp_path / "docs.jsonl"),
+                                "format": "jsonl", "proportion": 1.0}], tok_dir)
+    prepared = tmp_path / "prepared"
+    code = ("import sys; from prolong.data.prepare import prepare_file; "
+            "r = prepare_file(sys.argv[1], workers=1, progress=True); print(r.work_done)")
+    with StageLock(str(prepared)):  # the first run, as another process would hold it
+        second = subprocess.Popen([sys.executable, "-c", code, str(job)], cwd=REPO,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3.0)
+        assert second.poll() is None  # still waiting
+        assert not (prepared / "shards").exists() and not (prepared / "tokenized").exists()
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "waiting: another data preparation holds" in err and out.strip().endswith("True")
+    assert not (prepared / LOCK_FILE).exists()  # released
+    again = prepare_file(str(job), workers=1, progress=False)
+    assert not again.work_done  # the waiting run's shards are whole and reused
 
 
 def test_missing_and_empty_inputs_name_the_stream(tmp_path, tok_dir):
