@@ -129,7 +129,7 @@ def invoke(*args: str, **env: str):
 def test_a_stage_runs_on_an_existing_ray_cluster(ray_head, tmp_path: Path) -> None:
     url, token = ray_head
     path = tiny_stage(tmp_path)
-    sid = ray_submission_id(load(path))
+    sid = ray_submission_id(submission(load(path)))  # what submit sends
 
     refused = invoke("status", sid, "--ray-address", url, "--ray-token", "not-the-token")
     assert refused.exit_code == 1 and "token auth" in refused.stderr
