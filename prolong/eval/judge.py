@@ -2,8 +2,10 @@
 
 HELMET scores these tasks with GPT-4o (``scripts/eval_gpt4_longqa.py``, ``eval_gpt4_summ.py``);
 ``EvalJob.spec.judge`` names the endpoint (``<endpoint>/chat/completions``: vLLM, TGI, a hosted
-API), the model and the secret with its key. The prompts are HELMET's, byte for byte
-(``judge_prompts/``); the scores follow its formulas:
+API), the model and the secret with its key. The prompts are HELMET's own, read
+at run time from a local checkout of princeton-nlp/HELMET (``judge.helmetDir``: the string
+constants of its two judge scripts, :data:`PROMPT_SOURCES`); prolong does not ship HELMET's
+text. The scores follow its formulas:
 
 - **NarrativeQA**: one call; the judge's JSON gives fluency (0/1) and correctness (0-3); the
   sample scores fluency x correctness x 100/3 (HELMET's gpt-4-score, scaled as its
@@ -22,6 +24,8 @@ reason and every raw reply are stored in its record, and aggregation leaves it o
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import os
 import re
@@ -29,8 +33,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from importlib import resources
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 API_KEY_ENV = "JUDGE_API_KEY"
@@ -40,14 +44,49 @@ QA_TASKS = ("narrativeqa",)
 SUMM_TASKS = ("infbench_sum", "multi_lexsum")
 
 
-def prompt_template(name: str) -> str:
-    """One of HELMET's judge prompts (a str.format template)."""
-    return resources.files("prolong.eval").joinpath(f"judge_prompts/{name}.txt").read_text(
-        encoding="utf-8")
-
-
 class JudgeError(RuntimeError):
-    """A request that brought back no reply (HTTP error, timeout, no message content)."""
+    """A request that brought back no reply (HTTP error, timeout, no message content), or judge
+    prompts that cannot be read."""
+
+
+PROMPT_SOURCES: dict[str, tuple[str, str]] = {
+    "qa": ("scripts/eval_gpt4_longqa.py", "judge_prompt"),
+    "fluency_lexsum": ("scripts/eval_gpt4_summ.py", "fluency_prompt"),
+    "fluency_book": ("scripts/eval_gpt4_summ.py", "fluency_prompt_book"),
+    "recall_lexsum": ("scripts/eval_gpt4_summ.py", "recall_prompt"),
+    "recall_book": ("scripts/eval_gpt4_summ.py", "recall_prompt_book"),
+    "precision_lexsum": ("scripts/eval_gpt4_summ.py", "precision_prompt"),
+    "precision_book": ("scripts/eval_gpt4_summ.py", "precision_prompt_book"),
+}
+"""Each judge prompt (a str.format template): the HELMET script and the module-level string
+that holds it (HELMET commit 4526dfb)."""
+
+
+@functools.lru_cache(maxsize=8)
+def load_prompts(helmet_dir: str) -> dict[str, str]:
+    """HELMET's judge prompts from a checkout of princeton-nlp/HELMET, by :data:`PROMPT_SOURCES`.
+    Read with ``ast`` (nothing of HELMET's is executed); JudgeError names the file and the
+    string when one is missing."""
+    trees: dict[str, ast.Module] = {}
+    out = {}
+    for name, (rel, var) in PROMPT_SOURCES.items():
+        path = Path(helmet_dir) / rel
+        if rel not in trees:
+            try:
+                trees[rel] = ast.parse(path.read_text(encoding="utf-8"))
+            except (OSError, SyntaxError, UnicodeDecodeError) as exc:
+                raise JudgeError(f"{path}: cannot read HELMET's judge script ({type(exc).__name__}"
+                                 "); judge.helmetDir must be a checkout of princeton-nlp/HELMET"
+                                 ) from None
+        value = next((node.value.value for node in trees[rel].body
+                      if isinstance(node, ast.Assign)
+                      and any(isinstance(t, ast.Name) and t.id == var for t in node.targets)
+                      and isinstance(node.value, ast.Constant)
+                      and isinstance(node.value.value, str)), None)
+        if value is None:
+            raise JudgeError(f"{path}: no string {var} (HELMET's {name} judge prompt)")
+        out[name] = value
+    return out
 
 
 @dataclass
@@ -60,6 +99,8 @@ class JudgeClient:
     timeout: float = 120.0
     temperature: float = 0.1
     max_tokens: int = 4096
+    prompts: dict[str, str] = field(default_factory=dict)
+    """HELMET's judge prompts by name (:func:`load_prompts`)."""
 
     @classmethod
     def from_spec(cls, judge: Any) -> JudgeClient:
@@ -69,7 +110,7 @@ class JudgeClient:
             raise JudgeError(f"judge.apiKeySecretRef {judge.api_key_secret_ref}: {API_KEY_ENV} "
                              "is not set in the eval's environment")
         return cls(judge.endpoint, judge.model, key, judge.timeout_seconds, judge.temperature,
-                   judge.max_tokens)
+                   judge.max_tokens, load_prompts(str(Path(judge.helmet_dir).absolute())))
 
     def ask(self, prompt: str) -> str:
         body = json.dumps({"model": self.model, "temperature": self.temperature,
@@ -122,11 +163,11 @@ class Call:
     keys: tuple[str, ...]
 
 
-def calls_for(record: dict[str, Any]) -> list[Call] | str:
+def calls_for(record: dict[str, Any], prompts: dict[str, str]) -> list[Call] | str:
     """The judge calls of one record, or why it cannot be judged."""
     inputs = record.get("judge_inputs") or {}
     if record["task"] in QA_TASKS:
-        prompt = prompt_template("qa").format(question=inputs.get("question", ""),
+        prompt = prompts["qa"].format(question=inputs.get("question", ""),
                                               correct_answers=record["answers"],
                                               parsed_output=qa_answer(record["output"]))
         return [Call(prompt, ("fluency", "correctness"))]
@@ -136,10 +177,10 @@ def calls_for(record: dict[str, Any]) -> list[Call] | str:
     kind = "book" if record["task"] == "infbench_sum" else "lexsum"
     summary = record["output"].strip()
     points = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(keypoints))
-    return [Call(prompt_template(f"fluency_{kind}").format(text=summary), ("fluency",)),
-            Call(prompt_template(f"recall_{kind}").format(keypoints=points, summary=summary),
+    return [Call(prompts[f"fluency_{kind}"].format(text=summary), ("fluency",)),
+            Call(prompts[f"recall_{kind}"].format(keypoints=points, summary=summary),
                  ("recall",)),
-            Call(prompt_template(f"precision_{kind}").format(
+            Call(prompts[f"precision_{kind}"].format(
                 expert_summary=inputs.get("expert_summary") or "", summary=summary),
                 ("precision", "sentence_count"))]
 
@@ -176,10 +217,10 @@ def _ask_until_parsed(ask: Callable[[str], str], call: Call, retries: int
 
 
 def judge_record(record: dict[str, Any], ask: Callable[[str], str], retries: int,
-                 model: str) -> None:
+                 model: str, prompts: dict[str, str]) -> None:
     """Score one record in place: ``score`` and ``metric`` from the judge, or ``score`` None and
     ``judge.unjudged`` with the reason. Every raw reply is kept under ``judge.attempts``."""
-    calls = calls_for(record)
+    calls = calls_for(record, prompts)
     standin = record["score"]
     record["judge"] = {"model": model, "standin_score": standin}
     if isinstance(calls, str):
@@ -217,7 +258,8 @@ def judge_records(records: list[dict[str, Any]], client: JudgeClient, *, concurr
     of judged and unjudged samples."""
     todo = [r for r in records if "judge_inputs" in r and "skipped" not in r]
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-        list(pool.map(lambda r: judge_record(r, client.ask, retries, client.model), todo))
+        list(pool.map(lambda r: judge_record(r, client.ask, retries, client.model,
+                                             client.prompts), todo))
     unjudged = sum(r["score"] is None for r in todo)
     if log is not None and todo:
         log(f"judge {client.model}: {len(todo) - unjudged} samples judged, {unjudged} unjudged")

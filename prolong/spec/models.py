@@ -581,6 +581,9 @@ class JudgeSpec(SpecModel):
     """Base URL of the API, e.g. https://api.openai.com/v1 (/chat/completions is appended)."""
     model: str = Field(min_length=1)
     """Model name sent with each request (HELMET: gpt-4o-2024-05-13)."""
+    helmet_dir: str = Field(min_length=1)
+    """A local checkout of princeton-nlp/HELMET: the judge reads HELMET's own prompts from its
+    scripts/eval_gpt4_longqa.py and eval_gpt4_summ.py (prolong does not ship HELMET's text)."""
     api_key_secret_ref: str | None = Field(None, pattern=DNS_LABEL)
     """Secret holding the API key under the key JUDGE_API_KEY; it reaches the eval workers as
     that environment variable. None: no Authorization header (a local vLLM server)."""

@@ -1,14 +1,17 @@
-"""The model judge, round trip against a chat-completions server started here: HELMET's prompts
-go out, its formulas come back; a malformed reply is retried, a request that keeps timing out
+"""The model judge, round trip against a chat-completions server started here: the prompts of a
+HELMET checkout go out (a stand-in checkout written here: prolong ships none of HELMET's text),
+its formulas come back; a malformed reply is retried, a request that keeps timing out
 leaves its sample unjudged (score None, counted, out of the mean -- never a silent 0)."""
 
 from __future__ import annotations
 
 import json
+import textwrap
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -17,9 +20,10 @@ from prolong.eval.harness import aggregate, record
 from prolong.eval.judge import (
     API_KEY_ENV,
     JudgeClient,
+    JudgeError,
     judge_records,
+    load_prompts,
     parse_scores,
-    prompt_template,
     qa_answer,
 )
 from prolong.eval.samples import Sample
@@ -66,6 +70,55 @@ class Judge(BaseHTTPRequestHandler):
         self.wfile.write(out.encode())
 
 
+# Our own short templates with HELMET's placeholders, laid out as HELMET's judge scripts are.
+LONGQA = textwrap.dedent('''
+    raise SystemExit("load_prompts must read this file, not run it")
+    judge_prompt = """Judge the answer; reply {{"fluency": 0 or 1, "correctness": 0 to 3}}.
+
+    Question: {question}
+    Correct answers: {correct_answers}
+    Answer: {parsed_output}
+    """
+''')
+SUMM = textwrap.dedent('''
+    fluency_prompt = """Is this text fluent? Reply {{"fluency": 0 or 1}}.
+    Now, read the text.
+    Text: {text}"""
+    fluency_prompt_book = fluency_prompt
+    recall_prompt = """How many key points does the summary hold? Reply {{"recall": n}}.
+    Now, read the key points and the summary.
+    Key points:
+    {keypoints}
+    Summary: {summary}"""
+    recall_prompt_book = recall_prompt
+    precision_prompt = """Which sentences does the expert summary support?
+    Reply {{"precision": n, "sentence_count": m}}.
+    Now, read the summaries.
+    Expert summary: {expert_summary}
+    Summary: {summary}"""
+    precision_prompt_book = precision_prompt
+''')
+
+
+def helmet_checkout(root: Path) -> Path:
+    (root / "scripts").mkdir(parents=True)
+    (root / "scripts" / "eval_gpt4_longqa.py").write_text(LONGQA)
+    # The *_book names are plain strings in HELMET; here they alias, so spell them out.
+    text = SUMM.replace("fluency_prompt_book = fluency_prompt\n", "")
+    text = text.replace("recall_prompt_book = recall_prompt\n", "")
+    text = text.replace("precision_prompt_book = precision_prompt\n", "")
+    for name in ("fluency_prompt", "recall_prompt", "precision_prompt"):
+        body = text.split(f"{name} = ", 1)[1].split('"""', 2)[1]
+        text += f'{name}_book = """{body}"""\n'
+    (root / "scripts" / "eval_gpt4_summ.py").write_text(text)
+    return root
+
+
+@pytest.fixture()
+def helmet(tmp_path) -> Path:
+    return helmet_checkout(tmp_path / "HELMET")
+
+
 @pytest.fixture()
 def server():
     Judge.seen.clear()
@@ -90,10 +143,10 @@ def _summ() -> dict:
     return record(s, "The court ruled. The case settled. Fees were paid. It ended.")
 
 
-def test_judge_round_trip_retries_then_reports_unjudged(server, monkeypatch):
+def test_judge_round_trip_retries_then_reports_unjudged(server, helmet, monkeypatch):
     monkeypatch.setenv(API_KEY_ENV, "sekret")
     spec = JudgeSpec(endpoint=server, model="judge-1", api_key_secret_ref="judge-key",
-                     timeout_seconds=0.3, retries=1, concurrency=3)
+                     helmet_dir=str(helmet), timeout_seconds=0.3, retries=1, concurrency=3)
     client = JudgeClient.from_spec(spec)
     records = [_qa(0, "who guards the stone?", "Answer: the keeper"),
                _qa(1, "where does the river go?", "to the sea"), _summ()]
@@ -121,14 +174,21 @@ def test_judge_round_trip_retries_then_reports_unjudged(server, monkeypatch):
     assert res["unjudged"] == {"narrativeqa": {"8192": 1}}
 
 
-def test_prompts_are_helmets_filled_in():
-    qa = prompt_template("qa")
-    assert qa.startswith("Please act as an impartial judge and evaluate the quality of the "
-                         "provided answer")
-    filled = qa.format(question="q?", correct_answers=["a"], parsed_output="x")
-    assert filled.endswith('{"fluency": 0, "correctness": 1}.\n\nQuestion: q?\nCorrect answers: '
-                           "['a']\nAnswer: x\n")
-    assert "{text}" in prompt_template("fluency_book")
+def test_prompts_are_read_from_a_helmet_checkout_without_running_it(helmet, tmp_path):
+    prompts = load_prompts(str(helmet))
+    assert sorted(prompts) == ["fluency_book", "fluency_lexsum", "precision_book",
+                               "precision_lexsum", "qa", "recall_book", "recall_lexsum"]
+    filled = prompts["qa"].format(question="q?", correct_answers=["a"], parsed_output="x")
+    assert filled.endswith("Question: q?\nCorrect answers: ['a']\nAnswer: x\n")
+    assert "{text}" in prompts["fluency_book"]
+    with pytest.raises(JudgeError, match=r"eval_gpt4_longqa\.py: cannot read HELMET's judge "
+                                         r"script.*judge\.helmetDir"):
+        load_prompts(str(tmp_path / "nowhere"))
+    broken = helmet_checkout(tmp_path / "old")
+    script = broken / "scripts" / "eval_gpt4_summ.py"
+    script.write_text(script.read_text().replace("recall_prompt = ", "recall_p = "))
+    with pytest.raises(JudgeError, match=r"eval_gpt4_summ\.py: no string recall_prompt "):
+        load_prompts(str(broken))
 
 
 def test_reply_parsing_and_the_answer_shown():
@@ -139,10 +199,11 @@ def test_reply_parsing_and_the_answer_shown():
     assert qa_answer("Answer: Answer: the keeper\nmore") == "the keeper more"
 
 
-def test_without_keypoints_a_summary_is_unjudged_not_zero(server):
+def test_without_keypoints_a_summary_is_unjudged_not_zero(server, helmet):
     rec = _summ()
     rec["judge_inputs"]["keypoints"] = None
-    judge_records([rec], JudgeClient(server, "judge-1", timeout=2), retries=0)
+    judge_records([rec], JudgeClient(server, "judge-1", timeout=2,
+                                     prompts=load_prompts(str(helmet))), retries=0)
     assert rec["score"] is None and "no key points" in rec["judge"]["unjudged"]
     assert sum(Judge.seen.values()) == 0
 
@@ -150,5 +211,5 @@ def test_without_keypoints_a_summary_is_unjudged_not_zero(server):
 def test_a_named_secret_without_its_key_is_refused(monkeypatch):
     monkeypatch.delenv(API_KEY_ENV, raising=False)
     with pytest.raises(RuntimeError, match=API_KEY_ENV):
-        JudgeClient.from_spec(JudgeSpec(endpoint="http://x/v1", model="m",
+        JudgeClient.from_spec(JudgeSpec(endpoint="http://x/v1", model="m", helmet_dir="/h",
                                         api_key_secret_ref="judge-key"))

@@ -39,7 +39,7 @@ def test_the_papers_table_is_data_with_its_source():
 
 
 def test_comparability_follows_sizing_judge_and_tokenizer():
-    full = comparability(spec(judge={"endpoint": "http://j/v1", "model": "gpt-4o"},
+    full = comparability(spec(judge={"endpoint": "http://j/v1", "model": "gpt-4o", "helmetDir": "/HELMET"},
                               sizingTokenizer="/models/llama-2"))
     assert set(full["not_comparable"]) == {"cite"}  # citation scores are never computed
     bare = comparability(spec())
@@ -56,7 +56,7 @@ def test_eval_report_shows_runs_beside_the_paper(tmp_path: Path):
     good = tmp_path / "good"
     good.mkdir()
     (good / "results.json").write_text(json.dumps(
-        {**results(spec(judge={"endpoint": "http://j/v1", "model": "gpt-4o"},
+        {**results(spec(judge={"endpoint": "http://j/v1", "model": "gpt-4o", "helmetDir": "/HELMET"},
                         sizingTokenizer="/t"), {"recall": 97.0, "summ": 30.0}), "name": "ours"}))
     fill = tmp_path / "fill"
     fill.mkdir()

@@ -264,9 +264,10 @@ def test_eval_sizing_helmet_is_the_default_and_needs_helmets_lengths(write_spec)
 
 def test_eval_judge_fields(write_spec):
     data = job_dict("prolong-8b/eval.yaml")
-    data["spec"]["judge"] = {"endpoint": "ftp://judge", "model": "gpt-4o-2024-05-13"}
+    data["spec"]["judge"] = {"endpoint": "ftp://judge", "model": "gpt-4o-2024-05-13",
+                             "helmetDir": "/HELMET"}
     assert first(write_spec, data).path.startswith("spec.judge.endpoint")
     data["spec"]["judge"] = {"endpoint": "http://judge:8000/v1", "model": "m",
-                             "apiKeySecretRef": "judge-key"}
+                             "helmetDir": "/HELMET", "apiKeySecretRef": "judge-key"}
     judge = load(write_spec(data, "eval.yaml")).document.spec.judge
     assert judge.api_key_secret_ref == "judge-key" and judge.retries == 3
