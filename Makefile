@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
 TORCH_CPU := torch==2.13.0
-DEEPSPEED := deepspeed>=0.18.6
+# The range pyproject.toml pins (the loss normaliser encodes DeepSpeed's gradient divisors).
+DEEPSPEED := deepspeed>=0.19.8,<0.20
 
 export DS_ACCELERATOR ?= cpu
 export RAY_USAGE_STATS_ENABLED = 0
