@@ -22,7 +22,8 @@ build for the exact pin), xxhash, zstd, python-snappy, brotli, pillow, tqdm, cat
 imports ``streaming.base.dataset`` without running the package ``__init__``s, which import the
 vision and NLP helpers (torchvision, transformers) that reading MDS never touches.
 
-Run: ``.venv/bin/python bench/data_loader.py`` (``--no-streaming`` for ours alone).
+Run: ``.venv/bin/python bench/data_loader.py`` (``--no-streaming`` for ours alone; ``--json PATH``
+writes the figures for ``bench/table.py``).
 """
 
 from __future__ import annotations
@@ -210,6 +211,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--venv", type=Path, default=REPO / ".cache" / "bench-streaming-venv")
     ap.add_argument("--no-streaming", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
     core = args.core if args.core is not None else max(os.sched_getaffinity(0))
@@ -231,7 +233,11 @@ def main() -> None:
               f"mix 60% long docs / 40% short docs, uint32 tokens (vocab {VOCAB})")
         print(f"ours (MixtureLoader -> torch):        {ours:>16,.0f} tokens/s "
               f"(goal {GOAL:,}: {'met' if ours >= GOAL else 'NOT met'})")
+        result = {"bench": "data_loader", "seq_len": s, "rows": rows_total, "core": core,
+                  "goal": GOAL, "ours_tokens_per_s": ours, "streaming_tokens_per_s": None,
+                  "command": "python bench/data_loader.py " + " ".join(sys.argv[1:])}
         if python is None:
+            write_json(args.json, result)
             return
         theirs = bench_streaming(python, rows, args.repeats)
     if theirs["checksum"] != checksum(r.input_ids for r in rows):
@@ -241,6 +247,18 @@ def main() -> None:
           f"(same rows, same build_row; raw sample reads alone "
           f"{theirs['raw_tokens_per_s']:,.0f} tokens/s)")
     print(f"ratio ours / streaming:               {ours / theirs['tokens_per_s']:>16.2f}x")
+    result.update(streaming_tokens_per_s=theirs["tokens_per_s"],
+                  streaming_raw_tokens_per_s=theirs["raw_tokens_per_s"])
+    write_json(args.json, result)
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """The figures for bench/table.py, written atomically (temporary name + rename)."""
+    if path is None:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
