@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prolong.eval import loaders, synthetic
+from prolong.eval.citations import CITE_METRIC, CITE_TASKS, cite_inputs, task_means
 from prolong.eval.generate import Answerer
 from prolong.eval.metrics import score_output
 from prolong.eval.samples import PromptFormat, Sample, TooShort
@@ -101,6 +102,11 @@ def record(sample: Sample, output: str) -> dict[str, Any]:
            "output": output, "answers": sample.answers, "score": score_sample(sample, output)}
     if judged:
         out["judge_inputs"] = {k: sample.extra.get(k) for k in JUDGE_FIELDS}
+    if sample.task in CITE_TASKS and "passages" in sample.extra:
+        # A plain prompt ends with the answer prefix; HELMET then reads it as part of the output.
+        out["cite_inputs"] = cite_inputs(
+            output, sample.extra["question"], sample.extra["passages"],
+            completion_prefix=sample.prefix if sample.add_special_tokens else "")
     return out
 
 
@@ -147,6 +153,19 @@ def _mean(xs: Iterable[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def _cite_parts(task: str, correctness: dict[str, float | None],
+                cited: dict[tuple[str, int], list[tuple[float, float] | None]],
+                lengths: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    """An ALCE task's three parts per length when its citations were scored (HELMET's Cite
+    averages them, each a mean over its own samples); empty otherwise."""
+    if not any(cited.get((task, n)) for n in lengths):
+        return {}
+    means = {str(n): task_means(cited[(task, n)]) for n in lengths if cited.get((task, n))}
+    return {"correctness": dict(correctness),
+            "citation_recall": {n: m[0] for n, m in means.items()},
+            "citation_precision": {n: m[1] for n, m in means.items()}}
+
+
 def aggregate(records: Sequence[dict[str, Any]], *, tasks: Sequence[str] | None = None,
               lengths: Sequence[int] | None = None) -> dict[str, Any]:
     """results.json's scores: per task, per category and on average, per length and overall."""
@@ -156,6 +175,7 @@ def aggregate(records: Sequence[dict[str, Any]], *, tasks: Sequence[str] | None 
     skipped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     unjudged: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     metrics: dict[str, list[str]] = defaultdict(list)
+    cited: dict[tuple[str, int], list[tuple[float, float] | None]] = defaultdict(list)
     for r in records:
         if "skipped" in r:
             skipped[r["task"]][str(r["length"])] += 1
@@ -165,16 +185,26 @@ def aggregate(records: Sequence[dict[str, Any]], *, tasks: Sequence[str] | None 
             unjudged[r["task"]][str(r["length"])] += 1
             continue
         by[(r["task"], r["length"])].append(r["score"])
+        if r.get("metric") == CITE_METRIC:
+            c = r["citation"]
+            cited[(r["task"], r["length"])].append(
+                None if c["recall"] is None else (c["recall"], c["precision"]))
     task_scores: dict[str, Any] = {}
     for t in tasks:
         info = HELMET_TASKS[t]
         per = {str(n): _mean(by[(t, n)]) for n in lengths if by.get((t, n))}
+        parts = _cite_parts(t, per, cited, lengths)
+        if parts:
+            per = {n: _mean(p[n] for p in parts.values()) for n in per
+                   if all(n in p for p in parts.values())}
         used = list(dict.fromkeys(metrics.get(t) or [info.metric]))
         metric = used[0] if len(used) == 1 else "+".join(used)
         task_scores[t] = {"category": info.category, "metric": metric,
                           "metric_note": "; ".join(METRIC_NOTES.get(m, m) for m in used),
                           "samples": {str(n): len(by.get((t, n), [])) for n in lengths},
                           "by_length": per, "mean": _mean(per.values())}
+        if parts:
+            task_scores[t]["parts"] = parts
         if t in unjudged:
             task_scores[t]["unjudged"] = dict(unjudged[t])
     categories: dict[str, Any] = {}

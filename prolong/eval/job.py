@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from prolong.data.errors import DataError
 from prolong.eval.datacheck import check_data_dir
 from prolong.eval.generate import build_generator
 from prolong.eval.harness import (
@@ -32,7 +33,10 @@ from prolong.eval.harness import (
     shard,
     work_items,
 )
-from prolong.eval.judge import JudgeClient, judge_records
+from prolong.eval.judge import JudgeClient, JudgeError, judge_records
+from prolong.eval.nli import cites as nli_cites
+from prolong.eval.nli import preflight as nli_preflight
+from prolong.eval.nli import score_shard
 from prolong.eval.report import (
     REPORT,
     RESULTS,
@@ -91,6 +95,7 @@ def shard_config(job: EvalJob, model: str) -> dict[str, Any]:
             "max_model_len": spec.generation.max_model_len or max(spec.lengths),
             "sizing": spec.sizing, "sizing_tokenizer": _absolute(spec.sizing_tokenizer),
             "use_chat_template": spec.use_chat_template,
+            "nli_model": _absolute(spec.nli_model),
             "corpus_cache": corpus_cache(job)}
 
 
@@ -149,6 +154,52 @@ def _run_on_ray(shards: list[list[WorkItem]], config: dict[str, Any], job: EvalJ
     return records
 
 
+def judge_client(judge: Any) -> JudgeClient | None:
+    """The judge's client, or None without a judge; a missing API key or unreadable prompts are
+    bad input (one line, exit 2), found before any model loads."""
+    if judge is None:
+        return None
+    try:
+        return JudgeClient.from_spec(judge)
+    except JudgeError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _logged_cite_shard(records: list[dict[str, Any]], config: dict[str, Any], directory: str,
+                       index: int) -> list[dict[str, Any]]:
+    with stage_output(directory, f"cite-shard{index:03d}"):
+        return score_shard(records, config)
+
+
+def _score_citations(records: list[dict[str, Any]], config: dict[str, Any], job: EvalJob,
+                     directory: str, log: Any, *, use_ray: bool, console_logs: bool) -> None:
+    """ALCE citation scores, after generation: the ALCE records dealt over the workers (one GPU
+    each), each loading the NLI model once; the scored records replace their originals."""
+    todo = [i for i, r in enumerate(records) if "cite_inputs" in r and "skipped" not in r]
+    if not todo:
+        return
+    workers = max(1, min(job.spec.cluster.world_size, len(todo)))
+    parts = [todo[k::workers] for k in range(workers)]
+    cfg = {"nli_model": _absolute(config["nli_model"]), "device": config["device"]}
+    if use_ray:
+        import ray
+
+        gpu = job.spec.cluster.device == "gpu"
+        env = {"TOKENIZERS_PARALLELISM": "false",
+               LOG_MODE_ENV: "console" if console_logs else "files"}
+        task = ray.remote(_logged_cite_shard).options(
+            num_gpus=1 if gpu else 0, num_cpus=1, max_retries=job.spec.cluster.max_failures,
+            retry_exceptions=job.spec.cluster.max_failures > 0, runtime_env={"env_vars": env})
+        scored = ray.get([task.remote([records[i] for i in part], cfg, directory, k)
+                          for k, part in enumerate(parts)])
+    else:
+        scored = [score_shard([records[i] for i in part], cfg) for part in parts]
+    for part, out in zip(parts, scored, strict=True):
+        for i, rec in zip(part, out, strict=True):
+            records[i] = rec
+    log(f"citations scored with {config['nli_model']}: {len(todo)} ALCE samples")
+
+
 def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
                    use_ray: bool = True, log: Any = print,
                    console_logs: bool = False) -> dict[str, Any]:
@@ -161,6 +212,8 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
     spec = job.spec
     start = time.monotonic()
     check_data_dir(spec)  # a missing or malformed data file is bad input: before any model loads
+    nli_preflight(spec.nli_model, spec.tasks)  # likewise the NLI model and its sentence splitter
+    judge = judge_client(spec.judge)  # and the judge's key and prompts
     model = model_location(job, upstream_dir)
     config = shard_config(job, model)
     items = work_items(spec.tasks, spec.lengths, spec.samples, spec.icl_samples)
@@ -172,9 +225,12 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
     else:
         records = [r for s in shards for r in eval_shard(s, config)]
     records.sort(key=lambda r: (list(spec.tasks).index(r["task"]), r["length"], r["index"]))
-    if spec.judge is not None:  # on the driver, after generation: one concurrency limit
-        judge_records(records, JudgeClient.from_spec(spec.judge),
-                      concurrency=spec.judge.concurrency, retries=spec.judge.retries, log=log)
+    if spec.nli_model is not None and nli_cites(spec.tasks):  # the GPUs are free again
+        _score_citations(records, config, job, ref.directory, log, use_ray=use_ray,
+                         console_logs=console_logs)
+    if judge is not None:  # on the driver, after generation: one concurrency limit
+        judge_records(records, judge, concurrency=spec.judge.concurrency,
+                      retries=spec.judge.retries, log=log)
 
     results = aggregate(records, tasks=spec.tasks, lengths=spec.lengths)
     name = f"{ref.pipeline}/{ref.stage}-{ref.id}"

@@ -634,7 +634,9 @@ def alce(task: str, fmt: PromptFormat, data_dir: str, length: int, index: int, s
         groups = [list(a) if isinstance(a, list) else [a] for a in rec["answers"]]
         extra = {"answer_lists": groups, "reference": ", ".join(g[0] for g in groups if g)}
     return Sample(task, length, index, prompt, [g[0] for g in groups if g], tokens, None, special,
-                  "Answer:", {**extra, "docs": n, "truncated": cut})
+                  "Answer:", {**extra, "docs": n, "truncated": cut,
+                              # citation scores read the whole list, as HELMET's scorer does
+                              "question": rec["question"], "passages": docs})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@
 - :func:`rouge_l_f1` -- ROUGE-L F1 (``rouge-score``, stemming), best over the golds: HELMET's
   metric for ∞Bench QA, and the stand-in for NarrativeQA and summarization when no model judge is
   configured (prolong.eval.judge scores those).
-- :func:`alce_correctness` -- ALCE answer correctness only: ASQA STR-EM (fraction of questions whose
-  short answers appear), QAMPARI recall-5. **Citation recall/precision are not computed**: they
-  need an NLI model (ALCE/HELMET use TRUE, T5-11B).
+- :func:`alce_correctness` -- ALCE answer correctness: ASQA STR-EM (fraction of questions whose
+  short answers appear), QAMPARI recall-5. Citation recall and precision need an NLI model
+  (HELMET: TRUE, T5-11B): prolong.eval.citations scores them after generation when
+  ``nliModel`` is set.
 
 HELMET also scores the output after parsing off an answer prefix and keeps the better of the two
 (:func:`parse_output`); :func:`score_output` does the same.

@@ -38,11 +38,13 @@ def comparability(spec: Any) -> dict[str, Any]:
             reasons[c].append("documents cut and filtered with the model's tokenizer, not "
                               "Llama-2's (sizingTokenizer unset)")
     # HELMET's Cite averages correctness with citation recall and precision (an NLI model, TRUE
-    # T5-11B); we compute correctness only.
-    reasons["cite"].append("citation recall and precision not computed")
+    # T5-11B): without nliModel we compute correctness only.
+    if spec.nli_model is None:
+        reasons["cite"].append("citation recall and precision not computed (no nliModel)")
     return {"sizing": spec.sizing, "sizing_tokenizer": spec.sizing_tokenizer,
             "use_chat_template": spec.use_chat_template,
             "judge": spec.judge.model if spec.judge is not None else None,
+            "nli_model": spec.nli_model,
             "not_comparable": {c: "; ".join(r) for c, r in reasons.items() if r}}
 
 
@@ -88,6 +90,15 @@ def markdown_report(results: dict[str, Any], title: str = "HELMET results") -> s
         lines.append(f"| {task} | {t['metric']} | "
                      + " | ".join(fmt_score(t["by_length"].get(n)) for n in lengths)
                      + f" | {fmt_score(t['mean'])} |")
+    parted = {task: t["parts"] for task, t in results["tasks"].items() if t.get("parts")}
+    if parted:
+        lines += ["", "Cite parts (the task's score is their mean, as HELMET's Cite):", "",
+                  "| task | part | " + " | ".join(length_label(n) for n in lengths) + " |",
+                  "|---|---|" + "---:|" * len(lengths)]
+        for task, parts in parted.items():
+            lines += [f"| {task} | {part} | "
+                      + " | ".join(fmt_score(per.get(n)) for n in lengths) + " |"
+                      for part, per in parts.items()]
     unjudged = results.get("unjudged") or {}
     if unjudged:
         lines += ["", "Unjudged (no usable judge reply after retries; left out of the means): "
@@ -118,7 +129,8 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
                                          " -- not comparable to published HELMET numbers")
              + f"; judge: {results.get('judge') or 'none (ROUGE-L stand-ins)'}"
              + f"; chat template: {'HELMET defaults' if results.get('use_chat_template', True) else 'off'}"
-             + f"; counting tokenizer: {results.get('sizing_tokenizer') or MODEL_OWN}.", ""]
+             + f"; counting tokenizer: {results.get('sizing_tokenizer') or MODEL_OWN}"
+             + f"; citation NLI: {results.get('nli_model') or 'none (not computed)'}.", ""]
     for cat, why in (results.get("not_comparable") or {}).items():
         lines.append(f"- {CATEGORY_TITLES.get(cat, cat)}: not comparable ({why})")
     return [*lines, ""] if results.get("not_comparable") else lines

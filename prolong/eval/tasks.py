@@ -62,8 +62,9 @@ HELMET_TASKS: dict[str, TaskInfo] = {
 }
 """Every HELMET task we know, by the name used in specs. NarrativeQA and summarization are scored
 by a model judge (``EvalJob.spec.judge``, prolong.eval.judge); without one their records carry
-ROUGE-L F1 under the metric name ``rougeL_f1_standin``. For ALCE we report answer correctness only
-(citation recall/precision need an NLI model; see prolong.eval.metrics)."""
+ROUGE-L F1 under the metric name ``rougeL_f1_standin``. ALCE scores answer correctness and, when
+``EvalJob.spec.nliModel`` names an NLI model, citation recall and precision (metric ``alce_cite``,
+prolong.eval.citations); without one, correctness only, and reports say so."""
 
 STANDIN = "rougeL_f1_standin"
 """The metric of a judged task's sample that no judge scored (no judge configured)."""
@@ -80,6 +81,8 @@ METRIC_NOTES: dict[str, str] = {
                   "(HELMET's gpt-4-f1)",
     "alce_correctness": "ASQA STR-EM / QAMPARI recall-5 only: citation recall and precision not "
                         "computed (HELMET's Cite averages all six)",
+    "alce_cite": "mean of ASQA STR-EM / QAMPARI recall-5, citation recall and citation precision "
+                 "(NLI model; HELMET's Cite)",
 }
 """How each metric is reported: what the report prints beside a score."""
 

@@ -585,8 +585,10 @@ class JudgeSpec(SpecModel):
     """A local checkout of princeton-nlp/HELMET: the judge reads HELMET's own prompts from its
     scripts/eval_gpt4_longqa.py and eval_gpt4_summ.py (prolong does not ship HELMET's text)."""
     api_key_secret_ref: str | None = Field(None, pattern=DNS_LABEL)
-    """Secret holding the API key under the key JUDGE_API_KEY; it reaches the eval workers as
-    that environment variable. None: no Authorization header (a local vLLM server)."""
+    """Secret in the stage's namespace holding the API key under the key JUDGE_API_KEY; rendered
+    RayJobs set it on the head and worker containers as the environment variable JUDGE_API_KEY
+    (secretKeyRef), where the judge reads it. None: no Authorization header (a local vLLM
+    server)."""
     concurrency: int = Field(8, ge=1)
     """Requests in flight at once."""
     retries: int = Field(3, ge=0)
@@ -634,6 +636,14 @@ class EvalSpec(SpecModel):
     citation, plain prompts for the rest); false: plain prompts everywhere (base models)."""
     judge: JudgeSpec | None = None
     """Model judge for NarrativeQA and summarization; None: ROUGE-L stand-ins, named as such."""
+    # Left out of the dump (and so of the stage id) while unset: an eval without it computes
+    # what every eval computed before the field existed, so existing stage ids stay valid;
+    # once set it changes the Cite scores, and the path enters the id.
+    nli_model: str | None = Field(None, min_length=1, exclude_if=lambda v: v is None)
+    """Local directory of a seq2seq NLI model for ALCE citation recall and precision (HELMET:
+    google/t5_xxl_true_nli_mixture); it runs on the eval workers after generation, and ASQA
+    also needs NLTK's punkt_tab data there. None: citation scores are reported as not
+    computed."""
     seed: int = 42
     """Seed for synthetic generators and demo selection."""
     storage: StorageSpec = Field(default_factory=StorageSpec)
