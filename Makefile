@@ -18,15 +18,34 @@ export HF_HUB_OFFLINE = 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# Every install takes the versions the tests last passed with (images/constraints.txt, which the
+# images install too), so a fresh machine gets the tested environment, not the newest releases
+# pyproject's ranges allow. The file is generated from this venv (images/constraints.py), so it is
+# not its own input: `make lock` upgrades the venv to the newest versions within the ranges
+# (without the constraints) and rewrites the file from it; run `make test`, commit both.
+# A package the file does not name (a dependency just added) installs unconstrained until then.
+CONSTRAINTS := images/constraints.txt
+
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q $(TORCH_CPU)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel --constraint $(CONSTRAINTS)
+	$(BIN)/python -m pip install -q --constraint $(CONSTRAINTS) $(TORCH_CPU)
 	# DeepSpeed is an sdist: build it against the torch above, without build isolation
 	# (an isolated build environment would fetch a CUDA torch). No ops are pre-built.
-	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation --constraint $(CONSTRAINTS) "$(DEEPSPEED)"
+	$(BIN)/python -m pip install -q --constraint $(CONSTRAINTS) -e '.[dev]'
 	touch $@
+
+# torch and DeepSpeed are named again so that the eager upgrade keeps the tested CPU torch and
+# builds DeepSpeed against it (as above) instead of in an isolated environment.
+.PHONY: lock
+lock: setup
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager \
+		--no-build-isolation $(TORCH_CPU) "$(DEEPSPEED)" -e '.[dev]'
+	$(BIN)/python images/constraints.py > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
+	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -c "import prolong.versions as v; print(v.summary())"

@@ -3,12 +3,13 @@
     .venv/bin/python images/constraints.py > images/constraints.txt
 
 From ``pip freeze --all`` of the tested environment (.venv, made by ``make setup`` and used by
-``make test``), less what no image installs from an index: the project itself (editable), local
-or direct-URL installs, and the dev tools named in pyproject's ``dev`` extra. Local version labels
-are dropped (``torch==2.13.0+cpu`` -> ``torch==2.13.0``): the train image installs the CUDA build
-of the same version, which ``==2.13.0`` matches (PEP 440). A constraints file pins without
-installing, so the operator image, which installs a few of these, takes only their versions.
-Regenerate after a dependency change and rebuild the images.
+``make test``), less what no index serves: the project itself (editable) and local or direct-URL
+installs. Local version labels are dropped (``torch==2.13.0+cpu`` -> ``torch==2.13.0``): the
+train image installs the CUDA build of the same version, which ``==2.13.0`` matches (PEP 440).
+The test and lint tools of the dev extra stay in: ``make setup`` installs with this file too, so
+CI gets the ruff and pytest the tests passed with, and a constraints file pins without
+installing, so the images (which install only what they name) take only their own versions.
+Regenerate with ``make lock`` after a dependency change and rebuild the images.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ def _names(requirements: Iterable[str]) -> set[str]:
     return {normalise(re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0]) for req in requirements}
 
 
-def dev_tools(pyproject: Path = REPO / "pyproject.toml") -> set[str]:
-    """The distributions named in the dev extra that are not runtime dependencies too (test and
-    lint tools)."""
+def requirement_names(pyproject: Path = REPO / "pyproject.toml") -> set[str]:
+    """The distributions pyproject.toml names (runtime dependencies and every extra)."""
     project = tomllib.loads(pyproject.read_text())["project"]
-    return _names(project["optional-dependencies"]["dev"]) - _names(project["dependencies"])
+    extras = [r for reqs in project["optional-dependencies"].values() for r in reqs]
+    return _names(project["dependencies"] + extras)
 
 
-def constraints(freeze: str, drop: Iterable[str]) -> list[str]:
+def constraints(freeze: str, drop: Iterable[str] = ()) -> list[str]:
     """``name==version`` lines of a pip freeze, sorted, without ``drop`` and non-index installs."""
     dropped = {normalise(n) for n in drop}
     out = {}
@@ -59,7 +60,7 @@ def constraints(freeze: str, drop: Iterable[str]) -> list[str]:
 def main() -> None:
     freeze = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
                             capture_output=True, text=True, check=True).stdout
-    sys.stdout.write(HEADER + "\n".join(constraints(freeze, dev_tools())) + "\n")
+    sys.stdout.write(HEADER + "\n".join(constraints(freeze)) + "\n")
 
 
 if __name__ == "__main__":

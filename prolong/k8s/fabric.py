@@ -9,6 +9,8 @@ from /etc/profile.d, which the ``bash -lc`` KubeRay starts Ray with reads): it i
 once on one GPU with ``NCCL_DEBUG=INFO``, reads which net plugin loaded and which network it
 chose, and logs one line, a WARNING when that is not the fabric the stage asked for. With
 ``--strict`` (or ``PROLONG_FABRIC_STRICT=1``) a mismatch exits 1, failing the pod before training.
+EFA counts only through the aws-ofi-nccl plugin on libfabric's efa provider (the train image
+builds it, :data:`OFI_PLUGIN_DIR`).
 
 The parsing is pure and tested on NCCL's log lines; the probe needs a CUDA GPU (skipped without).
 """
@@ -23,6 +25,13 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+OFI_PLUGIN_DIR = "/opt/aws-ofi-nccl/lib"
+OFI_PLUGIN = "libnccl-net-ofi.so"
+"""Where images/train/Dockerfile installs the aws-ofi-nccl plugin (off the default library path:
+its /etc/profile.d hook puts it on the path and sets NCCL_NET_PLUGIN=ofi for FI_PROVIDER=efa)."""
+OFI_PLUGIN_NAMES = ("AWS Libfabric", "Libfabric", "OFI")
+"""The names aws-ofi-nccl reports to NCCL (``Loaded net plugin <name>``), by release."""
 
 NETWORKS = {"IB": "infiniband", "Socket": "tcp", "AWS Libfabric": "efa", "Libfabric": "efa",
             "OFI": "efa"}
@@ -102,7 +111,7 @@ def plugin_libraries(env: Mapping[str, str]) -> list[str]:
     """NCCL net plugin libraries (``libnccl-net*.so``) on the library path: what NCCL can load."""
     dirs = [d for d in env.get("LD_LIBRARY_PATH", "").split(":") if d]
     dirs += ["/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/opt/amazon/ofi-nccl/lib",
-             "/opt/aws-ofi-nccl/lib"]
+             OFI_PLUGIN_DIR]
     found = []
     for d in dict.fromkeys(dirs):
         try:
@@ -112,8 +121,15 @@ def plugin_libraries(env: Mapping[str, str]) -> list[str]:
     return found
 
 
-def verdict(net: NcclNet, expected: str, plugins: list[str]) -> tuple[bool, str]:
-    """(ok, the one line to log)."""
+def is_ofi(plugin: str | None) -> bool:
+    return plugin is not None and plugin.startswith(OFI_PLUGIN_NAMES)
+
+
+def verdict(net: NcclNet, expected: str, plugins: list[str],
+            env: Mapping[str, str] | None = None) -> tuple[bool, str]:
+    """(ok, the one line to log). EFA is ok only through the aws-ofi-nccl plugin on libfabric's
+    efa provider; ``env`` (the pod's) explains a plugin that did not load."""
+    env = {} if env is None else env
     what = net.network or "unknown (NCCL named no network)"
     detail = [f"plugin {net.plugin}" if net.plugin else "internal transports"]
     if net.ofi_provider:
@@ -121,13 +137,19 @@ def verdict(net: NcclNet, expected: str, plugins: list[str]) -> tuple[bool, str]
     if net.devices:
         detail.append("devices " + " ".join(net.devices[:8]))
     line = f"NCCL network: {what} ({'; '.join(detail)}); the stage asks for {expected}"
-    if net.fabric == expected:
+    if net.fabric == expected and (expected != "efa" or is_ofi(net.plugin)):
         return True, f"fabric check: {line}: ok"
     why = []
-    if expected == "efa" and not net.plugin:
+    if expected == "efa" and not is_ofi(net.plugin):
         why.append("no aws-ofi-nccl plugin loaded (" + (
             f"libraries found: {', '.join(plugins)}" if plugins else
             "no libnccl-net*.so on the library path") + ")")
+        if not env.get("NCCL_NET_PLUGIN"):
+            why.append("NCCL_NET_PLUGIN is not set (the train image's /etc/profile.d hook sets "
+                       "it to ofi when FI_PROVIDER=efa and the plugin is installed)")
+        if not any(p.endswith(OFI_PLUGIN) for p in plugins):
+            why.append(f"no {OFI_PLUGIN} (the train image installs it in {OFI_PLUGIN_DIR} "
+                       "unless built with AWS_OFI_NCCL_VERSION empty)")
     if expected == "infiniband" and net.no_ib_device:
         why.append("NCCL found no InfiniBand device (are the RDMA devices mounted, "
                    "ibverbs-providers installed?)")
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, subprocess.TimeoutExpired) as exc:
         print(f"fabric check: WARNING NCCL could not be probed: {exc}", flush=True)
         return 1 if strict else 0
-    ok, line = verdict(parse_nccl_log(text), expected_fabric(env), plugin_libraries(env))
+    ok, line = verdict(parse_nccl_log(text), expected_fabric(env), plugin_libraries(env), env)
     print(line, flush=True)
     return 0 if ok or not strict else 1
 
@@ -187,5 +209,6 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["NETWORKS", "NcclNet", "expected_fabric", "main", "parse_nccl_log",
-           "plugin_libraries", "probe", "verdict"]
+__all__ = ["NETWORKS", "OFI_PLUGIN", "OFI_PLUGIN_DIR", "OFI_PLUGIN_NAMES", "NcclNet",
+           "expected_fabric", "is_ofi", "main", "parse_nccl_log", "plugin_libraries", "probe",
+           "verdict"]

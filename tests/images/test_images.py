@@ -40,6 +40,16 @@ def instructions(path: Path) -> list[str]:
     return out
 
 
+def _installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def pins() -> dict[str, str]:
     lines = [x for x in CONSTRAINTS.read_text().splitlines() if x and not x.startswith("#")]
     return dict(line.split("==") for line in lines)
@@ -64,7 +74,11 @@ def test_the_constraints_pin_every_runtime_dependency():
     gen = _generator()
     names = {gen.normalise(re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0]) for d in deps}
     assert names - set(pins()) == set()
-    assert not set(pins()) & gen.dev_tools() - names  # no test tool pinned for the images
+    # The dev extra's tools too (make setup installs with the file): whatever pyproject names and
+    # this environment has is pinned; flash-attn (the gpu extra) is installed only in the image.
+    installed = {n for n in gen.requirement_names() if _installed(n)}
+    assert installed - set(pins()) == set()
+    assert {"pytest", "ruff", "cel-python"} <= installed
     assert CONSTRAINTS.read_text().startswith(gen.HEADER)
 
 
@@ -75,6 +89,7 @@ def test_the_generator_filters_a_freeze():
                         "# comment", ""])
     assert _generator().constraints(freeze, {"pytest"}) == [
         "pyyaml==6.0.4", "ray==2.60.0", "torch==2.13.0"]
+    assert "pytest==9.0.0" in _generator().constraints(freeze)  # dev tools are pinned too
 
 
 def test_the_images_install_with_the_constraints_and_deps_before_code():
@@ -109,3 +124,44 @@ def test_the_train_image_has_the_rdma_user_space_and_the_check():
                    "!images/train/entrypoint.sh"):
         assert copied in ignore
     assert "!images/constraints.txt" in (OPERATOR.parent / "Dockerfile.dockerignore").read_text()
+
+
+def _arg(name: str, stage: str) -> str:
+    return re.search(rf"^ARG {name}=(\S*)$", stage, re.M)[1].strip('"')
+
+
+def test_the_train_image_builds_the_ofi_plugin_where_the_fabric_check_looks():
+    from packaging.version import Version
+
+    from prolong.k8s.fabric import OFI_PLUGIN, OFI_PLUGIN_DIR
+
+    build, runtime = TRAIN.read_text().split("\nFROM ")[1:]
+    steps = instructions(TRAIN)
+    ofi, libfabric = Version(_arg("AWS_OFI_NCCL_VERSION", build)), \
+        Version(_arg("LIBFABRIC_VERSION", build))
+    # The plugin's AWS platform tuning (--enable-platform-aws) needs libfabric 1.22 or later.
+    assert ofi >= Version("1.14") and libfabric >= Version("1.22")
+    fetch = next(s for s in steps if "aws-ofi-nccl/releases/download" in s)
+    assert ("https://github.com/aws/aws-ofi-nccl/releases/download/v${AWS_OFI_NCCL_VERSION}/"
+            "aws-ofi-nccl-${AWS_OFI_NCCL_VERSION}.tar.gz") in fetch
+    assert ("https://github.com/ofiwg/libfabric/releases/download/v${LIBFABRIC_VERSION}/"
+            "libfabric-${LIBFABRIC_VERSION}.tar.bz2") in fetch
+    assert "sha256sum -c" in fetch
+    plugin = next(s for s in steps if "--with-libfabric=" in s)
+    prefix = str(Path(OFI_PLUGIN_DIR).parent)
+    for flag in (f"--prefix={prefix}", "--with-libfabric=/opt/libfabric", "--with-cuda=",
+                 "--with-hwloc=", "--enable-platform-aws", "--disable-nccl-net-library"):
+        assert flag in plugin, flag
+    assert f"test -e {OFI_PLUGIN_DIR}/{OFI_PLUGIN}" in plugin
+    fabric = next(s for s in steps if "--prefix=/opt/libfabric" in s)
+    assert "--enable-efa" in fabric and "--with-cuda=" in fabric
+    apt_build = next(s for s in steps if "apt-get install" in s and "build-essential" in s)
+    for package in ("libibverbs-dev", "libhwloc-dev", "curl", "bzip2"):
+        assert package in apt_build.split(), package
+    assert "libhwloc15" in runtime.split()
+    for path in (prefix, "/opt/libfabric"):
+        assert f"COPY --from=build {path} {path}" in runtime, path
+    # Skippable, and then the COPYs still find (empty) directories.
+    assert "mkdir -p /opt/libfabric /opt/aws-ofi-nccl" in build
+    assert all('if [ -n "${AWS_OFI_NCCL_VERSION}" ]' in s for s in steps
+               if "./configure" in s and "/opt/" in s)

@@ -25,7 +25,8 @@ VALUES = {"default": {}, "h100": H100,
                                    "storage": {"mount": False}}},
           "cluster-wide-peering": {"rbac": {"clusterWide": True},
                                    "operator": {"peering": {"enabled": True}}}}
-CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering")
+CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 NAMESPACE = "ml"
 # What the operator may touch: (apiGroup, resource). The verbs are checked against the code in
 # tests/operator/test_rbac.py.

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prolong.k8s.fabric import expected_fabric, main, parse_nccl_log, plugin_libraries, verdict
+from prolong.k8s.fabric import (
+    OFI_PLUGIN,
+    OFI_PLUGIN_DIR,
+    expected_fabric,
+    main,
+    parse_nccl_log,
+    plugin_libraries,
+    verdict,
+)
 from prolong.k8s.rayjob import NETWORK_ENV
 
 HOST = "gpu-node-1:4711:4711 [0]"
@@ -71,3 +79,53 @@ def test_plugin_libraries_are_found_on_the_library_path(tmp_path: Path):
 def test_without_a_gpu_it_says_so_and_passes(capsys):
     assert main(["--strict"]) == 0  # no /dev/nvidia* here
     assert capsys.readouterr().out.strip() == "fabric check: no GPU on this node, skipped"
+
+
+def test_efa_needs_the_ofi_plugin_and_says_what_is_missing():
+    ofi = f"{OFI_PLUGIN_DIR}/{OFI_PLUGIN}"
+    ok, line = verdict(parse_nccl_log(SOCKETS), "efa", [], {})
+    assert not ok and "NCCL_NET_PLUGIN is not set" in line and f"no {OFI_PLUGIN}" in line
+    # Installed and named, yet not loaded: only that is said.
+    ok, line = verdict(parse_nccl_log(SOCKETS), "efa", [ofi], {"NCCL_NET_PLUGIN": "ofi"})
+    assert not ok and f"libraries found: {ofi}" in line
+    assert "NCCL_NET_PLUGIN" not in line and f"no {OFI_PLUGIN}" not in line
+    assert verdict(parse_nccl_log(EFA), "efa", [ofi], {"NCCL_NET_PLUGIN": "ofi"})[0]
+    newer = EFA.replace("AWS Libfabric", "Libfabric")  # newer releases' name
+    assert verdict(parse_nccl_log(newer), "efa", [ofi])[0]
+    # A Libfabric network some other plugin claims is no aws-ofi-nccl.
+    other = EFA.replace("Loaded net plugin AWS Libfabric", "Loaded net plugin Vendor")
+    assert not verdict(parse_nccl_log(other), "efa", [ofi])[0]
+
+
+HOOK = Path(__file__).resolve().parents[2] / "images" / "train" / "prolong-fabric.sh"
+
+
+def _hook_env(env: dict[str, str], times: int = 1) -> dict[str, str]:
+    """The environment after a login shell sourced the image's hook ``times`` times (the check
+    itself marked as done, so no NCCL probe runs)."""
+    import subprocess
+
+    script = f". {HOOK}; " * times + "env -0"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, check=True,
+                         env={"PATH": "/usr/bin:/bin", "PROLONG_FABRIC_CHECKED": "1", **env})
+    return dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+
+
+def test_the_image_hook_loads_the_ofi_plugin_only_for_efa(tmp_path: Path):
+    (tmp_path / "aws-ofi-nccl" / "lib").mkdir(parents=True)
+    (tmp_path / "aws-ofi-nccl" / "lib" / OFI_PLUGIN).write_bytes(b"")
+    root = {"PROLONG_OFI_ROOT": str(tmp_path)}
+    efa = _hook_env({**root, **NETWORK_ENV["efa"], "LD_LIBRARY_PATH": "/usr/local/nvidia/lib64"},
+                    times=2)
+    assert efa["NCCL_NET_PLUGIN"] == "ofi"
+    assert efa["LD_LIBRARY_PATH"] == (f"{tmp_path}/aws-ofi-nccl/lib:{tmp_path}/libfabric/lib:"
+                                      "/usr/local/nvidia/lib64")  # once, though sourced twice
+    assert expected_fabric(efa) == "efa"
+    for network in ("infiniband", "tcp"):
+        env = _hook_env({**root, **NETWORK_ENV[network]})
+        assert "NCCL_NET_PLUGIN" not in env and "aws-ofi-nccl" not in env.get(
+            "LD_LIBRARY_PATH", ""), network
+    assert "NCCL_NET_PLUGIN" not in _hook_env({**NETWORK_ENV["efa"], "PROLONG_OFI_ROOT":
+                                               str(tmp_path / "none")})  # image built without
+    assert _hook_env({**root, **NETWORK_ENV["efa"], "NCCL_NET_PLUGIN": "mine"})[
+        "NCCL_NET_PLUGIN"] == "mine"
