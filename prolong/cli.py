@@ -220,7 +220,8 @@ def report(targets: list[Path] = REPORT_TARGETS_ARG, price: float | None = PRICE
       prolongctl report runs/quickstart runs/other-quickstart --price-per-device-hour 2.5 --out reports/
     """
     # Reading stage directories loads pyarrow's filesystems (+0.2 s): only `report` needs them.
-    from prolong.train.report import run_markdown, run_rows
+    from prolong.eval.report import SCORES_PNG, comparison_png
+    from prolong.train.report import eval_results, run_markdown, run_rows
     from prolong.train.summary import print_run_report
 
     with user_errors():
@@ -237,6 +238,14 @@ def report(targets: list[Path] = REPORT_TARGETS_ARG, price: float | None = PRICE
         tmp.write_text(run_markdown(runs, price))
         tmp.replace(path)
         out.print(f"wrote {path}", markup=False)
+        evals = eval_results(runs)
+        if evals:
+            png = out_dir / SCORES_PNG
+            tmp = png.with_name(f".{png.name}.tmp")
+            tmp.write_bytes(comparison_png(evals))
+            tmp.replace(png)
+            out.print(f"wrote {png} ({len(evals)} eval stage{'s' if len(evals) > 1 else ''})",
+                      markup=False)
 
 
 # -- submit / status / logs / delete (a prolong.k8s.backend.Backend does the work) ---------------

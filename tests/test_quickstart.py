@@ -25,8 +25,8 @@ from tests.conftest import JOBS, REPO
 
 pytestmark = pytest.mark.slow
 
-CONSOLE_LINES = 45
-"""The most console lines a four-stage run may print (header, bar and result per stage, the
+CONSOLE_LINES = 60
+"""The most console lines a six-stage run may print (header, bar and result per stage, the
 summary and the scores); the full quickstart prints the same shape."""
 
 
@@ -34,15 +34,19 @@ def shortened(tmp: Path) -> Path:
     """A copy of jobs/quickstart/ with few steps, one eval length and two samples per task."""
     out = tmp / "jobs"
     shutil.copytree(JOBS / "quickstart", out)
+    short_eval = {"tasks": ["json_kv", "ruler_mk_needle"], "samples": 2}
     edits = {"stage1.yaml": {"steps": 4, "checkpoint": {"everySteps": 2}},
              "stage2.yaml": {"steps": 2, "checkpoint": {"everySteps": 2}},
              "sft.yaml": {"steps": 2, "checkpoint": {"everySteps": 2}},
-             "eval.yaml": {"tasks": ["json_kv", "ruler_mk_needle"], "samples": 2}}
+             "eval.yaml": short_eval,
+             "sft-from-stage1.yaml": {"steps": 1, "checkpoint": {"everySteps": 1}},
+             "eval-from-stage1.yaml": {**short_eval, "samples": 1}}
+    assert sorted(edits) == sorted(p.name for p in out.glob("*.yaml") if p.name != "pipeline.yaml")
     for name, spec_edits in edits.items():
         job = yaml.safe_load((out / name).read_text())
         job["spec"].update(spec_edits)
         job["spec"]["storage"] = {"root": str(tmp / "runs")}
-        if name == "eval.yaml":
+        if job["kind"] == "EvalJob":
             job["spec"]["lengths"] = job["spec"]["lengths"][:1]
         (out / name).write_text(yaml.safe_dump(job, sort_keys=False))
     return out / "pipeline.yaml"
@@ -56,7 +60,7 @@ def prolongctl(*args: str) -> subprocess.CompletedProcess:
 
 
 def stage_dirs(runs: Path) -> dict[str, Path]:
-    return {p.name.split("-")[0]: p for p in (runs / "quickstart").iterdir()
+    return {p.name.rsplit("-", 1)[0]: p for p in (runs / "quickstart").iterdir()
             if p.is_dir() and ".superseded-" not in p.name}
 
 
@@ -68,18 +72,22 @@ def test_shortened_quickstart(tmp_path):
     assert len(console) <= CONSOLE_LINES, "\n".join(console)
     assert not any("Reporting training result" in line for line in console)
     dirs = stage_dirs(tmp_path / "runs")
-    assert sorted(dirs) == ["eval", "sft", "stage1", "stage2"]
+    assert sorted(dirs) == ["eval", "eval-from-stage1", "sft", "sft-from-stage1", "stage1",
+                            "stage2"]
     for name, d in dirs.items():
         assert (d / "COMPLETE").is_file(), name
         assert any((d / "logs").iterdir()), f"{name}: no worker logs in logs/"
-    for name in ("stage1", "stage2", "sft"):
+    assert "eval-from-stage1" in first.stdout  # the two evals compared in one table
+    for name in ("stage1", "stage2", "sft", "sft-from-stage1"):
         assert (dirs[name] / "report.md").is_file() and (dirs[name] / "curves.png").is_file()
-    trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in ("stage1", "stage2", "sft")}
+    trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns
+               for n in ("stage1", "stage2", "sft", "sft-from-stage1")}
     results = (dirs["eval"] / "results.json").read_text()
+    branch_results = (dirs["eval-from-stage1"] / "results.json").stat().st_mtime_ns
 
     again = prolongctl("run", str(pipeline))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (again.stdout + again.stderr).count("is complete:") == 4
+    assert (again.stdout + again.stderr).count("is complete:") == 6
     assert {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in trained} == trained
 
     (dirs["sft"] / "COMPLETE").unlink()
@@ -87,8 +95,10 @@ def test_shortened_quickstart(tmp_path):
     assert third.returncode == 0, third.stdout + third.stderr
     out = third.stdout + third.stderr
     assert "stage stage1 (" in out and "stage stage2 (" in out  # reported complete, not run
-    for name in ("stage1", "stage2"):
+    # The branch without the long stage starts from stage1 only: nothing of it is out of date.
+    for name in ("stage1", "stage2", "sft-from-stage1"):
         assert (dirs[name] / "metrics.jsonl").stat().st_mtime_ns == trained[name], name
+    assert (dirs["eval-from-stage1"] / "results.json").stat().st_mtime_ns == branch_results
     assert (dirs["sft"] / "COMPLETE").is_file() and (dirs["eval"] / "COMPLETE").is_file()
     steps = [json.loads(line)["step"] for line in
              (dirs["sft"] / "metrics.jsonl").read_text().splitlines()]

@@ -250,6 +250,62 @@ def run_rows(target: str | Path) -> tuple[str, list[StageRow]]:
     return name, rows
 
 
+@dataclass(frozen=True)
+class ScoreRow:
+    """One task's (or the average's) HELMET scores of one eval stage, by length."""
+
+    task: str
+    stage: str
+    by_length: list[float | None]
+    mean: float | None
+
+
+def eval_score_rows(stages: Sequence[tuple[str, str]]) -> tuple[list[str], list[ScoreRow]]:
+    """(lengths, rows) of eval stages given as (stage name, directory): for each task, then the
+    average, one row per stage in the order given, so that several stages of one run (ProLong's
+    ablation: the same eval with and without the long stage) read next to each other, length by
+    length. Stages without results.json are left out."""
+    results = [(name, StageDir(d).read_json(RESULTS)) for name, d in stages
+               if StageDir(d).exists(RESULTS)]
+    lengths = sorted({str(n) for _, r in results for n in r.get("lengths", [])}, key=int)
+    tasks = list(dict.fromkeys(t for _, r in results for t in r.get("tasks", {})))
+    rows = []
+    for task in [*tasks, "average"]:
+        for name, r in results:
+            block = r.get("average", {}) if task == "average" else r.get("tasks", {}).get(task)
+            if block is None:
+                continue
+            by_length = block.get("by_length", {})
+            rows.append(ScoreRow(task, name, [by_length.get(n) for n in lengths],
+                                 block.get("mean")))
+    return lengths, rows
+
+
+def eval_results(runs: Sequence[tuple[str, list[StageRow]]]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, results.json) of every eval stage of the runs, for one comparison plot; labelled
+    by stage, or run/stage when there are several runs."""
+    out = []
+    for name, rows in runs:
+        for r in rows:
+            stage = StageDir(r.directory)
+            if r.kind == "EvalJob" and stage.exists(RESULTS):
+                out.append((r.stage if len(runs) == 1 else f"{name}/{r.stage}",
+                            stage.read_json(RESULTS)))
+    return out
+
+
+def scores_markdown(stages: Sequence[tuple[str, str]]) -> list[str]:
+    """The eval stages' scores as a markdown table (empty when none has results)."""
+    lengths, rows = eval_score_rows(stages)
+    if not rows:
+        return []
+    out = ["| task | eval stage | " + " | ".join(lengths) + " | mean |",
+           "|---|---|" + "---:|" * (len(lengths) + 1)]
+    out += [f"| {r.task} | {r.stage} | " + " | ".join(fmt(v, ".1f") for v in r.by_length)
+            + f" | {fmt(r.mean, '.1f')} |" for r in rows]
+    return [*out, ""]
+
+
 def run_markdown(runs: Sequence[tuple[str, list[StageRow]]],
                  price_per_device_hour: float | None) -> str:
     """report.md of ``prolongctl report --out``: one table per run, then the runs side by side."""
@@ -269,6 +325,9 @@ def run_markdown(runs: Sequence[tuple[str, list[StageRow]]],
         lines += ["", f"Total: {total:,.4f} device-hours"
                   + (f", {total * price_per_device_hour:,.2f} at {price_per_device_hour:g} per "
                      "device-hour" if price_per_device_hour is not None else "") + ".", ""]
+        scores = scores_markdown([(r.stage, r.directory) for r in rows if r.kind == "EvalJob"])
+        if scores:
+            lines += [f"### HELMET scores of {name}", "", *scores]
     if len(runs) > 1:
         stages = list(dict.fromkeys(r.stage for _, rows in runs for r in rows))
         lines += ["## Side by side", "",

@@ -13,11 +13,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from prolong.eval.report import REPORT, RESULTS, SCORES_PNG
+from prolong.eval.report import REPORT, SCORES_PNG
 from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOGS_DIR
-from prolong.train.report import StageRow, fmt, stage_row
+from prolong.train.report import StageRow, eval_score_rows, fmt, stage_row
 
 
 @dataclass(frozen=True)
@@ -80,29 +80,33 @@ def summary_table(outcomes: list[StageOutcome]) -> Table:
     return table
 
 
-def scores_table(directory: str, title: str) -> Table | None:
-    """HELMET scores of an eval stage by task and length (None when it has no results)."""
-    stage = StageDir(directory)
-    if not stage.exists(RESULTS):
+def scores_table(stages: list[tuple[str, str]], title: str) -> Table | None:
+    """HELMET scores of eval stages, given as (stage name, directory), by task and length; with
+    several stages each task has one row per stage, so that they compare length by length. None
+    when no stage has results."""
+    lengths, rows = eval_score_rows(stages)
+    if not rows:
         return None
-    results = stage.read_json(RESULTS)
-    lengths = [str(n) for n in results.get("lengths", [])]
+    several = len({r.stage for r in rows}) > 1
     table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("task")
+    if several:
+        table.add_column("eval stage")
     for n in lengths:
         table.add_column(n, justify="right")
     table.add_column("mean", justify="right")
-
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    for name, task in results.get("tasks", {}).items():
-        by_length = task.get("by_length", {})
-        table.add_row(name, *(cell(by_length.get(n)) for n in lengths), cell(task.get("mean")))
-    average = results.get("average", {})
-    table.add_row("average", *(cell(average.get("by_length", {}).get(n)) for n in lengths),
-                  cell(average.get("mean")))
+    for i, r in enumerate(rows):
+        last_of_task = i + 1 == len(rows) or rows[i + 1].task != r.task
+        first_of_task = i == 0 or rows[i - 1].task != r.task
+        table.add_row(r.task if first_of_task else "", *([r.stage] if several else []),
+                      *(fmt(v, ".1f") for v in r.by_length), fmt(r.mean, ".1f"),
+                      end_section=several and last_of_task)
     return table
+
+
+def eval_title(name: str, stages: list[tuple[str, str]]) -> str:
+    return f"HELMET scores of {name}" if len(stages) > 1 else \
+        f"HELMET scores of {name}/{stages[0][0]}"
 
 
 def run_table(name: str, rows: list[StageRow], price_per_device_hour: float | None) -> Table:
@@ -131,11 +135,10 @@ def print_run_report(console: Console, runs: list[tuple[str, list[StageRow]]],
                 "device-hour" if price_per_device_hour is not None else
                 " (--price-per-device-hour for a cost)")
         console.print(f"total {total:.4f} device-hours{cost}", markup=False, soft_wrap=True)
-        for r in rows:
-            if r.kind == "EvalJob":
-                table = scores_table(r.directory, f"HELMET scores of {name}/{r.stage} ({r.id})")
-                if table is not None:
-                    console.print(table)
+        evals = [(r.stage, r.directory) for r in rows if r.kind == "EvalJob"]
+        table = scores_table(evals, eval_title(name, evals)) if evals else None
+        if table is not None:
+            console.print(table)
         console.print()
 
 
@@ -145,13 +148,14 @@ def print_summary(console: Console, outcomes: list[StageOutcome]) -> None:
         return
     console.print()
     console.print(summary_table(outcomes))
-    for o in outcomes:
-        if o.row.kind != "EvalJob":
-            continue
-        table = scores_table(o.ref.directory, f"HELMET scores of {o.ref.stage} ({o.ref.id})")
-        if table is not None:
-            console.print()
-            console.print(table)
+    evals = [o for o in outcomes if o.row.kind == "EvalJob"]
+    table = scores_table([(o.ref.stage, o.ref.directory) for o in evals],
+                         "HELMET scores" + (f" of {evals[0].ref.stage} ({evals[0].ref.id})"
+                                            if len(evals) == 1 else ""))
+    if table is not None:
+        console.print()
+        console.print(table)
+        for o in evals:
             base = StageDir(o.ref.directory).uri
             console.print(f"reports: {base}/{REPORT}, {base}/{SCORES_PNG}", markup=False,
                           soft_wrap=True)

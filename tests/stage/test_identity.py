@@ -102,7 +102,8 @@ PINNED_PIPELINE_IDS = {
     "prolong-8b/pipeline.yaml": {"stage1": "a12b524d", "stage2": "def3c1ca", "sft": "dd601f0d",
                                  "eval": "a93d35c6"},
     "quickstart/pipeline.yaml": {"stage1": "58b0561a", "stage2": "89ddf25c", "sft": "62475fb8",
-                                 "eval": "b7c32476"},
+                                 "eval": "b7c32476", "sft-from-stage1": "663fee73",
+                                 "eval-from-stage1": "0e6e8ee5"},
 }
 PINNED_STANDALONE_IDS = {
     "prolong-8b/stage1-64k.yaml": "a12b524d",
@@ -113,6 +114,8 @@ PINNED_STANDALONE_IDS = {
     "quickstart/stage2.yaml": "871e1532",
     "quickstart/sft.yaml": "a6ecc41b",
     "quickstart/eval.yaml": "741802bc",
+    "quickstart/sft-from-stage1.yaml": "0a7ac04a",
+    "quickstart/eval-from-stage1.yaml": "25a5a900",
 }
 
 
