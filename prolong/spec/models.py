@@ -269,6 +269,29 @@ class ScheduleSpec(SpecModel):
         return self.peak_lr * (0.1 if self.min_lr_ratio is None else self.min_lr_ratio)
 
 
+class MemorySpec(SpecModel):
+    """Memory savers for long rows. None of them changes what is computed (the loss and gradients
+    agree up to float rounding, tests/model/test_memory_knobs.py), so they are scheduling-only: a
+    stage resubmitted with other settings here keeps its id and resumes its checkpoints."""
+
+    loss_chunk_tokens: int = Field(8192, ge=1)
+    """Sequence positions per chunk of the LM-head + cross-entropy: the largest fp32 logits tensor
+    is lossChunkTokens x vocabSize (8,192 x 128,256 x 4 bytes = 3.9 GiB for Llama-3)."""
+    activation_offload: bool = False
+    """Keep each checkpointed decoder layer's input in pinned host memory instead of on the GPU
+    (costs a copy each way per layer). Needs activationCheckpointing."""
+    tiled_mlp: bool = False
+    """Run each decoder layer's MLP over the local tokens in tiles (DeepSpeed ALST's TiledMLP), so
+    that only one tile's intermediate activations exist at a time; each tile is recomputed in the
+    backward."""
+    tiled_mlp_shards: int | None = Field(None, ge=1)
+    """Tiles per MLP call with tiledMlp. Left out: auto, ceil(local tokens / hiddenSize) as ALST
+    does (16 at 65,536 local tokens of Llama-3-8B)."""
+    expandable_segments: bool = True
+    """Run GPU workers with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, so that the caching
+    allocator grows segments instead of fragmenting at long, varying sizes."""
+
+
 class ParallelismSpec(SpecModel):
     """How one stage is split across workers."""
 
@@ -284,6 +307,8 @@ class ParallelismSpec(SpecModel):
     that the k-th micro-step costs about the same everywhere (ProLong: +11.7% throughput)."""
     offload_optimizer: bool = False
     """Keep optimizer state in CPU memory (ZeRO-Offload)."""
+    memory: MemorySpec = Field(default_factory=MemorySpec)
+    """Loss chunk, activation offload, tiled MLP and allocator settings (scheduling only)."""
 
 
 class CheckpointSpec(SpecModel):

@@ -102,6 +102,7 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
         out.append(SpecIssue("parallelism.zeroStage", "ZeRO-1 with bf16 fails under sequence "
                              "parallelism in DeepSpeed (grad norm on SP rank 0 only); use "
                              "zeroStage 2 or 3", 1))
+    out += _check_memory(spec)
     cluster = spec.cluster
     try:
         dims = spec.parallel_dims
@@ -145,6 +146,36 @@ def _check_train(spec: TrainSpec, *, is_sft: bool) -> list[SpecIssue]:
     if cluster.device == "cpu" and spec.precision == "bf16":
         out.append(SpecIssue("precision", "bf16 training needs cluster.device: gpu (CPU runs fp32)",
                              spec.precision))
+    return out
+
+
+def _check_memory(spec: TrainSpec) -> list[SpecIssue]:
+    """Rules of ``parallelism.memory``: settings that only mean something together with others."""
+    par = spec.parallelism
+    mem = par.memory
+    out = []
+    if mem.activation_offload and not par.activation_checkpointing:
+        # What is offloaded is each checkpointed layer's saved input: without checkpointing there
+        # is nothing of that kind (and autograd would keep every intermediate on the GPU anyway).
+        out.append(SpecIssue("parallelism.memory.activationOffload", "needs "
+                             "parallelism.activationCheckpointing: true (it offloads the "
+                             "checkpointed layer inputs)", True))
+    if mem.activation_offload and spec.cluster.device == "cpu":
+        # transformers offloads into pinned host memory, which a CPU-only torch cannot allocate
+        # ("pin_memory=True requires a CUDA or other accelerator backend"); on a CPU worker the
+        # activations are in host memory already.
+        out.append(SpecIssue("parallelism.memory.activationOffload", "needs cluster.device: gpu "
+                             "(on CPU the activations are in host memory already, and pinned "
+                             "memory needs an accelerator)", True))
+    if mem.tiled_mlp_shards is not None:
+        local = spec.sequence_length // spec.sp_size
+        if not mem.tiled_mlp:
+            out.append(SpecIssue("parallelism.memory.tiledMlpShards", "applies with "
+                                 "parallelism.memory.tiledMlp: true only", mem.tiled_mlp_shards))
+        elif mem.tiled_mlp_shards > local:
+            out.append(SpecIssue("parallelism.memory.tiledMlpShards", "must not exceed the tokens "
+                                 f"each worker holds, sequenceLength / sequenceParallel = {local}",
+                                 mem.tiled_mlp_shards))
     return out
 
 

@@ -36,6 +36,10 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "nodes"),
     ("cluster", "workersPerNode"),
     ("parallelism", "sequenceParallel"),
+    # Memory savers (loss chunk, activation offload, tiled MLP, allocator): the same loss and
+    # gradients up to float rounding (tests/model/test_memory_knobs.py), so a stage that ran out
+    # of memory can be resubmitted with them and resume its own checkpoints.
+    ("parallelism", "memory"),
 )
 
 DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}

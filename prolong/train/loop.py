@@ -45,6 +45,7 @@ from prolong.data.mixture import MixtureLoader
 from prolong.data.shards import TokenShards
 from prolong.model.attention import hf_name, select_backend
 from prolong.model.build import TORCH_DTYPES, architecture_of, build_model
+from prolong.model.tiling import apply_memory_settings
 from prolong.parallel.step import train_step
 from prolong.parallel.ulysses import apply_ulysses
 from prolong.stage.directory import (
@@ -217,6 +218,8 @@ class Worker:
         written on another world size. The engine is built after the choice: whether it loads
         a universal checkpoint is part of its DeepSpeed config."""
         model = self._model()
+        # parallelism.memory: activation offload and TiledMLP (the loss chunk goes to the engine).
+        apply_memory_settings(model, self.spec.parallelism)
         self.arch = self.spec.model.architecture or architecture_of(model)
         if latest is not None:
             source = self._usable_checkpoint(latest, latest_name or latest.name)
@@ -225,7 +228,8 @@ class Worker:
         else:
             source = None
         built = build_engine(model, self.spec, self.groups,
-                             load_universal=source is not None and source.tag == UNIVERSAL_TAG)
+                             load_universal=source is not None and source.tag == UNIVERSAL_TAG,
+                             chunk_tokens=self.spec.parallelism.memory.loss_chunk_tokens)
         loader = self._loader()
         step = self._restore(built, loader, source, resume=latest is not None)
         return Started(built, model, loader, step)

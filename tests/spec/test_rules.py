@@ -271,3 +271,45 @@ def test_eval_judge_fields(write_spec):
                              "helmetDir": "/HELMET", "apiKeySecretRef": "judge-key"}
     judge = load(write_spec(data, "eval.yaml")).document.spec.judge
     assert judge.api_key_secret_ref == "judge-key" and judge.retries == 3
+
+
+def _memory(data: dict, **memory) -> dict:
+    data["spec"].setdefault("parallelism", {})["memory"] = memory
+    return data
+
+
+def test_activation_offload_needs_checkpointing(write_spec):
+    data = _memory(job_dict("prolong-8b/stage2-512k.yaml"), activationOffload=True)
+    data["spec"]["parallelism"]["activationCheckpointing"] = False
+    data["spec"]["model"] = {"source": "/models/llama", "architecture": {"preset": "llama3-8b"}}
+    assert ("spec.parallelism.memory.activationOffload",
+            "needs parallelism.activationCheckpointing: true (it offloads the checkpointed layer "
+            "inputs)") in issues_of(write_spec, data)
+
+
+def test_activation_offload_needs_a_gpu(write_spec):
+    data = _memory(job_dict("quickstart/stage2.yaml"), activationOffload=True)
+    data["spec"]["parallelism"]["activationCheckpointing"] = True
+    issue = first(write_spec, data)
+    assert issue.path == "spec.parallelism.memory.activationOffload"
+    assert "cluster.device: gpu" in issue.rule and "pinned memory" in issue.rule
+
+
+def test_tiled_mlp_shards_need_tiled_mlp_and_fit_the_local_tokens(write_spec):
+    issue = first(write_spec, _memory(job_dict("quickstart/stage2.yaml"), tiledMlpShards=4))
+    assert (issue.path, issue.rule) == ("spec.parallelism.memory.tiledMlpShards",
+                                        "applies with parallelism.memory.tiledMlp: true only")
+    data = job_dict("quickstart/stage2.yaml")
+    local = data["spec"]["sequenceLength"] // data["spec"]["parallelism"]["sequenceParallel"]
+    issue = first(write_spec, _memory(data, tiledMlp=True, tiledMlpShards=local + 1))
+    assert issue.path == "spec.parallelism.memory.tiledMlpShards" and str(local) in issue.rule
+    load(write_spec(_memory(job_dict("quickstart/stage2.yaml"), tiledMlp=True, tiledMlpShards=local,
+                            lossChunkTokens=512)))
+
+
+@pytest.mark.parametrize("field,value", [("lossChunkTokens", 0), ("tiledMlpShards", 0),
+                                         ("lossChunkTokenz", 1)])
+def test_memory_fields_are_checked(write_spec, field, value):
+    with pytest.raises(SpecError) as info:
+        load(write_spec(_memory(job_dict("quickstart/stage2.yaml"), **{field: value})))
+    assert any("parallelism.memory" in i.path for i in info.value.issues)

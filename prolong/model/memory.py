@@ -1,0 +1,211 @@
+"""Peak memory per GPU of a training stage, on paper: what ``prolongctl plan`` prints.
+
+Pure arithmetic over the spec (no torch). The peak of a step is the persistent part plus the
+largest transient:
+
+**Persistent** (bytes per parameter, N parameters, partitioned over all W = DP x SP ranks the way
+DeepSpeed ZeRO partitions over its sequence-data-parallel group; ``p`` = 2 in bf16, 4 in fp32):
+
+============  ==================  =========================  =========================
+ZeRO          parameters          gradients                  fp32 master + 2 moments
+============  ==================  =========================  =========================
+0             p                   p                          (4 if bf16) + 8
+1             p                   4 (fp32 accumulation)      12 / W
+2             p                   4 / W                      12 / W
+3             p / W               4 / W                      12 / W
+============  ==================  =========================  =========================
+
+Under bf16 with ZeRO >= 1 our DeepSpeed config accumulates gradients in fp32
+(:mod:`prolong.parallel.deepspeed_config`); DeepSpeed's ZeRO optimizers keep an fp32 master
+partition even for fp32 models; ``offloadOptimizer`` moves master and moments to host memory.
+ZeRO >= 1 also allocates its gradient-reduction bucket up front, ``reduce_bucket_size`` = 5e8
+elements whatever the model's size (two of them with ``overlap_comm``, which we turn on on GPUs).
+
+**Activation checkpoints**: with activation checkpointing every decoder layer keeps its input,
+one hidden state per local token (T = sequenceLength / SP), plus the final hidden state that the
+loss reads: (L + 1) x T x hiddenSize activations. With ``activationOffload`` the layer inputs live
+in host memory. Without checkpointing every layer keeps all it saves for the backward instead.
+
+**Transients**, the largest of:
+
+- *decoder layer*: the backward of one layer, recomputed whole, holds that layer's saved
+  activations -- attention (norm output, q/k/v, rotated q/k, attention output, residual; under
+  Ulysses the all-to-all copies too, each rank holding heads / SP of the full sequence) and MLP
+  (norm output, gate, up, SiLU, product: 4 x T x intermediateSize, and two such gradients while
+  its backward runs; with TiledMLP only one tile's worth, T / shards);
+- *loss chunk*: the LM head over lossChunkTokens positions: logits, their log-softmax and its
+  gradient in fp32 (three c x V tensors, measured on CPU: 3.0-3.4x one fp32 c x V tensor), plus
+  the bf16 logits and their gradient in bf16;
+
+each with, under ZeRO-3, the gathered weights (and their unreduced gradient) of the layer or the
+LM head it runs. The estimate leaves out the CUDA context, NCCL buffers and allocator
+fragmentation (expandable segments reduce the latter), which is why ``plan`` warns at 90 %.
+tests/model/test_memory.py holds it to a measured peak of a real step of the tiny model on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prolong.spec import ArchitectureSpec, MemorySpec, TrainSpec
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+DEVICE_MEMORY_BYTES = {
+    # Total memory as the driver reports it (nvidia-smi), per GPU model of ClusterSpec.gpuType.
+    "H100": 81559 * MIB,   # H100 SXM5 80 GB
+    "H200": 143771 * MIB,  # H200 141 GB
+    "A100": 81920 * MIB,   # A100 80 GB
+    "B200": 183359 * MIB,  # B200 180 GB
+}
+TIGHT_FRACTION = 0.9
+"""Above this share of the device's memory a stage is reported as tight: the estimate leaves out
+the CUDA context (~0.5-1 GiB), NCCL buffers and fragmentation."""
+
+REDUCE_BUCKET_ELEMENTS = 500_000_000
+"""DeepSpeed's default ``reduce_bucket_size`` (our config leaves it alone)."""
+CUDA_ALLOC_CONF = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def allocator_env(memory: MemorySpec, *, gpu: bool) -> dict[str, str]:
+    """The workers' CUDA allocator setting (``parallelism.memory.expandableSegments``); nothing
+    on CPU workers."""
+    return dict(CUDA_ALLOC_CONF) if gpu and memory.expandable_segments else {}
+
+
+def parameter_count(arch: ArchitectureSpec) -> int:
+    """All parameters: embedding, LM head (unless tied), projections and norms."""
+    h, kv = arch.hidden_size, arch.num_key_value_heads * arch.head_dim
+    layer = 2 * h * h + 2 * h * kv + 3 * h * arch.intermediate_size + 2 * h
+    embeddings = arch.vocab_size * h * (1 if arch.tie_word_embeddings else 2)
+    return arch.num_layers * layer + embeddings + h
+
+
+def layer_parameter_count(arch: ArchitectureSpec) -> int:
+    h, kv = arch.hidden_size, arch.num_key_value_heads * arch.head_dim
+    return 2 * h * h + 2 * h * kv + 3 * h * arch.intermediate_size + 2 * h
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated bytes per GPU of one training stage at its peak (see the module docstring)."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    """fp32 master weights and the two AdamW moments kept on the device (0 when offloaded)."""
+    zero_buffers: float
+    """DeepSpeed's gradient-reduction bucket(s)."""
+    checkpoints: float
+    """Activations kept across the whole step on the device (checkpointed layer inputs)."""
+    layer: float
+    """Transient of one decoder layer's backward (attention + MLP, gathered ZeRO-3 weights)."""
+    mlp: float
+    """The MLP's part of ``layer`` (tiled with TiledMLP)."""
+    attention: float
+    """The attention's part of ``layer``."""
+    loss: float
+    """Transient of one loss chunk (logits, log-softmax, gradients; gathered LM head)."""
+    host: float
+    """Host memory per worker taken by offloading (optimizer state, activation checkpoints)."""
+    device_bytes: float | None
+    """The GPU's memory; None on CPU workers."""
+    mlp_tiles: int = 1
+
+    @property
+    def transient(self) -> float:
+        return max(self.layer, self.loss)
+
+    @property
+    def transient_kind(self) -> str:
+        return "loss chunk" if self.loss >= self.layer else "decoder layer"
+
+    @property
+    def persistent(self) -> float:
+        return (self.parameters + self.gradients + self.optimizer + self.zero_buffers
+                + self.checkpoints)
+
+    @property
+    def peak(self) -> float:
+        return self.persistent + self.transient
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.device_bytes is None else self.peak <= self.device_bytes
+
+    @property
+    def tight(self) -> bool:
+        return self.device_bytes is not None and self.peak > TIGHT_FRACTION * self.device_bytes
+
+
+def estimate_memory(spec: TrainSpec, arch: ArchitectureSpec) -> MemoryEstimate:
+    """Peak bytes per worker of a training stage of shape ``arch``."""
+    par, mem = spec.parallelism, spec.parallelism.memory
+    world, sp, zero = spec.cluster.world_size, spec.sp_size, par.zero_stage
+    gpu = spec.cluster.device == "gpu"
+    act = 2 if spec.resolved_precision == "bf16" else 4  # bytes per activation and parameter
+    n = parameter_count(arch)
+
+    # -- persistent: model states by ZeRO stage ------------------------------------------------
+    params = n * act / (world if zero == 3 else 1)
+    if zero == 0:
+        grads = n * act
+        opt = n * ((4 if act == 2 else 0) + 8)
+    else:
+        grads = n * 4 / (world if zero >= 2 else 1)
+        opt = n * 12 / world
+    host = 0.0
+    if par.offload_optimizer:
+        host, opt = opt, 0.0
+    if zero == 0:
+        buffers = 0.0
+    else:
+        bucket_bytes = 4 if zero == 1 else act
+        copies = 2 if gpu and zero in (1, 2) else 1  # overlap_comm double-buffers ZeRO 1/2
+        buffers = REDUCE_BUCKET_ELEMENTS * bucket_bytes * copies
+
+    # -- activations ---------------------------------------------------------------------------
+    t = spec.sequence_length // sp  # local tokens per worker
+    h, i, v = arch.hidden_size, arch.intermediate_size, arch.vocab_size
+    kv = arch.num_key_value_heads * arch.head_dim
+    attention = (5 * t * h + 3 * t * kv) * act
+    if sp > 1:
+        # Ulysses' all-to-all copies: q and the output for heads / SP of the full sequence (T x H
+        # elements each); k and v for max(kvHeads / SP, 1) heads of the full sequence.
+        kv_full = spec.sequence_length * max(arch.num_key_value_heads // sp, 1) * arch.head_dim
+        attention += (2 * t * h + 2 * kv_full) * act
+    tiles = 1
+    if mem.tiled_mlp:
+        tiles = min(mem.tiled_mlp_shards or math.ceil(t / h), t)
+    tile = math.ceil(t / tiles)
+    # Saved: the norm output (T x H, the whole input even when tiled) and, per tile, gate, up,
+    # SiLU and product; while its backward runs, two intermediate-sized gradients.
+    mlp = t * h * act + (4 + 2) * tile * i * act
+    if tiles > 1:
+        mlp += 2 * t * h * act  # TiledMLP's whole-input gradient buffer and concatenated output
+    hidden_grads = 2 * t * h * act  # the gradient flowing in and the one flowing out
+    layer_saved = attention + mlp - 2 * tile * i * act  # what the forward leaves for backward
+    gathered_layer = layer_parameter_count(arch) * (act + act) if zero == 3 else 0.0
+    gathered_head = v * h * (act + act) if zero == 3 else 0.0
+
+    if par.activation_checkpointing:
+        checkpoints = (arch.num_layers + 1) * t * h * act
+        if mem.activation_offload:
+            host += arch.num_layers * t * h * act
+            checkpoints = t * h * act
+        layer = attention + mlp + hidden_grads + gathered_layer
+    else:
+        checkpoints = arch.num_layers * layer_saved + t * h * act
+        layer = 2 * tile * i * act + hidden_grads + gathered_layer
+
+    chunk = min(mem.loss_chunk_tokens, t)
+    logits = chunk * v * (12 + (2 * act if act == 2 else 0))
+    loss = logits + hidden_grads + gathered_head
+
+    return MemoryEstimate(parameters=params, gradients=grads, optimizer=opt,
+                          zero_buffers=buffers, checkpoints=checkpoints, layer=layer, mlp=mlp,
+                          attention=attention, loss=loss, host=host,
+                          device_bytes=DEVICE_MEMORY_BYTES[spec.cluster.gpu_type] if gpu else None,
+                          mlp_tiles=tiles)
