@@ -130,9 +130,10 @@ async def test_with_upstream_submits_the_pipeline_up_to_the_stage(api: Api, refs
     again = await cli("submit", str(QUICKSTART / "stage2.yaml"), "--with-upstream")
     assert again.exit_code == 0 and "nothing changed" in again.stderr
     assert (await cli("submit", str(QUICKSTART / "pipeline.yaml"))).exit_code == 0
-    assert len(api.pipeline("quickstart")["spec"]["stages"]) == 4
+    every = len(refs)  # all of the pipeline's stages
+    assert every > 2 and len(api.pipeline("quickstart")["spec"]["stages"]) == every
     sft = await cli("submit", str(QUICKSTART / "stage2.yaml"), "--with-upstream")
-    assert sft.exit_code == 0 and len(api.pipeline("quickstart")["spec"]["stages"]) == 4
+    assert sft.exit_code == 0 and len(api.pipeline("quickstart")["spec"]["stages"]) == every
     assert api.creates(PIPELINES) == 1
 
 
