@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from prolong.model.memory import allocator_env
 from prolong.plan import default_active_deadline
 from prolong.spec import (
     API_VERSION,
@@ -167,6 +168,16 @@ def ray_env(cluster: ClusterSpec, ref: StageRef) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def allocator_pod_env(job: Job) -> list[dict[str, Any]]:
+    """A training stage's CUDA allocator setting (parallelism.memory.expandableSegments) for its
+    GPU pods, as the Ray Train workers also get it (prolong.train.entry.worker_env)."""
+    par = getattr(job.spec, "parallelism", None)
+    if par is None:
+        return []
+    env = allocator_env(par.memory, gpu=job.spec.cluster.device == "gpu")
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
 def _storage_volume(storage: StorageSpec) -> tuple[list[dict], list[dict]]:
     """(volumes, mounts) for the shared storage; none for an object-store root."""
     if storage.volume_claim is None or is_object_store(storage.root):
@@ -249,6 +260,7 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     k8s = cluster.kubernetes
     image = cluster.image or DEFAULT_IMAGE
     env = ray_env(cluster, ref)
+    env += allocator_pod_env(job)
     env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
                 if k8s.object_store_secret else [])
     storage_volumes, storage_mounts = _storage_volume(job.spec.storage)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 
+from prolong.model.memory import allocator_env
+from prolong.spec import MemorySpec
 from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOG_MODE_ENV
@@ -26,13 +28,16 @@ def run_storage_path(ref: StageRef) -> str:
     return StageDir(ref.pipeline_directory).uri
 
 
-def worker_env(gpu: bool, *, console_logs: bool = False) -> dict[str, str]:
+def worker_env(gpu: bool, *, console_logs: bool = False,
+               memory: MemorySpec | None = None) -> dict[str, str]:
     """Environment of the training workers. On CPU: DeepSpeed's CPU accelerator, and one
-    intra-op thread per worker (each worker owns one core; more threads only contend). Worker
+    intra-op thread per worker (each worker owns one core; more threads only contend). On GPU:
+    the CUDA allocator setting of ``memory`` (parallelism.memory.expandableSegments). Worker
     output goes to the stage's logs/ unless ``console_logs``. A fault injection set on the driver
     (:data:`prolong.train.faults.FAULT_ENV`) travels along."""
     env = {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                           "TOKENIZERS_PARALLELISM": "false"}
+    env.update(allocator_env(memory or MemorySpec(), gpu=gpu))
     env[LOG_MODE_ENV] = "console" if console_logs else "files"
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
@@ -65,7 +70,8 @@ def build_trainer(run: StageRun, *, console_logs: bool = False):
         storage_path=run_storage_path(ref),
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=job.spec.checkpoint.keep),
-        worker_runtime_env={"env_vars": worker_env(gpu, console_logs=console_logs)},
+        worker_runtime_env={"env_vars": worker_env(
+            gpu, console_logs=console_logs, memory=job.spec.parallelism.memory)},
     )
     return TorchTrainer(
         train_worker,

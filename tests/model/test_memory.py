@@ -99,6 +99,26 @@ def test_allocator_env_only_on_gpu():
     assert allocator_env(MemorySpec(expandable_segments=False), gpu=True) == {}
 
 
+def test_workers_and_pods_get_the_allocator_setting():
+    from prolong.k8s import render
+    from prolong.train.entry import worker_env
+
+    assert worker_env(True, memory=MemorySpec())["PYTORCH_CUDA_ALLOC_CONF"] == \
+        "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in worker_env(True, memory=MemorySpec(
+        expandable_segments=False))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in worker_env(False, memory=MemorySpec())
+    _, rayjob = render(load(JOBS / "prolong-8b/stage2-512k.yaml"))
+    spec = rayjob["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    _, cpu_rayjob = render(load(JOBS / "quickstart/stage1.yaml"))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in json.dumps(cpu_rayjob)
+
+
 # -- measured on CPU -------------------------------------------------------------------------
 
 PROBE = Path(__file__).resolve().parent / "memory_probe.py"
