@@ -72,15 +72,17 @@ def shape_label(shape: str, arch: ArchitectureSpec) -> str:
 
 def document_lengths(seq_len: int, docs: str, rng: np.random.Generator) -> list[int]:
     """Document lengths of one row: ``one`` document filling it (the issue's target case), or
-    ``mixed`` web-text-like lengths (log-normal, median about 700 tokens, as the data-loader
-    benchmark's short stream), cut at the row end."""
+    ``mixed`` web-text-like lengths: log-normal (sigma 1.2, as the data-loader benchmark's short
+    stream) with a median of about 700 tokens, or S/8 for rows under 5,320 tokens, so that
+    short CPU rows still pack several documents; cut at the row end."""
     if docs == "one":
         return [seq_len]
     if docs != "mixed":
         raise ValueError(f"docs must be 'one' or 'mixed', not {docs!r}")
+    mu = float(np.log(min(665.0, seq_len / 8)))
     lengths, left = [], seq_len
     while left:
-        d = int(min(left, max(8, rng.lognormal(6.5, 1.2))))
+        d = int(min(left, max(1, rng.lognormal(mu, 1.2))))
         lengths.append(d)
         left -= d
     return lengths

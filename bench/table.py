@@ -74,7 +74,7 @@ def _data_loader(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
-def _side_note(side: dict[str, Any], memory_kind: str) -> str:
+def _side_note(side: dict[str, Any]) -> str:
     parts = [side.get("label", "")]
     if side.get("mfu_causal") is not None:
         parts.append(f"MFU causal {fmt_pct(side['mfu_causal'])} / dense {fmt_pct(side['mfu_dense'])}")
@@ -82,8 +82,6 @@ def _side_note(side: dict[str, Any], memory_kind: str) -> str:
         parts.append(f"{side['tflops_causal'] * 1e3:.2f} causal / {side['tflops_dense'] * 1e3:.2f} "
                      "dense GFLOP/s")
     parts.append(f"step {fmt_seconds(side['step_s'])}")
-    if side.get("peak_bytes") is not None:
-        parts.append(f"peak {memory_kind} {fmt_bytes(side['peak_bytes'])}")
     return "; ".join(p for p in parts if p)
 
 
@@ -93,16 +91,21 @@ def _train_throughput(r: dict[str, Any]) -> list[Row]:
     case = (f"{c['shape']} S={c['seq_len']} x{c['rows']} ({c['docs']} doc) "
             f"{'CPU' if cpu else c['device_name']} {c['precision']}")
     rows: list[Row] = []
-    for key, name in (("ours", "ours tokens/s"), ("baseline", "transformers baseline tokens/s")):
-        side = r.get(key)
-        if side is None:
-            continue
+    sides = [(k, n) for k, n in (("ours", "ours"), ("baseline", "transformers baseline"))
+             if r.get(k) is not None]
+    for key, name in sides:
+        side = r[key]
         if side["status"] != "ok":
-            rows.append(("train throughput", case, name, side["status"].upper(),
+            rows.append(("train throughput", case, f"{name} tokens/s", side["status"].upper(),
                          side.get("reason", "")))
-            continue
-        rows.append(("train throughput", case, name, fmt_count(side["tokens_per_s"]),
-                     _side_note(side, c["memory_kind"])))
+        else:
+            rows.append(("train throughput", case, f"{name} tokens/s",
+                         fmt_count(side["tokens_per_s"]), _side_note(side)))
+    peaks = [fmt_bytes(r[k].get("peak_bytes")) for k, _ in sides]
+    rows.append(("train throughput", case,
+                 f"peak {c['memory_kind']} ({' / '.join(n for _, n in sides)})", " / ".join(peaks),
+                 "over the timed steps" if not cpu else "RSS high-water mark minus RSS before "
+                 "the side was built"))
     if r.get("ratio") is not None:
         note = ("CPU ratio (fp32, 2 cores): says nothing about the GPU target" if cpu
                 else "target >= 1.3x at 1B/64K, one document")
@@ -139,8 +142,10 @@ def _part(r: dict[str, Any]) -> list[Row]:
 
 
 def _matmul(r: dict[str, Any]) -> list[Row]:
-    return [("gpu check", f"bf16 matmul {r['n']}^3, {r['device_name']}", "TFLOP/s (median)",
-             f"{r['tflops']:.0f}", f"random data, {r['repeats']} timed after {r['warmup']} warm-up")]
+    tflops = r["tflops"]
+    return [("gpu check", f"{r['dtype']} matmul {r['n']}^3, {r['device_name']}",
+             "TFLOP/s (median)", f"{tflops:.0f}" if tflops >= 100 else f"{tflops:.3g}",
+             f"random data, {r['repeats']} timed after {r['warmup']} warm-up")]
 
 
 def _not_measured(r: dict[str, Any]) -> list[Row]:

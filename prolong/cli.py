@@ -36,6 +36,7 @@ from prolong.k8s.kube_backend import default_namespace, dry_run_offline
 from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
 from prolong.k8s.submit import open_backend
+from prolong.model.cli import model_app
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
 from prolong.specfile import Loaded, dump_yaml, load
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
@@ -50,6 +51,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(eval_app, name="eval")
+app.add_typer(model_app, name="model")
 out = Console(highlight=False, soft_wrap=True)
 
 

@@ -254,12 +254,23 @@ def auth_options(k8s: KubernetesSpec) -> dict[str, str]:
     return out
 
 
+def hub_token_env(job: Job) -> list[dict[str, Any]]:
+    """HF_TOKEN from the Secret ``model.hubTokenSecret`` names (key ``token``), for staging a gated
+    hub model in the pods (prolong.model.staging, whose TOKEN_ENV and TOKEN_SECRET_KEY these are;
+    not imported here: it loads the filesystem layer); nothing without one."""
+    secret = job.spec.model.hub_token_secret
+    if secret is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "token"}}}]
+
+
 def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
                      pod_labels: dict[str, str]) -> dict[str, Any]:
     cluster = job.spec.cluster
     k8s = cluster.kubernetes
     image = cluster.image or DEFAULT_IMAGE
     env = ray_env(cluster, ref)
+    env += hub_token_env(job)
     env += allocator_pod_env(job)
     env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
                 if k8s.object_store_secret else [])

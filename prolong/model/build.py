@@ -19,6 +19,11 @@ the spec says otherwise); the caller passes the dtype (:data:`TORCH_DTYPES`), fp
 Weights are never downloaded by tests: they load from local directories with
 ``local_files_only=True``.
 
+Under ZeRO-3 the worker passes a :class:`~prolong.model.zero3.Zero3Init`: the model is then built
+partitioned (``deepspeed.zero.Init``) and pretrained weights are streamed in tensor by tensor
+(:mod:`prolong.model.zero3`), so no rank ever holds the whole model. ZeRO 0-2 keep a full copy
+per rank anyway, and load it with ``from_pretrained``.
+
 :func:`decoder_hidden_states` runs the decoder body only (embeddings, layers, final norm) so that
 :func:`~prolong.model.loss.chunked_lm_loss` applies the LM head chunk by chunk; calling the full
 ``LlamaForCausalLM.forward`` would materialise the logits of the whole row.
@@ -33,6 +38,7 @@ import torch
 
 from prolong.model.attention import hf_name, register_attention_backends, select_backend
 from prolong.model.loss import chunked_lm_loss
+from prolong.model.zero3 import Zero3Init, build_partitioned, load_partitioned
 from prolong.spec import ArchitectureSpec, ModelSpec
 
 # ArchitectureSpec field -> LlamaConfig attribute.
@@ -114,12 +120,14 @@ def check_architecture(config: Any, arch: ArchitectureSpec, *, where: str = "the
 def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, source: str | None = None,
                 activation_checkpointing: bool = False, local_files_only: bool = False,
-                seed: int | None = None) -> Any:
+                seed: int | None = None, zero3: Zero3Init | None = None) -> Any:
     """A ``LlamaForCausalLM`` (or the checkpoint's causal-LM class) ready to train.
 
     ``source`` overrides ``spec.source`` (the train loop passes a ``fromStage`` weights directory
-    here). With neither, the model is randomly initialised from ``spec.architecture`` (seeded by
-    ``seed`` when given).
+    or the staged model here). With neither, the model is randomly initialised from
+    ``spec.architecture`` (seeded by ``seed`` when given). ``zero3``: build it partitioned for
+    ZeRO-3 (its parameters then live where ``deepspeed.zero.Init`` put them, and ``device`` is
+    not used); pretrained weights must then be a local safetensors directory.
     """
     register_attention_backends()
     backend = select_backend(spec.attention, device, dtype)
@@ -128,16 +136,27 @@ def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
     if source is None:
         if spec.architecture is None:
             raise ValueError("random initialisation needs model.architecture")
-        from transformers import LlamaForCausalLM
-
         cfg = llama_config(spec.architecture, rope_theta=spec.rope_theta)
         if seed is not None:
             torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype)
+        if zero3 is not None:
+            model = build_partitioned(cfg, zero3, attn=attn, dtype=dtype, init=True)
+        else:
+            from transformers import LlamaForCausalLM
+
+            model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype)
+    elif zero3 is not None:
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"model source {source!r} is not a local directory (ZeRO-3 "
+                                    "streams weights from a local or staged directory)")
+        config = pretrained_config(source, spec, local_files_only=True)
+        model = build_partitioned(config, zero3, attn=attn, dtype=dtype, init=False)
+        load_partitioned(model, source)
     else:
         model = _load_pretrained(source, spec, attn=attn, dtype=dtype,
                                  local_files_only=local_files_only)
-    model.to(device)
+    if zero3 is None:
+        model.to(device)
     model.config.use_cache = False
     if activation_checkpointing:
         enable_activation_checkpointing(model)
@@ -167,9 +186,10 @@ def enable_activation_checkpointing(model: Any, *, offload: bool = False) -> Non
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dtype,
-                     local_files_only: bool) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def pretrained_config(source: str, spec: ModelSpec, *, local_files_only: bool) -> Any:
+    """The config of the checkpoint at ``source``, checked against ``spec.architecture`` and with
+    the spec's RoPE theta applied."""
+    from transformers import AutoConfig
 
     if local_files_only and not Path(source).is_dir():
         raise FileNotFoundError(f"model source {source!r} is not a local directory "
@@ -180,6 +200,14 @@ def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dt
     if spec.rope_theta is not None:
         set_rope_theta(config, spec.rope_theta)
     config.use_cache = False
+    return config
+
+
+def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dtype,
+                     local_files_only: bool) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    config = pretrained_config(source, spec, local_files_only=local_files_only)
     return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype,
                                                 attn_implementation=attn,
                                                 local_files_only=local_files_only)

@@ -142,6 +142,17 @@ class ModelSpec(SpecModel):
     attention: AttentionBackend = "auto"
     """Attention kernel: auto picks flash_attn, then torch_varlen, then flex, then sdpa (the
     per-document CPU reference). All of them mask across packed documents."""
+    staged_path: str | None = None
+    """Directory (local, on the storage volume, or s3:// / gs://) that ``prolongctl model stage``
+    copies ``source`` to once, and that every worker loads the model from. Workers never download:
+    a hub id as source needs this."""
+    allow_hub: bool = False
+    """Let ``prolongctl model stage`` fetch ``source`` from the Hugging Face hub. Off: source must
+    be a local directory."""
+    hub_token_secret: str | None = Field(None, pattern=DNS_LABEL)
+    """Kubernetes Secret whose key ``token`` holds the Hugging Face token for a gated source
+    (meta-llama/...); rendered into the Ray pods' env as HF_TOKEN. ``prolongctl model stage`` on
+    a workstation reads HF_TOKEN from its own environment."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,6 +172,13 @@ class TokenizerSpec(SpecModel):
     train_vocab_size: int | None = Field(None, ge=256)
     """Train a byte-level BPE tokenizer of this size on the job's own streams (the quickstart
     does this: no download). Must equal the architecture's vocabSize."""
+    staged_path: str | None = None
+    """Directory (local, volume, or s3:// / gs://) that ``prolongctl model stage`` copies
+    ``source`` to and the tokenizer is loaded from. Left out with a staged model: the model's
+    staged directory, which holds its tokenizer files."""
+    allow_hub: bool = False
+    """Let ``prolongctl model stage`` fetch ``source`` from the Hugging Face hub (the token is the
+    model's hubTokenSecret)."""
 
 
 class DataStream(SpecModel):

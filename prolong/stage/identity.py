@@ -36,6 +36,15 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "nodes"),
     ("cluster", "workersPerNode"),
     ("parallelism", "sequenceParallel"),
+    # Where the weights and tokenizer are staged and whether the hub may fill it: the same source
+    # gives the same model wherever its copy lives.
+    ("model", "stagedPath"),
+    ("model", "allowHub"),
+    ("model", "hubTokenSecret"),
+    ("data", "tokenizer", "stagedPath"),
+    ("data", "tokenizer", "allowHub"),
+    ("tokenizer", "stagedPath"),
+    ("tokenizer", "allowHub"),
     # Memory savers (loss chunk, activation offload, tiled MLP, allocator): the same loss and
     # gradients up to float rounding (tests/model/test_memory_knobs.py), so a stage that ran out
     # of memory can be resubmitted with them and resume its own checkpoints.

@@ -45,9 +45,14 @@ from prolong.data.mixture import MixtureLoader
 from prolong.data.shards import TokenShards
 from prolong.model.attention import hf_name, select_backend
 from prolong.model.build import TORCH_DTYPES, architecture_of, build_model
+from prolong.model.staging import model_load_dir
+from prolong.model.zero3 import Zero3Init
+from prolong.parallel.deepspeed_config import deepspeed_config
+from prolong.parallel.dims import ParallelGroups
 from prolong.model.tiling import apply_memory_settings
 from prolong.parallel.step import train_step
-from prolong.parallel.ulysses import apply_ulysses
+from prolong.parallel.ulysses import apply_ulysses, ensure_deepspeed_comm
+from prolong.spec import TrainSpec
 from prolong.stage.directory import (
     Manifest,
     MetricsLog,
@@ -89,6 +94,15 @@ from prolong.train.reshape import (
     load_universal,
 )
 from prolong.versions import versions
+
+
+def zero3_partitioning(spec: TrainSpec, groups: ParallelGroups) -> Zero3Init | None:
+    """How a ZeRO-3 stage builds its model: partitioned as it is created, with the engine's own
+    DeepSpeed config and over the engine's group, so that no rank ever holds the whole model
+    (None below stage 3: ZeRO 0-2 keep a full copy per rank anyway)."""
+    if spec.parallelism.zero_stage != 3:
+        return None
+    return Zero3Init(deepspeed_config(spec, groups.dims), groups.world_group)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -156,12 +170,17 @@ class Worker:
     def _model(self) -> torch.nn.Module:
         spec = self.spec
         dtype = TORCH_DTYPES[spec.resolved_precision]
-        source = None
+        # The upstream stage's final/, else the staged (or local) model: never the hub.
         if self.run_info.upstream_dir is not None:
             source = local_copy(StageDir(self.run_info.upstream_dir).final_uri)
+        else:
+            source = model_load_dir(spec.model)
+        zero3 = zero3_partitioning(spec, self.groups)
+        if zero3 is not None:
+            ensure_deepspeed_comm()  # zero.Init partitions over deepspeed.comm's wrapped groups
         model = build_model(spec.model, device=self.device, dtype=dtype, source=source,
                             activation_checkpointing=spec.parallelism.activation_checkpointing,
-                            seed=spec.seed)
+                            seed=spec.seed, zero3=zero3, local_files_only=True)
         backend = select_backend(spec.model.attention, self.device, dtype)
         apply_ulysses(model, self.groups, hf_name(backend), seq_length=spec.sequence_length)
         return model

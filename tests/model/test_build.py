@@ -254,3 +254,29 @@ def test_source_override_and_no_download(tmp_path):
     micro_model(seed=9).save_pretrained(tmp_path / "stage1")
     loaded = build_model(spec, source=str(tmp_path / "stage1"), local_files_only=True)
     assert loaded.config.num_hidden_layers == MICRO["num_layers"]
+
+
+# ----------------------------------------------------------------------------------------------
+# ZeRO-3 loading: which checkpoint keys fill which parameters (the 2-rank load itself is in
+# test_zero3_loading.py)
+# ----------------------------------------------------------------------------------------------
+
+def test_checkpoint_keys_are_matched_to_parameters_tied_ones_by_any_name(tmp_path):
+    from prolong.model.zero3 import checkpoint_files, checkpoint_shapes, match_parameters
+
+    tied = build_model(ModelSpec(architecture=ArchitectureSpec(**{**MICRO,
+                                                                  "tie_word_embeddings": True})))
+    tied.save_pretrained(tmp_path / "tied")
+    shapes = checkpoint_shapes(checkpoint_files(tmp_path / "tied"))
+    assert "lm_head.weight" not in shapes  # transformers saves a tied weight once
+    pairs, problems = match_parameters(tied, shapes)
+    assert problems == []
+    assert [k for k, _ in pairs] == [n for n, _ in tied.named_parameters()]
+
+    untied = micro_model()
+    _, problems = match_parameters(untied, shapes)
+    assert problems == ["missing 1 parameter(s) (lm_head.weight)"]
+    wrong = {**shapes, "model.norm.weight": (31,), "extra.weight": (2,)}
+    _, problems = match_parameters(tied, wrong)
+    assert problems == ["1 key(s) name no parameter of the model (extra.weight)",
+                        "1 shape(s) differ (model.norm.weight is (31,), the model's (32,))"]
