@@ -64,8 +64,10 @@ quickstart: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Every benchmark this machine can run, then one table (GPU figures listed as not measured
+# without CUDA). bench/RESULTS.md records the figures; bench/gpu_check.sh is the GPU check.
 bench: setup
-	$(BIN)/python bench/data_loader.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf runs .pytest_cache
