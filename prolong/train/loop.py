@@ -46,10 +46,10 @@ from prolong.data.shards import TokenShards
 from prolong.model.attention import hf_name, select_backend
 from prolong.model.build import TORCH_DTYPES, architecture_of, build_model
 from prolong.model.staging import model_load_dir
+from prolong.model.tiling import apply_memory_settings
 from prolong.model.zero3 import Zero3Init
 from prolong.parallel.deepspeed_config import deepspeed_config
 from prolong.parallel.dims import ParallelGroups
-from prolong.model.tiling import apply_memory_settings
 from prolong.parallel.step import train_step
 from prolong.parallel.ulysses import apply_ulysses, ensure_deepspeed_comm
 from prolong.spec import TrainSpec
