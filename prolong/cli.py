@@ -118,7 +118,9 @@ def plan(
                                               "document-causal FLOPs figure."),
 ) -> None:
     """Show what a job or pipeline will do: steps, tokens per stage and per domain, rows per
-    step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu.
+    step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu, and
+    each training stage's estimated peak memory per GPU against the GPU's (warned when it does
+    not fit).
 
     [bold]Examples[/bold]
 
@@ -455,6 +457,7 @@ def _print_stage(p: planning.StagePlan) -> None:
         if p.flops_dense is not None:
             out.print(f"  FLOPs/token: dense 6N+12LHdS {format_count(p.flops_dense)} | "
                       f"document-causal 6N+6LHd·Σd²/S {format_count(p.flops_doc_causal)}")
+        _print_memory(p)
         domains = Table(show_edge=False, pad_edge=False, box=None)
         domains.add_column("  domain", no_wrap=True)
         domains.add_column("share", justify="right", no_wrap=True)
@@ -467,6 +470,26 @@ def _print_stage(p: planning.StagePlan) -> None:
         out.print(f"  GPU-hours {p.gpu_hours:,.0f} (about {wall:,.1f} h on {p.gpus} GPUs)")
     for note in p.notes:
         out.print(f"  [dim]note: {note}[/dim]")
+
+
+def _print_memory(p: planning.StagePlan) -> None:
+    """The estimated peak memory per GPU (prolong.model.memory), line by line, then the device."""
+    if p.memory is None:
+        return
+    table = Table(show_edge=False, pad_edge=False, box=None)
+    table.add_column("  memory per " + ("GPU" if p.device == "gpu" else "worker"), no_wrap=True)
+    table.add_column("GiB", justify="right", no_wrap=True)
+    table.add_column("counted as")
+    for row in p.memory_rows:
+        table.add_row(f"  {row.item}", f"{row.bytes / planning.GIB:,.2f}", row.detail)
+    device = ("(no device limit on CPU)" if p.memory.device_bytes is None else
+              f"of {p.memory.device_bytes / planning.GIB:,.2f} on the {p.gpu_type} "
+              f"({p.memory.peak / p.memory.device_bytes:.0%})")
+    table.add_row("  [bold]estimated peak[/bold]", f"[bold]{p.memory.peak / planning.GIB:,.2f}"
+                  "[/bold]", device)
+    out.print(table)
+    if p.memory_warning:
+        out.print(f"  [bold yellow]warning:[/bold yellow] {p.memory_warning}")
 
 
 # -- help text ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from prolong.model.flops import (
     doc_causal_flops_per_token,
     prefill_flops_per_token,
 )
+from prolong.model.memory import GIB, MemoryEstimate, estimate_memory
 from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec, resolved_architecture
 from prolong.stage.identity import StageRef
 
@@ -29,6 +30,15 @@ class DomainTokens:
     domain: str
     proportion: float
     tokens: float
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    """One line of the memory breakdown: what, its bytes per GPU, and how it was counted."""
+
+    item: str
+    bytes: float
+    detail: str
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,12 @@ class StagePlan:
     """At the requested MFU on the dense convention; None on CPU or when the shape is unknown."""
     prompts: int | None = None
     """Evaluation: number of prompts."""
+    memory: MemoryEstimate | None = None
+    """Training: estimated peak memory per GPU (prolong.model.memory); None without a shape."""
+    memory_rows: list[MemoryRow] = field(default_factory=list)
+    """``memory`` as the lines ``prolongctl plan`` prints."""
+    memory_warning: str | None = None
+    """Set when the estimate does not fit the device, or fits with under 10% to spare."""
     notes: list[str] = field(default_factory=list)
 
 
@@ -77,7 +93,7 @@ def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpe
     domains = [DomainTokens(s.domain, s.proportion, s.proportion * spec.total_tokens)
                for s in spec.data.streams]
     notes: list[str] = []
-    dense = causal = total = hours = None
+    dense = causal = total = hours = memory = None
     if arch is None:
         notes.append(f"architecture inherited from stage {spec.model.from_stage}: plan the "
                      "pipeline file for FLOPs")
@@ -93,13 +109,66 @@ def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpe
         causal = doc_causal_flops_per_token(arch, eff)
         total = dense * spec.total_tokens
         hours = _gpu_hours(total, spec.cluster.device, spec.cluster.gpu_type, mfu)
+        memory = estimate_memory(spec, arch)
     return StagePlan(
         stage=ref, kind=kind, gpus=spec.cluster.world_size, device=spec.cluster.device,
         gpu_type=spec.cluster.gpu_type, sequence_length=spec.sequence_length,
         steps=spec.total_steps, tokens=spec.total_tokens, rows_per_step=spec.rows_per_step,
         micro_batches_per_rank=spec.micro_batches_per_rank, sp=spec.sp_size, dp=spec.dp_size,
         warmup_steps=spec.warmup_steps, domains=domains, flops_dense=dense,
-        flops_doc_causal=causal, total_flops=total, gpu_hours=hours, notes=notes)
+        flops_doc_causal=causal, total_flops=total, gpu_hours=hours, memory=memory,
+        memory_rows=memory_rows(memory, spec, arch) if memory is not None else [],
+        memory_warning=memory_warning(memory, spec) if memory is not None else None, notes=notes)
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:,.2f} GiB"
+
+
+def memory_rows(e: MemoryEstimate, spec: TrainSpec, arch: ArchitectureSpec) -> list[MemoryRow]:
+    """The estimate as labelled lines, each saying how it was counted."""
+    par, mem = spec.parallelism, spec.parallelism.memory
+    world, zero = spec.cluster.world_size, par.zero_stage
+    dtype = spec.resolved_precision
+    tokens = spec.sequence_length // spec.sp_size
+    by = f"/ {world}" if world > 1 else "unpartitioned"
+    grads = dtype if zero == 0 else "fp32 accumulation"
+    rows = [
+        MemoryRow("parameters", e.parameters, f"{dtype}, ZeRO-{zero}"
+                  + (f" {by}" if zero == 3 else ", full copy")),
+        MemoryRow("gradients", e.gradients, f"{grads}"
+                  + (f", ZeRO-{zero} {by}" if zero >= 2 else ", full copy")),
+        MemoryRow("optimizer state", e.optimizer,
+                  "offloaded to host" if par.offload_optimizer else
+                  ("fp32 master + 2 AdamW moments" if (zero or dtype == "bf16") else
+                   "2 AdamW moments") + (f" {by}" if zero and not par.offload_optimizer else "")),
+        MemoryRow("ZeRO buffers", e.zero_buffers, ("reduce bucket, 5e8 elements"
+                  + (" x 2 (overlap)" if spec.cluster.device == "gpu" and zero in (1, 2) else ""))
+                  if zero else "none under ZeRO-0"),
+        MemoryRow("activation checkpoints", e.checkpoints,
+                  ("final hidden state (layer inputs offloaded)" if mem.activation_offload else
+                   f"{arch.num_layers + 1} hidden states x {tokens:,} tokens")
+                  if par.activation_checkpointing else "all saved activations (no checkpointing)"),
+        MemoryRow("largest transient", e.transient,
+                  f"{e.transient_kind}; of loss chunk ({min(mem.loss_chunk_tokens, tokens):,} "
+                  f"tokens) {e.loss / GIB:.2f} and layer {e.layer / GIB:.2f}: MLP "
+                  f"{e.mlp / GIB:.2f}" + (f" in {e.mlp_tiles} tiles" if e.mlp_tiles > 1 else "")
+                  + f", attention {e.attention / GIB:.2f}"),
+    ]
+    if e.host:
+        rows.append(MemoryRow("host memory per worker", e.host, "offloaded, not on the GPU"))
+    return rows
+
+
+def memory_warning(e: MemoryEstimate, spec: TrainSpec) -> str | None:
+    """A warning when the estimated peak will not fit the GPU, or barely fits."""
+    if e.device_bytes is None or not e.tight:
+        return None
+    gpu = spec.cluster.gpu_type
+    what = "will not fit" if not e.fits else "leaves under 10% of the GPU free"
+    return (f"estimated peak {_gib(e.peak)} per GPU {what} ({gpu}: {_gib(e.device_bytes)}); "
+            "see parallelism.memory (lossChunkTokens, tiledMlp, activationOffload), "
+            "offloadOptimizer, a higher zeroStage or more sequenceParallel")
 
 
 def _plan_eval(job: EvalJob, ref: StageRef, arch: ArchitectureSpec | None, mfu: float) -> StagePlan:

@@ -66,3 +66,62 @@ def test_standalone_stage_without_architecture_says_so():
     from prolong.stage.identity import standalone_stage
     p = plan_stage(loaded.document, standalone_stage(loaded.document), None)
     assert p.total_flops is None and any("architecture" in n for n in p.notes)
+
+
+def test_training_stages_carry_a_memory_estimate(prolong_plan):
+    from prolong.model.memory import GIB
+
+    s2 = prolong_plan["stage2"]
+    assert s2.memory is not None and s2.memory.fits and s2.memory_warning is None
+    assert s2.memory.peak / GIB == pytest.approx(38.15, abs=0.01)
+    rows = {r.item: r for r in s2.memory_rows}
+    assert rows["parameters"].detail == "bf16, ZeRO-3 / 64"
+    assert rows["activation checkpoints"].bytes == 33 * 65536 * 4096 * 2
+    assert rows["largest transient"].detail.startswith("loss chunk; of loss chunk (8,192 tokens)")
+    assert sum(r.bytes for r in s2.memory_rows) == pytest.approx(s2.memory.peak)
+    assert prolong_plan["eval"].memory is None
+
+
+def _stage2_with(write_spec, **parallelism):
+    from tests.conftest import job_dict
+
+    data = job_dict("prolong-8b/stage2-512k.yaml")
+    data["spec"]["model"] = {"source": "/models/llama3-8b", "architecture": {"preset": "llama3-8b"},
+                             "ropeTheta": 1.28e8}
+    data["spec"]["model"].pop("init", None)
+    data["spec"]["parallelism"].update(parallelism)
+    dp = 64 // data["spec"]["parallelism"]["sequenceParallel"]
+    data["spec"]["globalBatchTokens"] = 524288 * dp  # one row per data-parallel rank
+    return write_spec(data)
+
+
+def test_plan_warns_when_a_stage_will_not_fit(write_spec):
+    from typer.testing import CliRunner
+
+    from prolong.cli import app
+
+    # 512K on SP 1: every GPU holds all 524,288 tokens' checkpoints (132 GiB alone).
+    path = _stage2_with(write_spec, sequenceParallel=1)
+    job = load(path).document
+    from prolong.stage.identity import standalone_stage
+    p = plan_stage(job, standalone_stage(job), job.spec.model.architecture)
+    assert not p.memory.fits and "will not fit" in p.memory_warning
+    assert "H100" in p.memory_warning and "parallelism.memory" in p.memory_warning
+    out = CliRunner().invoke(app, ["plan", str(path)], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.output
+    assert "estimated peak" in out.output and "warning:" in out.output
+    assert "will not fit" in out.output
+    # The memory settings bring it back within the H100 (the offloaded checkpoints go to host).
+    fixed = _stage2_with(write_spec, sequenceParallel=1, memory={
+        "activationOffload": True, "tiledMlp": True, "lossChunkTokens": 1024})
+    job = load(fixed).document
+    p = plan_stage(job, standalone_stage(job), job.spec.model.architecture)
+    assert p.memory.fits and p.memory.host > 100 * 2**30
+
+
+def test_cpu_stage_memory_has_no_device_limit():
+    loaded = load(JOBS / "quickstart/stage1.yaml")
+    from prolong.stage.identity import standalone_stage
+    p = plan_stage(loaded.document, standalone_stage(loaded.document),
+                   loaded.document.spec.model.architecture)
+    assert p.memory.device_bytes is None and p.memory.fits is None and p.memory_warning is None
