@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from prolong.eval.judge import API_KEY_ENV as JUDGE_API_KEY_ENV
 from prolong.model.memory import allocator_env
 from prolong.plan import default_active_deadline
 from prolong.spec import (
@@ -178,6 +179,16 @@ def allocator_pod_env(job: Job) -> list[dict[str, Any]]:
     return [{"name": k, "value": v} for k, v in env.items()]
 
 
+def judge_key_env(job: Job) -> list[dict[str, Any]]:
+    """An EvalJob's judge API key, from the Secret its judge names (key JUDGE_API_KEY), as the
+    environment variable the judge reads (prolong.eval.judge); nothing for other jobs."""
+    judge = getattr(job.spec, "judge", None)
+    if judge is None or judge.api_key_secret_ref is None:
+        return []
+    return [{"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+        "name": judge.api_key_secret_ref, "key": JUDGE_API_KEY_ENV}}}]
+
+
 def _storage_volume(storage: StorageSpec) -> tuple[list[dict], list[dict]]:
     """(volumes, mounts) for the shared storage; none for an object-store root."""
     if storage.volume_claim is None or is_object_store(storage.root):
@@ -269,9 +280,9 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     cluster = job.spec.cluster
     k8s = cluster.kubernetes
     image = cluster.image or DEFAULT_IMAGE
-    env = ray_env(cluster, ref)
-    env += hub_token_env(job)
+    env = ray_env(cluster, ref) + judge_key_env(job)  # the judge runs on the head (the driver)
     env += allocator_pod_env(job)
+    env += hub_token_env(job)
     env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
                 if k8s.object_store_secret else [])
     storage_volumes, storage_mounts = _storage_volume(job.spec.storage)

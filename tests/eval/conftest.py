@@ -152,3 +152,50 @@ def write_helmet_data(root: Path, *, n: int = 3, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def helmet_dir(tmp_path_factory) -> Path:
     return write_helmet_data(tmp_path_factory.mktemp("helmet"))
+
+
+NLI_TRAIN = [("the sky is blue", "the sky is blue", "1"), ("the sky is blue", "cats bark", "0"),
+             ("grass is green", "grass is green", "1"), ("grass is green", "the sky is blue", "0")]
+"""(premise, hypothesis, answer) pairs the tiny NLI model learns."""
+
+
+@pytest.fixture(scope="session")
+def tiny_nli(tmp_path_factory) -> Path:
+    """A tiny seq2seq NLI model in TRUE's interface (see tests/eval/test_nli.py)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+
+    from prolong.eval.nli import NLI_INPUT
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for text in ["premise: hypothesis: Title: 0 1", *(f"{p} {h}" for p, h, _ in NLI_TRAIN)]:
+        for w in text.split():
+            vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                        special_tokens=[("</s>", 1)])
+    core.decoder = decoders.WordPiece()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                  unk_token="<unk>")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 2-layer model: threads only contend
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    batch = tok([NLI_INPUT.format(premise=p, hypothesis=h) for p, h, _ in NLI_TRAIN],
+                padding=True, return_tensors="pt")
+    labels = tok([y for *_, y in NLI_TRAIN], return_tensors="pt").input_ids
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("nli") / "tiny-true"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -107,10 +107,46 @@ def test_eval_report_compares_two_runs(two_runs, tmp_path):
     assert bad.exit_code == 2
 
 
+def test_citations_are_scored_with_the_nli_model_and_cite_becomes_comparable(
+        tmp_path, helmet_dir, tiny_model, tiny_nli, corpus_cache):
+    root = tmp_path / "runs"
+    spec = eval_job(root, helmet_dir, tiny_model, name="cite-eval")
+    spec["spec"].update(tasks=["alce_qampari"], lengths=[1024], nliModel=str(tiny_nli))
+    job = EvalJob.model_validate(spec)
+    ref = standalone_stage(job)
+    run_eval_stage(job, ref, None, use_ray=False, log=lambda _m: None)
+    d = Path(ref.directory)
+    records = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for r in records:
+        assert r["metric"] == "alce_cite" and r["citation"]["nli_model"] == str(tiny_nli)
+        assert r["citation"]["claims"] >= 1  # QAMPARI: every output is a list of >= 1 item
+        assert 0.0 <= r["citation"]["recall"] <= 1.0
+    results = json.loads((d / "results.json").read_text())
+    task = results["tasks"]["alce_qampari"]
+    assert set(task["parts"]) == {"correctness", "citation_recall", "citation_precision"}
+    assert task["by_length"]["1024"] == pytest.approx(
+        sum(p["1024"] for p in task["parts"].values()) / 3)
+    assert results["nli_model"] == str(tiny_nli)
+    assert "not computed" not in results["not_comparable"]["cite"]  # only sizing fill is left
+    report = (d / "report.md").read_text()
+    assert "Cite parts" in report and "citation NLI: " + str(tiny_nli) in report
+    # The same eval without nliModel: correctness only, and it says so.
+    del spec["spec"]["nliModel"]
+    bare = EvalJob.model_validate(spec)
+    assert standalone_stage(bare).id != ref.id
+    run_eval_stage(bare, standalone_stage(bare), None, use_ray=False, log=lambda _m: None)
+    plain = json.loads((Path(standalone_stage(bare).directory) / "results.json").read_text())
+    assert "parts" not in plain["tasks"]["alce_qampari"]
+    assert "citation recall and precision not computed" in plain["not_comparable"]["cite"]
+
+
 @pytest.mark.slow
-def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_model, corpus_cache):
-    """`prolongctl run` on an EvalJob: two CPU Ray workers share the samples; same results as the
-    in-process run of the same spec, and a second run is a no-op."""
+def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_model, corpus_cache,
+                                                 tiny_nli):
+    """`prolongctl run` on an EvalJob: two CPU Ray workers share the samples (and then score the
+    ALCE citations); same results as the in-process run of the same spec, and a second run is a
+    no-op."""
     import ray
 
     from prolong.train.runner import run_file
@@ -119,7 +155,8 @@ def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_mode
     (root / "data").mkdir(parents=True)
     (root / "data" / "corpora").symlink_to(corpus_cache)
     job = eval_job(root, helmet_dir, tiny_model, workers=2, name="ray-eval")
-    job["spec"]["tasks"] = ["json_kv", "nq"]
+    job["spec"]["tasks"] = ["json_kv", "nq", "alce_qampari"]
+    job["spec"]["nliModel"] = str(tiny_nli)
     path = tmp_path / "eval.yaml"
     path.write_text(yaml.safe_dump(job))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
@@ -130,7 +167,8 @@ def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_mode
     d = Path(ref.directory)
     assert StageDir(str(d)).is_complete()
     records = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
-    assert len(records) == 2 * 2 * 2
+    assert len(records) == 3 * 2 * 2
+    assert all(r["citation"]["claims"] >= 1 for r in records if r["task"] == "alce_qampari")
     # The same spec in one process gives the same outputs (greedy, deterministic samples).
     local = tmp_path / "local"
     (local / "data").mkdir(parents=True)
@@ -141,8 +179,10 @@ def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_mode
     again = [json.loads(line) for line in
              (Path(standalone_stage(lj).directory) / "samples.jsonl").read_text().splitlines()]
     key = lambda r: (r["task"], r["length"], r["index"])  # noqa: E731
-    assert [(key(r), r["prompt_hash"], r["output"]) for r in sorted(records, key=key)] == \
-        [(key(r), r["prompt_hash"], r["output"]) for r in sorted(again, key=key)]
+    assert [(key(r), r["prompt_hash"], r["output"], r.get("citation"))
+            for r in sorted(records, key=key)] == \
+        [(key(r), r["prompt_hash"], r["output"], r.get("citation"))
+         for r in sorted(again, key=key)]
     assert run_file(path, progress=False) == [ref]  # complete: nothing to do
 
 

@@ -213,3 +213,24 @@ def test_a_named_secret_without_its_key_is_refused(monkeypatch):
     with pytest.raises(RuntimeError, match=API_KEY_ENV):
         JudgeClient.from_spec(JudgeSpec(endpoint="http://x/v1", model="m", helmet_dir="/h",
                                         api_key_secret_ref="judge-key"))
+
+
+def test_an_eval_without_its_judge_key_stops_before_any_model_loads(monkeypatch, tmp_path,
+                                                                    helmet):
+    from prolong.data.errors import DataError
+    from prolong.eval.job import run_eval_stage
+    from prolong.spec import EvalJob
+    from prolong.stage.identity import standalone_stage
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    job = EvalJob.model_validate({
+        "apiVersion": "prolong.dev/v1alpha1", "kind": "EvalJob", "metadata": {"name": "keyless"},
+        "spec": {"model": {"source": str(tmp_path / "no-such-model")}, "tasks": ["json_kv"],
+                 "lengths": [8192], "storage": {"root": str(tmp_path / "runs")},
+                 "judge": {"endpoint": "http://judge/v1", "model": "m", "helmetDir": str(helmet),
+                           "apiKeySecretRef": "judge-key"}}})
+    with pytest.raises(DataError) as err:
+        run_eval_stage(job, standalone_stage(job), None, use_ray=False, log=lambda _m: None)
+    assert API_KEY_ENV in str(err.value) and "judge-key" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "runs").exists()  # nothing written, no model looked for

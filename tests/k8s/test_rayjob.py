@@ -373,3 +373,39 @@ def test_lifecycle_fields_are_validated(tmp_path, k8s, field, rule):
         load(path)
     line = err.value.one_line()
     assert line.startswith(f"{path}: {field}") and rule in line, line
+
+
+def test_the_judge_key_reaches_every_ray_container_from_its_secret(tmp_path, validate_object,
+                                                                   monkeypatch):
+    from prolong.eval.judge import API_KEY_ENV, PROMPT_SOURCES, JudgeClient
+
+    helmet = tmp_path / "HELMET"  # a stand-in checkout: the seven prompt strings the judge reads
+    for rel in {rel for rel, _ in PROMPT_SOURCES.values()}:
+        (helmet / rel).parent.mkdir(parents=True, exist_ok=True)
+        (helmet / rel).write_text("".join(f"{var} = 'stand-in {var}'\n"
+                                          for r, var in PROMPT_SOURCES.values() if r == rel))
+    raw = yaml.safe_load((REPO / "jobs" / "prolong-8b" / "eval.yaml").read_text())
+    raw["spec"]["model"] = {"source": "/models/prolong-8b"}
+    judge = {"endpoint": "https://judge.example/v1", "model": "gpt-4o", "helmetDir": str(helmet)}
+    raw["spec"]["judge"] = {**judge, "apiKeySecretRef": "judge-api"}
+    job = parse_document(raw)
+    objs = render_standalone(job)
+    for obj in objs:
+        validate_object(obj)
+    cluster = objs[1]["spec"]["rayClusterSpec"]
+    containers = [g["template"]["spec"]["containers"][0]
+                  for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"])]
+    assert [c["name"] for c in containers] == ["ray-head", "ray-worker"]
+    want = {"name": API_KEY_ENV,
+            "valueFrom": {"secretKeyRef": {"name": "judge-api", "key": API_KEY_ENV}}}
+    for c in containers:
+        assert [e for e in c["env"] if e["name"] == API_KEY_ENV] == [want]
+    # The judge reads the variable that env entry sets.
+    monkeypatch.setenv(want["name"], "sk-from-the-secret")
+    assert JudgeClient.from_spec(job.spec.judge).api_key == "sk-from-the-secret"
+    # No secret named, or not an eval: no such variable.
+    raw["spec"]["judge"] = judge
+    for other in (parse_document(raw), load(STAGE2).document):
+        cluster = render_standalone(other)[1]["spec"]["rayClusterSpec"]
+        for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+            assert API_KEY_ENV not in {e["name"] for e in g["template"]["spec"]["containers"][0]["env"]}
