@@ -116,3 +116,27 @@ def test_memory_settings_keep_the_stage_id():
     zero2 = job.model_copy(update={"spec": job.spec.model_copy(update={
         "parallelism": par.model_copy(update={"zero_stage": 2})})})
     assert stage_id(zero2) != stage_id(job)
+
+
+@pytest.mark.slow
+def test_tiled_mlp_under_zero3_gives_the_same_steps():
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("tiling_zero3_probe.py"))],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line.removeprefix("RESULT "))
+    for (loss, norm), (loss_t, norm_t) in zip(out["plain"], out["tiled"], strict=True):
+        assert loss_t == pytest.approx(loss, rel=TOL) and norm_t == pytest.approx(norm, rel=TOL)
+    assert out["plain"][1][0] < out["plain"][0][0]  # it trains: the second step's loss is lower
