@@ -400,6 +400,20 @@ def peak_flops_for(device: str, override_tflops: float | None) -> tuple[float | 
     return PEAK_BF16_FLOPS[kind], f"{PEAK_BF16_FLOPS[kind] / 1e12:.1f} TFLOP/s ({kind} dense bf16)"
 
 
+def command_line(script: str, argv: list[str]) -> str:
+    """The command that reproduces a result: the script and its arguments, without ``--json``'s
+    output path (where the figures went is not part of what was measured)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--json":
+            skip = True
+        elif not arg.startswith("--json="):
+            kept.append(arg)
+    return " ".join(["python", script, *kept])
+
+
 def versions_summary() -> str:
     from prolong.versions import summary
 

@@ -235,7 +235,8 @@ def main() -> None:
               f"(goal {GOAL:,}: {'met' if ours >= GOAL else 'NOT met'})")
         result = {"bench": "data_loader", "seq_len": s, "rows": rows_total, "core": core,
                   "goal": GOAL, "ours_tokens_per_s": ours, "streaming_tokens_per_s": None,
-                  "command": "python bench/data_loader.py " + " ".join(sys.argv[1:])}
+                  "command": " ".join(["python", "bench/data_loader.py",
+                                        *_without_json(sys.argv[1:])])}
         if python is None:
             write_json(args.json, result)
             return
@@ -250,6 +251,16 @@ def main() -> None:
     result.update(streaming_tokens_per_s=theirs["tokens_per_s"],
                   streaming_raw_tokens_per_s=theirs["raw_tokens_per_s"])
     write_json(args.json, result)
+
+
+def _without_json(argv: list[str]) -> list[str]:
+    """The arguments that decide the figures (``--json PATH`` only says where they go)."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg == "--json" or (i and argv[i - 1] == "--json"):
+            continue
+        out.append(arg)
+    return out
 
 
 def write_json(path: Path | None, result: dict) -> None:

@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     title = (f"make bench, {today()}, {time.monotonic() - t0:.0f} s, load average {load:.1f} "
              f"on {os.cpu_count()} CPUs\n{versions_summary()}")
-    text = f"{title}\n\n{table_of(results)}\n"
+    commands = [f"- {r['command']}" for r in results if r.get("command")]
+    text = f"{title}\n\n{table_of(results)}\n\ncommands (from the repository root):\n" + \
+        "\n".join(commands) + "\n"
     print(text, end="")
     if args.markdown:
         write_atomic(args.markdown, text)

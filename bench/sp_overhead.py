@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--sp", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the result's command line
     if args.seq_len % 2:
         ap.error("--seq-len must be even (SP=2 splits every row in two)")
     if args.rows < 1 or args.steps < 1 or args.warmup < 0:
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "backend": "gloo, 1 thread per rank" if device == "cpu" else "NCCL"},
         "versions": common.versions_summary(),
         "date": common.today(),
-        "command": "python bench/sp_overhead.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("bench/sp_overhead.py", args.argv),
     }
     with tempfile.TemporaryDirectory(prefix="bench-sp-") as tmp:
         for sp in (1, 2):

@@ -81,7 +81,9 @@ def _side_note(side: dict[str, Any]) -> str:
     else:
         parts.append(f"{side['tflops_causal'] * 1e3:.2f} causal / {side['tflops_dense'] * 1e3:.2f} "
                      "dense GFLOP/s")
-    parts.append(f"step {fmt_seconds(side['step_s'])}")
+    spread = side.get("step_s_spread")
+    parts.append(f"step {fmt_seconds(side['step_s'])}"
+                 + (f" (spread {fmt_pct(spread)})" if spread is not None else ""))
     return "; ".join(p for p in parts if p)
 
 
@@ -189,6 +191,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for reading
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the result's command line
     for name in ("seq_len", "rows", "steps"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "peak": peak_source, "memory_kind": meter.kind, "seed": args.seed},
         "versions": common.versions_summary(),
         "date": common.today(),
-        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
+        "command": common.command_line("bench/train_throughput.py", args.argv),
     }
     state: dict[str, torch.Tensor] = {}
     with common.single_process_group(device):

@@ -168,6 +168,9 @@ def test_train_throughput_two_cpu_steps_of_the_tiny_shape(tmp_path):
     assert ours["tflops_causal"] < ours["tflops_dense"]  # mixed documents: causal < dense
     text = table.table_of([result])
     assert "ratio ours / baseline" in text and "CPU ratio" in text
+    # The recorded command reproduces the figures (where --json wrote them is left out).
+    assert result["command"] == ("python bench/train_throughput.py --device cpu --shape tiny "
+                                 "--seq-len 128 --docs mixed --warmup 0 --steps 2")
 
 
 def _gpu_check(*args: str) -> subprocess.CompletedProcess:
