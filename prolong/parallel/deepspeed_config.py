@@ -91,7 +91,8 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]],
     for _, p in named_params:
         if not p.requires_grad:
             continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        # ds_shape: under ZeRO-3 a parameter built partitioned (zero.Init) has empty data.
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
