@@ -7,11 +7,12 @@
 # - deepspeed: an sdist on PyPI, so it is built here into a pure-Python wheel (no ops pre-built:
 #   DS_BUILD_OPS=0, as the Makefile installs it; our engine uses torch's AdamW, so no op is ever
 #   compiled), against this checkout's .venv torch, without build isolation;
-# - hjson (deepspeed), pydantic, pydantic-core, annotated-types, typing-inspection (prolong.spec):
-#   binary wheels for CPython 3.12 on manylinux x86-64, at the versions of the tested .venv.
+# - hjson (deepspeed), pydantic, pydantic-core, annotated-types, typing-inspection (prolong.spec),
+#   and typing-extensions (pydantic needs a recent one; installed first on the path, it shadows
+#   the image's older copy): wheels for CPython 3.12 on manylinux x86-64, at the tested versions.
 # flash-attn has no wheel on PyPI (its binaries are built per torch/CUDA pair), so the check runs
 # without it and says so; the device's einops, msgpack, ninja, numpy, packaging, psutil,
-# py-cpuinfo, tqdm, typing-extensions, transformers and pytest/hypothesis are used as they are.
+# py-cpuinfo, tqdm, transformers and pytest/hypothesis are used as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
@@ -26,6 +27,6 @@ DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$dir" "hjson==$(version hjson)" "pydantic==$(version pydantic)" \
   "pydantic-core==$(version pydantic-core)" "annotated-types==$(version annotated-types)" \
-  "typing-inspection==$(version typing-inspection)"
+  "typing-inspection==$(version typing-inspection)" "typing-extensions==$(version typing-extensions)"
 ls -l "$dir"
 du -sh "$dir"

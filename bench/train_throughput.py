@@ -220,7 +220,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         groups = ParallelDims(world_size=1, sp=1, workers_per_node=1).build(0)
         if args.only in ("both", "ours"):
             def build_ours():
-                ours = common.build_ours(spec, groups, device, initial_state=state)
+                # The baseline starts from our initial weights: copy them only if it runs.
+                ours = common.build_ours(spec, groups, device,
+                                         initial_state=state if args.only == "both" else None)
                 result["config"]["attention_ours"] = ours.backend
                 return ours
 
