@@ -48,12 +48,12 @@ class Seq2SeqEntailment:
     def __init__(self, path: str, *, device: str = "cpu", batch_size: int = DEFAULT_BATCH,
                  name: str | None = None):
         import torch
-        from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+        from transformers import AutoModelForSeq2SeqLM
 
         self.name = name or path
         self.device = device
         self.batch_size = max(1, batch_size)
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok = load_tokenizer(path)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         self.model = AutoModelForSeq2SeqLM.from_pretrained(
             path, local_files_only=True, dtype=dtype).to(device).eval()
@@ -110,8 +110,34 @@ def preflight(nli_model: str | None, tasks: Sequence[str]) -> None:
         raise CitationDataMissing(f"nliModel {nli_model}: not a local model directory (no "
                                   "config.json); give a local copy of a seq2seq NLI model "
                                   "(HELMET: google/t5_xxl_true_nli_mixture)")
+    if "://" not in nli_model:
+        load_tokenizer(nli_model)  # seconds now rather than a failure after hours of generation
     if any(t in CITE_TASKS and t not in QAMPARI_TASKS for t in tasks):
         english_splitter()
+
+
+PROBE = NLI_INPUT.format(premise="", hypothesis="")
+"""Text every NLI tokenizer must encode without unknown tokens (its own input format)."""
+
+
+def load_tokenizer(path: str) -> Any:
+    """The NLI model's tokenizer. transformers builds an empty one (every word unknown) for a
+    directory without vocabulary files; that would score every citation from noise, so a
+    tokenizer that cannot encode :data:`PROBE` is refused."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # any loader failure is the same bad input: report it in one line
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CitationDataMissing(
+            f"nliModel {path}: its tokenizer does not load ({type(exc).__name__}: {first}); "
+            "a checkpoint with only spiece.model may need the sentencepiece package") from None
+    unknown = tok.unk_token_id
+    if unknown is not None and unknown in tok(PROBE, add_special_tokens=False)["input_ids"]:
+        raise CitationDataMissing(f"nliModel {path}: its tokenizer has no vocabulary for "
+                                  f"{PROBE.strip()!r} (vocabulary files missing?)")
+    return tok
 
 
 def score_shard(records: list[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:

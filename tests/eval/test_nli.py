@@ -51,6 +51,13 @@ def test_preflight_names_what_is_missing(tmp_path, tiny_nli):
     preflight(str(tmp_path), ["nq"])  # no ALCE task: the model is never loaded
     with pytest.raises(CitationDataMissing, match=r"^nliModel .*: not a local model directory"):
         preflight(str(tmp_path / "absent"), ["alce_qampari"])
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text('{"model_type": "t5"}')
+    # transformers builds an empty T5 tokenizer here; it is refused, not used.
+    with pytest.raises(CitationDataMissing, match=r"config-only: its tokenizer has no vocab") \
+            as err:
+        preflight(str(tmp_path / "config-only"), ["alce_qampari"])
+    assert "\n" not in str(err.value)
     preflight(str(tiny_nli), ["alce_qampari"])  # QAMPARI splits at commas: no NLTK data needed
     try:
         english_splitter()
