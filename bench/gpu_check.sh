@@ -27,6 +27,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_check.sh: $*" >&2; exit 2; }
 
+ARGS_LINE="$*"  # for the table's title, before the loop below consumes the arguments
 OUT_DIR=${OUT:-}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 WHEELS_GIVEN=0
@@ -100,7 +101,7 @@ result() { N=$((N + 1)); cp "$2" "$WORK/$(printf %02d "$N")-${1// /_}.json"; }
 finish() {
   local title files
   title="GPU check ($([ "$DRY" = 1 ] && echo 'CPU dry run' || echo device)), $(date -u '+%Y-%m-%d %H:%M UTC'), $(( $(date +%s) - START )) s of a ${BUDGET} s budget
-$(head -n 3 "$OUT_DIR/env.txt" 2>/dev/null)
+$(grep -E '^(device|versions|imports|PYTORCH_CUDA_ALLOC_CONF)' "$OUT_DIR/env.txt" 2>/dev/null)
 command: bash bench/gpu_check.sh ${ARGS_LINE}"
   shopt -s nullglob
   files=("$WORK"/[0-9][0-9]-*.json)  # the glob sorts: the table keeps the run's order
@@ -109,8 +110,6 @@ command: bash bench/gpu_check.sh ${ARGS_LINE}"
     echo "gpu_check.sh: the table could not be written (see above)" >&2
   rm -rf "$WORK"
 }
-ARGS_LINE="$*"
-[ "$DRY" = 1 ] && ARGS_LINE="--cpu-dry-run${ARGS_LINE:+ $ARGS_LINE}"
 trap finish EXIT
 
 # ---- env ----------------------------------------------------------------------------------
@@ -119,7 +118,6 @@ trap finish EXIT
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 print(f"device: {name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
       f"Python {platform.python_version()}")' 2>&1
-  "$PY" -c 'import prolong.versions as v; print("versions:", v.summary())' 2>&1
   echo "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-<unset: torch default>}"
   timeout 20 nvidia-smi 2>&1 || echo "nvidia-smi: not available"
 } >"$OUT_DIR/env.txt"
@@ -152,7 +150,10 @@ MISSING=""
 for m in pydantic deepspeed transformers; do have "$m" || MISSING="$MISSING $m"; done
 FLASH=$(have flash_attn && echo "flash-attn importable" || echo "no flash-attn: ours auto-selects torch_varlen, the baseline sdpa")
 say "imports: missing [${MISSING# }]; $FLASH"
-echo "imports missing: [${MISSING# }]; $FLASH" >>"$OUT_DIR/env.txt"
+{
+  "$PY" -c 'import prolong.versions as v; print("versions:", v.summary())' 2>&1
+  echo "imports missing: [${MISSING# }]; $FLASH"
+} >>"$OUT_DIR/env.txt"  # after the install: the versions the parts below run with
 
 # ---- matmul ceiling -----------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then MM=(--n 256 --device cpu --repeats 3); else MM=(--n 8192 --device cuda); fi

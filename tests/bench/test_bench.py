@@ -205,3 +205,27 @@ def test_sp_overhead_runs_both_layouts_on_cpu():
     assert result["ratio"] == pytest.approx(result["sp2"]["step_s"] / result["sp1"]["step_s"])
     assert result["loss_rel_diff"] < 1e-5  # SP parity on the first step
     assert "rank-time overhead" in table.table_of([result])
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_run_writes_its_table(tmp_path):
+    """The whole GPU check at CPU sizes: every part runs or says why not, the table and the
+    merged figures land in the output directory, within the device's 8-file limit."""
+    out, wheels = tmp_path / "out", tmp_path / "wheels"
+    wheels.mkdir()
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-dry-run",
+                           "--out", str(out), "--wheels", str(wheels), "--budget", "400"],
+                          capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and {"figures.md", "figures.json", "env.txt"} <= set(files), files
+    figures = json.loads((out / "figures.json").read_text())
+    kinds = [r["bench"] for r in figures]
+    assert kinds.count("train_throughput") == 2 and "matmul" in kinds, kinds
+    parts = {r["name"]: r["status"] for r in figures if r["bench"] == "part"}
+    assert parts == {"install": "skipped", "gpu tests": "ok"}, parts
+    probe = [r for r in figures if r["bench"] == "train_throughput"][1]
+    assert "baseline" not in probe and probe["ours"]["status"] == "ok"
+    md = (out / "figures.md").read_text()
+    assert f"command: bash bench/gpu_check.sh --cpu-dry-run --out {out}" in md
+    assert "ratio ours / baseline" in md and "no wheels in" in md
