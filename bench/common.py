@@ -112,13 +112,19 @@ def hf_labels(shift_labels: torch.Tensor) -> torch.Tensor:
 # Spec and device
 # --------------------------------------------------------------------------------------------
 
+def usage_error(message: str) -> None:
+    """Bad input: one line naming the option and the rule, exit 2 (as the CLI does)."""
+    print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
     if name not in ("cpu", "cuda"):
-        raise SystemExit(f"--device must be auto, cpu or cuda, not {name!r}")
+        usage_error(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        usage_error("--device cuda: torch sees no CUDA device here")
     return name
 
 

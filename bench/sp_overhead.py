@@ -172,8 +172,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both layouts, one after the other; the result object ``--json`` writes."""
     device = common.resolve_device(args.device)
     if device == "cuda" and torch.cuda.device_count() < 2:
-        raise SystemExit(f"SP=2 on CUDA needs 2 GPUs, this machine has "
-                         f"{torch.cuda.device_count()}")
+        common.usage_error(f"--device cuda: SP=2 needs 2 GPUs, this machine has "
+                           f"{torch.cuda.device_count()}")
     arch = common.architecture(args.shape, args.layers)
     shared = ["--shape", args.shape, "--seq-len", str(args.seq_len), "--rows", str(args.rows),
               "--docs", args.docs, "--warmup", str(args.warmup), "--steps", str(args.steps),

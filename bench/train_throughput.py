@@ -37,7 +37,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import traceback
@@ -66,10 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
     ap.add_argument("--attention", default="auto",
-                    help="our backend: auto, flash_attn, torch_varlen, flex or sdpa")
+                    choices=["auto", "flash_attn", "torch_varlen", "flex", "sdpa"],
+                    help="our backend (the spec's model.attention)")
     ap.add_argument("--baseline-attention", default="auto",
-                    help="transformers attn_implementation: auto (flash_attention_2 if "
-                         "flash-attn is importable, else sdpa), flash_attention_2 or sdpa")
+                    choices=["auto", "flash_attention_2", "sdpa"],
+                    help="transformers attn_implementation; auto: flash_attention_2 when "
+                         "transformers finds flash-attn 2, else sdpa")
     ap.add_argument("--baseline-precision", default="auto", choices=["auto", "amp", "bf16", "fp32"],
                     help="auto: amp (fp32 weights, bf16 autocast) on CUDA, fp32 on CPU")
     ap.add_argument("--only", default="both", choices=["both", "ours", "baseline"])
@@ -89,19 +90,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def baseline_attention(requested: str) -> str:
-    if requested == "auto":
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "sdpa"
-    if requested not in ("flash_attention_2", "sdpa"):
-        raise SystemExit(f"--baseline-attention must be auto, flash_attention_2 or sdpa, not "
-                         f"{requested!r}")
-    return requested
+    if requested != "auto":
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
 def baseline_precision(requested: str, device: str) -> str:
     if requested == "auto":
         return "amp" if device == "cuda" else "fp32"
     if requested in ("amp", "bf16") and device != "cuda":
-        raise SystemExit(f"--baseline-precision {requested} needs --device cuda")
+        common.usage_error(f"--baseline-precision {requested} needs --device cuda")
     return requested
 
 
@@ -187,6 +187,7 @@ def _measure(label: str, build, step, *, arch, args, rows, device, meter, peak) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure what ``args`` asks for; the result object ``--json`` writes."""
     device = common.resolve_device(args.device)
+    b_precision = baseline_precision(args.baseline_precision, device)  # bad input fails first
     common.set_deepspeed_accelerator(device)
     common.preload_libraries(deepspeed=args.only != "baseline")
     if args.threads:
@@ -200,7 +201,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak, peak_source = common.peak_flops_for(device, args.peak_tflops)
     meter = common.MemoryMeter(device)
     attn = baseline_attention(args.baseline_attention)
-    b_precision = baseline_precision(args.baseline_precision, device)
     result: dict[str, Any] = {
         "bench": "train_throughput",
         "config": {"shape": common.shape_label(args.shape, arch), "arch": arch.model_dump(),

@@ -143,6 +143,17 @@ def test_train_throughput_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         train_throughput.parse_args(["--seq-len", "0"])
     assert exc.value.code == 2 and "--seq-len must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train_throughput.run(train_throughput.parse_args(["--baseline-precision", "amp",
+                                                          "--device", "cpu"]))
+    assert exc.value.code == 2 and "needs --device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        common.resolve_device("cuda")
+    assert exc.value.code == 2 and "torch sees no CUDA device" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
