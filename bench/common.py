@@ -196,8 +196,9 @@ def single_process_group(device: str):
 
 
 def set_deepspeed_accelerator(device: str) -> None:
-    """DeepSpeed fixes its accelerator when first imported; pick it from the bench's device."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device == "cuda" else "cpu")
+    """DeepSpeed fixes its accelerator when first imported: set it from the bench's device, over
+    any inherited value (the Makefile exports DS_ACCELERATOR=cpu for the CPU test suite)."""
+    os.environ["DS_ACCELERATOR"] = "cuda" if device == "cuda" else "cpu"
 
 
 def preload_libraries(deepspeed: bool = True) -> None:

@@ -67,7 +67,8 @@ LOG=$OUT_DIR/parts.log
 
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
-if [ "$DRY" = 1 ]; then export DS_ACCELERATOR=cpu; DEVICE=cpu; else DEVICE=cuda; fi
+if [ "$DRY" = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
+export DS_ACCELERATOR=$DEVICE  # over an inherited value (the Makefile exports cpu)
 
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG" >&2; }
 left() { echo $(( BUDGET - ( $(date +%s) - START ) )); }
