@@ -9,7 +9,7 @@
 #   env         nvidia-smi, torch/CUDA, prolong.versions, the allocator setting      (env.txt)
 #   install     carried wheels (--wheels, default .whl; see bench/fetch_wheels.sh) into a private
 #               --target with pip --no-index --no-deps; nothing is fetched          (parts.log)
-#   matmul      the card's measured bf16 8192^3 matmul rate, the practical ceiling   (parts.log)
+#   matmul      the card's two ceilings: bf16 8192^3 matmul rate, 4 GiB copy rate   (parts.log)
 #   throughput  bench/train_throughput.py at 1B/64K, one document: ours vs the transformers
 #               baseline (2 warm-up + 4 timed steps each)                            (throughput.log)
 #   memory      the memory probe: peak CUDA memory of our training step at 4 layers of the 8B
@@ -157,7 +157,7 @@ say "imports: missing [${MISSING# }]; $FLASH"
 } >>"$OUT_DIR/env.txt"  # after the install: the versions the parts below run with
 
 # ---- matmul ceiling -----------------------------------------------------------------------
-if [ "$DRY" = 1 ]; then MM=(--n 256 --device cpu --repeats 3); else MM=(--n 8192 --device cuda); fi
+if [ "$DRY" = 1 ]; then MM=(--n 256 --copy-mib 64 --device cpu --repeats 3); else MM=(--n 8192 --copy-mib 4096 --device cuda); fi
 limited "matmul" 60 "$LOG" "$PY" "$REPO/bench/matmul_ceiling.py" "${MM[@]}" --json "$WORK/raw/mm.json"
 if [ "$RC" = 0 ]; then result matmul "$WORK/raw/mm.json"; elif [ "$RC" != -1 ]; then part "matmul" failed "$SECS" "exit $RC; see parts.log"; fi
 

@@ -1,12 +1,13 @@
-"""The device's measured bf16 matmul rate: the practical ceiling beside the datasheet peak.
+"""The device's two measured ceilings: the bf16 matmul rate and the device-to-device copy rate.
 
 MFU is reported against the datasheet's dense bf16 peak (prolong.model.flops.PEAK_BF16_FLOPS); an
 N x N x N bf16 product through torch on random data (never zeros: they run faster than real data)
-says how much of that peak a large, perfectly shaped matmul reaches on this card. Timed with CUDA
-events, ``--warmup`` products first, the median of ``--repeats``; on CPU (dry runs) fp32 and the
-host clock.
+says how much of that peak a large, perfectly shaped matmul reaches on this card, and a large copy
+(bytes read plus bytes written) bounds the memory-bound parts of a step (the device notes,
+METHOD.md: measure both ceilings once). Timed with CUDA events, ``--warmup`` runs first, the
+median of ``--repeats``; on CPU (dry runs) fp32 and the host clock.
 
-Run: ``python bench/matmul_ceiling.py [--n 8192] [--json OUT]``.
+Run: ``python bench/matmul_ceiling.py [--n 8192] [--copy-mib 4096] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -52,17 +53,44 @@ def measure(n: int, warmup: int, repeats: int, device: str) -> dict:
             "seconds": times, "tflops": 2 * n**3 / median / 1e12}
 
 
+def copy_rate(mib: int, warmup: int, repeats: int, device: str) -> float:
+    """Bytes read plus bytes written per second of a ``mib`` MiB device-to-device copy."""
+    src = torch.randn(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(seconds)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--copy-mib", type=int, default=4096, help="size of the timed copy")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.n < 1 or args.repeats < 1:
         ap.error("--n and --repeats must be >= 1")
-    result = measure(args.n, args.warmup, args.repeats, resolve_device(args.device))
+    device = resolve_device(args.device)
+    result = measure(args.n, args.warmup, args.repeats, device)
+    if args.copy_mib > 0:
+        result["copy_mib"] = args.copy_mib
+        result["copy_tb_per_s"] = copy_rate(args.copy_mib, args.warmup, args.repeats, device) / 1e12
     print(table_of([result]))
     if args.json:
         write_atomic(args.json, json.dumps(result, indent=1) + "\n")

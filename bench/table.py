@@ -145,9 +145,14 @@ def _part(r: dict[str, Any]) -> list[Row]:
 
 def _matmul(r: dict[str, Any]) -> list[Row]:
     tflops = r["tflops"]
-    return [("gpu check", f"{r['dtype']} matmul {r['n']}^3, {r['device_name']}",
+    rows = [("gpu check", f"{r['dtype']} matmul {r['n']}^3, {r['device_name']}",
              "TFLOP/s (median)", f"{tflops:.0f}" if tflops >= 100 else f"{tflops:.3g}",
              f"random data, {r['repeats']} timed after {r['warmup']} warm-up")]
+    if r.get("copy_tb_per_s") is not None:
+        rows.append(("gpu check", f"{r['copy_mib']} MiB copy, {r['device_name']}",
+                     "TB/s read + written (median)", f"{r['copy_tb_per_s']:.3g}",
+                     "the ceiling of memory-bound work"))
+    return rows
 
 
 def _not_measured(r: dict[str, Any]) -> list[Row]:

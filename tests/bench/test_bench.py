@@ -75,6 +75,10 @@ def test_rows_of_each_result_kind():
     blank = table.rows_for({"bench": "not_measured", "case": "1b S=65536", "figure": "ratio",
                             "reason": "no CUDA device", "target": ">= 1.3x"})
     assert blank[0][3] == "not measured" and ">= 1.3x" in blank[0][4]
+    ceilings = table.rows_for({"bench": "matmul", "n": 8192, "dtype": "bfloat16",
+                               "device_name": "NVIDIA H200", "warmup": 3, "repeats": 10,
+                               "tflops": 788.4, "copy_mib": 4096, "copy_tb_per_s": 4.31})
+    assert [r[3] for r in ceilings] == ["788", "4.31"]
     with pytest.raises(ValueError, match="unknown result kind"):
         table.rows_for({"bench": "nope"})
 
