@@ -7,8 +7,9 @@ published through :func:`prolong.stage.directory.publish_directory` (a rename on
 volumes) with a :data:`STAGED` marker written last, which is the commit point on object stores
 (no rename there). A staged directory without its marker is not staged.
 
-Workers never download (:func:`model_load_dir`): they read the staged directory, or a local
-source directory, and refuse a hub id that has not been staged.
+Workers never download (:func:`model_location`, :func:`tokenizer_location`: the one resolution
+the trainer, data prepare and eval all use): they read the staged directory, or a local source
+directory, and refuse a hub id that has not been staged.
 
 A hub source is *gated* when its organisation is one of :data:`GATED_ORGS` (Meta's Llama
 checkpoints, which ProLong starts from): staging it needs a token, HF_TOKEN in the environment,
@@ -20,14 +21,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prolong.stage.directory import local_copy, publish_directory, resolve
 from prolong.stage.uri import absolute, is_object_store
+
+# prolong.stage.directory (pyarrow's filesystems) is imported where it is used: the spec rules
+# import is_hub_id from here, and validating a file must not load a filesystem layer.
 
 STAGED = "STAGED.json"
 """Written last into a staged directory: what was staged from where, and when."""
@@ -35,6 +39,8 @@ TOKEN_ENV = "HF_TOKEN"
 """Where staging reads the hub token (the pods get it from ``model.hubTokenSecret``)."""
 TOKEN_SECRET_KEY = "token"
 """The key of ``model.hubTokenSecret`` that holds the token."""
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
+"""A hub repository id: organisation/name, one slash."""
 GATED_ORGS = ("meta-llama",)
 """Hub organisations whose models need an accepted licence and a token."""
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
@@ -59,10 +65,29 @@ class Staging:
 
 def is_staged(uri: str) -> bool:
     """Whether ``uri`` holds a finished staging (its marker exists)."""
-    fs, path = resolve(uri)
+    return staged_marker(uri) is not None
+
+
+def staged_marker(uri: str) -> dict[str, Any] | None:
+    """The marker of a finished staging at ``uri`` (what, source, stagedAt), None when nothing
+    finished staging there."""
     import pyarrow.fs as pafs
 
-    return fs.get_file_info(f"{path}/{STAGED}").type == pafs.FileType.File
+    from prolong.stage.directory import resolve
+
+    fs, path = resolve(uri)
+    if fs.get_file_info(f"{path}/{STAGED}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{STAGED}") as f:
+        return json.loads(f.read().decode())
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` names a hub repository (org/name) rather than a place on storage: not
+    an object-store URI, not an absolute or ./ path, not an existing local directory."""
+    if is_object_store(source) or source.startswith(("/", ".", "~")):
+        return False
+    return HUB_ID.fullmatch(source) is not None and not Path(source).is_dir()
 
 
 def is_gated(source: str) -> bool:
@@ -131,18 +156,32 @@ def _fill(item: Staging, directory: Path, token: str | None) -> None:
                       allow_patterns=patterns)
 
 
+def _marker_source(item: Staging) -> str:
+    return absolute(item.source) if _is_local_dir(item.source) else item.source
+
+
 def stage(item: Staging, *, token: str | None = None, force: bool = False) -> bool:
-    """Copy ``item`` to its target, once: False when it is already staged (and not ``force``)."""
+    """Copy ``item`` to its target, once: False when it is already staged (and not ``force``).
+    A target staged from another source is refused (without ``force``): the workers would load
+    the old one. A tokenizer-only copy does not count as the model staged: the model is copied
+    over it (its files include the tokenizer's)."""
+    from prolong.stage.directory import publish_directory, resolve
+
     check_source(item, token)
-    if is_staged(item.target) and not force:
-        return False
+    done = staged_marker(item.target)
+    if done is not None and not force:
+        if done.get("source") != _marker_source(item):
+            raise StagingError(f"{item.field}: {item.target} holds a copy of "
+                               f"{done.get('source')}, not {item.source} (pass --force to "
+                               "replace it, or name another stagedPath)")
+        if item.what == "tokenizer" or done.get("what") == "model":
+            return False
     with tempfile.TemporaryDirectory(prefix="prolong-stage-") as tmp:
         directory = Path(tmp) / "staged"
         directory.mkdir()
         _fill(item, directory, token)
         (directory / STAGED).unlink(missing_ok=True)
-        marker = json.dumps({"what": item.what, "source": absolute(item.source)
-                             if _is_local_dir(item.source) else item.source,
+        marker = json.dumps({"what": item.what, "source": _marker_source(item),
                              "stagedAt": time.time()})
         if is_object_store(item.target):
             # No rename on object stores: the files first, the marker last (the commit point).
@@ -156,26 +195,76 @@ def stage(item: Staging, *, token: str | None = None, force: bool = False) -> bo
     return True
 
 
-def staged_dir(uri: str, field: str) -> str:
-    """A local directory holding the staged ``uri`` (downloaded when it is on an object store).
-    Raises :class:`StagingError` when nothing finished staging there."""
+def check_staged(uri: str, field: str) -> str:
+    """``uri``, once it holds a finished staging; :class:`StagingError` otherwise."""
     if not is_staged(uri):
         raise StagingError(f"{field}: {uri} is not staged (run `prolongctl model stage FILE` "
                            "first)")
-    return local_copy(uri)
+    return uri
 
 
-def model_load_dir(model: Any) -> str | None:
-    """Where a worker loads ``model`` (a ModelSpec) from: its staged directory, else its local
-    source directory; None for a random init. Never a hub id: workers do not download."""
+def staged_dir(uri: str, field: str) -> str:
+    """A local directory holding the staged ``uri`` (downloaded when it is on an object store).
+    Raises :class:`StagingError` when nothing finished staging there."""
+    from prolong.stage.directory import local_copy
+
+    return local_copy(check_staged(uri, field))
+
+
+# -- where workers load from ---------------------------------------------------------------
+# One resolution for every reader (the trainer's model, data prepare's and the trainer's
+# tokenizer, the eval workers' model and tokenizer): the staged copy when there is one, else a
+# local source directory; a hub id is refused, never downloaded. The *_location functions give
+# the place as a string that travels to other machines (an object-store URI stays a URI); the
+# *_load_dir functions give a local directory on this one.
+
+def model_location(model: Any) -> str | None:
+    """Where ``model`` (a ModelSpec) is loaded from: its staged directory (checked to be staged),
+    else its local source directory; None for a random init (or fromStage: the caller's)."""
     if model.staged_path is not None:
-        return staged_dir(model.staged_path, "model.stagedPath")
+        return check_staged(model.staged_path, "model.stagedPath")
     if model.source is None:
         return None
     if _is_local_dir(model.source):
         return model.source
     raise StagingError(f"model.source: {model.source} is not a local directory and workers do "
                        "not download; set model.stagedPath and run `prolongctl model stage FILE`")
+
+
+def model_load_dir(model: Any) -> str | None:
+    """:func:`model_location` as a local directory (downloaded from an object store)."""
+    from prolong.stage.directory import local_copy
+
+    where = model_location(model)
+    return None if where is None else local_copy(where)
+
+
+def tokenizer_location(tok: Any, model: Any, field: str) -> str | None:
+    """Where a tokenizer (a TokenizerSpec; ``field`` is its spec path, ``data.tokenizer`` or
+    ``tokenizer``) is loaded from: its own stagedPath; else, when its source is the model's (or
+    left out), the model's staged directory, which holds the tokenizer files; else its local
+    source directory. None when neither it nor the model has a source (a trained tokenizer, or
+    the upstream stage's). A hub id with nothing staged is refused."""
+    if tok.staged_path is not None:
+        return check_staged(tok.staged_path, f"{field}.stagedPath")
+    source = tok.source or model.source
+    if source is None:
+        return None
+    if source == model.source and model.staged_path is not None:
+        return check_staged(model.staged_path, "model.stagedPath")
+    if _is_local_dir(source):
+        return source
+    where = f"{field}.source" if tok.source else "model.source"
+    raise StagingError(f"{where}: {source} is not a local directory and workers do not "
+                       f"download; set {field}.stagedPath and run `prolongctl model stage FILE`")
+
+
+def load_dir(location: str) -> str:
+    """A local directory holding ``location`` (from :func:`model_location` or
+    :func:`tokenizer_location`): itself, or a downloaded copy of an object-store URI."""
+    from prolong.stage.directory import local_copy
+
+    return local_copy(location)
 
 
 def hub_token() -> str | None:

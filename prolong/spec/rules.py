@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from prolong.model.staging import is_hub_id
 from prolong.parallel.dims import ParallelDimsError
 from prolong.spec.helmet import HELMET_SIZING_LENGTHS, HELMET_TABLED_TASKS, HELMET_TASK_SYNTHETIC
 from prolong.spec.issues import SpecIssue, did_you_mean
@@ -44,6 +45,7 @@ def check_job(job: Job) -> list[SpecIssue]:
     else:
         issues = _check_train(job.spec, is_sft=isinstance(job, SFTJob))
     issues += _check_model_source(job.spec.model, job_kind=job.kind)
+    issues += _check_staging(job)
     return [i.located(prefix="spec") for i in issues]
 
 
@@ -239,6 +241,29 @@ def _check_model_source(model: ModelSpec, job_kind: str) -> list[SpecIssue]:
         out.append(SpecIssue("model.init", "weightsAndOptimizer needs model.fromStage", model.init))
     if job_kind == "EvalJob" and model.init != "weights":
         out.append(SpecIssue("model.init", "evaluation loads weights only", model.init))
+    return out
+
+
+def _check_staging(job: Job) -> list[SpecIssue]:
+    """A hub id as a source needs a staged copy to load from: workers do not download
+    (prolong.model.staging), so without one every worker of the stage would refuse to start,
+    after the cluster provisioned them all."""
+    model = job.spec.model
+    out = []
+    if model.source is not None and is_hub_id(model.source) and model.staged_path is None:
+        out.append(SpecIssue("model.source", "is a hub id and workers do not download: set "
+                             "model.stagedPath (and allowHub) and stage it once with "
+                             "`prolongctl model stage FILE`", model.source))
+    data = getattr(job.spec, "data", None)
+    tok, field = (data.tokenizer, "data.tokenizer") if data is not None else \
+        (job.spec.tokenizer, "tokenizer")
+    # A tokenizer whose source is the model's loads from the model's staged copy (which holds
+    # the tokenizer files); without one, the model.source issue above already says what to do.
+    if tok.source is not None and is_hub_id(tok.source) and tok.staged_path is None and \
+            tok.source != model.source:
+        out.append(SpecIssue(f"{field}.source", "is a hub id and workers do not download: set "
+                             f"{field}.stagedPath (and allowHub) and stage it once with "
+                             "`prolongctl model stage FILE`", tok.source))
     return out
 
 

@@ -313,3 +313,58 @@ def test_memory_fields_are_checked(write_spec, field, value):
     with pytest.raises(SpecError) as info:
         load(write_spec(_memory(job_dict("quickstart/stage2.yaml"), **{field: value})))
     assert any("parallelism.memory" in i.path for i in info.value.issues)
+
+
+HUB_RULE = "is a hub id and workers do not download: set {field}.stagedPath (and allowHub) and " \
+           "stage it once with `prolongctl model stage FILE`"
+
+
+def test_a_hub_model_needs_a_staged_path(write_spec):
+    data = job_dict("prolong-8b/stage1-64k.yaml")
+    del data["spec"]["model"]["stagedPath"]
+    issues = issues_of(write_spec, data)
+    assert ("spec.model.source", HUB_RULE.format(field="model")) in issues
+    # Its tokenizer is the model's, so it is refused through model.source only.
+    assert not any(p.startswith("spec.data.tokenizer") for p, _ in issues)
+
+
+@pytest.mark.parametrize("relpath", ["prolong-8b/stage2-512k.yaml", "prolong-8b/sft.yaml"])
+def test_a_hub_tokenizer_needs_a_staged_path(write_spec, relpath):
+    data = job_dict(relpath)
+    del data["spec"]["data"]["tokenizer"]["stagedPath"]
+    assert issues_of(write_spec, data) == [("spec.data.tokenizer.source",
+                                            HUB_RULE.format(field="data.tokenizer"))]
+
+
+def test_a_tokenizer_of_another_hub_id_is_not_covered_by_the_models_staging(write_spec):
+    data = job_dict("prolong-8b/stage1-64k.yaml")
+    data["spec"]["data"]["tokenizer"] = {"source": "meta-llama/Llama-2-7b-hf"}
+    assert issues_of(write_spec, data) == [("spec.data.tokenizer.source",
+                                            HUB_RULE.format(field="data.tokenizer"))]
+    data["spec"]["data"]["tokenizer"]["stagedPath"] = "/mnt/prolong/tokenizers/llama2"
+    load(write_spec(data))
+
+
+def test_an_eval_tokenizer_from_the_hub_needs_a_staged_path(write_spec):
+    data = job_dict("quickstart/eval.yaml")
+    data["spec"]["tokenizer"] = {"source": "org/tok"}
+    assert issues_of(write_spec, data) == [("spec.tokenizer.source",
+                                            HUB_RULE.format(field="tokenizer"))]
+    data["spec"]["tokenizer"]["stagedPath"] = "gs://bucket/tok"
+    load(write_spec(data))
+
+
+@pytest.mark.parametrize("source", ["/models/llama", "./models/llama", "s3://bucket/llama",
+                                    "gs://bucket/llama", "org/name"])
+def test_paths_are_not_hub_ids(write_spec, tmp_path, monkeypatch, source):
+    """Absolute and ./ paths, object stores, and an org/name that is a local directory are
+    storage, not the hub: no staging needed (a missing path fails when it is read)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    data = job_dict("prolong-8b/stage1-64k.yaml")
+    model = data["spec"]["model"]
+    for key in ("stagedPath", "allowHub", "hubTokenSecret"):
+        del model[key]
+    model["source"] = source
+    data["spec"]["data"]["tokenizer"]["source"] = source
+    load(write_spec(data))
