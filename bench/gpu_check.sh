@@ -149,7 +149,9 @@ fi
 have() { "$PY" -c "import $1" >/dev/null 2>&1; }
 MISSING=""
 for m in pydantic deepspeed transformers; do have "$m" || MISSING="$MISSING $m"; done
-FLASH=$(have flash_attn && echo "flash-attn importable" || echo "no flash-attn: ours auto-selects torch_varlen, the baseline sdpa")
+if [ "$DEVICE" = cpu ]; then FLASH="CPU dry run: both sides use SDPA"
+elif have flash_attn; then FLASH="flash-attn importable"
+else FLASH="no flash-attn: ours auto-selects torch_varlen, the baseline sdpa"; fi
 say "imports: missing [${MISSING# }]; $FLASH"
 {
   "$PY" -c 'import prolong.versions as v; print("versions:", v.summary())' 2>&1

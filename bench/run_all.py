@@ -7,8 +7,8 @@ with CUDA the single-GPU throughput cases run too (SP=2 on CUDA needs two GPUs).
 
 CPU sizes are chosen to finish in a few minutes on 2 cores: the data loader at S=65,536 with 8
 steps of 8 rows (best of 2), the throughput bench on the tiny shape at 1,024 tokens (one
-document) and 4,096 tokens (mixed documents), and the SP overhead on the tiny shape at 1,024
-tokens with 2 rows per step.
+document) and 4,096 tokens (mixed documents), 5 timed steps per side, and the SP overhead on
+the tiny shape at 1,024 tokens with 2 rows per step, 3 timed steps per layout.
 
 Run: ``.venv/bin/python bench/run_all.py [--markdown OUT.md] [--quick]``.
 """
@@ -47,15 +47,18 @@ def cases(cuda: bool, quick: bool) -> list[tuple[str, list[str], float]]:
     """(name, argv, timeout seconds) of each benchmark to run here."""
     py = sys.executable
     steps = ["--warmup", "1", "--steps", "2" if quick else "3"]
+    # More timed steps for the throughput ratio: on a shared 2-core machine one step's time
+    # swings by tens of percent, and the median of 5 moves less than that of 3.
+    tp_steps = ["--warmup", "1", "--steps", "2" if quick else "5"]
     out = [
         ("data loader", [py, str(BENCH / "data_loader.py"), "--steps", "4" if quick else "8",
                          "--repeats", "1" if quick else "2"], 300.0),
         ("train throughput tiny S=1024",
          [py, str(BENCH / "train_throughput.py"), "--device", "cpu", "--shape", "tiny",
-          "--seq-len", "1024", *steps], 240.0),
+          "--seq-len", "1024", *tp_steps], 240.0),
         ("train throughput tiny S=4096 mixed",
          [py, str(BENCH / "train_throughput.py"), "--device", "cpu", "--shape", "tiny",
-          "--seq-len", "4096", "--docs", "mixed", *steps], 300.0),
+          "--seq-len", "4096", "--docs", "mixed", *tp_steps], 300.0),
         ("SP overhead tiny S=1024",
          [py, str(BENCH / "sp_overhead.py"), "--device", "cpu", "--seq-len", "1024", "--rows",
           "2", *steps], 420.0),
