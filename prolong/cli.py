@@ -35,6 +35,7 @@ from prolong.k8s.backend import (
 from prolong.k8s.kube_backend import default_namespace, dry_run_offline
 from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
+from prolong.k8s.staged import check_submission
 from prolong.k8s.submit import open_backend
 from prolong.model.cli import model_app
 from prolong.spec import ProLongPipeline, SpecError, resolved_architecture
@@ -332,6 +333,9 @@ def submit(
     """
     with cluster_errors():
         what = submission(load(file), pipeline)
+        # Before the cluster is asked anything: a stage whose staged model is missing would be
+        # found by its workers only after every GPU was provisioned (prolong.k8s.staged).
+        check_submission(what, err, with_upstream=with_upstream)
         try:
             backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
             done = backend.submit(what, err, dry_run=dry_run, yaml_out=out,
