@@ -10,9 +10,12 @@
 # - hjson (deepspeed), pydantic, pydantic-core, annotated-types, typing-inspection (prolong.spec),
 #   and typing-extensions (pydantic needs a recent one; installed first on the path, it shadows
 #   the image's older copy): wheels for CPython 3.12 on manylinux x86-64, at the tested versions.
+# - transformers at the tested version (the image has 5.17; ours is what the train image pins):
+#   pure Python, and its requirements are met by the image (huggingface-hub 1.33, tokenizers 0.23,
+#   safetensors 0.8, regex, typer).
 # flash-attn has no wheel on PyPI (its binaries are built per torch/CUDA pair), so the check runs
 # without it and says so; the device's einops, msgpack, ninja, numpy, packaging, psutil,
-# py-cpuinfo, tqdm, transformers and pytest/hypothesis are used as they are.
+# py-cpuinfo, tqdm and pytest/hypothesis are used as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-.whl}
@@ -27,6 +30,7 @@ DS_BUILD_OPS=0 "$py" -m pip wheel -q --no-deps --no-build-isolation -w "$dir" \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d "$dir" "hjson==$(version hjson)" "pydantic==$(version pydantic)" \
   "pydantic-core==$(version pydantic-core)" "annotated-types==$(version annotated-types)" \
-  "typing-inspection==$(version typing-inspection)" "typing-extensions==$(version typing-extensions)"
+  "typing-inspection==$(version typing-inspection)" "typing-extensions==$(version typing-extensions)" \
+  "transformers==$(version transformers)"
 ls -l "$dir"
 du -sh "$dir"
