@@ -66,6 +66,7 @@ from prolong.data import sources
 from prolong.data import tokenizer as tokmod
 from prolong.data.errors import DataError
 from prolong.data.shards import META_FILE, ShardWriter, TokenShards, token_dtype
+from prolong.model.staging import StagingError, load_dir, tokenizer_location
 from prolong.spec import DataStream, EvalJob, Job, SFTJob
 from prolong.specfile import Loaded, load
 from prolong.stage.lock import StageLock, StageLocked
@@ -131,10 +132,14 @@ class TokenizerRef:
 
 
 def tokenizer_ref(job: Job, loaded: Loaded, *, _seen: tuple[str, ...] = ()) -> TokenizerRef:
-    """The tokenizer of a training stage, following model.fromStage through the pipeline."""
+    """The tokenizer of a training stage, following model.fromStage through the pipeline. A
+    source (its own or the model's) is named by that source and loaded from where
+    :func:`prolong.model.staging.tokenizer_location` says: the staged copy, or a local
+    directory; never the hub (a hub id with nothing staged is a DataError)."""
     tok = job.spec.data.tokenizer
     if tok.source:
-        return TokenizerRef(f"source:{_source_identity(tok.source)}", tok.source)
+        return TokenizerRef(f"source:{_source_identity(tok.source)}",
+                            _source_location(job, loaded))
     if tok.train_vocab_size:
         vocab = tok.train_vocab_size
         key = _hash([tokmod.TOKENIZER_FORMAT, vocab, tokmod.DEFAULT_TRAIN_CHARS,
@@ -143,7 +148,7 @@ def tokenizer_ref(job: Job, loaded: Loaded, *, _seen: tuple[str, ...] = ()) -> T
         return TokenizerRef(f"trained:{where.name}", str(where), (job, vocab))
     if job.spec.model.source:
         return TokenizerRef(f"source:{_source_identity(job.spec.model.source)}",
-                            job.spec.model.source)
+                            _source_location(job, loaded))
     upstream = job.spec.model.from_stage
     if upstream:
         if not loaded.is_pipeline and (staged := _upstream_tokenizer(loaded, upstream)):
@@ -161,6 +166,17 @@ def tokenizer_ref(job: Job, loaded: Loaded, *, _seen: tuple[str, ...] = ()) -> T
         return tokenizer_ref(up, loaded, _seen=(*_seen, upstream))
     raise DataError(f"{job.metadata.name}: no tokenizer: set data.tokenizer.source, "
                     "data.tokenizer.trainVocabSize or model.source", path=loaded.path)
+
+
+def _source_location(job: Job, loaded: Loaded) -> str:
+    """Where the stage's tokenizer source is loaded from (the identity stays the source: the
+    staged copy is the same tokenizer, so shards prepared from either are the same)."""
+    try:
+        where = tokenizer_location(job.spec.data.tokenizer, job.spec.model, "data.tokenizer")
+    except StagingError as exc:
+        raise DataError(f"{job.metadata.name}: {exc}", path=loaded.path) from None
+    assert where is not None  # called with a source
+    return where
 
 
 def _upstream_tokenizer(loaded: Loaded, upstream: str) -> TokenizerRef | None:
@@ -406,7 +422,7 @@ class _Preparer:
             tokmod.train_bpe(self._training_texts(job), vocab, loc)
             self._done(task)
             self.report.tokenizers_trained.append(str(loc))
-        tok = tokmod.load_tokenizer(ref.location)
+        tok = tokmod.load_tokenizer(load_dir(ref.location))
         value = (tok, tokmod.tokenizer_hash(tok))
         self._tokenizers[ref.identity] = value
         return value
@@ -687,7 +703,7 @@ def shard_dirs(job: Job, loaded: Loaded, *, verify: bool = True) -> dict[str, Pa
         if not Path(ref.location).exists() and ref.train is not None:
             raise DataError("the stage's tokenizer has not been trained yet; run `prolongctl "
                             f"data prepare {loaded.path}`", path=ref.location)
-        tok = tokmod.load_tokenizer(ref.location)
+        tok = tokmod.load_tokenizer(load_dir(ref.location))
     plans = plan_streams(job, ref, (lambda c: tokmod.chat_template_for(tok, c)) if tok else None)
     out = {}
     for plan in plans:
@@ -724,4 +740,4 @@ def stage_tokenizer(job: Job, loaded: Loaded) -> Any:
     if ref.train is not None and not Path(ref.location).exists():
         raise DataError(f"tokenizer not trained yet; run `prolongctl data prepare {loaded.path}`",
                         path=ref.location)
-    return tokmod.load_tokenizer(ref.location)
+    return tokmod.load_tokenizer(load_dir(ref.location))

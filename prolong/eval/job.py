@@ -1,7 +1,8 @@
 """An EvalJob stage on Ray: shard the work items over workers, generate, score, write the stage.
 
 The model is the upstream stage's ``final/`` (``model.fromStage``) or ``model.source``; the
-tokenizer is ``tokenizer.source`` or the model's. Work items (task, length, index) are dealt to
+tokenizer is ``tokenizer.source`` or the model's. A source is read from its staged copy
+(``stagedPath``) or a local directory, never downloaded (:mod:`prolong.model.staging`). Work items (task, length, index) are dealt to
 ``cluster.world_size`` shards (:func:`prolong.eval.harness.shard`); each shard is one Ray task
 holding one GPU (``device: gpu``) or one CPU core, which loads the model once, builds its own
 samples and returns scored records. A failed task is retried ``cluster.maxFailures`` times.
@@ -49,6 +50,8 @@ from prolong.eval.report import (
 from prolong.eval.samples import PromptFormat
 from prolong.eval.sizing import Sizing
 from prolong.eval.synthetic import essay_haystack
+from prolong.model.staging import model_location as staged_model_location
+from prolong.model.staging import tokenizer_location as staged_tokenizer_location
 from prolong.spec import EvalJob
 from prolong.stage.directory import Manifest, StageDir, local_copy
 from prolong.stage.identity import StageRef
@@ -65,13 +68,24 @@ def _absolute(path: str | None) -> str | None:
 
 
 def model_location(job: EvalJob, upstream_dir: str | None) -> str:
-    """The weights to evaluate: the upstream stage's final/, else model.source (path or HF id)."""
+    """The weights to evaluate: the upstream stage's final/, else where model.source is loaded
+    from (prolong.model.staging: its staged copy, or a local directory; workers never download,
+    so a hub id with nothing staged is refused here, before any worker starts)."""
     if upstream_dir is not None:
         return f"{_absolute(upstream_dir).rstrip('/')}/final"
-    if job.spec.model.source is None:
+    where = staged_model_location(job.spec.model)
+    if where is None:
         raise ValueError("an EvalJob needs model.fromStage (with its stage directory) or "
                          "model.source")
-    return _absolute(job.spec.model.source)
+    return _absolute(where)
+
+
+def tokenizer_location(job: EvalJob, model: str) -> str:
+    """The tokenizer: where tokenizer.source (or a staged copy of it) is loaded from, the same
+    resolution as the trainer's; else the evaluated model's directory, which holds one."""
+    spec = job.spec
+    where = staged_tokenizer_location(spec.tokenizer, spec.model, "tokenizer")
+    return _absolute(where) if where is not None else model
 
 
 def corpus_cache(job: EvalJob) -> str:
@@ -85,7 +99,7 @@ def corpus_cache(job: EvalJob) -> str:
 
 def shard_config(job: EvalJob, model: str) -> dict[str, Any]:
     spec = job.spec
-    return {"model": model, "tokenizer": _absolute(spec.tokenizer.source) or model,
+    return {"model": model, "tokenizer": tokenizer_location(job, model),
             "data_dir": _absolute(spec.data_dir), "seed": spec.seed,
             "backend": spec.generation.backend, "batch_size": spec.generation.batch_size,
             "max_new_tokens": spec.generation.max_new_tokens,

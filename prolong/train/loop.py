@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -45,7 +46,8 @@ from prolong.data.mixture import MixtureLoader
 from prolong.data.shards import TokenShards
 from prolong.model.attention import hf_name, select_backend
 from prolong.model.build import TORCH_DTYPES, architecture_of, build_model
-from prolong.model.staging import model_load_dir
+from prolong.model.save import save_weights
+from prolong.model.staging import load_dir, model_load_dir
 from prolong.model.tiling import apply_memory_settings
 from prolong.model.zero3 import Zero3Init
 from prolong.parallel.deepspeed_config import deepspeed_config
@@ -418,18 +420,21 @@ class Worker:
         stage.write_bytes(CURVES_PNG, curves_png(records, title))
 
     def _finalize(self, engine: Any, model: torch.nn.Module, stage: StageDir, step: int) -> None:
-        """Consolidated HF weights + tokenizer in final/, then manifest.json, then COMPLETE."""
-        # deepspeed is loaded by build_engine by now; imported here for the same reason as there.
-        import deepspeed
+        """Consolidated HF weights + tokenizer in final/, then manifest.json, then COMPLETE.
 
-        params = list(model.parameters())
-        gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-                  if engine.zero_optimization_stage() == 3 else contextlib.nullcontext())
-        with gather:
-            state = ({k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                     if self.rank == 0 else None)
+        The weights are written one parameter at a time (prolong.model.save): under ZeRO-3 each
+        parameter is gathered alone and streamed into rank 0's safetensors file, so no rank
+        holds the whole model (gathering them all at once would put 16 GB of Llama-3-8B on every
+        GPU and in rank 0's host memory). Every rank takes part in the gathers."""
+        tmp = tempfile.mkdtemp(prefix="prolong-final-") if self.rank == 0 else None
+        try:
+            save_weights(model, tmp)
+            if self.rank == 0:
+                _write_final(tmp, self.run_info.tokenizer_dir, stage.final_uri)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         if self.rank == 0:
-            _write_final(model, state, self.run_info.tokenizer_dir, stage.final_uri)
             records = read_metrics(stage)
             self._write_report(stage, records)
             stage.write_manifest(Manifest.for_stage(
@@ -442,16 +447,16 @@ class Worker:
             dist.barrier()
 
 
-def _write_final(model: torch.nn.Module, state: dict[str, torch.Tensor],
-                 tokenizer_dir: str | None, final_uri: str) -> None:
-    """HF-format weights and the tokenizer, published under final/ in one move."""
+def _write_final(weights_dir: str, tokenizer_dir: str | None, final_uri: str) -> None:
+    """The written weights and the stage's tokenizer, published under final/ in one move. The
+    tokenizer is where prolong.data.prepare.tokenizer_ref put it (a staged copy may be on an
+    object store: load_dir fetches it)."""
     from transformers import AutoTokenizer  # only rank 0 writes final/, once per stage
 
-    with tempfile.TemporaryDirectory(prefix="prolong-final-") as tmp:
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if tokenizer_dir is not None:
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        publish_directory(tmp, final_uri)
+    if tokenizer_dir is not None:
+        AutoTokenizer.from_pretrained(load_dir(tokenizer_dir),
+                                      local_files_only=True).save_pretrained(weights_dir)
+    publish_directory(weights_dir, final_uri)
 
 
 def metrics_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -36,6 +36,9 @@ MICRO = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_
 """Loaded first through both paths (see zero3_worker.py)."""
 BOUND = 0.75
 """Each ZeRO-3 rank's loading peak, as a fraction of the full fp32 model."""
+SAVE_BOUND = 0.25
+"""Each rank's peak while writing the model back (one parameter gathered at a time, plus rank
+0's host copy of it: 2 x 5% at most), as a fraction of the model."""
 CONTROL = 0.9
 """The full (ZeRO 0-2) load's peak must reach at least this fraction of the model."""
 
@@ -58,12 +61,13 @@ def loaded(tmp_path_factory):
     try:
         H.launch(2, ["--model", str(root / "model"), "--arch", json.dumps(camel),
                      "--no-weights", str(root / "no-weights"), "--warmup-model", str(root / "micro"), "--warmup", json.dumps(micro),
+                     "--save-to", str(root / "final"),
                      "--out", str(root / "out.json")], timeout=300, log_dir=root, worker=WORKER)
     finally:
         mp.undo()
     out = json.loads((root / "out.json").read_text())
-    return {"out": out, "full_bytes": full_bytes, "saved": load_file(root / "model" /
-                                                                     "model.safetensors")}
+    return {"out": out, "full_bytes": full_bytes, "root": root,
+            "saved": load_file(root / "model" / "model.safetensors")}
 
 
 def test_each_rank_loads_a_fraction_of_the_model(loaded):
@@ -94,3 +98,25 @@ def test_a_checkpoint_without_safetensors_is_refused_on_every_rank(loaded):
     assert refusals[0].endswith("no-weights: no model.safetensors or model.safetensors.index.json "
                                 "(ZeRO-3 loads safetensors checkpoints tensor by tensor; re-save "
                                 "it with save_pretrained)")
+
+
+def test_writing_it_back_holds_one_parameter_at_a_time(loaded):
+    """What _finalize writes final/ with (prolong.model.save): the peak on every rank is a
+    fraction of the model, and the file is the saved model, tensor for tensor."""
+    full = loaded["full_bytes"]
+    for r in loaded["out"]["ranks"]:
+        share = r["save_peak"] / full
+        print(f"rank {r['rank']}: writing peak {r['save_peak'] / 2**20:.1f} MiB = {share:.2f} x "
+              f"the model; all gathered at once {r['gather_all_peak'] / full:.2f} x")
+        assert share < SAVE_BOUND, r
+        # The measure sees a whole model when every parameter is gathered at once.
+        assert r["gather_all_peak"] / full > CONTROL, r
+    final = loaded["root"] / "final"
+    written, saved = load_file(final / "model.safetensors"), loaded["saved"]
+    assert sorted(written) == sorted(saved)
+    assert all(torch.equal(written[k], saved[k]) for k in saved)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    for name, param in model.named_parameters():
+        assert torch.equal(param, saved[name]), name

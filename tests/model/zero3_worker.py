@@ -14,6 +14,8 @@ allocation is its own mapping, returned to the system when freed, and the same m
 (ZeRO-2) load, run in the same process, shows it reaches the whole model.
 
 Rank 0 writes every rank's figures and the gathered weights' comparison with the saved file.
+The same measure covers writing the partitioned model back (``prolong.model.save``, what the
+trainer's ``_finalize`` writes final/ with): rank 0 writes the file, every rank gathers.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def main() -> None:
     parser.add_argument("--arch", required=True, help="the architecture as JSON")
     parser.add_argument("--no-weights", required=True, help="a model directory with only its "
                         "config.json: refused on every rank")
+    parser.add_argument("--save-to", required=True, help="where rank 0 writes the loaded model "
+                        "back through the trainer's final/ writer (prolong.model.save)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -85,6 +89,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from prolong.model.build import build_model
+    from prolong.model.save import save_weights
     from prolong.model.zero3 import PartitionedLoadError, gathered_parameters
     from prolong.parallel.ulysses import ensure_deepspeed_comm
     from prolong.train.loop import zero3_partitioning
@@ -111,7 +116,23 @@ def main() -> None:
         if rank == 0:
             names.append(name)
             worst = max(worst, float((value - saved[name]).abs().max()))
-    del model, saved
+    del saved
+    gc.collect()
+    # Writing it back as final/ is written: one parameter gathered at a time, streamed to disk.
+    save_to = Path(args.save_to) if rank == 0 else None
+    if save_to is not None:
+        save_to.mkdir(parents=True, exist_ok=True)
+    _, save_peak = peak_while(lambda m=model: save_weights(m, save_to))
+
+    def gather_all(m=model):
+        """The control: what _finalize did before, every parameter gathered at once."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(m.parameters())):
+            read_all(m)
+
+    _, gather_all_peak = peak_while(gather_all)
+    del model
     gc.collect()
     dist.barrier()
     # The control: the ZeRO 0-2 path (from_pretrained, a full copy per rank), same measure. Its
@@ -126,7 +147,8 @@ def main() -> None:
     except PartitionedLoadError as exc:
         refusal = str(exc)
     figures = {"rank": rank, "refusal": refusal, "zero3_peak": zero3_peak, "partition_bytes": local,
-               "full_peak": full_peak}
+               "full_peak": full_peak, "save_peak": save_peak,
+               "gather_all_peak": gather_all_peak}
     every = [None] * world
     dist.all_gather_object(every, figures)
     if rank == 0:
