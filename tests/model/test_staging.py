@@ -158,3 +158,25 @@ def test_the_token_secret_reaches_every_ray_pod(source):
         assert want in pod["spec"]["containers"][0]["env"]
     no_secret = PretrainJob.model_validate(job_dict({"source": str(source)}))
     assert hub_token_env(no_secret) == []
+
+
+def test_a_tokenizer_only_copy_is_replaced_by_the_model_and_another_source_refused(source,
+                                                                                     tmp_path):
+    """Stage 2's tokenizer shares stage 1's model directory (jobs/prolong-8b): staged alone
+    first, it must not pass for the model; a copy of another source is never reused."""
+    target = str(tmp_path / "shared")
+    assert S.stage(S.Staging("tokenizer", "data.tokenizer.source", str(source), target, False))
+    assert S.staged_marker(target)["what"] == "tokenizer"
+    model = S.Staging("model", "model.source", str(source), target, False)
+    assert S.stage(model)  # copied over the tokenizer-only directory
+    assert S.staged_marker(target)["what"] == "model" and (tmp_path / "shared" /
+                                                            "model.safetensors").is_file()
+    assert not S.stage(model)
+    assert not S.stage(S.Staging("tokenizer", "data.tokenizer.source", str(source), target,
+                                 False))  # the model's copy holds the tokenizer
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    with pytest.raises(S.StagingError, match=rf"^model.source: {target} holds a copy of "
+                                             rf"{source}, not {other} \(pass --force"):
+        S.stage(S.Staging("model", "model.source", str(other), target, False))
+    assert S.stage(S.Staging("model", "model.source", str(other), target, False), force=True)
