@@ -265,7 +265,7 @@ def test_kubernetes_knobs(validate_object):
     limits = container["resources"]["limits"]
     assert limits["vpc.amazonaws.com/efa"] == "32"
     assert limits["cpu"] == "164" and limits["memory"] == "1440Gi"
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env["FI_PROVIDER"] == "efa" and env["NCCL_DEBUG"] == "INFO"
     assert container["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
     assert pod["serviceAccountName"] == "trainer"
