@@ -65,6 +65,12 @@ def run_task(task: dict) -> dict:
             dist.barrier()
     if task.get("finalize"):
         worker._finalize(built.engine, started.model, stage, task["until"])
+        if task.get("gathered_to"):  # what final/ must hold, gathered by DeepSpeed
+            from prolong.model.zero3 import gathered_parameters
+
+            gathered = dict(gathered_parameters(started.model))
+            if dist.get_rank() == 0:
+                torch.save(gathered, task["gathered_to"])
     out = {"start_step": started.step, "losses": losses,
            "universal": built.config.get("checkpoint", {}).get("load_universal", False)}
     built.engine.destroy()

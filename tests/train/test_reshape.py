@@ -105,6 +105,8 @@ def runs(tmp_path_factory):
     two = [task("dp2-z2", job(world=2), save=[SAVE]),
            task("dp2-z3", job(world=2, zero=3), until=SAVE, save=[SAVE]),
            task("up2", job(world=2, steps=SAVE), until=SAVE, save=[SAVE], finalize=True),
+           task("final-z3", job(world=2, zero=3, steps=SAVE), until=SAVE, finalize=True,
+                gathered_to=str(root / "final-z3-gathered.pt")),
            # 1 -> 2: the reference runs' stages, resumed on two workers.
            task("ref-z2>dp2", job(world=2), stage="ref-z2", resume=checkpoint("ref-z2")),
            task("sp2-z2", job(world=2, sp=2), until=SAVE, save=[SAVE]),
@@ -141,7 +143,7 @@ def runs(tmp_path_factory):
         results.update(json.loads((work / "out.json").read_text()))
         logs[world] = (work / "rank0.log").read_text()
     return {"root": root, "results": results, "logs": logs, "checkpoint": checkpoint,
-            "shards": shards}
+            "shards": shards, "final": lambda name: root / "runs" / "reshape" / f"{name}-t" / "final"}
 
 
 def losses(result: dict, steps) -> list[float]:
@@ -261,3 +263,18 @@ def test_impossible_conversions_are_one_line_naming_the_checkpoint():
             load_tag(uri, saved, current)
         message = str(err.value)
         assert message.startswith(f"{uri}: ") and reason in message and "\n" not in message
+
+
+def test_final_weights_under_zero3_load_and_equal_the_gathered_ones(runs):
+    """_finalize under ZeRO-3 on 2 workers writes final/ one parameter at a time
+    (prolong.model.save): it loads with from_pretrained and equals DeepSpeed's gathered weights."""
+    from transformers import AutoModelForCausalLM
+
+    final = runs["final"]("final-z3")
+    gathered = torch.load(runs["root"] / "final-z3-gathered.pt")
+    model = AutoModelForCausalLM.from_pretrained(final, local_files_only=True)
+    params = dict(model.named_parameters())
+    assert sorted(params) == sorted(gathered)
+    for name, value in gathered.items():
+        assert torch.equal(params[name].detach(), value), name
+    assert any(v.abs().max() > 0 for v in gathered.values())
