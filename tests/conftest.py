@@ -36,6 +36,14 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
     return write
 
 
+@pytest.fixture(scope="session")
+def quickstart_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One prepared-data directory for the tests that run the shortened quickstart
+    (tests/test_quickstart.py shortened(..., data_dir=)): preparing the corpus, tokenizer and
+    shards is most of such a test's time, and the same inputs give the same prepared data."""
+    return tmp_path_factory.mktemp("quickstart-data")
+
+
 def use_kmock_kubeconfig(kmock_url: str, tmp_path: Path, namespace: str, monkeypatch) -> Path:
     """Point every Kubernetes client of the process (the kubernetes package, kopf) at kmock
     through a real kubeconfig file: HTTP all the way, nothing monkeypatched but $KUBECONFIG."""

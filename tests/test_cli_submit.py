@@ -108,13 +108,15 @@ def ray_head() -> Iterator[tuple[str, str]]:
         assert not left, f"Ray processes left behind: {left}"
 
 
-def tiny_stage(tmp_path: Path) -> Path:
+def tiny_stage(tmp_path: Path, data_dir: Path) -> Path:
+    """quickstart stage 1 cut to 3 steps; its data prepared in ``data_dir`` (the session's
+    quickstart_data fixture, shared with the other tests that train quickstart stages)."""
     job = job_dict("quickstart/stage1.yaml")
     spec = job["spec"]
     spec["steps"] = 3
     spec["checkpoint"] = {"everySteps": 3}
     spec["storage"] = {"root": str(tmp_path / "runs")}
-    spec["data"]["preparedDir"] = str(tmp_path / "data")
+    spec["data"]["preparedDir"] = str(data_dir)
     path = tmp_path / "stage1.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -126,9 +128,10 @@ def invoke(*args: str, **env: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_a_stage_runs_on_an_existing_ray_cluster(ray_head, tmp_path: Path) -> None:
+def test_a_stage_runs_on_an_existing_ray_cluster(ray_head, tmp_path: Path,
+                                                 quickstart_data: Path) -> None:
     url, token = ray_head
-    path = tiny_stage(tmp_path)
+    path = tiny_stage(tmp_path, quickstart_data)
     sid = ray_submission_id(submission(load(path)))  # what submit sends
 
     refused = invoke("status", sid, "--ray-address", url, "--ray-token", "not-the-token")

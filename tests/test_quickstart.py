@@ -30,8 +30,11 @@ CONSOLE_LINES = 60
 summary and the scores); the full quickstart prints the same shape."""
 
 
-def shortened(tmp: Path) -> Path:
-    """A copy of jobs/quickstart/ with few steps, one eval length and two samples per task."""
+def shortened(tmp: Path, data_dir: Path | None = None) -> Path:
+    """A copy of jobs/quickstart/ with few steps, one eval length and two samples per task.
+    ``data_dir`` (the quickstart_data fixture) is the prepared-data directory of every training
+    stage: tests that run the quickstart's stages share one corpus, tokenizer and shards, and the
+    first prepares them (data prepare is idempotent and locked, tests/data/test_prepare.py)."""
     out = tmp / "jobs"
     shutil.copytree(JOBS / "quickstart", out)
     short_eval = {"tasks": ["json_kv", "ruler_mk_needle"], "samples": 2}
@@ -46,6 +49,8 @@ def shortened(tmp: Path) -> Path:
         job = yaml.safe_load((out / name).read_text())
         job["spec"].update(spec_edits)
         job["spec"]["storage"] = {"root": str(tmp / "runs")}
+        if data_dir is not None and "data" in job["spec"]:
+            job["spec"]["data"]["preparedDir"] = str(data_dir)
         if job["kind"] == "EvalJob":
             job["spec"]["lengths"] = job["spec"]["lengths"][:1]
         (out / name).write_text(yaml.safe_dump(job, sort_keys=False))
@@ -64,8 +69,8 @@ def stage_dirs(runs: Path) -> dict[str, Path]:
             if p.is_dir() and ".superseded-" not in p.name}
 
 
-def test_shortened_quickstart(tmp_path):
-    pipeline = shortened(tmp_path)
+def test_shortened_quickstart(tmp_path, quickstart_data):
+    pipeline = shortened(tmp_path, quickstart_data)
     first = prolongctl("run", str(pipeline))
     assert first.returncode == 0, first.stdout + first.stderr
     console = (first.stdout + first.stderr).splitlines()
@@ -77,7 +82,7 @@ def test_shortened_quickstart(tmp_path):
     for name, d in dirs.items():
         assert (d / "COMPLETE").is_file(), name
         assert any((d / "logs").iterdir()), f"{name}: no worker logs in logs/"
-    assert "eval-from-stage1" in first.stdout  # the two evals compared in one table
+    assert "eval-from-stage1" in "\n".join(console[-20:])  # both evals in one table
     for name in ("stage1", "stage2", "sft", "sft-from-stage1"):
         assert (dirs[name] / "report.md").is_file() and (dirs[name] / "curves.png").is_file()
     trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns

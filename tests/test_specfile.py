@@ -59,7 +59,8 @@ def test_error_in_referenced_file_names_that_file(tmp_path):
 
 
 def test_missing_reference(tmp_path, write_spec):
-    for name in ("stage1.yaml", "sft.yaml", "eval.yaml"):
+    for name in ("stage1.yaml", "sft.yaml", "eval.yaml", "sft-from-stage1.yaml",
+                 "eval-from-stage1.yaml"):
         shutil.copy(JOBS / "quickstart" / name, tmp_path / name)
     data = job_dict("quickstart/pipeline.yaml")
     data["spec"]["stages"][1]["ref"] = "stage-two.yaml"

@@ -316,7 +316,9 @@ def test_quickstart_pipeline_from_nothing_then_nothing_to_do(tmp_path, monkeypat
                        ("stage2", "code-repos-2k"), ("stage2", "code-repos-512"),
                        ("stage2", "books-2k"), ("stage2", "books-512"), ("stage2", "short-text"),
                        ("stage2", "retrieval-2k"), ("stage2", "retrieval-512"),
-                       ("sft", "conversations")}
+                       ("sft", "conversations"), ("sft-from-stage1", "conversations")}
+    # The two SFT stages read the same conversations: one shard directory.
+    assert by["sft", "conversations"].shard_dir == by["sft-from-stage1", "conversations"].shard_dir
     # Same stream + tokenizer + rules: one shard directory, built once.
     assert by["stage1", "code-repos"].shard_dir == by["stage2", "code-repos-512"].shard_dir
     assert by["stage1", "short-text"].shard_dir == by["stage2", "short-text"].shard_dir
@@ -327,7 +329,7 @@ def test_quickstart_pipeline_from_nothing_then_nothing_to_do(tmp_path, monkeypat
     loaded = load(path)
     tok = tokmod.load_tokenizer(first.tokenizers_trained[0])
     assert len(tok) == 4096
-    for name in ("stage1", "stage2", "sft"):
+    for name in ("stage1", "stage2", "sft", "sft-from-stage1"):
         shards = open_shards(loaded.jobs[name], loaded)
         assert set(shards) == {d for s, d in by if s == name}
     stage2 = open_shards(loaded.jobs["stage2"], loaded)

@@ -72,11 +72,11 @@ def run_as_kuberay(ray: RayJobs, rayjob: dict[str, Any], entrypoint: str,
 
 
 @pytest.mark.timeout(1200)
-def test_stage2_submitted_alone_trains_from_stage1(ray_head, tmp_path: Path,
-                                                   kuberay) -> None:
+def test_stage2_submitted_alone_trains_from_stage1(ray_head, tmp_path: Path, kuberay,
+                                                   quickstart_data: Path) -> None:
     url, token = ray_head
     ray = RayJobs(url, token)
-    jobs = shortened(tmp_path).parent
+    jobs = shortened(tmp_path, quickstart_data).parent
     stage1 = stage_target(load(jobs / "stage1.yaml"))
     stage2 = stage_target(load(jobs / "stage2.yaml"))
     assert stage2.upstream == {"stage1": stage1.ref}
