@@ -230,7 +230,9 @@ class Ours:
     groups: Any
 
 
-def _our_model(spec: PretrainSpec, device: str, zero3: Any = None) -> tuple[torch.nn.Module, str]:
+def _our_model(spec: PretrainSpec, device: str) -> tuple[torch.nn.Module, str]:
+    """Our model with the product's build and seed, not partitioned and not routed through
+    Ulysses: the baseline's starting weights."""
     from prolong.model.attention import select_backend
     from prolong.model.build import TORCH_DTYPES, build_model
 
@@ -238,33 +240,25 @@ def _our_model(spec: PretrainSpec, device: str, zero3: Any = None) -> tuple[torc
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
     model = build_model(spec.model, device=dev, dtype=dtype,
                         activation_checkpointing=spec.parallelism.activation_checkpointing,
-                        seed=spec.seed, zero3=zero3)
+                        seed=spec.seed)
     return model, select_backend(spec.model.attention, dev, dtype)
 
 
 def build_ours(spec: PretrainSpec, groups: Any, device: str,
                initial_state: dict[str, torch.Tensor] | None = None) -> Ours:
-    """Model and DeepSpeed engine in the order ``prolong.train.loop.Worker`` builds them
-    (``_model`` then ``start``; random weights, no checkpoint): under ZeRO-3 the model is built
-    partitioned (``zero3_partitioning``), routed through ``apply_ulysses``, given the spec's
-    ``parallelism.memory`` settings (``apply_memory_settings``) and handed to ``build_engine``
-    with the spec's loss chunk. Keep this in step with the Worker: it is what the bench measures.
-    ``initial_state``, when given, receives a CPU copy of the full initial weights (gathered
-    under ZeRO-3), for a baseline to start from."""
-    from prolong.model.attention import hf_name
-    from prolong.model.tiling import apply_memory_settings
-    from prolong.parallel.ulysses import apply_ulysses, ensure_deepspeed_comm
+    """Model and DeepSpeed engine as ``prolong.train.loop.Worker`` builds them (random weights,
+    no checkpoint): :func:`prolong.train.loop.training_model` (ZeRO-3 partitioned build, Ulysses,
+    ``parallelism.memory``), then ``build_engine`` with the spec's loss chunk, so the bench
+    measures what the product trains. ``initial_state``, when given, receives a CPU copy of the
+    full initial weights (gathered under ZeRO-3), for a baseline to start from."""
     from prolong.train.engine import build_engine
-    from prolong.train.loop import zero3_partitioning
+    from prolong.train.loop import training_model
 
-    zero3 = zero3_partitioning(spec, groups)
-    if zero3 is not None:
-        ensure_deepspeed_comm()  # zero.Init partitions over deepspeed.comm's wrapped groups
-    model, backend = _our_model(spec, device, zero3)
-    apply_ulysses(model, groups, hf_name(backend), seq_length=spec.sequence_length)
-    apply_memory_settings(model, spec.parallelism)
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else "cpu"
+    model, backend = training_model(spec, groups, dev)
     if initial_state is not None:
-        initial_state.update(_full_cpu_state(model, partitioned=zero3 is not None))
+        initial_state.update(_full_cpu_state(model,
+                                             partitioned=spec.parallelism.zero_stage == 3))
     built = build_engine(model, spec, groups,
                          chunk_tokens=spec.parallelism.memory.loss_chunk_tokens)
     return Ours(model, built, backend, groups)

@@ -107,6 +107,26 @@ def zero3_partitioning(spec: TrainSpec, groups: ParallelGroups) -> Zero3Init | N
     return Zero3Init(deepspeed_config(spec, groups.dims), groups.world_group)
 
 
+def training_model(spec: TrainSpec, groups: ParallelGroups, device: str | torch.device, *,
+                   source: str | None = None) -> tuple[torch.nn.Module, str]:
+    """The model a training worker hands to :func:`~prolong.train.engine.build_engine`, and its
+    attention backend: built from ``source`` (a local directory) or randomly from the spec,
+    partitioned as it is created under ZeRO-3, routed through Ulysses, with the spec's
+    ``parallelism.memory`` settings (activation offload, TiledMLP) applied. The one build order:
+    the Worker and bench/ (which measures what the product trains) both call it."""
+    dtype = TORCH_DTYPES[spec.resolved_precision]
+    zero3 = zero3_partitioning(spec, groups)
+    if zero3 is not None:
+        ensure_deepspeed_comm()  # zero.Init partitions over deepspeed.comm's wrapped groups
+    model = build_model(spec.model, device=device, dtype=dtype, source=source,
+                        activation_checkpointing=spec.parallelism.activation_checkpointing,
+                        seed=spec.seed, zero3=zero3, local_files_only=True)
+    backend = select_backend(spec.model.attention, device, dtype)
+    apply_ulysses(model, groups, hf_name(backend), seq_length=spec.sequence_length)
+    apply_memory_settings(model, spec.parallelism)
+    return model, backend
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``."""
     # Ray Train is imported on the worker only (and by then it is loaded): importing it here keeps
@@ -170,22 +190,12 @@ class Worker:
     # ---- set-up --------------------------------------------------------------------------
 
     def _model(self) -> torch.nn.Module:
-        spec = self.spec
-        dtype = TORCH_DTYPES[spec.resolved_precision]
         # The upstream stage's final/, else the staged (or local) model: never the hub.
         if self.run_info.upstream_dir is not None:
             source = local_copy(StageDir(self.run_info.upstream_dir).final_uri)
         else:
-            source = model_load_dir(spec.model)
-        zero3 = zero3_partitioning(spec, self.groups)
-        if zero3 is not None:
-            ensure_deepspeed_comm()  # zero.Init partitions over deepspeed.comm's wrapped groups
-        model = build_model(spec.model, device=self.device, dtype=dtype, source=source,
-                            activation_checkpointing=spec.parallelism.activation_checkpointing,
-                            seed=spec.seed, zero3=zero3, local_files_only=True)
-        backend = select_backend(spec.model.attention, self.device, dtype)
-        apply_ulysses(model, self.groups, hf_name(backend), seq_length=spec.sequence_length)
-        return model
+            source = model_load_dir(self.spec.model)
+        return training_model(self.spec, self.groups, self.device, source=source)[0]
 
     def _loader(self) -> MixtureLoader:
         shards = {domain: TokenShards(path) for domain, path in self.run_info.shard_dirs.items()}
@@ -238,9 +248,7 @@ class Worker:
         checkpoint (weightsAndOptimizer), through the universal copy when the checkpoint was
         written on another world size. The engine is built after the choice: whether it loads
         a universal checkpoint is part of its DeepSpeed config."""
-        model = self._model()
-        # parallelism.memory: activation offload and TiledMLP (the loss chunk goes to the engine).
-        apply_memory_settings(model, self.spec.parallelism)
+        model = self._model()  # parallelism.memory applied; the loss chunk goes to the engine
         self.arch = self.spec.model.architecture or architecture_of(model)
         if latest is not None:
             source = self._usable_checkpoint(latest, latest_name or latest.name)
