@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from typing import Any
 
 from prolong.stage.uri import absolute, is_object_store
 
-# prolong.stage.directory (pyarrow's filesystems) is imported where it is used: the spec rules
-# import is_hub_id from here, and validating a file must not load a filesystem layer.
+# prolong.stage.directory (pyarrow's filesystems) is imported where it is used: loading the CLI
+# must not load a filesystem layer.
 
 STAGED = "STAGED.json"
 """Written last into a staged directory: what was staged from where, and when."""
@@ -39,8 +38,6 @@ TOKEN_ENV = "HF_TOKEN"
 """Where staging reads the hub token (the pods get it from ``model.hubTokenSecret``)."""
 TOKEN_SECRET_KEY = "token"
 """The key of ``model.hubTokenSecret`` that holds the token."""
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+")
-"""A hub repository id: organisation/name, one slash."""
 GATED_ORGS = ("meta-llama",)
 """Hub organisations whose models need an accepted licence and a token."""
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
@@ -80,14 +77,6 @@ def staged_marker(uri: str) -> dict[str, Any] | None:
         return None
     with fs.open_input_stream(f"{path}/{STAGED}") as f:
         return json.loads(f.read().decode())
-
-
-def is_hub_id(source: str) -> bool:
-    """Whether ``source`` names a hub repository (org/name) rather than a place on storage: not
-    an object-store URI, not an absolute or ./ path, not an existing local directory."""
-    if is_object_store(source) or source.startswith(("/", ".", "~")):
-        return False
-    return HUB_ID.fullmatch(source) is not None and not Path(source).is_dir()
 
 
 def is_gated(source: str) -> bool:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from prolong.model.staging import is_hub_id
 from prolong.parallel.dims import ParallelDimsError
 from prolong.spec.helmet import HELMET_SIZING_LENGTHS, HELMET_TABLED_TASKS, HELMET_TASK_SYNTHETIC
 from prolong.spec.issues import SpecIssue, did_you_mean
@@ -33,6 +32,7 @@ from prolong.spec.models import (
     TrainJobs,
     TrainSpec,
 )
+from prolong.stage.uri import is_hub_id
 
 PROPORTION_TOLERANCE = 1e-6
 

@@ -31,9 +31,8 @@ def test_prolongctl_run_refuses_a_stage_another_run_holds(tmp_path, monkeypatch)
 def test_prolongctl_run_refuses_an_upstream_with_missing_weights(tmp_path):
     """Stage 1 finished earlier but its final/ lost its weights: running the pipeline refuses
     before preparing data or starting Ray, naming the missing path."""
-    for name in ("pipeline.yaml", "stage1.yaml", "stage2.yaml", "sft.yaml", "eval.yaml"):
-        text = (JOBS / "quickstart" / name).read_text().replace("./runs", str(tmp_path / "runs"))
-        (tmp_path / name).write_text(text)
+    for src in (JOBS / "quickstart").glob("*.yaml"):
+        (tmp_path / src.name).write_text(src.read_text().replace("./runs", str(tmp_path / "runs")))
     loaded = load(tmp_path / "pipeline.yaml")
     stage1 = pipeline_stages(loaded.document, loaded.jobs)[0]
     assert stage1.storage_root == str(tmp_path / "runs")
@@ -50,9 +49,8 @@ def test_prolongctl_run_refuses_an_upstream_with_missing_weights(tmp_path):
 
 
 def _quickstart_copy(tmp_path: Path):
-    for name in ("pipeline.yaml", "stage1.yaml", "stage2.yaml", "sft.yaml", "eval.yaml"):
-        text = (JOBS / "quickstart" / name).read_text().replace("./runs", str(tmp_path / "runs"))
-        (tmp_path / name).write_text(text)
+    for src in (JOBS / "quickstart").glob("*.yaml"):
+        (tmp_path / src.name).write_text(src.read_text().replace("./runs", str(tmp_path / "runs")))
     loaded = load(tmp_path / "pipeline.yaml")
     return loaded, {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
 
@@ -78,6 +76,13 @@ def test_a_stage_is_out_of_date_when_its_upstream_reruns_or_completed_after_it(t
     # An incomplete upstream is not "newer": upstream_ready reports it.
     assert out_of_date(evaluation, refs["eval"], dirs, rerunning=set()) is None
     assert out_of_date(loaded.jobs["stage1"], refs["stage1"], dirs, rerunning=set()) is None
+    # The branch without the long stage starts from stage1: stage 2 running again leaves it be.
+    _finish(refs["stage1"], 50.0)
+    _finish(refs["sft-from-stage1"], 150.0)
+    branch = loaded.jobs["sft-from-stage1"]
+    assert out_of_date(branch, refs["sft-from-stage1"], dirs, rerunning={"stage2", "sft"}) is None
+    assert "stage1, which it starts from, runs again" in \
+        out_of_date(branch, refs["sft-from-stage1"], dirs, rerunning={"stage1"})
 
 
 def test_supersede_keeps_the_replaced_outputs_and_the_lock(tmp_path):
