@@ -50,7 +50,9 @@ lock: setup
 test: setup
 	$(BIN)/python -c "import prolong.versions as v; print(v.summary())"
 	$(BIN)/hadolint images/train/Dockerfile images/operator/Dockerfile
-	$(BIN)/python -m pytest -q tests
+	# Two xdist workers: the slow (Ray, multi-process) tests in order on one, everything else on
+	# the other (tests/conftest.py groups them); the bench scripts' end-to-end runs are make bench's.
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not bench" --durations=15 tests
 
 # The main job on the embedded default: the quickstart pipeline on a local Ray instance with a
 # tiny Llama (data prepared from a local corpus, no download): stage1 -> stage2 (SP=2) -> SFT ->
@@ -68,6 +70,8 @@ lint: setup
 # without CUDA). bench/RESULTS.md records the figures; bench/gpu_check.sh is the GPU check.
 bench: setup
 	$(BIN)/python bench/run_all.py
+	# The bench scripts end to end (SP overhead on two ranks, gpu_check.sh --cpu-dry-run).
+	$(BIN)/python -m pytest -q -m bench tests/bench
 
 clean:
 	rm -rf runs .pytest_cache

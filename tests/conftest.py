@@ -19,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (make test: -n 2 --dist loadgroup) every slow test goes to one worker,
+    in order: they start local Ray instances, Ray heads and rank processes that must not run two
+    at a time on a 2-core machine (nor share Ray's default ports and session files), while the
+    single-process tests fill the other core. Without xdist the mark does nothing."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None or \
+                item.get_closest_marker("bench") is not None:
+            item.add_marker(pytest.mark.xdist_group("serial"))
+
+
 def job_dict(relpath: str) -> dict[str, Any]:
     """A job file under jobs/ as a fresh dict (safe to mutate)."""
     return copy.deepcopy(yaml.safe_load((JOBS / relpath).read_text()))

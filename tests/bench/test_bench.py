@@ -211,7 +211,7 @@ def test_gpu_check_help():
     assert proc.returncode == 0 and "--cpu-dry-run" in proc.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_sp_overhead_runs_both_layouts_on_cpu():
     args = sp_overhead.parse_args(["--device", "cpu", "--seq-len", "64", "--rows", "2",
                                    "--warmup", "0", "--steps", "1", "--timeout", "240"])
@@ -222,7 +222,7 @@ def test_sp_overhead_runs_both_layouts_on_cpu():
     assert "rank-time overhead" in table.table_of([result])
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_gpu_check_cpu_dry_run_writes_its_table(tmp_path):
     """The whole GPU check at CPU sizes: every part runs or says why not, the table and the
     merged figures land in the output directory, within the device's 8-file limit."""
