@@ -64,9 +64,11 @@ def _count(value: int | None) -> str:
 
 
 def summary_table(outcomes: list[StageOutcome]) -> Table:
-    table = Table(title="run summary", title_justify="left", show_edge=False, pad_edge=False)
-    # Narrow enough for an 80-column terminal (the stage lines above name each stage's kind).
-    for col in ("stage", "id", "steps", "tokens", "loss (first->last)", "tok/s", "wall"):
+    # Narrow enough for an 80-column terminal with 16-character stage names (the stage lines
+    # above name each stage's kind; the title says what the loss column holds).
+    table = Table(title="run summary (loss: first -> last, means of the first and last steps)",
+                  title_justify="left", show_edge=False, pad_edge=False)
+    for col in ("stage", "id", "steps", "tokens", "loss", "tok/s", "wall"):
         table.add_column(col, justify="right" if col in ("steps", "tokens", "tok/s") else "left",
                          no_wrap=True)
     for o in outcomes:
