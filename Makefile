@@ -50,8 +50,8 @@ lock: setup
 test: setup
 	$(BIN)/python -c "import prolong.versions as v; print(v.summary())"
 	$(BIN)/hadolint images/train/Dockerfile images/operator/Dockerfile
-	# Two xdist workers: the slow (Ray, multi-process) tests in order on one, everything else on
-	# the other (tests/conftest.py groups them); the bench scripts' end-to-end runs are make bench's.
+	# Two xdist workers; the tests that start Ray run one after another (tests/conftest.py groups
+	# them), the rest spread over both. The bench scripts' end-to-end runs are make bench's.
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not bench" --durations=15 tests
 
 # The main job on the embedded default: the quickstart pipeline on a local Ray instance with a

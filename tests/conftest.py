@@ -20,14 +20,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (make test: -n 2 --dist loadgroup) every slow test goes to one worker,
-    in order: they start local Ray instances, Ray heads and rank processes that must not run two
-    at a time on a 2-core machine (nor share Ray's default ports and session files), while the
-    single-process tests fill the other core. Without xdist the mark does nothing."""
+    """Under pytest-xdist (make test: -n 2 --dist loadgroup) the tests that start Ray run on one
+    worker, one after another: two local Ray instances at once would share Ray's default ports
+    and session files. Everything else (single-process tests, and ranks over gloo, which take
+    free ports) is spread over both workers, so at most two tests run at a time. Mark every test
+    that starts Ray with ``ray``. Without xdist the group does nothing."""
     for item in items:
-        if item.get_closest_marker("slow") is not None or \
-                item.get_closest_marker("bench") is not None:
-            item.add_marker(pytest.mark.xdist_group("serial"))
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def job_dict(relpath: str) -> dict[str, Any]:

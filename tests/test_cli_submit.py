@@ -127,6 +127,7 @@ def invoke(*args: str, **env: str):
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_a_stage_runs_on_an_existing_ray_cluster(ray_head, tmp_path: Path,
                                                  quickstart_data: Path) -> None:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.conftest import JOBS, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 CONSOLE_LINES = 45
 """The most console lines a four-stage run may print (header, bar and result per stage, the
@@ -94,6 +94,9 @@ def test_shortened_quickstart(tmp_path, quickstart_data):
         assert (dirs[name] / "report.md").is_file() and (dirs[name] / "curves.png").is_file()
     trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in ("stage1", "stage2", "sft")}
     results = (dirs["eval"] / "results.json").read_text()
+    assert str(dirs["sft"] / "final") in results  # eval ran on SFT's final/ weights
+    for name in ("report.md", "scores.png"):
+        assert (dirs["eval"] / name).is_file(), name
 
     again = prolongctl("run", str(pipeline))
     assert again.returncode == 0, again.stdout + again.stderr

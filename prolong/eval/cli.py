@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from prolong.cli_errors import err
 from prolong.eval.report import (
     comparison_markdown,
     comparison_png,
@@ -58,7 +59,7 @@ def report(
         if paper is not None:
             published = load_paper(paper)
     except (FileNotFoundError, ValueError) as exc:
-        Console(stderr=True).print(f"prolongctl eval report: {exc}", markup=False)
+        err.print(f"prolongctl eval report: {exc}", markup=False)  # one line, never wrapped
         raise typer.Exit(2) from None
     names = _unique([name for name, _ in runs])
     runs = [(n, r) for n, (_, r) in zip(names, runs, strict=True)]

@@ -142,6 +142,7 @@ def test_citations_are_scored_with_the_nli_model_and_cite_becomes_comparable(
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_model, corpus_cache,
                                                  tiny_nli):
     """`prolongctl run` on an EvalJob: two CPU Ray workers share the samples (and then score the

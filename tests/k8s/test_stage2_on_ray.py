@@ -31,7 +31,7 @@ from prolong.stage.payload import STAGE_FILE
 from tests import test_cli_submit
 from tests.test_quickstart import shortened
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ray_head = test_cli_submit.ray_head  # one local head node with token auth, for this module
 
 

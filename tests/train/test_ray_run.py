@@ -25,7 +25,7 @@ from prolong.train.faults import FAULT_ENV
 from prolong.train.runner import run_file
 from tests.conftest import job_dict
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
@@ -210,32 +210,3 @@ def test_a_stage_checkpointed_on_two_workers_resumes_on_one(uninterrupted, prepa
     ref_w, w = _final_weights(uninterrupted), _final_weights(stage)
     for name, tensor in ref_w.items():
         torch.testing.assert_close(w[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_sft_then_eval_pipeline(ray_cluster, prepared, tmp_path):
-    """A tiny SFT stage (assistant-only labels, packed conversations) followed by a HELMET eval
-    stage starting from its final/ weights, as one pipeline."""
-    sft = job_dict("quickstart/sft.yaml")["spec"]
-    sft["model"] = {"architecture": {"preset": "tiny"}, "attention": "sdpa"}
-    sft["data"]["tokenizer"] = {"trainVocabSize": 4096}
-    sft["data"]["preparedDir"] = str(prepared)
-    sft["sequenceLength"], sft["globalBatchTokens"], sft["steps"] = 512, 1024, 4
-    sft["checkpoint"] = {"everySteps": 4}
-    sft["storage"] = {"root": str(tmp_path / "runs")}
-    evaluation = job_dict("quickstart/eval.yaml")["spec"]
-    evaluation.update(tasks=["json_kv", "ruler_mk_needle"], lengths=[512], samples=2,
-                      storage={"root": str(tmp_path / "runs")})
-    pipeline = {"apiVersion": "prolong.dev/v1alpha1", "kind": "ProLongPipeline",
-                "metadata": {"name": "sft-eval"},
-                "spec": {"stages": [{"name": "sft", "kind": "SFTJob", "spec": sft},
-                                    {"name": "eval", "kind": "EvalJob", "spec": evaluation}]}}
-    path = tmp_path / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    refs = run_file(path, progress=False)
-    sft_dir, eval_dir = (StageDir(r.directory) for r in refs)
-    assert sft_dir.is_complete() and eval_dir.is_complete()
-    assert len(read_metrics(sft_dir)) == 4
-    for name in ("results.json", "report.md", "scores.png"):
-        assert (Path(eval_dir.uri) / name).is_file(), name
-    results = json.loads((Path(eval_dir.uri) / "results.json").read_text())
-    assert str(Path(sft_dir.uri) / "final") in json.dumps(results)
