@@ -106,11 +106,6 @@ def scores_table(stages: list[tuple[str, str]], title: str) -> Table | None:
     return table
 
 
-def eval_title(name: str, stages: list[tuple[str, str]]) -> str:
-    return f"HELMET scores of {name}" if len(stages) > 1 else \
-        f"HELMET scores of {name}/{stages[0][0]}"
-
-
 def run_table(name: str, rows: list[StageRow], price_per_device_hour: float | None) -> Table:
     """``prolongctl report``: one run's stages with their time, device-hours and cost."""
     table = Table(title=f"run {name}", title_justify="left", show_edge=False, pad_edge=False)
@@ -138,7 +133,8 @@ def print_run_report(console: Console, runs: list[tuple[str, list[StageRow]]],
                 " (--price-per-device-hour for a cost)")
         console.print(f"total {total:.4f} device-hours{cost}", markup=False, soft_wrap=True)
         evals = [(r.stage, r.directory) for r in rows if r.kind == "EvalJob"]
-        table = scores_table(evals, eval_title(name, evals)) if evals else None
+        table = scores_table(evals, f"HELMET scores of {name}"
+                             + (f"/{evals[0][0]}" if len(evals) == 1 else ""))
         if table is not None:
             console.print(table)
         console.print()
