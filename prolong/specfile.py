@@ -201,7 +201,8 @@ def resolve_pipeline(doc: ProLongPipeline, raw: dict[str, Any],
                 "metadata": {"name": doc.metadata.name},
                 "spec": stage.spec.model_dump(by_alias=True)})
             issues += [i_.located(file=file, prefix=f"spec.stages[{i}]") for i_ in check_job(job)]
-        jobs[stage.name] = _rename(job, stage_job_name(doc.metadata.name, stage.name))
+        jobs[stage.name] = _stage_job(job, stage_job_name(doc.metadata.name, stage.name),
+                                      doc.metadata.labels)
         stages_out.append(stage_dict)
     if issues:
         raise SpecError(issues)
@@ -235,8 +236,19 @@ def pipeline_from_resource(body: dict[str, Any]) -> tuple[ProLongPipeline, dict[
     return resolve_pipeline(doc, raw, file="")
 
 
-def _rename(job: Job, name: str) -> Job:
-    meta = job.metadata.model_copy(update={"name": name})
+GITOPS_LABEL_PREFIXES = ("kustomize.toolkit.fluxcd.io/", "helm.toolkit.fluxcd.io/",
+                         "argocd.argoproj.io/")
+"""Labels a GitOps tool puts on the pipeline it applied: never passed on to the stages' objects
+(the tool would take the operator's RayJobs for its own)."""
+
+
+def _stage_job(job: Job, name: str, pipeline_labels: dict[str, str]) -> Job:
+    """A stage's job named ``name``, with the pipeline's labels under its own (they reach the
+    stage's RayJob and pods)."""
+    inherited = {k: v for k, v in pipeline_labels.items()
+                 if not k.startswith(GITOPS_LABEL_PREFIXES)}
+    meta = job.metadata.model_copy(update={"name": name,
+                                           "labels": {**inherited, **job.metadata.labels}})
     return job.model_copy(update={"metadata": meta})
 
 

@@ -29,6 +29,12 @@ from typing import Any
 import yaml
 
 from prolong.eval.judge import API_KEY_ENV as JUDGE_API_KEY_ENV
+from prolong.k8s.podtemplate import (
+    HEAD_CONTAINER,
+    RESERVED_LABELS,
+    WORKER_CONTAINER,
+    apply_pod_templates,
+)
 from prolong.model.memory import allocator_env
 from prolong.plan import default_active_deadline
 from prolong.spec import (
@@ -301,13 +307,13 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
                   {"name": "dashboard", "containerPort": DASHBOARD_PORT},
                   {"name": "client", "containerPort": 10001},
                   {"name": "metrics", "containerPort": RAY_METRICS_PORT}]
-    head = _container("ray-head", image, head_res, env, [head_shm_mount, spec_mount,
+    head = _container(HEAD_CONTAINER, image, head_res, env, [head_shm_mount, spec_mount,
                       *storage_mounts], head_ports, env_from, [])
     head_pod = _pod_spec(head, [head_shm_vol, spec_vol, *storage_volumes], cluster, workers=False)
 
     worker_res = worker_resources(cluster)
     worker_shm_vol, worker_shm_mount = shm(worker_res)
-    worker = _container("ray-worker", image, worker_res, env, [worker_shm_mount, *storage_mounts],
+    worker = _container(WORKER_CONTAINER, image, worker_res, env, [worker_shm_mount, *storage_mounts],
                         [{"name": "metrics", "containerPort": RAY_METRICS_PORT}], env_from,
                         ["IPC_LOCK"] if rdma else [])
     worker_pod = _pod_spec(worker, [worker_shm_vol, *storage_volumes], cluster, workers=True)
@@ -373,8 +379,7 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     rj_labels = dict(labels)
     if k8s.queue:
         rj_labels[QUEUE_LABEL] = k8s.queue
-    pod_labels = {k: v for k, v in labels.items() if k.startswith(("app.kubernetes.io/",
-                                                                       LABEL_PREFIX))}
+    pod_labels = dict(labels)  # the user's labels too (cost reports read them off the pods)
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": k8s.submission_mode,
@@ -396,6 +401,10 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
                 if k8s.active_deadline_seconds is None else k8s.active_deadline_seconds)
     if deadline:  # 0 or no estimate: no limit
         spec["activeDeadlineSeconds"] = deadline
+    patches = job.spec.cluster.pod_template
+    if patches is not None:  # last, over everything rendered above (prolong.k8s.podtemplate)
+        apply_pod_templates(spec["rayClusterSpec"], patches.head, patches.workers,
+                            {k: v for k, v in pod_labels.items() if k.startswith(RESERVED_LABELS)})
     rayjob = {"apiVersion": "ray.io/v1", "kind": "RayJob",
               "metadata": {**meta, "labels": rj_labels,
                            "annotations": {DIRECTORY_ANNOTATION: ref.directory}},

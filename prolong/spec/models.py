@@ -459,6 +459,23 @@ class KubernetesSpec(SpecModel):
     """ServiceAccount of the Ray pods (e.g. one bound to a cloud role for object-store access)."""
 
 
+class PodTemplates(SpecModel):
+    """Strategic-merge patches over the pod templates prolong renders, one for the Ray head and
+    one for the workers (prolong.k8s.podtemplate): labels, annotations, priorityClassName,
+    imagePullSecrets, affinity, nodeSelector, tolerations, securityContext, extra containers
+    and volumes. Scheduling only: no stage id changes."""
+
+    # Left out of the dump while unset, so that job.yaml and the pipeline resource of a spec
+    # without patches stay as they were.
+    head: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
+    """Patch over the head pod's template ({metadata: ..., spec: ...}), e.g. a nodeSelector that
+    keeps the head off the GPU nodes, or a priority class."""
+    workers: dict[str, Any] | None = Field(None, exclude_if=lambda v: v is None)
+    """Patch over the worker pods' template. Lists merge as kubectl patch merges them:
+    containers, volumes, env and imagePullSecrets by name; tolerations are replaced whole (use
+    cluster.tolerations to add to ours)."""
+
+
 class ClusterSpec(SpecModel):
     """Where the stage runs: the shape of the Ray cluster."""
 
@@ -480,6 +497,9 @@ class ClusterSpec(SpecModel):
     """Worker-group failures Ray Train recovers from (restarting from the last checkpoint)."""
     kubernetes: KubernetesSpec = Field(default_factory=KubernetesSpec)
     """Pod resources, fabric, queue and RayJob lifecycle on Kubernetes (scheduling only)."""
+    pod_template: PodTemplates | None = Field(None, exclude_if=lambda v: v is None)
+    """Patches over the rendered head and worker pod templates (Kubernetes strategic merge),
+    checked against the core Pod schema by validate (scheduling only)."""
 
     @property
     def world_size(self) -> int:

@@ -46,6 +46,7 @@ def check_job(job: Job) -> list[SpecIssue]:
         issues = _check_train(job.spec, is_sft=isinstance(job, SFTJob))
     issues += _check_model_source(job.spec.model, job_kind=job.kind)
     issues += _check_staging(job)
+    issues += _check_pod_template(job)
     return [i.located(prefix="spec") for i in issues]
 
 
@@ -264,6 +265,31 @@ def _check_staging(job: Job) -> list[SpecIssue]:
         out.append(SpecIssue(f"{field}.source", "is a hub id and workers do not download: set "
                              f"{field}.stagedPath (and allowHub) and stage it once with "
                              "`prolongctl model stage FILE`", tok.source))
+    return out
+
+
+def _check_pod_template(job: Job) -> list[SpecIssue]:
+    """cluster.podTemplate's patches against the core Pod schema, as each will meet its pod
+    template (a bad field is found here, not by the API server after the GPUs were asked for)."""
+    patches = job.spec.cluster.pod_template
+    if patches is None:
+        return []
+    # Imported here: prolong.k8s's package imports the renderer, which imports this package.
+    from prolong.k8s.podtemplate import (
+        HEAD_CONTAINER,
+        RESERVED_LABELS,
+        WORKER_CONTAINER,
+        patch_errors,
+    )
+
+    out = []
+    for group, patch, container in (("head", patches.head, HEAD_CONTAINER),
+                                    ("workers", patches.workers, WORKER_CONTAINER)):
+        if patch is None:
+            continue
+        for problem in patch_errors(patch, container, RESERVED_LABELS):
+            where = f"cluster.podTemplate.{group}" + (f".{problem.path}" if problem.path else "")
+            out.append(SpecIssue(where.replace(".[", "["), problem.rule))
     return out
 
 

@@ -26,6 +26,7 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "image"),
     ("cluster", "nodeSelector"),
     ("cluster", "tolerations"),
+    ("cluster", "podTemplate"),
     ("cluster", "maxFailures"),
     ("cluster", "kubernetes"),
     ("checkpoint", "keep"),
