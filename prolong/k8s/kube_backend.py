@@ -379,8 +379,12 @@ def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: b
     kube.call(f"update ProLongPipeline {name}", kube.custom.patch_namespaced_custom_object,
               GROUP, VERSION, ns, PLURAL, name, patch,
               _content_type="application/merge-patch+json")
+    how = ("a stage running under an old id runs to its end first" if
+           loaded.document.spec.on_spec_change == "wait" else "a stage running under an old id "
+           "is stopped")
     console.print(f"updated ProLongPipeline {ns}/{name}; stages with new ids (they run again): "
-                  f"{', '.join(changed) or 'none'}", markup=False)
+                  f"{', '.join(changed) or 'none'} (onSpecChange "
+                  f"{loaded.document.spec.on_spec_change}: {how})", markup=False)
     return Submitted("ProLongPipeline", ns, name, True, phase, [cr])
 
 

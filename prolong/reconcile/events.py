@@ -45,6 +45,7 @@ def transition_events(previous: PipelineStatus | None,
     before = {s.name: s for s in (previous.stages if previous else ())}
     events = [_stage_event(st) for st in status.stages
               if (st.phase != "Pending" or st.message) and _changed(before.get(st.name), st)]
+    events += _spec_change_events(previous, status)
     was = previous.phase if previous else None
     if status.phase != was and status.phase in ("Succeeded", "Failed"):
         kind: Literal["Normal", "Warning"] = "Normal" if status.phase == "Succeeded" \
@@ -54,6 +55,25 @@ def transition_events(previous: PipelineStatus | None,
                                     _fit(ready.message if ready and ready.message
                                          else f"pipeline {status.phase.lower()}")))
     return events
+
+
+def _spec_change_events(previous: PipelineStatus | None,
+                        status: PipelineStatus) -> list[PipelineEvent]:
+    """A spec edit that met a running stage: Normal when it waits for it (onSpecChange wait) and
+    when that wait is over, Warning when it deleted it (replace)."""
+    new = status.spec_change
+    old = previous.spec_change if previous is not None else None
+    if new is None or new == old or not new.message:
+        return []
+    if new.replaced:
+        return [PipelineEvent("Warning", "SpecChangeReplaced", _fit(new.message))]
+    if new.waiting_for:
+        if old is not None and old.waiting_for == new.waiting_for:
+            return []  # the same wait, seen at a later generation
+        return [PipelineEvent("Normal", "SpecChangeWaiting", _fit(new.message))]
+    if old is not None and old.waiting_for:
+        return [PipelineEvent("Normal", "SpecChangeWaitOver", _fit(new.message))]
+    return []
 
 
 def invalid_spec_event(reason: str) -> PipelineEvent:

@@ -26,10 +26,13 @@ Policy, in one place:
   finishes on its own (KubeRay's deletion rules release its cluster).
 * A spec change (new generation) only changes ids: stages whose id is unchanged keep their
   result, stages with a new id (the edited one and the ones starting from it) run again from
-  attempt 1. RayJobs of ids that are no longer current are deleted while they are still active
-  (they would burn GPU hours for a result nobody reads); finished ones are left as history
-  (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A spec edited
-  back to an earlier id finds its finished RayJob again and reuses it.
+  attempt 1. A RayJob still running under an id that is no longer current (superseded) is
+  handled by ``spec.onSpecChange``: ``wait`` (the default) lets it run to its end and starts
+  nothing of the new spec before it has (a GitOps sync of a typo fix never kills a multi-day
+  stage); ``replace`` deletes it at once (it would burn GPU hours for a result nobody reads).
+  ``status.specChange`` and an Event say which was applied. Finished RayJobs are left as
+  history (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A
+  spec edited back to an earlier id finds its finished RayJob (or its running one) again.
 * A name the plan would create that exists but is not the pipeline's (``taken``, judged by
   :func:`prolong.reconcile.claim.claim`) is not created under another name: the stage stays
   Pending with the reason and the pipeline is Stalled (reason NameTaken) until the name is free.
@@ -42,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from prolong.reconcile.observe import ObservedRayJob
-from prolong.reconcile.status import Condition, PipelineStatus, StageStatus
+from prolong.reconcile.status import Condition, PipelineStatus, SpecChangeStatus, StageStatus
 from prolong.spec import Job, PipelineSpec, ProLongPipeline
 from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.names import attempt_rayjob_name, rayjob_name
@@ -95,8 +98,12 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     runs: dict[tuple[str, str], list[ObservedRayJob]] = {}
     for rj in sorted(rayjobs, key=lambda r: (r.attempt, r.name)):
         runs.setdefault((rj.stage, rj.stage_id), []).append(rj)
-    deletes = tuple(sorted(rj.name for key, group in runs.items() if key not in current
-                           for rj in group if rj.active))
+    superseded = sorted((rj for key, group in runs.items() if key not in current
+                         for rj in group if rj.active), key=lambda r: r.name)
+    policy = pipeline.spec.on_spec_change
+    deletes = tuple(rj.name for rj in superseded) if policy == "replace" else ()
+    held = policy == "wait" and bool(superseded)  # nothing new starts while they run
+    spec_change = _spec_change(policy, superseded, previous, generation)
     before = {s.name: s for s in (previous.stages if previous else ())}
 
     creates: list[PlannedRayJob] = []
@@ -111,7 +118,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
         prev = prev if prev is not None and prev.id == ref.id else None
         first = rayjob_name(jobs[ref.stage].metadata.name, ref.id)
         st = _stage_status(ref, mine, prev, complete, now)
-        if st is None and not waiting:
+        if st is None and not waiting and not held:
             latest = mine[-1] if mine else None
             retry = latest is not None and latest.outcome == "failed" and \
                 latest.attempt < max_attempts
@@ -161,12 +168,37 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             waiting = True
 
     phase, current_stage = _pipeline_phase(stages, failure, blocked)
+    if held and failure is None and blocked is None:  # the superseded run is what runs now
+        phase, current_stage = "Running", superseded[0].stage
     status = PipelineStatus(phase=phase, current_stage=current_stage,
-                            observed_generation=generation, stages=stages)
+                            observed_generation=generation, stages=stages,
+                            spec_change=spec_change)
     status.conditions = _conditions(status, previous, failure, now, generation,
                                     blocked=next((s.message for s in stages
-                                                  if s.name == blocked), None))
+                                                  if s.name == blocked), None),
+                                    held=spec_change.message if held else None)
     return Plan(tuple(creates), deletes, status, retry_at)
+
+
+def _spec_change(policy: str, superseded: list[ObservedRayJob], previous: PipelineStatus | None,
+                 generation: int | None) -> SpecChangeStatus | None:
+    """status.specChange: the superseded RayJobs waited for or deleted now; with none, the last
+    record (its wait marked over)."""
+    before = previous.spec_change if previous is not None else None
+    if not superseded:
+        if before is not None and before.waiting_for:
+            return before.model_copy(update={
+                "waiting_for": [], "message": f"onSpecChange wait: {', '.join(before.waiting_for)}"
+                                              " ended; the new spec's stages run"})
+        return before
+    what = "; ".join(f"RayJob {rj.name} (stage {rj.stage}, id {rj.stage_id})" for rj in superseded)
+    names = [rj.name for rj in superseded]
+    if policy == "wait":
+        return SpecChangeStatus(policy="wait", observed_generation=generation, waiting_for=names,
+                                message=f"onSpecChange wait: {what} runs to its end; the new "
+                                        "spec's stages start after it")
+    return SpecChangeStatus(policy="replace", observed_generation=generation, replaced=names,
+                            message=f"onSpecChange replace: deleted {what}")
 
 
 def invalid_spec_status(previous: PipelineStatus | None, reason: str, *, now: datetime,
@@ -280,7 +312,7 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None,
 
 def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
                 now: datetime, generation: int | None, *,
-                blocked: str | None = None) -> list[Condition]:
+                blocked: str | None = None, held: str | None = None) -> list[Condition]:
 
     """Ready, plus kstatus' Reconciling (work in progress) and Stalled (will not progress by
     itself: retries spent, a RayJob name taken, or an invalid spec), which Flux and Argo CD's
@@ -306,6 +338,9 @@ def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure
         detail = current.message if current is not None and current.message else None
         reconciling = Condition(type="Reconciling", status="True", reason=why,
                                 message=f"{where}{why}".strip() + (f": {detail}" if detail else ""))
+        if held is not None:
+            reconciling = Condition(type="Reconciling", status="True",
+                                    reason="WaitingForSupersededRun", message=held)
     stalled = (Condition(type="Stalled", status="True", reason="RetriesExhausted",
                          message=failure) if failure is not None else
                Condition(type="Stalled", status="True", reason="NameTaken", message=blocked)

@@ -80,6 +80,22 @@ class StageStatus(_Status):
     stage stuck before Running is stuck."""
 
 
+class SpecChangeStatus(_Status):
+    """What the operator did about RayJobs still running under stage ids that a spec edit
+    changed or removed (spec.onSpecChange)."""
+
+    policy: Literal["wait", "replace"]
+    """spec.onSpecChange when they were found."""
+    observed_generation: int | None = None
+    """metadata.generation of the spec that superseded them."""
+    waiting_for: list[str] = Field(default_factory=list)
+    """wait: superseded RayJobs still running; the new spec's stages start once they end."""
+    replaced: list[str] = Field(default_factory=list)
+    """replace: superseded RayJobs deleted while they ran."""
+    message: str | None = None
+    """What was applied, in words."""
+
+
 class PipelineStatus(_Status):
     """Progress of a ProLongPipeline, written by the operator."""
 
@@ -93,3 +109,5 @@ class PipelineStatus(_Status):
     """Per-stage status, in run order."""
     conditions: list[Condition] = Field(default_factory=list)
     """Standard conditions."""
+    spec_change: SpecChangeStatus | None = None
+    """The last spec edit that met a running stage: waited for, or replaced."""

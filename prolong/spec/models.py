@@ -829,6 +829,11 @@ class PipelineSpec(SpecModel):
     further failure (exponential backoff), up to retryBackoffMaxSeconds."""
     retry_backoff_max_seconds: int = Field(1800, ge=0)
     """Longest wait between two attempts of a stage."""
+    on_spec_change: Literal["wait", "replace"] = "wait"
+    """What an edit does to a stage that runs under an id the edit changed (or removed). wait: it
+    runs to its end, and the stages of the new spec start after it (a GitOps sync of a typo fix
+    never kills a multi-day stage). replace: its RayJob is deleted at once and the new id
+    starts."""
 
 
 class ProLongPipeline(_Object):

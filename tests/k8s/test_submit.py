@@ -150,7 +150,8 @@ async def test_pipeline_creates_the_custom_resource_with_stages_inline(api: Api,
     # An edited stage 2: it and the stages after it get new ids; stage 1 keeps its id.
     edited = await cli("submit", str(inline_pipeline(tmp_path, stage2_steps=7)))
     assert edited.exit_code == 0, edited.output
-    assert "stages with new ids (they run again): stage2, sft, eval" in edited.stderr
+    assert "stages with new ids (they run again): stage2, sft, eval (onSpecChange wait: " \
+        "a stage running under an old id runs to its end first)" in edited.stderr
     stored = {s["name"]: s for s in api.pipeline("quickstart")["spec"]["stages"]}
     assert stored["stage2"]["spec"]["steps"] == 7 and api.creates(PIPELINES) == 1
 

@@ -184,13 +184,53 @@ async def test_a_running_stage_whose_id_changes_is_replaced(cluster: Cluster) ->
 
         edited = copy.deepcopy(cr)
         edited["spec"]["stages"][0]["spec"]["rerun"] = 1
+        edited["spec"]["onSpecChange"] = "replace"
         new = rayjob_for(edited, "stage1")
         await cluster.edit_pipeline(name, edited["spec"], generation=2)
         await cluster.wait_rayjob(new)
         await cluster.wait(f"deletion of {old}", lambda: old not in cluster.rayjobs())
         status = await cluster.wait_status(name, lambda s: s["stages"][0]["rayJob"] == new)
+        await cluster.wait("the SpecChangeReplaced event", lambda: any(
+            r == "SpecChangeReplaced" and old in m for _, r, m in cluster.events()))
     assert status["stages"][0]["phase"] == "Submitted"
     assert status["stages"][0]["attempts"] == 1
+    assert status["specChange"]["policy"] == "replace"
+    assert status["specChange"]["replaced"] == [old]
+    assert_fits_the_crd(status)
+
+
+@pytest.mark.asyncio
+async def test_under_wait_an_edit_lets_the_running_stage_finish(cluster: Cluster) -> None:
+    """onSpecChange wait (the default): the RayJob of the edited running stage is kept; the new
+    id is created only once it has ended."""
+    cr = pipeline_cr()
+    name = cr["metadata"]["name"]
+    async with running_operator():
+        await cluster.create_pipeline(cr)
+        old = rayjob_for(cr, "stage1")
+        await cluster.wait_rayjob(old)
+        await cluster.set_rayjob(old, "Running", "RUNNING")
+
+        edited = copy.deepcopy(cr)
+        edited["spec"]["stages"][0]["spec"]["rerun"] = 1
+        new = rayjob_for(edited, "stage1")
+        await cluster.edit_pipeline(name, edited["spec"], generation=2)
+        status = await cluster.wait_status(name, lambda s: s.get("observedGeneration") == 2)
+        assert status["specChange"] == {"policy": "wait", "observedGeneration": 2,
+                                        "waitingFor": [old], "replaced": [],
+                                        "message": status["specChange"]["message"]}
+        assert condition(status, "Reconciling")["reason"] == "WaitingForSupersededRun"
+        assert_fits_the_crd(status)
+        await cluster.wait("the SpecChangeWaiting event", lambda: any(
+            r == "SpecChangeWaiting" and old in m for _, r, m in cluster.events()))
+        await asyncio.sleep(0.5)
+        assert sorted(cluster.rayjobs()) == [old]  # kept, and nothing new beside it
+
+        await cluster.set_rayjob(old, "Complete", "SUCCEEDED")
+        await cluster.wait_rayjob(new)
+        status = await cluster.wait_status(name, lambda s: s["stages"][0]["rayJob"] == new)
+    assert old in cluster.rayjobs()  # history, never deleted
+    assert status["specChange"]["waitingFor"] == []
 
 
 @pytest.mark.asyncio

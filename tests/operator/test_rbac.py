@@ -213,6 +213,7 @@ async def a_pipeline_life(cluster: Cluster) -> None:
     await cluster.set_rayjob(old, "Running", "RUNNING")
     edited = copy.deepcopy(cr)
     edited["spec"]["stages"][0]["spec"]["rerun"] = 1
+    edited["spec"]["onSpecChange"] = "replace"  # the policy under which the operator deletes
     await cluster.edit_pipeline(cr["metadata"]["name"], edited["spec"], generation=2)
     await cluster.wait_rayjob(rayjob_for(edited, "stage1"))
     await cluster.wait(f"deletion of {old}", lambda: old not in cluster.rayjobs())

@@ -310,12 +310,48 @@ def test_editing_a_stage_reruns_it_and_the_ones_after_it(p8b, write_spec):
     before = plan(p8b, rayjobs)
     data = _inline()
     data["spec"]["stages"][0]["spec"]["rerun"] = 1
+    data["spec"]["onSpecChange"] = "replace"
     edited = _load(write_spec, data)
     p = plan(edited, rayjobs, previous=before.status, generation=2)
     assert p.deletes == (name_of(p8b, "stage2"),)  # active run of a superseded id
     assert [(c.stage, c.name) for c in p.creates] == [("stage1", name_of(edited, "stage1"))]
     assert phases(p) == ["Submitted", "Pending", "Pending", "Pending"]
     assert all(a != b for a, b in zip(ids(edited).values(), ids(p8b).values(), strict=True))
+    change = p.status.spec_change
+    assert change.policy == "replace" and change.replaced == [name_of(p8b, "stage2")]
+    events = transition_events(before.status, p.status)
+    assert ("Warning", "SpecChangeReplaced") in [(e.type, e.reason) for e in events]
+    assert name_of(p8b, "stage2") in next(e.message for e in events
+                                          if e.reason == "SpecChangeReplaced")
+
+
+def test_under_wait_a_superseded_running_stage_runs_to_its_end(p8b, write_spec):
+    """onSpecChange wait (the default): the edit keeps the running RayJob; the new id starts
+    once it has ended, and the status and Events say so."""
+    rayjobs = [done(p8b, "stage1"), run(p8b, "stage2", "Running", "RUNNING")]
+    before = plan(p8b, rayjobs)
+    data = _inline()
+    data["spec"]["stages"][1]["spec"]["seed"] = 7  # a typo fix: stage2's id changes
+    edited = _load(write_spec, data)
+    assert edited.document.spec.on_spec_change == "wait"
+    p = plan(edited, rayjobs, previous=before.status, generation=2)
+    old = name_of(p8b, "stage2")
+    assert p.deletes == () and p.creates == ()
+    assert phases(p) == ["Succeeded", "Pending", "Pending", "Pending"]
+    assert (p.status.phase, p.status.current_stage) == ("Running", "stage2")
+    assert p.status.spec_change.waiting_for == [old]
+    assert cond(p.status, "Reconciling").reason == "WaitingForSupersededRun"
+    assert old in cond(p.status, "Reconciling").message
+    events = transition_events(before.status, p.status)
+    assert [(e.type, e.reason) for e in events] == [("Normal", "SpecChangeWaiting")]
+    assert plan(edited, rayjobs, previous=p.status, generation=2).status == p.status
+
+    ended = [done(p8b, "stage1"), run(p8b, "stage2", "Complete", "SUCCEEDED")]
+    after = plan(edited, ended, previous=p.status, generation=2)
+    assert [(c.stage, c.name) for c in after.creates] == [("stage2", name_of(edited, "stage2"))]
+    assert after.status.spec_change.waiting_for == [] and after.status.phase == "Running"
+    assert ("Normal", "SpecChangeWaitOver") in [(e.type, e.reason)
+                                                for e in transition_events(p.status, after.status)]
 
 
 def test_a_spec_edited_back_reuses_the_finished_run(p8b, write_spec):
@@ -323,19 +359,30 @@ def test_a_spec_edited_back_reuses_the_finished_run(p8b, write_spec):
     data["spec"]["stages"][3]["spec"]["samples"] = 50
     edited = _load(write_spec, data)
     rayjobs = [done(p8b, s) for s in STAGES] + [run(edited, "eval", "Running", "RUNNING")]
-    p = plan(p8b, rayjobs, generation=3)
+    data = _inline()
+    data["spec"]["onSpecChange"] = "replace"
+    p = plan(_load(write_spec, data), rayjobs, generation=3)
     assert p.creates == ()
     assert p.deletes == (name_of(edited, "eval"),)
     assert p.status.phase == "Succeeded"
+    # wait: the edited-away eval still runs to its end; nothing is left to start.
+    p = plan(p8b, rayjobs, generation=3)
+    assert p.creates == () and p.deletes == ()
+    assert (p.status.phase, p.status.current_stage) == ("Running", "eval")
 
 
-def test_removed_stages_lose_their_active_rayjobs(p8b):
+def test_removed_stages_lose_their_active_rayjobs_under_replace(p8b, write_spec):
     ghost = ObservedRayJob(name="prolong-8b-old-0000aaaa", stage="old", stage_id="0000aaaa",
                            deployment_status="Running", job_status="RUNNING")
     finished_ghost = ObservedRayJob(name="prolong-8b-old-0000bbbb", stage="old",
                                     stage_id="0000bbbb", deployment_status="Complete",
                                     job_status="SUCCEEDED")
-    assert plan(p8b, [ghost, finished_ghost]).deletes == ("prolong-8b-old-0000aaaa",)
+    data = _inline()
+    data["spec"]["onSpecChange"] = "replace"
+    replace = _load(write_spec, data)
+    assert plan(replace, [ghost, finished_ghost]).deletes == ("prolong-8b-old-0000aaaa",)
+    waiting = plan(p8b, [ghost, finished_ghost])  # wait: it ends first
+    assert waiting.deletes == () and waiting.creates == ()
 
 
 # --- memory: previous status, COMPLETE markers, idempotence -----------------------------------
