@@ -307,6 +307,9 @@ def submit(
                                    "reads with --wait."),
     timeout: float = typer.Option(None, "--timeout", min=1, help="Give up waiting after this many "
                                   "seconds (exit 1)."),
+    no_operator_check: bool = typer.Option(False, "--no-operator-check", help="Submit a pipeline "
+                                           "even when no prolong operator watches the namespace "
+                                           "(its marker ConfigMap prolong-operator is missing)."),
 ) -> None:
     """Submit a spec: a job becomes its ConfigMap + KubeRay RayJob, a pipeline the ProLongPipeline
     custom resource (the operator runs its stages). Names come from stage ids, so submitting
@@ -318,6 +321,10 @@ def submit(
     an upstream stage is not complete (its RayJobs, its pipeline's status, its COMPLETE marker),
     submit refuses (exit 2) and creates nothing, or with --with-upstream submits the pipeline up
     to that stage.
+
+    The namespace is kubectl's: --namespace, else the kubeconfig context's, else default. A
+    pipeline is refused (exit 2) when no operator watches that namespace (the chart's marker
+    ConfigMap prolong-operator is not there), unless --no-operator-check.
 
     [bold]Examples[/bold]
 
@@ -337,7 +344,8 @@ def submit(
         # found by its workers only after every GPU was provisioned (prolong.k8s.staged).
         check_submission(what, err, with_upstream=with_upstream)
         try:
-            backend = open_backend(namespace, ray_address, ray_token, ray_token_secret)
+            backend = open_backend(namespace, ray_address, ray_token, ray_token_secret,
+                                   operator_check=not no_operator_check)
             done = backend.submit(what, err, dry_run=dry_run, yaml_out=out,
                                   with_upstream=with_upstream)
         except ClusterUnreachable as exc:

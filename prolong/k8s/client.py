@@ -13,6 +13,8 @@ import kubernetes
 import urllib3
 from kubernetes.client import ApiClient, ApiException
 
+from prolong.k8s.kubeconfig import current_context, kubeconfig_argument
+
 T = TypeVar("T")
 
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -20,10 +22,13 @@ TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def kube_client() -> ApiClient:
-    """A client for $KUBECONFIG if set, else the pod's service account, else ~/.kube/config."""
-    path = os.environ.get("KUBECONFIG")
-    if path:
-        return kubernetes.config.new_client_from_config(config_file=path.split(os.pathsep)[0])
+    """A client for $KUBECONFIG if set (every file of it, merged as kubectl merges them, in the
+    context kubectl would use: prolong.k8s.kubeconfig), else the pod's service account, else
+    ~/.kube/config."""
+    if os.environ.get("KUBECONFIG"):
+        return kubernetes.config.new_client_from_config(
+            config_file=kubeconfig_argument() or os.environ["KUBECONFIG"],
+            context=current_context().name)
     config = kubernetes.client.Configuration()
     try:
         kubernetes.config.load_incluster_config(client_configuration=config)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import codecs
 import datetime
 import json
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import IO, Any
 
 from rich.console import Console
@@ -37,6 +35,7 @@ from prolong.k8s.backend import (
     follow,
 )
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
+from prolong.k8s.kubeconfig import resolve_namespace
 from prolong.k8s.rayjob import (
     RAY_GROUP,
     RAY_PLURAL,
@@ -59,6 +58,11 @@ from prolong.stage.names import (
 )
 
 HEAD_CONTAINER = "ray-head"
+EXISTS = object()
+"""What :meth:`Kube.call` answers for a 409 with ``exists_ok``."""
+OPERATOR_MARKER = "prolong-operator"
+"""The ConfigMap the chart puts into each namespace its operator watches
+(charts/templates/operator-marker.yaml): how ``submit`` knows a pipeline will be run."""
 
 
 def rayjob_line(obj: dict[str, Any]) -> str:
@@ -90,24 +94,8 @@ def kube_client() -> Any:
 
 
 def default_namespace() -> str:
-    """The current kubeconfig context's namespace, else the pod's, else ``default``."""
-    # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
-    import kubernetes
-
-    path = os.environ.get("KUBECONFIG")
-    try:
-        _, active = kubernetes.config.list_kube_config_contexts(
-            config_file=path.split(os.pathsep)[0] if path else None)
-        namespace = (active or {}).get("context", {}).get("namespace")
-        if namespace:
-            return namespace
-    except (kubernetes.config.ConfigException, OSError):
-        pass
-    sa = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-    try:
-        return sa.read_text().strip() or "default"
-    except OSError:
-        return "default"
+    """The namespace kubectl would use without --namespace (prolong.k8s.kubeconfig)."""
+    return resolve_namespace(None)[0]
 
 
 class Kube:
@@ -132,8 +120,10 @@ class Kube:
         try:
             return fn(*args, **kwargs)
         except ApiException as exc:
-            if (exc.status == 404 and missing_ok) or (exc.status == 409 and exists_ok):
+            if exc.status == 404 and missing_ok:
                 return None
+            if exc.status == 409 and exists_ok:
+                return EXISTS
             raise ClusterError(f"{what}: HTTP {exc.status} {exc.reason}: "
                                f"{_api_message(exc)}") from None
         except HTTPError as exc:
@@ -181,16 +171,22 @@ class Kube:
                                          p.startswith(f"apis/{GROUP}/") for p in paths)
 
     def create(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any] | None:
-        """Create one object; None when it exists already (409)."""
+        """Create one object; None when it exists already (409). Returns what the server
+        answered, else (a 200 where the client expects 201 gives no body) the object sent."""
         kind, name = obj["kind"], obj["metadata"]["name"]
         extra = {"dry_run": "All"} if dry_run else {}
         if kind == "ConfigMap":
-            return self.call(f"create ConfigMap {name}", self.core.create_namespaced_config_map,
-                             self.namespace, obj, exists_ok=True, **extra)
-        group, version = obj["apiVersion"].split("/")
-        plural = RAY_PLURAL if kind == "RayJob" else PLURAL
-        return self.call(f"create {kind} {name}", self.custom.create_namespaced_custom_object,
-                         group, version, self.namespace, plural, obj, exists_ok=True, **extra)
+            out = self.call(f"create ConfigMap {name}", self.core.create_namespaced_config_map,
+                            self.namespace, obj, exists_ok=True, **extra)
+            out = self.api.sanitize_for_serialization(out) if out not in (None, EXISTS) else out
+        else:
+            group, version = obj["apiVersion"].split("/")
+            plural = RAY_PLURAL if kind == "RayJob" else PLURAL
+            out = self.call(f"create {kind} {name}", self.custom.create_namespaced_custom_object,
+                            group, version, self.namespace, plural, obj, exists_ok=True, **extra)
+        if out is EXISTS:
+            return None
+        return out if isinstance(out, dict) and out else obj
 
 
 def _api_message(exc: Any) -> str:
@@ -201,12 +197,16 @@ def _api_message(exc: Any) -> str:
 
 
 def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool = False,
-               yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
+               yaml_out: Console | None = None, with_upstream: bool = False,
+               operator_check: bool = True) -> Submitted:
     """Create the objects of a pipeline or a stage unless its run exists already. A stage whose
     upstream stages are not complete is refused (SubmitRefused) before anything is created, or
-    with ``with_upstream`` its pipeline is submitted up to that stage."""
+    with ``with_upstream`` its pipeline is submitted up to that stage. A pipeline is refused
+    when no operator watches the namespace (:func:`check_operator`), unless not
+    ``operator_check``."""
     if not isinstance(what, StageTarget):
-        return _submit_pipeline(what, kube, console, dry_run=dry_run, yaml_out=yaml_out)
+        return _submit_pipeline(what, kube, console, dry_run=dry_run, yaml_out=yaml_out,
+                                operator_check=operator_check)
     target = what
     ns = kube.namespace
     configmap, rayjob = target.render(namespace=ns)
@@ -231,28 +231,45 @@ def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool 
                       f"({state.evidence}): submitting ProLongPipeline {up.pipeline} up to stage "
                       f"{target.ref.stage} instead (--with-upstream)", markup=False)
         return _submit_pipeline(target.pipeline_until_here(), kube, console, dry_run=dry_run,
-                                yaml_out=yaml_out, partial=True)
+                                yaml_out=yaml_out, partial=True, operator_check=operator_check)
     for stage, state in states.items():
         console.print(f"upstream stage {stage}: {state.evidence}", markup=False)
     objects = [configmap, rayjob]
     if dry_run:
         return _dry_run(kube, objects, console, yaml_out)
-    kube.create(configmap)
+    # The RayJob first, then its ConfigMap with the RayJob as owner from birth: no ConfigMap is
+    # ever left behind by a refused RayJob, and no patch is needed (the head pod waits for the
+    # ConfigMap to mount, a moment later).
     created = kube.create(rayjob)
     if created is None:  # created by someone else a moment ago
         state = rayjob_line(kube.get_rayjob(name) or {})
         console.print(f"RayJob {ns}/{name} exists: {state}; nothing created", markup=False)
         return Submitted("RayJob", ns, name, False, state)
-    uid = (created.get("metadata") or {}).get("uid")
-    if uid:  # the ConfigMap goes with its RayJob (garbage collection)
-        owner = {"apiVersion": f"{RAY_GROUP}/{RAY_VERSION}", "kind": "RayJob", "name": name,
-                 "uid": uid}
-        kube.call("set the ConfigMap's owner", kube.core.patch_namespaced_config_map,
-                  configmap["metadata"]["name"], ns,
-                  {"metadata": {"ownerReferences": [owner]}}, missing_ok=True)
+    create_owned_configmap(kube, configmap, created)
     console.print(f"created ConfigMap {ns}/{configmap['metadata']['name']} and RayJob {ns}/{name} "
                   f"(stage {labels[STAGE_LABEL]}, id {labels[STAGE_ID_LABEL]})", markup=False)
     return Submitted("RayJob", ns, name, True, "submitted", objects)
+
+
+def create_owned_configmap(kube: Kube, configmap: dict[str, Any], rayjob: dict[str, Any]) -> None:
+    """Create the stage's ConfigMap owned by ``rayjob`` (it goes with the RayJob: garbage
+    collection). If that fails, the RayJob is deleted again (its head pod would wait for the
+    ConfigMap until its deadline, holding the GPUs) and the failure raised."""
+    meta = rayjob.get("metadata") or {}
+    if not meta.get("uid"):  # the create's answer had no body: read the RayJob back
+        meta = (kube.get_rayjob(meta["name"]) or {}).get("metadata") or meta
+    if meta.get("uid"):
+        configmap = {**configmap, "metadata": {**configmap["metadata"], "ownerReferences": [{
+            "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}", "kind": "RayJob", "name": meta["name"],
+            "uid": meta["uid"]}]}}
+    try:
+        kube.create(configmap)
+    except ClusterError as exc:
+        kube.call(f"delete RayJob {meta['name']}", kube.custom.delete_namespaced_custom_object,
+                  RAY_GROUP, RAY_VERSION, kube.namespace, RAY_PLURAL, meta["name"],
+                  propagation_policy="Background", missing_ok=True)
+        raise ClusterError(f"{exc}; RayJob {kube.namespace}/{meta['name']} deleted again, "
+                           "nothing left behind") from None
 
 
 def upstream_states(kube: Kube, target: StageTarget) -> dict[str, UpstreamState]:
@@ -336,12 +353,38 @@ def merge_patch(old: Any, new: Any) -> Any:
     return patch
 
 
+def check_operator(kube: Kube, console: Console) -> None:
+    """Refuse (SubmitRefused, one line) a pipeline for a namespace that no operator watches: it
+    would sit there with no status. The chart's marker ConfigMap says one does; a user who may
+    not read ConfigMaps there gets a warning line instead of a refusal."""
+    from kubernetes.client import ApiException  # imported here: kubernetes is heavy
+
+    ns = kube.namespace
+    try:
+        kube.core.read_namespaced_config_map(OPERATOR_MARKER, ns, _request_timeout=30)
+        return
+    except ApiException as exc:
+        if exc.status != 404:
+            console.print(f"warning: cannot tell whether an operator watches namespace {ns} "
+                          f"(reading ConfigMap {ns}/{OPERATOR_MARKER}: HTTP {exc.status})",
+                          markup=False)
+            return
+    raise SubmitRefused(f"no prolong operator watches namespace {ns} (no ConfigMap "
+                        f"{ns}/{OPERATOR_MARKER}, which the chart puts in each namespace its "
+                        "operator watches), so the pipeline would never run; nothing created. "
+                        "Use -n with a watched namespace, install the chart for this one, or "
+                        "pass --no-operator-check")
+
+
 def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: bool,
-                     yaml_out: Console | None, partial: bool = False) -> Submitted:
+                     yaml_out: Console | None, partial: bool = False,
+                     operator_check: bool = True) -> Submitted:
     """Create the pipeline's custom resource, or update its spec when its stage ids changed.
     ``partial``: ``loaded`` is a pipeline cut after a stage (--with-upstream), which never
     replaces a resource that has other stages (that would drop them)."""
     ns = kube.namespace
+    if operator_check:
+        check_operator(kube, console)
     cr = pipeline_resource(loaded.document, namespace=ns)
     name = cr["metadata"]["name"]
     ours = {r.stage: r.id for r in pipeline_stages(loaded.document, loaded.jobs)}
@@ -444,7 +487,8 @@ def status_k8s(kube: Kube, name: str, console: Console) -> None:
     """Print a pipeline, a RayJob, or every RayJob of a job name; UnknownName otherwise."""
     body = kube.get_pipeline(name)
     if body is not None:
-        _print_pipeline(body, kube.namespace, console)
+        _print_pipeline(body, kube.namespace, console,
+                        none_yet=None if body.get("status") else _why_no_status(kube))
         return
     obj = kube.get_rayjob(name)
     if obj is not None:
@@ -458,7 +502,19 @@ def status_k8s(kube: Kube, name: str, console: Console) -> None:
                       f"{kube.namespace}")
 
 
-def _print_pipeline(body: dict[str, Any], namespace: str, console: Console) -> None:
+def _why_no_status(kube: Kube) -> str:
+    """Why a pipeline may have no status yet: no operator watches its namespace (no marker), or
+    the one that does has not reached it."""
+    try:
+        check_operator(kube, Console(quiet=True))
+    except SubmitRefused:
+        return (f"no status yet: no prolong operator watches namespace {kube.namespace} (no "
+                f"ConfigMap {kube.namespace}/{OPERATOR_MARKER})")
+    return "no status yet: is the operator running?"
+
+
+def _print_pipeline(body: dict[str, Any], namespace: str, console: Console,
+                    none_yet: str | None = None) -> None:
     status = body.get("status") or {}
     name = body["metadata"]["name"]
     head = f"ProLongPipeline {namespace}/{name}: {status.get('phase') or 'Pending'}"
@@ -466,7 +522,8 @@ def _print_pipeline(body: dict[str, Any], namespace: str, console: Console) -> N
         head += f" (current stage {status['currentStage']})"
     console.print(head, markup=False)
     if not status:
-        console.print("  no status yet: is the operator running?", markup=False)
+        console.print(f"  {none_yet or 'no status yet: is the operator running?'}",
+                      markup=False)
     ids = cr_stage_ids(body)
     by_name = {st.get("name"): st for st in status.get("stages") or []}
     table = Table(show_edge=False, pad_edge=False)
@@ -670,13 +727,14 @@ def delete_k8s(kube: Kube, name: str, console: Console) -> list[str]:
 class KubeBackend(Backend):
     """:class:`Backend` on the Kubernetes API of one namespace."""
 
-    def __init__(self, kube: Kube) -> None:
+    def __init__(self, kube: Kube, *, operator_check: bool = True) -> None:
         self.kube = kube
+        self.operator_check = operator_check
 
     def submit(self, what: Submission, console: Console, *, dry_run: bool = False,
                yaml_out: Console | None = None, with_upstream: bool = False) -> Submitted:
         return submit_k8s(what, self.kube, console, dry_run=dry_run, yaml_out=yaml_out,
-                          with_upstream=with_upstream)
+                          with_upstream=with_upstream, operator_check=self.operator_check)
 
     def wait(self, submitted: Submitted, console: Console, *,
              interval: float = DEFAULT_INTERVAL, timeout: float | None = None) -> bool:
@@ -693,7 +751,7 @@ class KubeBackend(Backend):
 
 
 __all__ = [
-    "HEAD_CONTAINER", "Kube", "KubeBackend", "cr_stage_ids",
+    "HEAD_CONTAINER", "OPERATOR_MARKER", "Kube", "KubeBackend", "check_operator", "cr_stage_ids",
     "default_namespace", "delete_k8s", "dry_run_offline", "kube_client", "logs_k8s",
     "merge_patch", "rayjob_line", "status_k8s", "submit_k8s", "upstream_states", "wait_k8s",
 ]

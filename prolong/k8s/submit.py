@@ -21,16 +21,19 @@ from prolong.k8s.ray_backend import ray_token as find_ray_token
 
 
 def open_backend(namespace: str | None, ray_address: str | None,
-                 ray_token: str | None, ray_token_secret: str | None = None) -> Backend:
+                 ray_token: str | None, ray_token_secret: str | None = None, *,
+                 operator_check: bool = True) -> Backend:
     """The Job Submission API of the Ray cluster at ``ray_address`` (with ``ray_token``, else the
     token :func:`prolong.k8s.ray_backend.ray_token` finds, in the Secret ``ray_token_secret``
     among others) when one is given, else the Kubernetes API in ``namespace`` (default: the
     kubeconfig context's). ClusterError when neither can be reached or none is configured;
-    TokenSecretError when the Secret is missing or holds no token."""
+    TokenSecretError when the Secret is missing or holds no token. ``operator_check``: refuse a
+    pipeline for a namespace no operator watches (prolong.k8s.kube_backend.check_operator)."""
     if ray_address:
         token = find_ray_token(ray_token, secret=ray_token_secret, namespace=namespace)
         return RayBackend(RayJobs(ray_address, token))
-    return KubeBackend(Kube(kube_client(), namespace or default_namespace()))
+    return KubeBackend(Kube(kube_client(), namespace or default_namespace()),
+                       operator_check=operator_check)
 
 
 __all__ = ["open_backend"]

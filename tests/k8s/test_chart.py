@@ -84,8 +84,9 @@ def test_every_object_is_valid(values, rendered, validate_object):
 def test_default_install(rendered):
     objs, _ = rendered["default"]
     assert sorted(_kinds(objs)) == sorted(["ServiceAccount", "Role", "RoleBinding", "Deployment",
-                                           "PersistentVolumeClaim", "ConfigMap",
-                                           "NetworkPolicy", "NetworkPolicy"])
+                                           "PersistentVolumeClaim", "ConfigMap", "ConfigMap",
+                                           "NetworkPolicy", "NetworkPolicy", "ClusterRole",
+                                           "ClusterRole"])  # + marker, users' roles
     pvc = _one(objs, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == "prolong-runs"  # what jobs/prolong-8b mount
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -108,14 +109,26 @@ def test_default_install(rendered):
 
 
 def _rules(objs, kind):
-    return _one(objs, kind)["rules"]
+    return _one(_operators(objs), kind)["rules"]
+
+
+def _operators(objs):
+    """The objects of the operator (the users' roles and the marker left out)."""
+    def users(o):
+        return (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == \
+            "user-roles"
+
+    def marker(o):
+        return o["kind"] == "ConfigMap" and o["metadata"]["name"] == "prolong-operator"
+
+    return [o for o in objs if not users(o) and not marker(o)]
 
 
 def test_rbac_is_least_privilege(rendered):
     # Cluster-wide, kopf lists no namespaces or CRDs: the handlers turn its scanning off.
     for values, kind, extra in (("default", "Role", set()), ("h100", "Role", set()),
                                 ("cluster-wide", "ClusterRole", set())):
-        objs, _ = rendered[values]
+        objs = _operators(rendered[values][0])
         assert not [o for o in objs if o["kind"] == ("ClusterRole" if kind == "Role" else "Role")]
         granted = set()
         for rule in _rules(objs, kind):
@@ -162,7 +175,7 @@ def test_h100_ray_cluster(rendered):
 
 def test_grafana_dashboard(rendered):
     objs, _ = rendered["default"]
-    cm = _one(objs, "ConfigMap")
+    cm = _one(_operators(objs), "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = json.loads(cm["data"]["prolong-training.json"])
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])

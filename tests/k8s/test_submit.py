@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from prolong.cli import app
 from prolong.k8s.backend import UnknownName
-from prolong.k8s.kube_backend import KubeBackend
+from prolong.k8s.kube_backend import OPERATOR_MARKER, KubeBackend
 from prolong.k8s.rayjob import pipeline_resource, render_standalone
 from prolong.k8s.submit import open_backend
 from prolong.specfile import dump_yaml, load
@@ -39,6 +39,10 @@ class Api(Cluster):
     def creates(self, resource: kmock.resource) -> int:
         return sum(1 for r in self.kmock if r.action == kmock.action.CREATE
                    and r.resource == resource)
+
+    def configmaps(self) -> dict[str, dict]:
+        """The stages' ConfigMaps (the operator's marker left out)."""
+        return {k: v for k, v in super().configmaps().items() if k != OPERATOR_MARKER}
 
     async def set_pipeline_status(self, name: str, status: dict) -> None:
         await self._send("PATCH", self._path(PIPELINES, name, "status"), {"status": status})
@@ -57,6 +61,11 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     kmock.resources[CONFIGMAPS] = info(namespaced=True, kind="ConfigMap", verbs=verbs)
     kmock.resources[PODS] = info(namespaced=True, kind="Pod", subresources={"log"},
                                  verbs={"get", "list"})
+    # The chart's marker: an operator watches this namespace (tests/k8s/test_namespace.py
+    # covers a namespace without one).
+    kmock.objects[CONFIGMAPS, NAMESPACE, OPERATOR_MARKER] = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": OPERATOR_MARKER, "namespace": NAMESPACE}}
     url = str(kmock.url).rstrip("/")
     use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
     async with aiohttp.ClientSession(base_url=url,

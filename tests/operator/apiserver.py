@@ -195,3 +195,16 @@ class ApiServer(kmock.KubernetesEmulator):
 def _reason(status: int) -> str:
     return {409: "Conflict", 429: "TooManyRequests", 503: "ServiceUnavailable",
             504: "Timeout"}.get(status, "InternalError")
+
+
+@attrs.define(kw_only=True)
+class UidApiServer(ApiServer):
+    """:class:`ApiServer` that also gives each created object a ``metadata.uid``, as an API
+    server does (ownerReferences to an object need its uid)."""
+
+    _uids: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def _stamp(self, request: kmock.Request) -> None:
+        super()._stamp(request)
+        if request.action == kmock.action.CREATE and isinstance(request.data, dict):
+            request.data.setdefault("metadata", {}).setdefault("uid", f"uid-{next(self._uids)}")

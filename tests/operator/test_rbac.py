@@ -227,7 +227,8 @@ def rendered(values: dict[str, Any]) -> tuple[set[Grant], list[dict[str, Any]]]:
         manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
     objs = [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o]
-    (role,) = [o for o in objs if o["kind"] in ("Role", "ClusterRole")]
+    (role,) = [o for o in objs if o["kind"] in ("Role", "ClusterRole")
+               and o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
     assert role["kind"] == ("ClusterRole" if values["rbac"]["clusterWide"] else "Role")
     grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
               for r in rule["resources"] for v in rule["verbs"]}
