@@ -57,3 +57,14 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- define "prolong.rayClusterName" -}}
 {{- default (printf "%s-ray" (include "prolong.fullname" .)) .Values.rayCluster.name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
+
+{{/* Pod securityContext of the Ray pods: Kubernetes' restricted profile, the same as
+prolong.k8s.rayjob.POD_SECURITY_CONTEXT gives every stage's pods (uid 1000: the train image's
+user). */}}
+{{- define "prolong.raySecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}

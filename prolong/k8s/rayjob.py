@@ -163,6 +163,21 @@ def _memory_gi(resources: dict[str, str]) -> int:
     return int(resources["memory"].removesuffix("Gi"))
 
 
+GIB = 2**30
+OBJECT_STORE_PROPORTION = 0.3
+OBJECT_STORE_MAX_BYTES = 200 * 10**9
+"""Ray's default object store: 30% of the node's memory, at most 200 GB
+(ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION / _MAX_MEMORY_BYTES)."""
+
+
+def object_store_bytes(memory_gi: int, shm_gi: int) -> int:
+    """The object store a Ray pod is started with (``object-store-memory``): Ray's default, but
+    within 95% of the pod's /dev/shm. Left to Ray, a small shm gets a store larger than itself
+    (Ray never caps below 10 GB), which then lives in /tmp on disk instead of memory."""
+    default = min(int(memory_gi * GIB * OBJECT_STORE_PROPORTION), OBJECT_STORE_MAX_BYTES)
+    return min(default, int(shm_gi * GIB * 0.95))
+
+
 def ray_env(cluster: ClusterSpec, ref: StageRef) -> list[dict[str, Any]]:
     env = {
         "PROLONG_PIPELINE": ref.pipeline,
@@ -299,6 +314,10 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
         return ({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{size}Gi"}},
                 {"name": "dshm", "mountPath": "/dev/shm"})
 
+    def store(resources: dict[str, str]) -> str:
+        size = max(1, int(_memory_gi(resources) * k8s.shm_fraction))
+        return str(object_store_bytes(_memory_gi(resources), size))
+
     head_res = {"cpu": str(k8s.head_cpus), "memory": f"{k8s.head_memory_gi}Gi"}
     head_shm_vol, head_shm_mount = shm(head_res)
     spec_vol = {"name": "prolong-spec", "configMap": {"name": spec_configmap}}
@@ -326,7 +345,8 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
         "headGroupSpec": {
             # num-cpus 0: Ray schedules no task or actor with resources on the head pod.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0",
-                               "metrics-export-port": str(RAY_METRICS_PORT)},
+                               "metrics-export-port": str(RAY_METRICS_PORT),
+                               "object-store-memory": store(head_res)},
             "template": {"metadata": {"labels": dict(pod_labels)}, "spec": head_pod},
         },
         "workerGroupSpecs": [{
@@ -335,7 +355,8 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
             "minReplicas": cluster.nodes,
             "maxReplicas": cluster.nodes,
             "numOfHosts": 1,
-            "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT)},
+            "rayStartParams": {"metrics-export-port": str(RAY_METRICS_PORT),
+                               "object-store-memory": store(worker_res)},
             "template": {"metadata": {"labels": dict(pod_labels)}, "spec": worker_pod},
         }],
     }

@@ -35,18 +35,21 @@ ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipeline
            ("", "configmaps"), ("", "events")}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def chart():
+    """The chart as loaded (per test: Helm's render drops disabled dependencies in place)."""
     with helm.Chart.load(CHART) as loaded:
         yield loaded
 
 
 @pytest.fixture(scope="module")
-def rendered(chart):
+def rendered():
     """values name -> (objects, NOTES.txt)."""
     out = {}
     for name, values in VALUES.items():
-        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        with helm.Chart.load(CHART) as chart:
+            manifests = chart.render(values, name="prolong", namespace=NAMESPACE,
+                                     is_install=True)
         notes = manifests.pop("prolong/templates/NOTES.txt", "")
         objs = [o for text in manifests.values() for o in yaml.safe_load_all(text) if o]
         out[name] = (objs, notes)
@@ -188,13 +191,28 @@ def test_grafana_dashboard(rendered):
 def test_chart_ships_the_generated_crd(chart):
     (crd,) = [c for c in chart.crds if c["filename"].endswith("prolong.dev_prolongpipelines.yaml")]
     assert crd["data"] == crd_yaml()
-    # and kopf's peering CRDs (operator.peering), both scopes
-    (peering,) = [c for c in chart.crds if c["filename"].endswith("crds/kopf.dev_peerings.yaml")]
+    # and kopf's peering CRDs (operator.peering, from the kopf-peering dependency), both scopes
+    (peering,) = [c for c in chart.crds if c["filename"].endswith("kopf.dev_peerings.yaml")]
     kinds = {d["spec"]["names"]["kind"]: d["spec"]["scope"]
              for d in yaml.safe_load_all(peering["data"]) if d}
     assert kinds == {"KopfPeering": "Namespaced", "ClusterKopfPeering": "Cluster"}
     assert len(chart.crds) == 2
     assert chart.metadata["name"] == "prolong" and chart.metadata["apiVersion"] == "v2"
+
+
+@pytest.mark.parametrize("values", list(VALUES))
+def test_peering_crds_come_only_with_peering(chart, values):
+    """kopf's peering CRDs sit in the crds/ of a dependency whose condition is
+    operator.peering.enabled: Helm installs a dependency's crds/ only when it is enabled, and
+    renders its templates (a marker template here) only then."""
+    (peering,) = [c for c in chart.crds if c["filename"].endswith("kopf.dev_peerings.yaml")]
+    assert "/charts/kopf-peering/crds/" in peering["filename"], peering["filename"]
+    (dep,) = [d for d in chart.metadata["dependencies"] if d["name"] == "kopf-peering"]
+    assert dep["condition"] == "operator.peering.enabled"
+    manifests = chart.render(VALUES[values], name="prolong", namespace=NAMESPACE,
+                             is_install=True)
+    enabled = any("charts/kopf-peering/" in name for name in manifests)
+    assert enabled == bool(VALUES[values].get("operator", {}).get("peering", {}).get("enabled"))
 
 
 @pytest.mark.parametrize("bad", [
@@ -271,3 +289,38 @@ def test_notes_say_how_to_uninstall_and_get_the_token(rendered):
     assert kopf.OperatorSettings().persistence.finalizer in notes
     _, notes = rendered["h100"]
     assert "--ray-token-secret" in notes and "auth_token" in notes
+
+
+def _gib(quantity: str) -> int:
+    return int(str(quantity).removesuffix("Gi")) * 2**30
+
+
+@pytest.mark.parametrize("values", ["cluster-wide", "h100"])
+def test_the_long_lived_ray_cluster_is_restricted_and_its_store_fits_in_shm(values, rendered):
+    """The chart's RayCluster: the restricted securityContext every stage's pods have, and an
+    object store (Ray's default for the pod's memory) inside /dev/shm."""
+    from ray._private import ray_constants
+
+    from prolong.k8s.rayjob import POD_SECURITY_CONTEXT
+
+    objs, _ = rendered[values]
+    matches = [o for o in objs if o["kind"] == "RayCluster"]
+    if not matches:
+        pytest.skip("no RayCluster in these values")
+    rc = matches[0]["spec"]
+    for group in (rc["headGroupSpec"], *rc["workerGroupSpecs"]):
+        spec = group["template"]["spec"]
+        assert spec["securityContext"] == POD_SECURITY_CONTEXT
+        ctx = spec["containers"][0]["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+        (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+        shm_bytes = _gib(shm["emptyDir"]["sizeLimit"])
+        if "object-store-memory" in group["rayStartParams"]:
+            assert int(group["rayStartParams"]["object-store-memory"]) <= shm_bytes
+            continue
+        memory = _gib(spec["containers"][0]["resources"]["limits"]["memory"])
+        # ray._private.utils.resolve_object_store_memory, with this pod's shm
+        cap = min(ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES,
+                  max(ray_constants.REQUIRE_SHM_SIZE_THRESHOLD, int(shm_bytes * 0.95)))
+        store = min(int(memory * ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION), cap)
+        assert store <= shm_bytes, (group.get("groupName", "head"), store, shm_bytes)

@@ -409,3 +409,25 @@ def test_the_judge_key_reaches_every_ray_container_from_its_secret(tmp_path, val
         cluster = render_standalone(other)[1]["spec"]["rayClusterSpec"]
         for g in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
             assert API_KEY_ENV not in {e["name"] for e in g["template"]["spec"]["containers"][0]["env"]}
+
+
+def _bytes(quantity: str) -> int:
+    return int(quantity.removesuffix("Gi")) * 2**30
+
+
+@pytest.mark.parametrize(("label", "objs"), ALL, ids=[label for label, _ in ALL])
+def test_the_object_store_fits_in_shm(label, objs):
+    """Each Ray pod starts with an object store inside its memory-backed /dev/shm (left to Ray,
+    the head's 8Gi shm got a 10 GB store, which Ray then keeps in /tmp on disk)."""
+    from ray._private import ray_constants
+
+    rc = objs[1]["spec"]["rayClusterSpec"]
+    for group in (rc["headGroupSpec"], *rc["workerGroupSpecs"]):
+        spec = group["template"]["spec"]
+        (shm,) = [v for v in spec["volumes"] if v["name"] == "dshm"]
+        store = int(group["rayStartParams"]["object-store-memory"])
+        assert 0 < store <= _bytes(shm["emptyDir"]["sizeLimit"]), (label, store, shm)
+        memory = _bytes(spec["containers"][0]["resources"]["limits"]["memory"])
+        default = min(int(memory * ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION),
+                      ray_constants.DEFAULT_OBJECT_STORE_MAX_MEMORY_BYTES)
+        assert store == min(default, int(_bytes(shm["emptyDir"]["sizeLimit"]) * 0.95))
