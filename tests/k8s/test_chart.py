@@ -177,9 +177,17 @@ def test_h100_ray_cluster(rendered):
 
 
 def test_grafana_dashboard(rendered):
-    objs, _ = rendered["default"]
+    objs, notes = rendered["default"]
     cm = _one(_operators(objs), "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    # Where it lands, and what kube-prometheus-stack's sidecar needs to find it there.
+    assert f"The dashboard's ConfigMap is in namespace {cm['metadata']['namespace']}." in notes
+    assert "searchNamespace" in notes and "monitoring.grafanaDashboard.namespace" in notes
+    with helm.Chart.load(CHART) as chart:
+        moved = chart.render({"monitoring": {"grafanaDashboard": {"namespace": "monitoring"}}},
+                             name="prolong", namespace=NAMESPACE, is_install=True)
+    assert "The dashboard's ConfigMap is in namespace monitoring." in \
+        moved["prolong/templates/NOTES.txt"]
     board = json.loads(cm["data"]["prolong-training.json"])
     exprs = " ".join(t["expr"] for p in board["panels"] for t in p["targets"])
     for name in ("loss", "tokens_per_second", "mfu", "mfu_doc_causal", "grad_norm", "lr",
