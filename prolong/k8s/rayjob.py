@@ -46,6 +46,7 @@ from prolong.spec import (
     StorageSpec,
 )
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
+from prolong.stage.logs import POD_STDOUT, TEE_ENV
 from prolong.stage.names import (
     DIRECTORY_ANNOTATION,
     JOB_NAME_MAX,
@@ -184,6 +185,9 @@ def ray_env(cluster: ClusterSpec, ref: StageRef) -> list[dict[str, Any]]:
         "PROLONG_STAGE": ref.stage,
         "PROLONG_STAGE_ID": ref.id,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # Workers' output goes to the stage's logs/ and, copied from there, to the pod's stdout
+        # (prolong.stage.logs), where kubectl logs and the cluster's log collection read it.
+        TEE_ENV: POD_STDOUT,
     }
     env.update(NETWORK_ENV[cluster.kubernetes.network] if cluster.device == "gpu" else {})
     env.update(cluster.kubernetes.nccl_env)
