@@ -33,6 +33,7 @@ from prolong.spec import (
     check_job,
     check_pipeline,
     did_you_mean,
+    field_aliases_at,
 )
 from prolong.stage.names import stage_job_name
 
@@ -120,9 +121,14 @@ def issues_from_validation(exc: ValidationError, *, file: str | None = None,
         rule = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
         if kind == "extra_forbidden":
+            # The fields of the section the typo is in, else (a path that leads to no model)
+            # every field name any section accepts.
+            here = (field_aliases_at(KIND_MODELS[exc.title], tuple(err["loc"][:-1]))
+                    if exc.title in KIND_MODELS else None)
             aliases = aliases if aliases is not None else all_field_aliases()
             name = str(err["loc"][-1])
-            match = difflib.get_close_matches(name, aliases, n=1, cutoff=0.6)
+            match = difflib.get_close_matches(name, here if here is not None else aliases, n=1,
+                                              cutoff=0.6)
             if match:
                 parent = path.rsplit(".", 1)[0] + "." if "." in path else ""
                 explained.add(parent + match[0])

@@ -6,6 +6,7 @@ import re
 import shutil
 
 import pytest
+import yaml
 
 from prolong.spec import ProLongPipeline, SpecError
 from prolong.specfile import dump_yaml, load, parse_document, read_yaml
@@ -157,3 +158,34 @@ def test_odd_field_names_stay_on_one_line(write_spec):
         load(write_spec(data))
     assert all("\n" not in str(i) for i in info.value.issues)
     assert any('streams[0]["\\n"]' in i.path for i in info.value.issues)
+
+
+@pytest.mark.parametrize(("where", "typo", "hint"), [
+    (("spec", "cluster"), "chatTemplate", "podTemplate"),  # an SFT field, not a cluster one
+    (("spec", "cluster"), "podTemplat", "podTemplate"),
+    (("spec", "schedule"), "peakLr", "peakLR"),
+    (("spec", "data", "streams", 0), "domian", "domain"),
+])
+def test_a_typo_is_matched_against_the_fields_of_its_own_section(where, typo, hint):
+    data = job_dict("quickstart/stage1.yaml")
+    node = data
+    for key in where:
+        node = node[key]
+    node[typo] = 1
+    with pytest.raises(SpecError) as err:
+        parse_document(data, file="job.yaml")
+    path = ".".join(str(k) for k in where).replace(".0", "[0]")
+    assert str(err.value.issues[0]) == \
+        f"job.yaml: {path}.{typo}: unknown field (did you mean {hint}?)"
+
+
+def test_a_typo_in_a_pipeline_stage_is_matched_in_its_section():
+    doc = yaml.safe_load(dump_yaml(load(JOBS / "quickstart/pipeline.yaml").document))
+    doc["spec"]["stages"][1]["spec"]["cluster"]["chatTemplate"] = "x"
+    doc["spec"]["onSpecChang"] = "wait"
+    with pytest.raises(SpecError) as err:
+        parse_document(doc, file="p.yaml")
+    assert sorted(map(str, err.value.issues)) == [
+        "p.yaml: spec.onSpecChang: unknown field (did you mean onSpecChange?)",
+        "p.yaml: spec.stages[1].spec.cluster.chatTemplate: unknown field (did you mean "
+        "podTemplate?)"]

@@ -94,6 +94,7 @@ from prolong.spec.models import (
     TrainJobs,
     TrainSpec,
     all_field_aliases,
+    field_aliases_at,
 )
 from prolong.spec.rules import (
     PROPORTION_TOLERANCE,
@@ -168,5 +169,6 @@ __all__ = [
     "check_job",
     "check_pipeline",
     "did_you_mean",
+    "field_aliases_at",
     "resolved_architecture",
 ]

@@ -872,6 +872,50 @@ def all_field_aliases() -> set[str]:
     return names
 
 
+def field_aliases_at(model: type[BaseModel], loc: tuple[Any, ...]) -> set[str] | None:
+    """The field names the model at ``loc`` (pydantic's error location, below ``model``)
+    accepts, for a typo suggestion from the right section; None when the path leads to no model
+    (then suggestions come from every section)."""
+    current: Any = model
+    for item in loc:
+        models = _models_in(current) if not (isinstance(current, type)
+                                             and issubclass(current, BaseModel)) else [current]
+        if isinstance(item, int):
+            args = [a for a in getattr(current, "__args__", ()) or ()]
+            if not args:
+                return None
+            current = args[0]
+            continue
+        if item in STAGE_TAGS:  # the discriminated stage union's branch
+            tagged = {"ref": RefStage, "PretrainJob": PretrainStage, "SFTJob": SFTStage,
+                      "EvalJob": EvalStage}
+            current = tagged[item]
+            continue
+        fields = {(f.alias or n): f for m in models for n, f in m.model_fields.items()}
+        fields.update({n: f for m in models for n, f in m.model_fields.items()})
+        if item not in fields:
+            return None
+        current = _unwrap(fields[item].annotation)
+    found = [current] if isinstance(current, type) and issubclass(current, BaseModel) else \
+        _models_in(current)
+    if len(found) != 1:
+        return None
+    return {f.alias or n for n, f in found[0].model_fields.items()}
+
+
+def _unwrap(annotation: Any) -> Any:
+    """X from Optional[X] / Annotated[X, ...]; a list stays a list (an index follows)."""
+    while True:
+        origin = getattr(annotation, "__origin__", None)
+        args = [a for a in getattr(annotation, "__args__", ()) or () if a is not type(None)]
+        if origin is Annotated or (hasattr(annotation, "__metadata__") and args):
+            annotation = args[0]
+        elif origin is None and len(args) == 1 and not isinstance(annotation, type):
+            annotation = args[0]  # X | None
+        else:
+            return annotation
+
+
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     found = []
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
