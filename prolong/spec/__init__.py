@@ -26,7 +26,9 @@ The package is split by concern, along the two passes:
   import :mod:`prolong.eval`.
 
 Every public name is re-exported here: import from ``prolong.spec``, not from the modules.
-Imports from prolong: :mod:`prolong.stage.names` and :mod:`prolong.parallel.dims` only.
+Imports from prolong: :mod:`prolong.stage.names` and :mod:`prolong.parallel.dims`, and (inside
+the rule that checks ``cluster.podTemplate``) :mod:`prolong.k8s.podtemplate`, which imports
+nothing from prolong.
 """
 
 from __future__ import annotations
