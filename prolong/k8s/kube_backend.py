@@ -357,18 +357,19 @@ def check_operator(kube: Kube, console: Console) -> None:
     """Refuse (SubmitRefused, one line) a pipeline for a namespace that no operator watches: it
     would sit there with no status. The chart's marker ConfigMap says one does; a user who may
     not read ConfigMaps there gets a warning line instead of a refusal."""
-    from kubernetes.client import ApiException  # imported here: kubernetes is heavy
-
     ns = kube.namespace
     try:
-        kube.core.read_namespaced_config_map(OPERATOR_MARKER, ns, _request_timeout=30)
+        found = kube.call(f"read ConfigMap {ns}/{OPERATOR_MARKER}",
+                          kube.core.read_namespaced_config_map, OPERATOR_MARKER, ns,
+                          missing_ok=True, _request_timeout=30)
+    except ClusterUnreachable:
+        raise
+    except ClusterError as exc:  # e.g. 403: this user may not read ConfigMaps here
+        console.print(f"warning: cannot tell whether an operator watches namespace {ns} ({exc})",
+                      markup=False)
         return
-    except ApiException as exc:
-        if exc.status != 404:
-            console.print(f"warning: cannot tell whether an operator watches namespace {ns} "
-                          f"(reading ConfigMap {ns}/{OPERATOR_MARKER}: HTTP {exc.status})",
-                          markup=False)
-            return
+    if found is not None:
+        return
     raise SubmitRefused(f"no prolong operator watches namespace {ns} (no ConfigMap "
                         f"{ns}/{OPERATOR_MARKER}, which the chart puts in each namespace its "
                         "operator watches), so the pipeline would never run; nothing created. "

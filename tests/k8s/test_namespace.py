@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import helm_python as helm
+import kmock
 import pytest
 import yaml
 
@@ -16,10 +17,16 @@ from prolong.k8s.kube_backend import OPERATOR_MARKER
 from prolong.k8s.kubeconfig import resolve_namespace
 from tests.k8s import test_submit
 from tests.k8s.test_submit import Api, cli, inline_pipeline
+from tests.operator.apiserver import OPERATOR_CLIENT, Fault, UidApiServer, named, request_of
 from tests.operator.conftest import CONFIGMAPS, NAMESPACE, PIPELINES
 
 CHART = Path(__file__).resolve().parents[2] / "charts"
 api = test_submit.api  # the kmock API fixture of the other submit tests
+
+
+@pytest.fixture
+def kmock_options() -> dict:
+    return {"cls": UidApiServer}
 
 
 def _kubeconfig(path: Path, current: str | None, contexts: dict[str, str | None],
@@ -103,3 +110,15 @@ async def test_submit_refuses_a_namespace_no_operator_watches(api: Api, tmp_path
     again = await cli("submit", str(inline_pipeline(tmp_path, stage2_steps=7)))
     assert again.exit_code == 0, again.output
     assert "updated ProLongPipeline" in again.stderr
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(60)
+async def test_a_user_who_cannot_read_the_marker_is_warned_not_refused(api: Api, tmp_path):
+    api.kmock.inject(Fault(named(request_of(OPERATOR_CLIENT, kmock.action.FETCH, CONFIGMAPS),
+                                 OPERATOR_MARKER), "reject", status=403))
+    result = await cli("submit", str(inline_pipeline(tmp_path)))
+    assert result.exit_code == 0, result.output
+    assert f"warning: cannot tell whether an operator watches namespace {NAMESPACE}" in \
+        result.stderr and "HTTP 403" in result.stderr
+    assert api.creates(PIPELINES) == 1
