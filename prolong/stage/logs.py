@@ -87,7 +87,10 @@ class _Follower:
         self.thread = threading.Thread(target=self._run, name=f"tee-{name}", daemon=True)
 
     def __enter__(self) -> _Follower:
-        self.out = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Non-blocking: a pod stdout nobody drains must never stall training (a chunk that does
+        # not fit is dropped there; the file has it).
+        self.out = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK,
+                           0o644)
         self.thread.start()
         return self
 

@@ -68,3 +68,30 @@ def test_on_kubernetes_the_log_is_copied_to_the_pods_stdout(tmp_path, monkeypatc
     for group in (rc["headGroupSpec"], *rc["workerGroupSpecs"]):
         env = {e["name"]: e.get("value") for e in group["template"]["spec"]["containers"][0]["env"]}
         assert env[TEE_ENV] == POD_STDOUT == "/proc/1/fd/1"
+
+
+def test_a_pod_stdout_nobody_reads_never_stalls_the_worker(tmp_path, monkeypatch):
+    """A full pipe as the tee target (its reader stalled): the worker finishes, the file has it
+    all."""
+    import os
+    import threading
+
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # opened, never read
+    monkeypatch.setenv(LOG_MODE_ENV, "files")
+    monkeypatch.setenv(TEE_ENV, str(fifo))
+    done = threading.Event()
+
+    def work() -> None:
+        with stage_output(str(tmp_path / "p" / "s-1"), "worker-rank000"):
+            for i in range(3000):
+                print(f"line {i:05d} " + "x" * 100)
+        done.set()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    assert done.wait(60), "the worker stalled on a full pod stdout"
+    os.close(reader)
+    text = (tmp_path / "p" / "s-1" / "logs" / "worker-rank000.log").read_text()
+    assert "line 02999" in text
