@@ -85,6 +85,8 @@ RAY_GROUP, RAY_VERSION, RAY_PLURAL = "ray.io", "v1", "rayjobs"
 """KubeRay's RayJob resource, as the Kubernetes API addresses it."""
 GPU_RESOURCE = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_CLASS_LABEL = "kueue.x-k8s.io/priority-class"
+"""Kueue's WorkloadPriorityClass of a queued RayJob (kueue pkg/controller/constants:48)."""
 RAY_METRICS_PORT = 8080
 DASHBOARD_PORT = 8265
 RAY_UID = 1000
@@ -291,9 +293,11 @@ def auth_options(k8s: KubernetesSpec) -> dict[str, str]:
 
 
 def hub_token_env(job: Job) -> list[dict[str, Any]]:
-    """HF_TOKEN from the Secret ``model.hubTokenSecret`` names (key ``token``), for staging a gated
-    hub model in the pods (prolong.model.staging, whose TOKEN_ENV and TOKEN_SECRET_KEY these are;
-    not imported here: it loads the filesystem layer); nothing without one."""
+    """HF_TOKEN from the Secret ``model.hubTokenSecret`` names (key ``token``), for the one step
+    that downloads: the container that stages a gated hub model (the CPU staging Job). Never in
+    the Ray pods (they load the staged copy; a token there is a secret on 64 GPUs' worth of
+    pods for nothing). (prolong.model.staging's TOKEN_ENV and TOKEN_SECRET_KEY; not imported
+    here: it loads the filesystem layer.) [] without a Secret."""
     secret = job.spec.model.hub_token_secret
     if secret is None:
         return []
@@ -306,8 +310,7 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     k8s = cluster.kubernetes
     image = cluster.image or DEFAULT_IMAGE
     env = ray_env(cluster, ref) + judge_key_env(job)  # the judge runs on the head (the driver)
-    env += allocator_pod_env(job)
-    env += hub_token_env(job)
+    env += allocator_pod_env(job)  # no hub_token_env: the Ray pods never download
     env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
                 if k8s.object_store_secret else [])
     storage_volumes, storage_mounts = _storage_volume(job.spec.storage)
@@ -404,6 +407,8 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
     rj_labels = dict(labels)
     if k8s.queue:
         rj_labels[QUEUE_LABEL] = k8s.queue
+        if k8s.priority_class:
+            rj_labels[PRIORITY_CLASS_LABEL] = k8s.priority_class
     pod_labels = dict(labels)  # the user's labels too (cost reports read them off the pods)
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
@@ -451,8 +456,10 @@ def lifecycle(k8s: KubernetesSpec) -> dict[str, Any]:
     the whole cluster after deleteClusterAfterSeconds (the head keeps the logs until then), for
     every ending. The RayJob itself stays: its status is the stage's history, and it goes with
     its pipeline or ``prolongctl delete``. KubeRay requires shutdownAfterJobFinishes false with
-    rules. Without rules: shutdownAfterJobFinishes and one TTL for the whole cluster."""
-    if not k8s.deletion_rules:
+    rules. Without rules, and for a queued stage: shutdownAfterJobFinishes and one TTL for the
+    whole cluster (Kueue's webhook refuses a managed RayJob without shutdownAfterJobFinishes,
+    kueue v0.19.2 rayjob_webhook.go:138, and KubeRay refuses rules beside it)."""
+    if not k8s.deletion_rules or k8s.queue:
         return {"shutdownAfterJobFinishes": True,
                 "ttlSecondsAfterFinished": k8s.delete_cluster_after_seconds}
     rules = [{"condition": {**ending, "ttlSeconds": ttl}, "policy": policy}

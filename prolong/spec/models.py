@@ -39,6 +39,8 @@ KINDS = (*JOB_KINDS, "ProLongPipeline")
 SEQ_ALIGN = 256
 
 DNS_LABEL = DNS_1035_PATTERN
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""A Kubernetes object name such as a WorkloadPriorityClass's (DNS-1123 subdomain)."""
 DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # Local corpora that `prolongctl data prepare` builds without any download (see prolong.data).
@@ -151,8 +153,9 @@ class ModelSpec(SpecModel):
     be a local directory."""
     hub_token_secret: str | None = Field(None, pattern=DNS_LABEL)
     """Kubernetes Secret whose key ``token`` holds the Hugging Face token for a gated source
-    (meta-llama/...); rendered into the Ray pods' env as HF_TOKEN. ``prolongctl model stage`` on
-    a workstation reads HF_TOKEN from its own environment."""
+    (meta-llama/...), as HF_TOKEN in the staging step's environment only (the model-staging Job:
+    :func:`prolong.k8s.rayjob.hub_token_env`), never in the Ray pods, which never download.
+    ``prolongctl model stage`` on a workstation reads HF_TOKEN from its own environment."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -395,10 +398,22 @@ class KubernetesSpec(SpecModel):
     """Extra environment for every Ray container (NCCL_*, FI_*, ...); wins over the network's
     defaults."""
     queue: str | None = Field(None, pattern=DNS_LABEL)
-    """Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label, so Kueue admits the RayJob."""
-    submission_mode: SubmissionMode = "K8sJobMode"
-    """How KubeRay submits the entrypoint: K8sJobMode (a Kubernetes Job runs ray job submit, logs
-    kept in its pod) or HTTPMode (the KubeRay operator calls the dashboard's job API directly)."""
+    """Kueue LocalQueue: sets the kueue.x-k8s.io/queue-name label, so Kueue admits the RayJob.
+    A queued stage is released with shutdownAfterJobFinishes and ttlSecondsAfterFinished =
+    deleteClusterAfterSeconds (Kueue refuses a managed RayJob that keeps its cluster, and
+    KubeRay refuses deletionRules beside shutdownAfterJobFinishes), so deletionRules and
+    releaseWorkersAfterSeconds do not apply. In a namespace with Kueue's ``default``
+    LocalQueue, or under manageJobsWithoutQueueName, Kueue manages every RayJob: set a queue
+    there (``prolongctl submit`` refuses an unqueued stage where it finds a default LocalQueue)."""
+    priority_class: str | None = Field(None, pattern=_DNS_SUBDOMAIN, max_length=253)
+    """Kueue WorkloadPriorityClass of a queued stage (the kueue.x-k8s.io/priority-class label);
+    needs queue."""
+    submission_mode: SubmissionMode = "HTTPMode"
+    """How KubeRay submits the entrypoint. HTTPMode (default): the KubeRay operator submits
+    through the dashboard's job API and follows the Ray job itself, so no submitter can fail a
+    healthy multi-day run (``prolongctl logs`` reads the driver's log through the dashboard).
+    K8sJobMode: a Kubernetes Job runs ``ray job submit``; KubeRay fails the RayJob when that Job
+    runs out of retries (an eviction, a drain, a dropped log stream), though the Ray job runs."""
     deletion_rules: bool = True
     """Release the Ray cluster with KubeRay's deletionStrategy.deletionRules (KubeRay 1.6+, where
     the RayJobDeletionPolicy feature gate is on by default; 1.3-1.5 need
@@ -446,6 +461,8 @@ class KubernetesSpec(SpecModel):
         if self.release_workers_after_seconds > self.delete_cluster_after_seconds:
             raise ValueError("releaseWorkersAfterSeconds must not exceed "
                              "deleteClusterAfterSeconds")
+        if self.priority_class and not self.queue:
+            raise ValueError("priorityClass needs queue (Kueue reads it on queued RayJobs only)")
         major, minor, _ = (int(x) for x in self.ray_version.split("."))
         if self.ray_auth == "token" and (major, minor) < (2, 52):
             raise ValueError("rayAuth token needs rayVersion 2.52.0 or later (KubeRay refuses "

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from prolong.k8s.schemas import CUSTOM_GROUPS, KUBE_VERSION, pod_templates, strict_openapi
+from tests.oracles.admission import assert_runs
 
 REPO = Path(__file__).resolve().parents[2]
 # The KubeRay CRDs live in shared/, beside the checkout (CI, developers) or inside it.
@@ -50,7 +51,8 @@ def kuberay() -> dict[str, jsonschema.Validator]:
 @pytest.fixture(scope="session")
 def validate_object(kuberay) -> Callable[[dict[str, Any]], None]:
     """Validate one rendered object: built-in kinds with kubernetes-validate (strict), KubeRay
-    kinds with KubeRay's CRD schema plus their pod templates as Pods."""
+    kinds with KubeRay's CRD schema plus their pod templates as Pods, and a RayJob with what
+    KubeRay 1.6 and 1.7 and Kueue make of it (tests.oracles.admission.assert_runs)."""
 
     def check(obj: dict[str, Any]) -> None:
         kind = obj["kind"]
@@ -58,6 +60,8 @@ def validate_object(kuberay) -> Callable[[dict[str, Any]], None]:
         if kind in kuberay:
             errs = errors_of(kuberay[kind], obj)
             assert not errs, f"{where} fails KubeRay's schema: {errs[:5]}"
+            if kind == "RayJob":  # every KubeRay we claim, Kueue, our preflight
+                assert_runs(obj)
             for pod in pod_templates(obj):
                 kube_validate(pod, where)
         elif not obj["apiVersion"].startswith(CUSTOM_GROUPS):

@@ -175,8 +175,19 @@ def test_stage2_asks_for_eight_h100_nodes_with_shm_and_sp8():
     spec = yaml.safe_load(cm["data"][JOB_FILE])
     assert spec["spec"]["parallelism"]["sequenceParallel"] == 8
     assert spec["spec"]["sequenceLength"] == 524288
-    assert rj["spec"]["submissionMode"] == "K8sJobMode"
+    # HTTPMode: KubeRay submits through the dashboard and follows the Ray job itself; no
+    # submitter Job whose retries running out (an eviction, a dropped log stream) would fail a
+    # healthy multi-day run and, through the deletion rule for a failed RayJob, drop its workers.
+    assert rj["spec"]["submissionMode"] == "HTTPMode"
+    assert "submitterConfig" not in rj["spec"] and "submitterPodTemplate" not in rj["spec"]
     assert QUEUE_LABEL not in rj["metadata"]["labels"]
+
+
+def test_every_shipped_training_stage_runs_in_http_mode():
+    for label, (_, rj) in ALL:
+        if rj["metadata"]["labels"]["prolong.dev/kind"] in ("PretrainJob", "SFTJob"):
+            assert rj["spec"]["submissionMode"] == "HTTPMode", label
+            assert "submitterConfig" not in rj["spec"], label
 
 
 def test_pipeline_stages_record_their_upstream():
@@ -339,7 +350,7 @@ def test_lifecycle_defaults_release_the_gpus_and_bound_the_run():
     assert rules[((("jobStatus", "SUCCEEDED"),), "DeleteWorkers")] == 0  # GPUs freed at once
     assert rules[((("jobStatus", "FAILED"),), "DeleteCluster")] == 300  # head kept 5 min
     assert not any(policy == "DeleteSelf" for _, policy in rules)  # the RayJob is the history
-    assert spec["submitterConfig"] == {"backoffLimit": 2}
+    assert "submitterConfig" not in spec  # HTTPMode: no submitter to run out of retries
     assert spec["rayClusterSpec"]["authOptions"] == {"mode": "token"}
     # activeDeadlineSeconds: the plan's estimate x 2 + 1 h (stage 2: about 200 h on 64 H100s).
     loaded = load(STAGE2)

@@ -144,7 +144,9 @@ def test_workers_refuse_a_missing_staging_and_an_unstaged_hub_id(tmp_path):
     assert S.model_load_dir(ModelSpec(architecture=ArchitectureSpec(**MICRO))) is None
 
 
-def test_the_token_secret_reaches_every_ray_pod(source):
+def test_the_token_secret_is_for_the_staging_step_and_reaches_no_ray_pod(source):
+    """The Ray pods never download (they load stagedPath), so HF_TOKEN is not theirs: only the
+    staging Job's container gets hub_token_env."""
     job = PretrainJob.model_validate(job_dict({"source": str(source), "stagedPath": "/s/m",
                                                "hubTokenSecret": "hf-token"}))
     want = {"name": S.TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": "hf-token",
@@ -155,7 +157,11 @@ def test_the_token_secret_reaches_every_ray_pod(source):
     pods = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in
                                                       cluster["workerGroupSpecs"]]
     for pod in pods:
-        assert want in pod["spec"]["containers"][0]["env"]
+        for container in pod["spec"]["containers"]:
+            assert S.TOKEN_ENV not in {e["name"] for e in container.get("env", [])}
+            assert all(S.TOKEN_ENV not in str(f) and "hf-token" not in str(f)
+                       for f in container.get("envFrom", []))
+    assert "hf-token" not in str(rayjob)
     no_secret = PretrainJob.model_validate(job_dict({"source": str(source)}))
     assert hub_token_env(no_secret) == []
 
