@@ -381,8 +381,9 @@ def logs(name: str = NAME_ARG, follow: bool = typer.Option(False, "--follow", "-
                                                            help="Keep streaming new output."),
          namespace: str = NAMESPACE_OPT, ray_address: str = RAY_ADDRESS_OPT,
          ray_token: str = RAY_TOKEN_OPT, ray_token_secret: str = RAY_TOKEN_SECRET_OPT) -> None:
-    """Print a run's logs: the RayJob's submitter pod (it tails the Ray job), else its head pod; a
-    pipeline's current stage; on Ray, the job's driver output.
+    """Print a run's logs: the Ray driver's output, from the head pod's driver-log container
+    (HTTPMode) or the submitter's pod (K8sJobMode); a pipeline's current stage; on Ray, the
+    job's driver output.
 
     [bold]Examples[/bold]
 

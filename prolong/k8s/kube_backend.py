@@ -37,6 +37,7 @@ from prolong.k8s.backend import (
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.kubeconfig import resolve_namespace
 from prolong.k8s.rayjob import (
+    DRIVER_LOG_CONTAINER,
     RAY_GROUP,
     RAY_PLURAL,
     RAY_VERSION,
@@ -606,8 +607,9 @@ def _dashboard(url: str | None) -> str | None:
 
 
 def _submitter_or_head(kube: Kube, obj: dict[str, Any]) -> tuple[str, str | None]:
-    """(pod, container) whose log holds the Ray job's output: KubeRay's submitter (it runs
-    ``ray job submit``, which tails the job's logs), else the head pod."""
+    """(pod, container) whose log holds the Ray job's output: KubeRay's submitter Job's pod
+    (K8sJobMode: ``ray job submit`` tails the job's logs), else the head pod's driver-log
+    container (HTTPMode: it follows the driver's log file), else its head container."""
     name = obj["metadata"]["name"]
     pods = kube.call("list pods", kube.core.list_namespaced_pod, kube.namespace).items
 
@@ -629,8 +631,9 @@ def _submitter_or_head(kube: Kube, obj: dict[str, Any]) -> tuple[str, str | None
     if heads:
         pod = newest(heads)
         names = [c.name for c in (pod.spec.containers if pod.spec else [])]
-        return pod.metadata.name, (SUBMITTER_CONTAINER if SUBMITTER_CONTAINER in names
-                                   else HEAD_CONTAINER if HEAD_CONTAINER in names else None)
+        # HTTPMode: the driver-log container follows the driver; SidecarMode: the submitter.
+        return pod.metadata.name, next((c for c in (DRIVER_LOG_CONTAINER, SUBMITTER_CONTAINER,
+                                                    HEAD_CONTAINER) if c in names), None)
     raise ClusterError(f"RayJob {kube.namespace}/{name} has no submitter or head pod (yet); "
                        f"state: {rayjob_line(obj)}")
 

@@ -97,6 +97,13 @@ POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup"
 SUBMITTER_CONTAINER = "ray-job-submitter"
 """KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
 head pod)."""
+DRIVER_LOG_CONTAINER = "driver-log"
+"""HTTPMode's log container in the head pod: it follows the Ray driver's log file, so the pod
+log API (``prolongctl logs``, ``kubectl logs -c driver-log``) shows the run as the submitter's
+pod does in K8sJobMode. HTTPMode has no submitter, and the head container's own log is Ray's,
+not the driver's."""
+RAY_LOGS_MOUNT = "/tmp/ray"
+"""Ray's session directory in the head container (its logs/ holds job-driver-<id>.log)."""
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "200Mi"},
                        "limits": {"cpu": "1", "memory": "1Gi"}}
 """What KubeRay gives its default submitter (common.GetDefaultSubmitterContainer)."""
@@ -281,6 +288,24 @@ def submitter_template(image: str, pod_labels: dict[str, str]) -> dict[str, Any]
                      "securityContext": dict(POD_SECURITY_CONTEXT)}}
 
 
+def add_driver_log(head_pod: dict[str, Any], job_id: str) -> None:
+    """Share Ray's session directory of the head container with a :data:`DRIVER_LOG_CONTAINER`
+    that follows ``job-driver-<job_id>.log`` (``tail -F`` waits for the file and follows it by
+    name). Same image, the restricted profile, a submitter's share of the head's resources."""
+    head_pod["volumes"].append({"name": "ray-logs", "emptyDir": {}})
+    head_pod["containers"][0]["volumeMounts"].append({"name": "ray-logs",
+                                                      "mountPath": RAY_LOGS_MOUNT})
+    log = f"{RAY_LOGS_MOUNT}/session_latest/logs/job-driver-{job_id}.log"
+    head_pod["containers"].append({
+        "name": DRIVER_LOG_CONTAINER, "image": head_pod["containers"][0]["image"],
+        "imagePullPolicy": "IfNotPresent", "command": ["tail", "-n", "+1", "-F", log],
+        "resources": {"requests": {"cpu": "50m", "memory": "64Mi"},
+                      "limits": {"cpu": "250m", "memory": "128Mi"}},
+        "volumeMounts": [{"name": "ray-logs", "mountPath": RAY_LOGS_MOUNT, "readOnly": True}],
+        "securityContext": {"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}}})
+
+
 def auth_options(k8s: KubernetesSpec) -> dict[str, str]:
     """KubeRay's authOptions: token auth unless the spec turns it off; the token comes from
     rayAuthSecret (key auth_token) or, by default, the Secret KubeRay generates per cluster."""
@@ -422,6 +447,8 @@ def render_job(job: Job, ref: StageRef, *, upstream: dict[str, StageRef] | None 
         "rayClusterSpec": ray_cluster_spec(job, ref, cm_name, pod_labels),
         "metadata": {"pipeline": ref.pipeline, "stage": ref.stage, "stageId": ref.id},
     }
+    if k8s.submission_mode == "HTTPMode":
+        add_driver_log(spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"], name)
     if k8s.submission_mode == "K8sJobMode":
         spec["submitterConfig"] = {"backoffLimit": k8s.submitter_backoff_limit}
         spec["submitterPodTemplate"] = submitter_template(

@@ -14,6 +14,7 @@ import yaml
 
 from prolong.k8s import dump_all, render
 from prolong.k8s.rayjob import (
+    DRIVER_LOG_CONTAINER,
     ENTRYPOINT,
     KUBERAY_SUBMISSION_MODES,
     QUEUE_LABEL,
@@ -188,6 +189,21 @@ def test_every_shipped_training_stage_runs_in_http_mode():
         if rj["metadata"]["labels"]["prolong.dev/kind"] in ("PretrainJob", "SFTJob"):
             assert rj["spec"]["submissionMode"] == "HTTPMode", label
             assert "submitterConfig" not in rj["spec"], label
+        if rj["spec"]["submissionMode"] != "HTTPMode":
+            continue
+        # prolongctl logs reads the driver's log from the head pod's driver-log container,
+        # which follows the file Ray writes for this RayJob's submission id in the session
+        # directory it shares with the Ray container.
+        head = rj["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        ray, log = head["containers"]
+        assert ray["name"] == "ray-head" and log["name"] == DRIVER_LOG_CONTAINER, label
+        assert log["command"][-1] == \
+            f"/tmp/ray/session_latest/logs/job-driver-{rj['spec']['jobId']}.log"
+        assert log["image"] == ray["image"] and log["securityContext"]["capabilities"] == {
+            "drop": ["ALL"]}
+        shared = {m["name"] for m in ray["volumeMounts"] if m["mountPath"] == "/tmp/ray"}
+        assert shared == {m["name"] for m in log["volumeMounts"]} == {"ray-logs"}
+        assert {"name": "ray-logs", "emptyDir": {}} in head["volumes"]
 
 
 def test_pipeline_stages_record_their_upstream():

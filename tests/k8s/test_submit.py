@@ -231,6 +231,22 @@ async def test_status_logs_and_delete_of_a_rayjob(api: Api, tmp_path: Path) -> N
             in shown.stdout
         assert rayjob["metadata"]["labels"]["prolong.dev/stage-id"] in shown.stdout
 
+    # HTTPMode (the default): no submitter; the head pod's driver-log container follows the
+    # driver's log (the rendered head pod, as KubeRay creates it for the RayJob's cluster).
+    await api.set_rayjob_status(name, {"rayClusterName": f"{name}-rc"})
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    api.kmock.objects[PODS, NAMESPACE, f"{name}-rc-head"] = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{name}-rc-head", "namespace": NAMESPACE,
+                     "labels": {"ray.io/cluster": f"{name}-rc", "ray.io/node-type": "head"}},
+        "spec": head["spec"]}
+    api.kmock[f"get /api/v1/namespaces/{NAMESPACE}/pods/{name}-rc-head/log"] << (
+        lambda request: b"driver: step 9 loss 6.5\n"
+        if request.params.get("container") == "driver-log" else b"ray head's own log\n")
+    logs = await cli("logs", name)
+    assert logs.exit_code == 0, logs.output
+    assert logs.stdout == "driver: step 9 loss 6.5\n"
+
     # K8sJobMode: KubeRay's submitter Job is named like the RayJob; its pod has the log.
     api.kmock.objects[PODS, NAMESPACE, f"{name}-abcde"] = {
         "apiVersion": "v1", "kind": "Pod",
