@@ -67,3 +67,22 @@ def use_kmock_kubeconfig(kmock_url: str, tmp_path: Path, namespace: str, monkeyp
         "users": [{"name": "kmock", "user": {}}]}))
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     return kubeconfig
+
+
+KUBERAY_CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/rayjobs.ray.io"
+
+
+def serve_kuberay_crd(kmock: Any, tag: str | None = "v1.7.0", priority: float = 0) -> None:
+    """Make kmock answer the GET of KubeRay's RayJob CRD with the CRD of ``tag``
+    (tests/k8s/kuberay_crds), as an API server with that KubeRay installed does; None: 404, no
+    KubeRay. A higher ``priority`` overrides an earlier answer (a test's own cluster)."""
+    from tests.oracles.admission import crd
+
+    route = (kmock ** priority)[f"get {KUBERAY_CRD_PATH}"]
+    if tag is None:
+        route << 404 << {"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                         "reason": "NotFound", "code": 404,
+                         "message": 'customresourcedefinitions.apiextensions.k8s.io '
+                                    '"rayjobs.ray.io" not found'}
+    else:
+        route << crd(tag)

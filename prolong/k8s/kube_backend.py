@@ -36,13 +36,23 @@ from prolong.k8s.backend import (
 )
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
 from prolong.k8s.kubeconfig import resolve_namespace
+from prolong.k8s.kuberay_version import (
+    CRD_NAME,
+    MINIMUM_KUBERAY,
+    STRICT_FIELDS,
+    KubeRayMismatch,
+    check_crd,
+    read_rayjob_crd,
+)
 from prolong.k8s.rayjob import (
     DRIVER_LOG_CONTAINER,
+    QUEUE_LABEL,
     RAY_GROUP,
     RAY_PLURAL,
     RAY_VERSION,
     SUBMITTER_CONTAINER,
     pipeline_resource,
+    render_stage,
 )
 from prolong.k8s.schemas import check_client_side
 from prolong.k8s.target import StageTarget, UpstreamState, refusal, upstream_state
@@ -171,11 +181,39 @@ class Kube:
         return "api/v1" in paths and any(p.startswith(f"apis/{RAY_GROUP}/") or
                                          p.startswith(f"apis/{GROUP}/") for p in paths)
 
+    def rayjob_crd(self) -> dict[str, Any] | None:
+        """KubeRay's RayJob CRD (None: not installed); Forbidden when this user may not read
+        CRDs (cluster-scoped: many namespace users may not)."""
+        from kubernetes.client import ApiException
+
+        try:
+            return read_rayjob_crd(self.api)
+        except ApiException as exc:
+            if exc.status == 403:
+                raise Forbidden(_api_message(exc)) from None
+            return self.call(f"get CRD {CRD_NAME}", _raise, exc)
+
+    def default_local_queue(self) -> bool:
+        """Whether Kueue's ``default`` LocalQueue exists here (Kueue then manages every RayJob
+        of the namespace, queue label or not); False without Kueue or without read access."""
+        from kubernetes.client import ApiException
+
+        try:
+            self.custom.get_namespaced_custom_object(*KUEUE_LOCAL_QUEUE[:2], self.namespace,
+                                                     KUEUE_LOCAL_QUEUE[2], "default")
+        except ApiException:
+            return False  # 404: no such queue or no Kueue; 403: not ours to know
+        return True
+
     def create(self, obj: dict[str, Any], *, dry_run: bool = False) -> dict[str, Any] | None:
         """Create one object; None when it exists already (409). Returns what the server
-        answered, else (a 200 where the client expects 201 gives no body) the object sent."""
+        answered, else (a 200 where the client expects 201 gives no body) the object sent.
+        Strict field validation: a field the server's schema lacks is an error (400), never
+        silently dropped."""
         kind, name = obj["kind"], obj["metadata"]["name"]
-        extra = {"dry_run": "All"} if dry_run else {}
+        extra: dict[str, Any] = {"field_validation": STRICT_FIELDS}
+        if dry_run:
+            extra["dry_run"] = "All"
         if kind == "ConfigMap":
             out = self.call(f"create ConfigMap {name}", self.core.create_namespaced_config_map,
                             self.namespace, obj, exists_ok=True, **extra)
@@ -188,6 +226,46 @@ class Kube:
         if out is EXISTS:
             return None
         return out if isinstance(out, dict) and out else obj
+
+
+class Forbidden(ClusterError):
+    """The API server answered 403 to a read this user may lack the right for."""
+
+
+KUEUE_LOCAL_QUEUE = ("kueue.x-k8s.io", "v1beta1", "localqueues")
+"""Kueue's LocalQueue (v1beta1: served by every Kueue release with RayJob support)."""
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+def preflight(kube: Kube, rayjobs: list[dict[str, Any]], console: Console) -> None:
+    """Before anything is created: KubeRay's RayJob CRD must declare every field of these
+    RayJobs (:mod:`prolong.k8s.kuberay_version`; an API server would drop the rest silently),
+    and an unqueued stage must not land in a namespace where Kueue's ``default`` LocalQueue
+    makes Kueue manage it (its webhook refuses a managed RayJob that keeps its cluster).
+    SubmitRefused names the first problem; a CRD this user may not read is a warning line
+    (the creates' strict field validation still refuses an unknown field)."""
+    where = f"cluster {kube.api.configuration.host}"
+    try:
+        crd = kube.rayjob_crd()
+    except Forbidden as exc:
+        console.print(f"warning: cannot read CRD {CRD_NAME} ({exc}): KubeRay's version not "
+                      f"checked (prolong needs KubeRay >= {MINIMUM_KUBERAY})", markup=False)
+    else:
+        for rayjob in rayjobs:
+            try:
+                check_crd(crd, rayjob, where)
+            except KubeRayMismatch as exc:
+                raise SubmitRefused(str(exc)) from None
+    unqueued = [rj for rj in rayjobs if QUEUE_LABEL not in rj["metadata"].get("labels", {})]
+    if unqueued and kube.default_local_queue():
+        stage = unqueued[0]["metadata"]["labels"].get(STAGE_LABEL, "?")
+        raise SubmitRefused(
+            f"namespace {kube.namespace} has Kueue's default LocalQueue, so Kueue manages "
+            f"stage {stage}'s RayJob, which has no queue and keeps its cluster for the deletion "
+            "rules (Kueue refuses that): set spec.cluster.kubernetes.queue (e.g. default)")
 
 
 def _api_message(exc: Any) -> str:
@@ -235,6 +313,7 @@ def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool 
                                 yaml_out=yaml_out, partial=True, operator_check=operator_check)
     for stage, state in states.items():
         console.print(f"upstream stage {stage}: {state.evidence}", markup=False)
+    preflight(kube, [rayjob], console)
     objects = [configmap, rayjob]
     if dry_run:
         return _dry_run(kube, objects, console, yaml_out)
@@ -391,6 +470,10 @@ def _submit_pipeline(loaded: Loaded, kube: Kube, console: Console, *, dry_run: b
     name = cr["metadata"]["name"]
     ours = {r.stage: r.id for r in pipeline_stages(loaded.document, loaded.jobs)}
     existing = kube.get_pipeline(name)
+    if existing is None or cr_stage_ids(existing) != ours:
+        # What the operator will create, checked now rather than found Stalled later.
+        preflight(kube, [render_stage(loaded.document, loaded.jobs, s, namespace=ns)[1]
+                         for s in ours], console)
     if existing is None:
         if dry_run:
             return _dry_run(kube, [cr], console, yaml_out)
@@ -755,7 +838,9 @@ class KubeBackend(Backend):
 
 
 __all__ = [
-    "HEAD_CONTAINER", "OPERATOR_MARKER", "Kube", "KubeBackend", "check_operator", "cr_stage_ids",
+    "HEAD_CONTAINER", "OPERATOR_MARKER", "Forbidden", "Kube", "KubeBackend", "check_operator",
+    "cr_stage_ids",
     "default_namespace", "delete_k8s", "dry_run_offline", "kube_client", "logs_k8s",
-    "merge_patch", "rayjob_line", "status_k8s", "submit_k8s", "upstream_states", "wait_k8s",
+    "merge_patch", "preflight", "rayjob_line", "status_k8s", "submit_k8s", "upstream_states",
+    "wait_k8s",
 ]

@@ -31,8 +31,8 @@ MINIMUM_KUBERAY = "1.6"
 """The oldest KubeRay whose RayJob CRD declares every field we render (and whose
 RayJobDeletionPolicy feature gate is on by default)."""
 STRICT_FIELDS = "Strict"
-"""``fieldValidation`` of every create: the API server answers 422 for a field its schema lacks
-instead of dropping it."""
+"""``fieldValidation`` of every create: the API server answers 400 BadRequest naming a field its
+schema lacks instead of dropping it."""
 
 REQUIRED_FIELDS: tuple[str, ...] = (
     "spec.deletionStrategy.deletionRules",            # KubeRay 1.5 (1.3/1.4: deletionPolicy)

@@ -27,7 +27,13 @@ from prolong.k8s.rayjob import pipeline_resource, render_standalone
 from prolong.k8s.submit import open_backend
 from prolong.specfile import dump_yaml, load
 from prolong.stage.identity import pipeline_stages
-from tests.conftest import JOBS, job_dict, use_kmock_kubeconfig
+from tests.conftest import (
+    JOBS,
+    KUBERAY_CRD_PATH,
+    job_dict,
+    serve_kuberay_crd,
+    use_kmock_kubeconfig,
+)
 from tests.operator.conftest import CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -66,6 +72,7 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     kmock.objects[CONFIGMAPS, NAMESPACE, OPERATOR_MARKER] = {
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": OPERATOR_MARKER, "namespace": NAMESPACE}}
+    serve_kuberay_crd(kmock)  # KubeRay 1.7 installed (tests that want another serve theirs)
     url = str(kmock.url).rstrip("/")
     use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
     async with aiohttp.ClientSession(base_url=url,
@@ -287,3 +294,54 @@ async def test_open_backend_picks_kubernetes_in_the_context_namespace(api: Api) 
     # Through the interface, as the CLI calls it: the unknown name is the backend's answer.
     with pytest.raises(UnknownName, match="no ProLongPipeline, RayJob or job named nope"):
         await asyncio.to_thread(backend.status, "nope", Console())
+
+
+# ---- the KubeRay preflight and Kueue's default LocalQueue (issue 20) --------------------------
+
+@pytest.mark.parametrize(("tag", "missing"), [
+    ("v1.5.1", "spec.preRunningDeadlineSeconds"), ("v1.4.2", "spec.deletionStrategy"),
+    (None, "has no CRD rayjobs.ray.io")])
+async def test_submit_refuses_a_kuberay_that_would_drop_fields(api: Api, tmp_path: Path, tag,
+                                                              missing) -> None:
+    serve_kuberay_crd(api.kmock, tag, priority=1)
+    for path in (stage_file(tmp_path), JOBS / "quickstart" / "pipeline.yaml"):
+        result = await cli("submit", str(path))
+        assert result.exit_code == 2, result.output
+        line = result.stderr.strip()
+        assert "\n" not in line and missing in line and "KubeRay >= 1.6" in line, line
+    assert api.creates(RAYJOBS) == api.creates(PIPELINES) == api.creates(CONFIGMAPS) == 0
+
+
+async def test_creates_are_strict_and_a_readable_crd_is_not_required(api: Api,
+                                                                    tmp_path: Path) -> None:
+    api.kmock[f"get {KUBERAY_CRD_PATH}"] ** 1 << 403 << {
+        "kind": "Status", "code": 403, "reason": "Forbidden",
+        "message": "customresourcedefinitions is forbidden: User cannot get"}
+    result = await cli("submit", str(stage_file(tmp_path)))
+    assert result.exit_code == 0, result.output
+    assert "warning: cannot read CRD rayjobs.ray.io" in result.output
+    creates = [r for r in api.kmock if r.action == kmock.action.CREATE
+               and r.resource in (RAYJOBS, CONFIGMAPS)]
+    assert len(creates) == 2
+    assert all(r.params.get("fieldValidation") == "Strict" for r in creates)
+
+
+async def test_an_unqueued_stage_is_refused_where_kueue_has_a_default_queue(
+        api: Api, tmp_path: Path) -> None:
+    api.kmock[f"get /apis/kueue.x-k8s.io/v1beta1/namespaces/{NAMESPACE}/localqueues/default"] \
+        << {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
+            "metadata": {"name": "default", "namespace": NAMESPACE}}
+    path = stage_file(tmp_path)
+    result = await cli("submit", str(path))
+    assert result.exit_code == 2, result.output
+    assert "default LocalQueue" in result.stderr and "spec.cluster.kubernetes.queue" in \
+        result.stderr
+    assert api.creates(RAYJOBS) == 0
+    job = yaml.safe_load(path.read_text())
+    job["spec"]["cluster"].setdefault("kubernetes", {})["queue"] = "default"
+    path.write_text(yaml.safe_dump(job))
+    result = await cli("submit", str(path))
+    assert result.exit_code == 0, result.output
+    (created,) = api.rayjobs().values()
+    assert created["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+    assert created["spec"]["shutdownAfterJobFinishes"] is True
