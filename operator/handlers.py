@@ -39,6 +39,7 @@ account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``, ``PROLONG_API_TI
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import threading
@@ -53,6 +54,14 @@ from pydantic import ValidationError
 
 from prolong.k8s.client import RetryPolicy, kube_client
 from prolong.k8s.crd import GROUP, PLURAL, VERSION
+from prolong.k8s.kuberay_version import (
+    CRD_CACHE,
+    CRD_NAME,
+    STRICT_FIELDS,
+    KubeRayMismatch,
+    check_crd,
+    read_rayjob_crd,
+)
 from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
 from prolong.reconcile.claim import adoption_patch, claim, controlled_by_another
 from prolong.reconcile.events import PipelineEvent, invalid_spec_event, transition_events
@@ -74,6 +83,14 @@ API = RetryPolicy(timeout=float(os.environ.get("PROLONG_API_TIMEOUT_SECONDS", "3
 reconcile, and its lock, forever) and transient faults retried with backoff in place, because
 kopf does not retry the RayJob event handler."""
 FRESH_READS = 5
+MAX_CREATE_ATTEMPTS = int(os.environ.get("PROLONG_MAX_CREATE_ATTEMPTS", "3"))
+"""Creates of one RayJob the API server may refuse (a 4xx) before the operator stops trying
+until the pipeline's spec changes (or the operator restarts)."""
+CREATE_RETRY_SECONDS = float(os.environ.get("PROLONG_CREATE_RETRY_SECONDS", "60"))
+"""The wait after a refused create before the next try, doubling (a quota may free up, a
+missing Secret or a webhook may be fixed); the resync timer's pass finds it due."""
+TRANSIENT_4XX = (408, 409, 429)
+"""4xx answers that are not the request's fault: a timeout, a conflict, throttling."""
 RETRY_DELAY = 10
 """Seconds before kopf runs a create/update/resume handler again after a TemporaryError."""
 
@@ -141,6 +158,93 @@ class NameTaken(Stale):
         self.rayjob, self.reason = rayjob, reason
 
 
+class Refused(Exception):
+    """The API server refused a create with a 4xx that retrying as it is cannot cure."""
+
+
+class CreateRefused(Exception):
+    """A stage's objects cannot be created: the API server refused them (an admission webhook's
+    403, a quota, Pod Security, a 400/422 schema error) or this cluster's KubeRay lacks a field
+    of the render. The stage waits with ``reason`` in its status (Stalled, CreateRefused) and
+    a Warning Event; :data:`REFUSALS` bounds the retries."""
+
+    def __init__(self, run: PlannedRayJob, body: dict[str, Any], reason: str) -> None:
+        super().__init__(reason)
+        self.rayjob = run.name
+        self.generation = body["metadata"].get("generation")
+        self.reason = f"cannot create RayJob {run.name} for stage {run.stage}: {reason}"
+
+
+class CrdUnreadable(Exception):
+    """The operator may not read KubeRay's CRD (no RBAC for it); nothing is checked."""
+
+
+def server_message(exc: ApiException) -> str:
+    """The Status message of an API error (what a webhook or quota says), else its body."""
+    try:
+        return json.loads(exc.body).get("message") or str(exc.body)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.body or exc.reason or "").strip()[:500]
+
+
+class Refusals:
+    """The creates refused per (namespace, pipeline, RayJob), for the spec generation they were
+    made from: how many, and when the next try is due. A refused RayJob is retried after
+    CREATE_RETRY_SECONDS x 2^(n-1) s (the resync timer's pass finds it due), at most
+    MAX_CREATE_ATTEMPTS times; a new generation starts afresh. In memory: a restarted operator
+    tries again (its first reconcile re-reads everything else anyway)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, str, str], tuple[int | None, int, datetime.datetime, str]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, namespace: str, pipeline: str, refused: CreateRefused) -> None:
+        key = (namespace, pipeline, refused.rayjob)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        with self._lock:
+            generation, count, _, _ = self._seen.get(key, (refused.generation, 0, now, ""))
+            count = count + 1 if generation == refused.generation else 1
+            due = now + datetime.timedelta(seconds=CREATE_RETRY_SECONDS * 2 ** (count - 1))
+            if count >= MAX_CREATE_ATTEMPTS:
+                why = (f"{refused.reason} (refused {count} times; not tried again until the "
+                       "pipeline's spec changes)")
+            else:
+                why = (f"{refused.reason} (attempt {count} of {MAX_CREATE_ATTEMPTS}; next at "
+                       f"{due.isoformat(timespec='seconds')})")
+            self._seen[key] = (refused.generation, count, due, why)
+
+    def holding(self, namespace: str, pipeline: str, generation: int | None,
+                now: datetime.datetime) -> dict[str, str]:
+        """RayJob name -> why, for the refused creates not to try now."""
+        out = {}
+        with self._lock:
+            for (ns, name, rayjob), (gen, count, due, why) in list(self._seen.items()):
+                if (ns, name) != (namespace, pipeline):
+                    continue
+                if gen != generation:
+                    del self._seen[(ns, name, rayjob)]
+                elif count >= MAX_CREATE_ATTEMPTS or now < due:
+                    out[rayjob] = why
+        return out
+
+
+REFUSALS = Refusals()
+
+
+def kuberay_crd(api: ApiClient) -> dict[str, Any] | None:
+    """KubeRay's RayJob CRD as the API server serves it (None: no KubeRay), from the process's
+    cache (read at most every CRD_CACHE.ttl s); CrdUnreadable without RBAC for it."""
+    def read() -> dict[str, Any] | None:
+        try:
+            return API.call(read_rayjob_crd, api)
+        except ApiException as exc:
+            if exc.status == 403:
+                raise CrdUnreadable(f"read CRD {CRD_NAME}: {server_message(exc)}") from None
+            raise kopf.TemporaryError(f"read CRD {CRD_NAME}: HTTP {exc.status} {exc.reason}",
+                                      delay=RETRY_DELAY) from exc
+    return CRD_CACHE.get(api.configuration.host, read, keep=(CrdUnreadable,))
+
+
 def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger | None = None,
               post: Callable[[dict[str, Any], PipelineEvent], None] | None = None) -> Plan | None:
     """Bring one pipeline one step forward. Returns the plan applied (None: nothing to plan,
@@ -159,6 +263,9 @@ def reconcile(api: ApiClient, namespace: str, name: str, logger: logging.Logger 
             except NameTaken as found:
                 log.warning("%s", found.reason)
                 taken[found.rayjob] = found.reason
+            except CreateRefused as refused:  # planned again: the stage shows the refusal
+                log.warning("%s", refused.reason)
+                REFUSALS.record(namespace, name, refused)
             except Stale as why:
                 log.info("Planning again from a fresh read: %s", why)
         raise kopf.TemporaryError(f"the pipeline changed during each of {FRESH_READS} reads",
@@ -190,7 +297,7 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
                 if stage_complete(r.directory)}
     plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
                          complete=complete, previous=previous, generation=generation,
-                         taken=taken)
+                         taken=taken, refused=REFUSALS.holding(namespace, name, generation, now))
     for rayjob in plan.deletes:
         log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
         _call(CustomObjectsApi(api).delete_namespaced_custom_object,
@@ -274,6 +381,21 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     for obj in (configmap, rayjob):
         obj["metadata"]["ownerReferences"] = [owner]
     rayjob["metadata"]["labels"][ATTEMPT_LABEL] = str(run.attempt)
+    try:  # before anything is created: can this cluster's KubeRay run it?
+        check_crd(kuberay_crd(api), rayjob, f"namespace {namespace}'s cluster")
+    except KubeRayMismatch as exc:
+        raise CreateRefused(run, body, str(exc)) from None
+    except CrdUnreadable as exc:  # no RBAC for it: the strict create still refuses an unknown
+        logging.getLogger(__name__).warning("KubeRay's version not checked: %s", exc)
+    try:
+        _create_stage_objects(api, run, namespace, configmap, rayjob, owner)
+    except Refused as exc:
+        raise CreateRefused(run, body, str(exc)) from None
+
+
+def _create_stage_objects(api: ApiClient, run: PlannedRayJob, namespace: str,
+                          configmap: dict[str, Any], rayjob: dict[str, Any],
+                          owner: dict[str, Any]) -> None:
     core, custom = CoreV1Api(api), CustomObjectsApi(api)
     ray = (RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL)
     if _exists_already(core.create_namespaced_config_map, namespace, configmap):
@@ -354,17 +476,20 @@ def _exists_already(create: Callable[..., Any], *args: Any) -> bool:
     """Create through ``create``; True when the name exists already (409). (Not read from the
     return value: the client returns None for a 200 where it expects 201.)"""
     try:
-        _call(create, *args)
+        _call(create, *args, refuse=True, field_validation=STRICT_FIELDS)
     except Stale:  # a create's 409 is AlreadyExists
         return True
     return False
 
 
-def _call(fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
+def _call(fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), refuse: bool = False,
+          **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` under :data:`API` (timeout, transient faults retried with
-    backoff). None on an HTTP status in ``ok``; 409 Conflict raises Stale; whatever else fails
-    becomes kopf.TemporaryError (kopf retries the create/update/resume handlers; the resync
-    timer catches up on a RayJob event whose reconcile failed)."""
+    backoff). None on an HTTP status in ``ok``; 409 Conflict raises Stale; with ``refuse``
+    (creates), any other 4xx but a timeout or throttling raises Refused with the server's
+    message (retrying it as it is cannot help); whatever else fails becomes
+    kopf.TemporaryError (kopf retries the create/update/resume handlers; the resync timer
+    catches up on a RayJob event whose reconcile failed)."""
     try:
         return API.call(fn, *args, **kwargs)
     except ApiException as exc:
@@ -372,6 +497,9 @@ def _call(fn: Callable[..., Any], *args: Any, ok: tuple[int, ...] = (), **kwargs
             return None
         if exc.status == 409:
             raise Stale(f"{fn.__name__}: HTTP 409 {exc.reason}") from exc
+        if refuse and exc.status is not None and 400 <= exc.status < 500 and \
+                exc.status not in TRANSIENT_4XX:
+            raise Refused(f"HTTP {exc.status} {exc.reason}: {server_message(exc)}") from exc
         raise kopf.TemporaryError(f"{fn.__name__}: HTTP {exc.status} {exc.reason}",
                                   delay=RETRY_DELAY) from exc
     except urllib3.exceptions.HTTPError as exc:  # timed out, or no answer, after the retries

@@ -22,7 +22,9 @@ Pure functions plus :func:`read_rayjob_crd` (one GET); ``prolongctl doctor`` cal
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 CRD_NAME = "rayjobs.ray.io"
@@ -156,7 +158,7 @@ def check_crd(crd: dict[str, Any] | None, rendered: dict[str, Any] | None = None
         raise KubeRayMismatch(refusal(missing, where))
 
 
-def read_rayjob_crd(api: Any, timeout: float = 30) -> dict[str, Any] | None:
+def read_rayjob_crd(api: Any, _request_timeout: float = 30) -> dict[str, Any] | None:
     """The ``rayjobs.ray.io`` CRD as a dict through a kubernetes ApiClient (raw JSON: the typed
     model of a 1.4 MB schema is slow to build); None when there is none (404). Other HTTP errors
     raise kubernetes' ApiException, as every call of the client does."""
@@ -165,13 +167,43 @@ def read_rayjob_crd(api: Any, timeout: float = 30) -> dict[str, Any] | None:
 
     req = api.param_serialize("GET", CRD_PATH, header_params={"Accept": "application/json"},
                               auth_settings=["BearerToken"])
-    resp = api.call_api(*req, _request_timeout=timeout)
+    resp = api.call_api(*req, _request_timeout=_request_timeout)
     resp.read()
     if resp.status == 404:
         return None
     if resp.status >= 300:
         raise ApiException(http_resp=resp)
     return json.loads(resp.data)
+
+
+class CrdCache:
+    """The RayJob CRD per API server, read at most every ``ttl`` seconds (450 kB of JSON: not
+    once per create; a KubeRay upgrade is seen within ``ttl``). One per process
+    (:data:`CRD_CACHE`), shared by whatever in it creates RayJobs. ``read`` is what reads
+    (with the caller's retries); an exception of a ``keep`` type it raises (an answer, such as
+    "forbidden") is kept and raised again until ``ttl``, any other is not kept."""
+
+    def __init__(self, ttl: float = 300.0) -> None:
+        self.ttl = ttl
+        self._seen: dict[str, tuple[float, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, host: str, read: Callable[[], dict[str, Any] | None],
+            keep: tuple[type[Exception], ...] = ()) -> dict[str, Any] | None:
+        with self._lock:
+            seen = self._seen.get(host)
+            if seen is None or time.monotonic() - seen[0] > self.ttl:
+                try:
+                    found: Any = read()
+                except keep as exc:  # an answer: the same until ttl
+                    found = exc
+                seen = self._seen[host] = (time.monotonic(), found)
+        if isinstance(seen[1], Exception):
+            raise seen[1]
+        return seen[1]
+
+
+CRD_CACHE = CrdCache()
 
 
 __all__ = [

@@ -36,6 +36,8 @@ Policy, in one place:
 * A name the plan would create that exists but is not the pipeline's (``taken``, judged by
   :func:`prolong.reconcile.claim.claim`) is not created under another name: the stage stays
   Pending with the reason and the pipeline is Stalled (reason NameTaken) until the name is free.
+  A create the API server refused for good (``refused``: a 4xx, or a KubeRay too old for the
+  render) is the same, with reason CreateRefused and the server's message.
 """
 
 from __future__ import annotations
@@ -84,13 +86,18 @@ def retry_backoff(spec: PipelineSpec, failed_attempts: int) -> timedelta:
 def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                   rayjobs: Iterable[ObservedRayJob], *, now: datetime,
                   complete: Collection[str] = (), previous: PipelineStatus | None = None,
-                  generation: int | None = None, taken: Mapping[str, str] | None = None) -> Plan:
+                  generation: int | None = None, taken: Mapping[str, str] | None = None,
+                  refused: Mapping[str, str] | None = None) -> Plan:
     """Decide the next step of a validated pipeline.
 
     ``rayjobs``: every RayJob the pipeline owns. ``complete``: stage directories
     (:attr:`StageRef.directory`) that hold the COMPLETE marker. ``previous``: the status last
     written (None for a new pipeline). ``generation``: metadata.generation of the spec.
     ``taken``: RayJob names that exist but are not the pipeline's, with the reason.
+    ``refused``: RayJob names whose create the API server refused (a 4xx: an admission webhook,
+    a quota, Pod Security, a schema) or that this cluster's KubeRay cannot run, with the
+    server's message; not created now (the caller bounds the retries). Both leave the stage
+    Pending with the reason and the pipeline Stalled.
     """
     refs = pipeline_stages(pipeline, jobs)
     max_attempts = 1 + pipeline.spec.max_stage_retries
@@ -110,7 +117,8 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     stages: list[StageStatus] = []
     waiting = False  # an earlier stage is not done yet
     failure: str | None = None
-    blocked: str | None = None  # the stage whose RayJob name is taken
+    blocked: str | None = None  # the stage whose RayJob name is taken or create refused
+    blocked_by = "NameTaken"
     retry_at: datetime | None = None
     for ref in refs:
         mine = runs.get((ref.stage, ref.id), [])
@@ -136,12 +144,13 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             if st is None and (latest is None or retry):
                 attempt = latest.attempt + 1 if latest else 1
                 run = PlannedRayJob(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
-                if taken and run.name in taken:
+                why = (taken or {}).get(run.name) or (refused or {}).get(run.name)
+                if why is not None:
                     blocked = ref.stage
+                    blocked_by = "NameTaken" if run.name in (taken or {}) else "CreateRefused"
                     st = StageStatus(name=ref.stage, id=ref.id, phase="Pending",
                                      output_uri=ref.directory,
-                                     attempts=latest.attempt if latest else 0,
-                                     message=taken[run.name])
+                                     attempts=latest.attempt if latest else 0, message=why)
                 else:
                     creates.append(run)
                     message = None if latest is None else (
@@ -176,7 +185,8 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     status.conditions = _conditions(status, previous, failure, now, generation,
                                     blocked=next((s.message for s in stages
                                                   if s.name == blocked), None),
-                                    held=spec_change.message if held else None)
+                                    held=spec_change.message if held else None,
+                                    blocked_by=blocked_by)
     return Plan(tuple(creates), deletes, status, retry_at)
 
 
@@ -312,7 +322,8 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None,
 
 def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure: str | None,
                 now: datetime, generation: int | None, *,
-                blocked: str | None = None, held: str | None = None) -> list[Condition]:
+                blocked: str | None = None, held: str | None = None,
+                blocked_by: str = "NameTaken") -> list[Condition]:
 
     """Ready, plus kstatus' Reconciling (work in progress) and Stalled (will not progress by
     itself: retries spent, a RayJob name taken, or an invalid spec), which Flux and Argo CD's
@@ -326,8 +337,8 @@ def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure
         ready = Condition(type="Ready", status="False", reason="Failed", message=failure)
         reconciling = Condition(type="Reconciling", status="False", reason="Failed")
     elif blocked is not None:
-        ready = Condition(type="Ready", status="False", reason="NameTaken", message=blocked)
-        reconciling = Condition(type="Reconciling", status="False", reason="NameTaken")
+        ready = Condition(type="Ready", status="False", reason=blocked_by, message=blocked)
+        reconciling = Condition(type="Reconciling", status="False", reason=blocked_by)
     else:
         current = next((s for s in status.stages if s.name == status.current_stage), None)
         where = f"stage {status.current_stage} " if status.current_stage else ""
@@ -343,7 +354,7 @@ def _conditions(status: PipelineStatus, previous: PipelineStatus | None, failure
                                     reason="WaitingForSupersededRun", message=held)
     stalled = (Condition(type="Stalled", status="True", reason="RetriesExhausted",
                          message=failure) if failure is not None else
-               Condition(type="Stalled", status="True", reason="NameTaken", message=blocked)
+               Condition(type="Stalled", status="True", reason=blocked_by, message=blocked)
                if blocked is not None else
                Condition(type="Stalled", status="False", reason="NotStalled"))
     failed = (Condition(type="StageFailed", status="True", reason="RetriesExhausted",

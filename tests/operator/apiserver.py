@@ -12,7 +12,11 @@ behaviour: inherit and override) adds, over the same HTTP:
 * watch disconnects: :meth:`ApiServer.cut_watches` ends every open watch stream, as an API
   server restart or its timeout does; kopf then watches again;
 * observers of each stored write (:attr:`ApiServer.on_write`), for invariants that must hold at
-  the moment a stage starts or a status is written.
+  the moment a stage starts or a status is written;
+* admission of the operator's RayJob creates as a cluster with KubeRay 1.6/1.7 (and Kueue, as
+  :attr:`ApiServer.kueue` says) would judge them (tests.oracles.admission): a refusal is
+  answered 422 with the reasons and kept in :attr:`ApiServer.refusals`, which the operator
+  tests' fixture requires to be empty unless a test expects one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from typing import Any, Literal
 
 import attrs
 import kmock
+
+from tests.oracles.admission import rayjob_errors
+from tests.oracles.kueue import Namespace
 
 FaultKind = Literal["reject", "lose", "hang", "slow", "before"]
 
@@ -49,6 +56,8 @@ class Fault:
     delay: float = 0.0
     hook: Callable[[], Awaitable[None]] | None = None
     hits: int = 0
+    message: str = "injected fault: rejected, not applied"
+    """What a ``reject`` answers (a webhook's, a quota's words)."""
 
 
 def request_of(client: str, action: kmock.action, resource: kmock.resource,
@@ -76,6 +85,10 @@ class ApiServer(kmock.KubernetesEmulator):
     faults: list[Fault] = attrs.field(factory=list, init=False)
     on_write: list[Callable[[kmock.Request], None]] = attrs.field(factory=list, init=False)
     """Called with each create or patch once it is stored (a refused one is not)."""
+    kueue: Namespace = attrs.field(factory=Namespace, init=False)
+    """How Kueue is set up in the namespace (the oracle of its webhook)."""
+    refusals: list[str] = attrs.field(factory=list, init=False)
+    """The oracles' verdicts on refused RayJob creates, in order."""
     _versions: Any = attrs.field(factory=lambda: itertools.count(100), init=False)
     _writes: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     _released: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
@@ -120,7 +133,8 @@ class ApiServer(kmock.KubernetesEmulator):
             await fault.hook()
         elif fault is not None and fault.kind == "reject":
             raise kmock.KubernetesError(status=fault.status, reason=_reason(fault.status),
-                                        message="injected fault: rejected, not applied")
+                                        message=fault.message)
+        self._admit(request)
         writes = request.resource is not None and request.action in (
             kmock.action.CREATE, kmock.action.UPDATE)
         if writes:
@@ -141,6 +155,18 @@ class ApiServer(kmock.KubernetesEmulator):
         elif fault.kind == "slow":
             await asyncio.sleep(fault.delay)
         return response
+
+    def _admit(self, request: kmock.Request) -> None:
+        """The operator's RayJob creates, judged by the oracles of every KubeRay we claim."""
+        if not (request.action == kmock.action.CREATE and request.resource is not None
+                and request.resource.group == "ray.io" and isinstance(request.data, dict)
+                and request.headers.get("User-Agent", "").startswith(OPERATOR_CLIENT)):
+            return
+        errors = rayjob_errors(request.data, self.kueue)
+        if errors:
+            self.refusals.append("; ".join(errors))
+            raise kmock.KubernetesError(status=422, reason="Invalid",
+                                        message="; ".join(errors)[:2000])
 
     def _stamp(self, request: kmock.Request) -> None:
         """Optimistic concurrency: a patch with a resourceVersion other than the stored one is
@@ -193,7 +219,8 @@ class ApiServer(kmock.KubernetesEmulator):
 
 
 def _reason(status: int) -> str:
-    return {409: "Conflict", 429: "TooManyRequests", 503: "ServiceUnavailable",
+    return {400: "BadRequest", 403: "Forbidden", 409: "Conflict", 422: "Invalid",
+            429: "TooManyRequests", 503: "ServiceUnavailable",
             504: "Timeout"}.get(status, "InternalError")
 
 

@@ -35,8 +35,9 @@ import yaml
 from prolong.specfile import dump_yaml, load, pipeline_from_resource
 from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.names import attempt_rayjob_name, rayjob_name
-from tests.conftest import use_kmock_kubeconfig
+from tests.conftest import serve_kuberay_crd, use_kmock_kubeconfig
 from tests.operator.apiserver import ApiServer
+from tests.oracles.admission import warm_oracles
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = REPO / "operator" / "handlers.py"
@@ -192,6 +193,8 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     # /api/v1/namespaces anyway: HTTP 500).
     kmock.resources["v1/namespaces"] = info(namespaced=False, kind="Namespace",
                                             verbs={"list", "watch"})
+    serve_kuberay_crd(kmock)  # KubeRay 1.7's RayJob CRD (the operator's preflight reads it)
+    warm_oracles()  # their first call builds validators (0.5 s): not inside a timed request
     url = str(kmock.url).rstrip("/")
     use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
     # No keep-alive: kopf cancels the tasks started while it ran when it stops, and those
@@ -199,6 +202,9 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
         yield Cluster(kmock, session)
+    # Every RayJob the operator created passed KubeRay's and Kueue's oracles (a test that
+    # expects a refusal clears the list).
+    assert not kmock.refusals, kmock.refusals
 
 
 @contextlib.asynccontextmanager

@@ -228,7 +228,8 @@ def rendered(values: dict[str, Any]) -> tuple[set[Grant], list[dict[str, Any]]]:
     objs = [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o]
     (role,) = [o for o in objs if o["kind"] in ("Role", "ClusterRole")
-               and o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"]
+               and o["metadata"]["labels"]["app.kubernetes.io/component"] == "operator"
+               and o["metadata"]["name"].endswith("-operator")]
     assert role["kind"] == ("ClusterRole" if values["rbac"]["clusterWide"] else "Role")
     grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
               for r in rule["resources"] for v in rule["verbs"]}
@@ -284,3 +285,29 @@ async def test_the_role_grants_exactly_what_the_operator_calls(mode, cluster: Cl
     wanted = code_grants | recorded
     assert granted == wanted, (f"the Role grants what nothing calls: {sorted(granted - wanted)}; "
                                f"it lacks what is called: {sorted(wanted - granted)}")
+
+
+def test_the_kuberay_crd_reader_grants_the_one_read_the_operator_makes():
+    """The handlers read KubeRay's RayJob CRD (prolong.k8s.kuberay_version.read_rayjob_crd, by
+    name: no kubernetes API class the reader above sees); the chart grants exactly get on that
+    one CRD, cluster-wide (a namespaced Role cannot), to the operator's ServiceAccount."""
+    from prolong.k8s.kuberay_version import CRD_NAME
+
+    tree = ast.parse(HANDLERS.read_text())
+    reads = {n.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Call)
+             and ast.unparse(n.func) == "API.call" and n.args
+             and isinstance(n.args[0], ast.Name)}
+    assert "read_rayjob_crd" in reads
+    for values in ({"rbac": {"clusterWide": False}}, {"rbac": {"clusterWide": True}}):
+        _, objs = rendered(values)
+        (reader,) = [o for o in objs if o["kind"] == "ClusterRole"
+                     and o["metadata"]["name"].endswith("-kuberay-crd-reader")]
+        assert reader["rules"] == [{"apiGroups": ["apiextensions.k8s.io"],
+                                    "resources": ["customresourcedefinitions"],
+                                    "resourceNames": [CRD_NAME], "verbs": ["get"]}]
+        (binding,) = [o for o in objs if o["kind"] == "ClusterRoleBinding"
+                      and o["roleRef"]["name"] == reader["metadata"]["name"]]
+        (operator_binding,) = [o for o in objs if o["kind"] in ("RoleBinding",
+                                                               "ClusterRoleBinding")
+                               and o["roleRef"]["name"].endswith("-operator")]
+        assert binding["subjects"] == operator_binding["subjects"]
