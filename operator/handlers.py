@@ -38,6 +38,7 @@ account, otherwise ~/.kube/config), ``PROLONG_RESYNC_SECONDS``, ``PROLONG_API_TI
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -65,7 +66,12 @@ from prolong.k8s.kuberay_version import (
 from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
 from prolong.reconcile.claim import adoption_patch, claim, controlled_by_another
 from prolong.reconcile.events import PipelineEvent, invalid_spec_event, transition_events
-from prolong.reconcile.observe import observe_rayjob
+from prolong.reconcile.observe import (
+    FAILURE_ANNOTATION,
+    ObservedRayJob,
+    observe_rayjob,
+    pod_failure,
+)
 from prolong.reconcile.planner import Plan, PlannedRayJob, invalid_spec_status, plan_pipeline
 from prolong.reconcile.status import PipelineStatus
 from prolong.spec import API_VERSION, Job, ProLongPipeline, SpecError
@@ -77,6 +83,8 @@ from prolong.stage.names import ATTEMPT_LABEL, PIPELINE_LABEL, STAGE_ID_LABEL
 MANAGED_BY = "prolong-operator"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))
 MERGE_PATCH = "application/merge-patch+json"
+RAY_CLUSTER_LABEL = "ray.io/cluster"
+"""KubeRay's label on every pod of a Ray cluster (the cluster's name)."""
 API = RetryPolicy(timeout=float(os.environ.get("PROLONG_API_TIMEOUT_SECONDS", "30")),
                   first_delay=float(os.environ.get("PROLONG_API_BACKOFF_SECONDS", "0.2")))
 """Every API call of the reconcile: a timeout (a hung connection must not hold a pipeline's
@@ -295,7 +303,8 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
     taken.update(held)
     complete = {r.directory for r in pipeline_stages(pipeline, jobs)
                 if stage_complete(r.directory)}
-    plan = plan_pipeline(pipeline, jobs, [observe_rayjob(rj) for rj in owned], now=now,
+    observed = [fail_on_pods(api, namespace, observe_rayjob(rj), rj, log) for rj in owned]
+    plan = plan_pipeline(pipeline, jobs, observed, now=now,
                          complete=complete, previous=previous, generation=generation,
                          taken=taken, refused=REFUSALS.holding(namespace, name, generation, now))
     for rayjob in plan.deletes:
@@ -311,6 +320,35 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
             for event in transition_events(previous, plan.status):
                 post(body, event)
     return plan
+
+
+def fail_on_pods(api: ApiClient, namespace: str, rj: ObservedRayJob, obj: dict[str, Any],
+                 log: logging.Logger) -> ObservedRayJob:
+    """A RayJob not running yet whose Ray cluster has a pod that cannot start (an image that
+    cannot be pulled, a missing Secret: :func:`prolong.reconcile.observe.pod_failure`) fails
+    now, not at its pre-running deadline with every GPU held meanwhile: the operator annotates
+    it with the reason (the planner then retries or fails the stage) and sets its
+    preRunningDeadlineSeconds to 1, so KubeRay fails it too and its deletion rules release the
+    cluster. Attempts stay counted from the RayJobs: it is not deleted."""
+    cluster = ((obj.get("status") or {}).get("rayClusterName")) or None
+    if rj.outcome != "submitted" or cluster is None:
+        return rj
+    pods = _call(CoreV1Api(api).list_namespaced_pod, namespace,
+                 label_selector=f"{RAY_CLUSTER_LABEL}={cluster}", ok=(403, 404))
+    if pods is None:  # a Role without pods/list (an older chart): KubeRay's deadline decides
+        return rj
+    found = [p for p in api.sanitize_for_serialization(pods).get("items", [])
+             if ((p.get("metadata") or {}).get("labels") or {}).get(RAY_CLUSTER_LABEL) == cluster]
+    failure = pod_failure(found)
+    if failure is None:
+        return rj
+    log.warning("Failing RayJob %s at once: %s", rj.name, failure)
+    _call(CustomObjectsApi(api).patch_namespaced_custom_object, RAY_GROUP, RAY_VERSION,
+          namespace, RAY_PLURAL, rj.name,
+          {"metadata": {"annotations": {FAILURE_ANNOTATION: failure}},
+           "spec": {"preRunningDeadlineSeconds": 1}},
+          _content_type=MERGE_PATCH, ok=(404,))
+    return dataclasses.replace(rj, failure=failure)
 
 
 def post_event(body: dict[str, Any], event: PipelineEvent) -> None:

@@ -54,9 +54,14 @@ class ObservedRayJob:
     dashboard_url: str | None = None
     start_time: datetime.datetime | None = None
     end_time: datetime.datetime | None = None
+    failure: str | None = None
+    """Annotation prolong.dev/attempt-failed: the operator failed this attempt itself (a pod of
+    its cluster cannot start: :func:`pod_failure`), whatever KubeRay says yet."""
 
     @property
     def outcome(self) -> RayJobOutcome:
+        if self.failure:
+            return "failed"
         return rayjob_outcome(self.deployment_status, self.job_status)
 
     @property
@@ -102,7 +107,35 @@ def observe_rayjob(obj: dict[str, Any]) -> ObservedRayJob:
             for c in cluster.get("conditions") or () if isinstance(c, dict) and c.get("type")),
         dashboard_url=status.get("dashboardURL") or None,
         start_time=_k8s_time(status.get("startTime") or meta.get("creationTimestamp")),
-        end_time=_k8s_time(status.get("endTime")))
+        end_time=_k8s_time(status.get("endTime")),
+        failure=(meta.get("annotations") or {}).get(FAILURE_ANNOTATION) or None)
+
+
+FAILURE_ANNOTATION = "prolong.dev/attempt-failed"
+"""Set by the operator on a RayJob whose attempt it failed (the reason, one line)."""
+POD_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                "CreateContainerConfigError", "CreateContainerError")
+"""Waiting reasons of a container that waiting does not cure: the image cannot be pulled (a
+wrong name or tag, no pull secret), or the container cannot be made (a missing Secret or
+ConfigMap key, a bad mount). Until the pre-running deadline KubeRay would hold every other pod,
+and their GPUs, for nothing."""
+
+
+def pod_failure(pods: list[dict[str, Any]]) -> str | None:
+    """The first container of these pods (API dicts) that waits for a reason in
+    :data:`POD_FAILURES`, as ``pod P container C: Reason: message``; None when none does."""
+    for pod in pods:
+        status = pod.get("status") or {}
+        for cs in [*(status.get("initContainerStatuses") or []),
+                   *(status.get("containerStatuses") or [])]:
+            waiting = ((cs.get("state") or {}).get("waiting")) or {}
+            if waiting.get("reason") in POD_FAILURES:
+                text = f"pod {(pod.get('metadata') or {}).get('name')} container " \
+                       f"{cs.get('name')}: {waiting['reason']}"
+                if waiting.get("message"):
+                    text += f": {waiting['message']}"
+                return text[:500]
+    return None
 
 
 def _k8s_time(value: str | None) -> datetime.datetime | None:

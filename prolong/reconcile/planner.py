@@ -298,6 +298,8 @@ def _short(text: str | None) -> str | None:
 
 
 def _reason(rj: ObservedRayJob) -> str:
+    if rj.failure:  # failed by the operator: a pod of its cluster cannot start
+        return f"RayJob {rj.name} failed at once: {_short(rj.failure)}"
     state = "/".join(s for s in (rj.deployment_status, rj.job_status) if s) or "unknown state"
     if rj.reason and rj.reason not in (rj.message or ""):
         state += f" ({rj.reason})"

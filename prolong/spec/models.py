@@ -416,10 +416,10 @@ class KubernetesSpec(SpecModel):
     runs out of retries (an eviction, a drain, a dropped log stream), though the Ray job runs."""
     deletion_rules: bool = True
     """Release the Ray cluster with KubeRay's deletionStrategy.deletionRules (KubeRay 1.6+, where
-    the RayJobDeletionPolicy feature gate is on by default; 1.3-1.5 need
-    --feature-gates=RayJobDeletionPolicy=true): the worker pods when the job ends, the head after
-    deleteClusterAfterSeconds. false: shutdownAfterJobFinishes with ttlSecondsAfterFinished =
-    deleteClusterAfterSeconds (workers and head go together)."""
+    the RayJobDeletionPolicy feature gate is on by default): the worker pods when the job ends,
+    the head after deleteClusterAfterSeconds. false, and always for a queued stage:
+    shutdownAfterJobFinishes with ttlSecondsAfterFinished = deleteClusterAfterSeconds (workers and
+    head go together)."""
     release_workers_after_seconds: int = Field(0, ge=0)
     """Seconds after the Ray job ends (succeeded or failed) before KubeRay deletes the worker
     pods and so releases their GPUs (deletionRules only)."""

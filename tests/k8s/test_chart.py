@@ -32,7 +32,7 @@ NAMESPACE = "ml"
 # tests/operator/test_rbac.py.
 ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipelines/status"),
            ("prolong.dev", "prolongpipelines/finalizers"), ("ray.io", "rayjobs"),
-           ("", "configmaps"), ("", "events")}
+           ("", "configmaps"), ("", "events"), ("", "pods")}
 
 
 @pytest.fixture

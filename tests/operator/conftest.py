@@ -188,6 +188,8 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     kmock.resources["v1/configmaps"] = info(namespaced=True, kind="ConfigMap",
                                             verbs={"get", "list", "create", "delete"})
     kmock.resources["v1/events"] = info(namespaced=True, kind="Event", verbs={"create"})
+    kmock.resources["v1/pods"] = info(namespaced=True, kind="Pod",
+                                      verbs={"get", "list", "create"})
     # kopf waits for the namespaces resource to be discovered (a real cluster always serves it),
     # though the handlers turn namespace scanning off (kmock 0.8 cannot parse the path
     # /api/v1/namespaces anyway: HTTP 500).

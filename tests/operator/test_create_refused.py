@@ -127,3 +127,68 @@ async def test_the_operator_creates_nothing_where_kuberay_lacks_a_rendered_field
     want = "spec.preRunningDeadlineSeconds" if tag else "no CRD rayjobs.ray.io"
     assert want in cond["message"] and want in status["stages"][0]["message"]
     assert any(e.type == "Warning" and want in e.message for e in events)
+
+
+# ---- a pod that cannot start fails the attempt at once ------------------------------------------
+
+PODS = kmock.resource("v1/pods")
+
+
+def container_status(name: str, state: dict) -> dict:
+    """A container's status as the API server reports it (the fields it always sends)."""
+    return {"name": name, "state": state, "image": "x", "imageID": "", "ready": False,
+            "restartCount": 0}
+
+
+@pytest.mark.parametrize(("reason", "message"), [
+    ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/prolong-dev/prolong-train:0.1.0"'),
+    ("CreateContainerConfigError", 'secret "hf-token" not found')])
+async def test_a_pod_that_cannot_start_fails_the_attempt_at_once(
+        reason: str, message: str, cluster: Cluster, handlers) -> None:
+    cr = pipeline_cr("jobs/quickstart/pipeline.yaml")
+    name = cr["metadata"]["name"]
+    rayjob = rayjob_for(cr, "stage1")
+    await cluster.create_pipeline(cr)
+    events: list = []
+    await reconcile(handlers, cluster, name, events)
+    await cluster.set_rayjob_status(rayjob, {"jobDeploymentStatus": "Initializing",
+                                             "rayClusterName": f"{rayjob}-rc"})
+    healthy = container_status("ray-head", {"running": {}})
+    for pod, state in ((f"{rayjob}-rc-head", healthy),
+                       (f"{rayjob}-rc-cpu-workers-0", container_status("ray-worker", {
+                           "waiting": {"reason": reason, "message": message}}))):
+        await cluster.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+            "name": pod, "namespace": NAMESPACE, "labels": {"ray.io/cluster": f"{rayjob}-rc"}},
+            "spec": {"containers": [{"name": state["name"], "image": "x"}]},
+            "status": {"containerStatuses": [state]}})
+    await reconcile(handlers, cluster, name, events)
+
+    stored = cluster.rayjobs()[rayjob]
+    want = f"pod {rayjob}-rc-cpu-workers-0 container ray-worker: {reason}: {message}"
+    assert stored["metadata"]["annotations"]["prolong.dev/attempt-failed"] == want
+    assert stored["spec"]["preRunningDeadlineSeconds"] == 1  # KubeRay fails it and releases
+    stage1 = cluster.status(name)["stages"][0]
+    # The quickstart allows no retry: the stage fails now (with retries left: Retrying).
+    assert stage1["phase"] == "Failed" and want in stage1["message"]
+    assert any(e.type == "Warning" and e.reason == "StageFailed" and reason in e.message
+               for e in events)
+
+
+async def test_a_pod_still_pulling_is_left_alone(cluster: Cluster, handlers) -> None:
+    cr = pipeline_cr("jobs/quickstart/pipeline.yaml")
+    name, rayjob = cr["metadata"]["name"], rayjob_for(cr, "stage1")
+    await cluster.create_pipeline(cr)
+    events: list = []
+    await reconcile(handlers, cluster, name, events)
+    await cluster.set_rayjob_status(rayjob, {"jobDeploymentStatus": "Initializing",
+                                             "rayClusterName": f"{rayjob}-rc"})
+    await cluster.create(PODS, {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "name": f"{rayjob}-rc-head", "namespace": NAMESPACE,
+        "labels": {"ray.io/cluster": f"{rayjob}-rc"}},
+        "spec": {"containers": [{"name": "ray-head", "image": "x"}]},
+        "status": {"containerStatuses": [container_status("ray-head", {
+            "waiting": {"reason": "ContainerCreating"}})]}})
+    await reconcile(handlers, cluster, name, events)
+    assert "annotations" not in cluster.rayjobs()[rayjob]["metadata"] or \
+        "prolong.dev/attempt-failed" not in cluster.rayjobs()[rayjob]["metadata"]["annotations"]
+    assert cluster.status(name)["stages"][0]["phase"] == "Submitted"
