@@ -140,7 +140,9 @@ def test_every_render_has_the_policies(values, validate_object):
 def test_a_stage_cluster_is_closed_but_to_itself_and_kuberay(path):
     policies = policies_of(_render({}))
     pods = stage_pods(path)
-    assert set(pods) == {"head", "worker", "submitter"}  # K8sJobMode: a labelled submitter
+    # HTTPMode (the default): KubeRay's operator submits to the head's dashboard, no submitter
+    # pod (K8sJobMode's is labelled like the stage: test_rayjob).
+    assert set(pods) == {"head", "worker"}
     head = pods["head"]
     for port in RAY_PORTS:
         for member in pods.values():
@@ -152,8 +154,6 @@ def test_a_stage_cluster_is_closed_but_to_itself_and_kuberay(path):
         assert reachable(policies, PROMETHEUS, head, port) == (port == 8080), port
         assert reachable(policies, PROMETHEUS, pods["worker"], port) == (port == 8080), port
         assert reachable(policies, KUBERAY, pods["worker"], port) == (port == 8080), port
-    # The submitter has no ports of its own, and nobody else gets in either.
-    assert not reachable(policies, NOTEBOOK, pods["submitter"], 8265)
 
 
 def test_the_long_lived_cluster_is_its_own_zone():
