@@ -4,8 +4,7 @@ v1.6.0 and v1.7.0, and the KubeRay / Kueue oracles (tests/oracles) against our r
 from __future__ import annotations
 
 import copy
-import gzip
-import json
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -89,18 +88,22 @@ def test_a_map_key_with_dots_and_a_field_no_version_has():
         "spec.rayClusterSpec.workerGroupSpecs[].template.spec.containers[].resourcez"]
 
 
-def test_the_v17_fixture_is_the_shared_crd():
+def test_the_fixtures_are_the_tags_crds():
+    """Each fixture is the CRD of its tag (SOURCE.md records the YAML's sha256); the v1.7.0 one is
+    also the CRD in shared/schemas/kuberay, when that is beside this checkout (the same blob)."""
     from tests.k8s.conftest import KUBERAY_SCHEMAS
 
-    shared = KUBERAY_SCHEMAS / "ray.io_rayjobs.yaml"
-    if not shared.exists():
-        pytest.skip("shared/schemas/kuberay is not beside this checkout")
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    assert yaml.load(shared.read_text(), Loader=loader) == crd("v1.7.0")
+    source = (CRDS / "SOURCE.md").read_text()
     assert sorted(p.name for p in CRDS.glob("*.json.gz")) == [
         f"ray.io_rayjobs-{t}.json.gz" for t in ALL_TAGS]
-    with gzip.open(CRDS / "ray.io_rayjobs-v1.4.2.json.gz", "rt") as f:
-        assert json.load(f)["metadata"]["name"] == "rayjobs.ray.io"
+    for tag in ALL_TAGS:
+        assert f"| {tag} |" in source
+        assert crd(tag)["metadata"]["name"] == "rayjobs.ray.io"
+        assert crd(tag)["spec"]["group"] == "ray.io"
+    shared = KUBERAY_SCHEMAS / "ray.io_rayjobs.yaml"
+    if shared.exists():
+        row = next(line for line in source.splitlines() if line.startswith("| v1.7.0 |"))
+        assert hashlib.sha256(shared.read_bytes()).hexdigest() in row
 
 
 # ---- Kueue: a queued stage -------------------------------------------------------------------
