@@ -143,7 +143,10 @@ def memory_rows(e: MemoryEstimate, spec: TrainSpec, arch: ArchitectureSpec) -> l
                   ("fp32 master + 2 AdamW moments" if (zero or dtype == "bf16") else
                    "2 AdamW moments") + (f" {by}" if zero and not par.offload_optimizer else "")),
         MemoryRow("ZeRO buffers", e.zero_buffers, ("reduce bucket, 5e8 elements"
-                  + (" x 2 (overlap)" if spec.cluster.device == "gpu" and zero in (1, 2) else ""))
+                  + (" x 2 (overlap)" if spec.overlap_comm and zero in (1, 2) else "")
+                  + f", reduced in {par.communication.data_type}"
+                  + (f" (+ the bucket cast to {par.communication.data_type})"
+                     if zero == 3 and par.communication.data_type != dtype else ""))
                   if zero else "none under ZeRO-0"),
         MemoryRow("activation checkpoints", e.checkpoints,
                   ("final hidden state (layer inputs offloaded)" if mem.activation_offload else

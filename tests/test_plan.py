@@ -73,7 +73,7 @@ def test_training_stages_carry_a_memory_estimate(prolong_plan):
 
     s2 = prolong_plan["stage2"]
     assert s2.memory is not None and s2.memory.fits and s2.memory_warning is None
-    assert s2.memory.peak / GIB == pytest.approx(38.15, abs=0.01)
+    assert s2.memory.peak / GIB == pytest.approx(40.01, abs=0.01)
     rows = {r.item: r for r in s2.memory_rows}
     assert rows["parameters"].detail == "bf16, ZeRO-3 / 64"
     assert rows["activation checkpoints"].bytes == 33 * 65536 * 4096 * 2

@@ -8,10 +8,14 @@ documents run one by one. Shapes follow transformers: query ``[B, H, S, D]``, ke
 
 Backends, in the order ``auto`` tries them:
 
-- ``flash_attn``: ``flash_attn_varlen_func`` from flash-attn-4 (``flash_attn.cute``, Hopper and
-  newer) or flash-attn 2. Fastest; CUDA, fp16/bf16 only.
+- ``flash_attn``: ``flash_attn_varlen_func`` from the fastest flash-attention build present for
+  the GPU: flash-attn-3 (``flash_attn_interface``, Hopper only) first on SM90, flash-attn-4
+  (``flash_attn.cute``, Hopper and Blackwell) next, flash-attn 2 last. CUDA, fp16/bf16 only.
+  :func:`kernels_run` says which one ran (``prolong.versions.versions()`` records it).
 - ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (a flash kernel shipped inside CUDA
-  builds of torch). Same layout as flash-attn, no extra package; CUDA, fp16/bf16 only.
+  builds of torch). Same layout as flash-attn, no extra package; CUDA, fp16/bf16 only. Grouped KV
+  heads go in un-repeated where the function takes ``enable_gqa`` (torch >= 2.12); torch 2.11's
+  has no such argument and gets them repeated.
 - ``flex``: FlexAttention with a document ``mask_mod``, compiled. Any dtype the compiler supports,
   but building the block mask costs O(S²/128²) per new row (cached for the layers of one row). On
   CPU torch 2.13 runs it forward-only (no backward), so it is not selectable there.
@@ -26,9 +30,15 @@ other jump is treated the same way, as transformers' packed-sequence detection d
 ``attention_mask``: padding is not part of the packed-batch contract, and under sequence
 parallelism DeepSpeed discards the mask anyway.
 
-Each backend is registered with transformers under its own name (``prolong_sdpa``, ...). Building a
-model with ``attn_implementation=<name>`` routes every layer through :func:`hf_attention_forward`.
+Each backend is registered with transformers under its own name (:data:`HF_NAMES`:
+``prolong_docs_fa``, ``prolong_docs_reference``, ...). Building a model with
+``attn_implementation=<name>`` routes every layer through :func:`hf_attention_forward`.
 transformers builds no mask for names it does not know, so no O(S²) mask is ever materialised.
+The names avoid every substring transformers 5 acts on (:data:`RESERVED_IN_HF_NAMES`): its
+``is_flash_attention_requested`` is a substring test for "flash", and a name that passes it is
+imported as a flash kernel (falling back to the hub-kernels loader, which raises), so a name like
+``prolong_flash_attn`` kills the model build. The spec's ``attention:`` values (``flash_attn``,
+...) are ours and never reach transformers.
 DeepSpeed's ALST (``UlyssesSPAttentionHF.register_with_transformers(model, <name>, sp, ...)``)
 looks the name up, wraps the function and stores the wrapper under the same name in
 ``ALL_ATTENTION_FUNCTIONS``' local mapping, which takes precedence over our global registration
@@ -38,10 +48,15 @@ sequence, ``attention_mask=None``, and ``position_ids`` all-gathered over the SP
 concatenated along dim 1 (``[B, S]``). The document layout derived from them is therefore exactly
 the single-process one, and attention over a subset of heads is independent of the other heads.
 
-Trade-off: the document layout is derived again in every layer (a ``nonzero`` and, for the varlen
-kernels, one host sync per layer). Passing precomputed ``cu_seqlens`` through the model kwargs
-would avoid it, but under ALST only ``position_ids`` are gathered, so a caller-computed layout
-from the local shard would be silently wrong; correctness first.
+The document layout costs two host syncs (``nonzero`` and the max length). The trainer computes
+it once per micro-batch from the *full* row (:func:`document_layout`; every SP rank holds the
+full row before it keeps its chunk) and passes it down the model as the ``document_layout``
+forward kwarg; transformers hands model kwargs to every attention call, ALST's wrapper passes
+them through untouched, and activation checkpointing replays them in the recompute. So the syncs
+are per micro-batch, not per layer (and not again in the recompute). The layout must describe the
+sequence attention sees (the gathered full row under ALST): its ``doc_ids`` shape is checked
+against the query, which needs no sync. Without the kwarg the layout is derived from
+``position_ids`` in every call, as before.
 """
 
 from __future__ import annotations
@@ -60,8 +75,23 @@ import torch.nn.functional as F
 BACKENDS = ("flash_attn", "torch_varlen", "flex", "sdpa")
 """Concrete backends, in the order ``auto`` prefers them."""
 
-HF_NAMES = {name: f"prolong_{name}" for name in BACKENDS}
-"""The transformers ``attn_implementation`` name of each backend."""
+HF_NAMES = {
+    "flash_attn": "prolong_docs_fa",
+    "torch_varlen": "prolong_docs_torch_varlen",
+    "flex": "prolong_docs_flex",
+    "sdpa": "prolong_docs_reference",
+}
+"""The transformers ``attn_implementation`` name of each backend (never the spec's value: see
+:data:`RESERVED_IN_HF_NAMES`)."""
+
+RESERVED_IN_HF_NAMES = ("flash", "sdpa", "flex_attention", "eager", "paged", "/", ":", "|")
+"""Substrings transformers 5.24 dispatches on when it checks an ``attn_implementation``
+(``modeling_utils._check_and_adjust_attn_implementation`` and ``get_correct_attn_implementation``,
+``utils.generic.is_flash_attention_requested``; ``/`` and ``:`` make it a hub kernel id). A
+registered name holding one is not treated as a plain registered function."""
+
+LAYOUT_KWARG = "document_layout"
+"""The model forward kwarg that carries a precomputed :class:`DocumentLayout` to every layer."""
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -146,27 +176,75 @@ def sdpa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Do
 
 @functools.cache
 def _flash_varlen_fn() -> tuple[str, Callable[..., Any]] | None:
-    """The flash-attn varlen function, preferring flash-attn-4 (Hopper and newer) over flash-attn 2."""
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+    """The flash-attention varlen function to use here and its label, or None.
+
+    On Hopper (SM90) flash-attn-3 (``flash_attn_interface``, built from the repo's ``hopper/``)
+    comes first: it is the Hopper-tuned kernel (TMA, warp specialisation, FP8-capable), about
+    1.5-2x flash-attn 2's throughput at long sequence lengths. flash-attn-4 (``flash_attn.cute``)
+    runs on SM90 and SM100 and comes next; flash-attn 2 (any SM80+) last. A package that fails
+    to import counts as absent."""
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 0
+    candidates = []
+    if major == 9:
+        candidates.append(("flash-attn-3", "flash_attn_interface", "flash_attn_interface"))
+    if major >= 9:
+        candidates.append(("flash-attn-4", "flash_attn", "flash_attn.cute"))
+    candidates.append(("flash-attn-2", "flash_attn", "flash_attn"))
+    for label, top, module in candidates:
+        if importlib.util.find_spec(top) is None:
+            continue
         try:
-            from flash_attn.cute import flash_attn_varlen_func as fa4
-
-            return "flash-attn-4", fa4
+            fn = importlib.import_module(module).flash_attn_varlen_func
         except Exception:  # a broken optional install means "not available"
-            pass
-    try:
-        from flash_attn import flash_attn_varlen_func as fa2
+            continue
+        return label, fn
+    return None
 
-        return "flash-attn-2", fa2
-    except Exception:
-        return None
+
+def _torch_varlen_fn() -> Callable[..., Any]:
+    """torch's ``varlen_attn``, looked up at every call (so the version-specific signature is the
+    installed one)."""
+    from torch.nn.attention import varlen
+
+    return varlen.varlen_attn
+
+
+def _flex_fn(compiled: bool) -> Callable[..., Any]:
+    """FlexAttention, compiled (the real kernel) or eager (exact, materialises the scores)."""
+    if compiled:
+        return _compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+_KERNELS_RUN: dict[str, str] = {}
+"""Backend -> the kernel that ran it in this process (filled on first use)."""
+
+
+def kernels_run() -> dict[str, str]:
+    """Which kernel each backend used so far in this process, e.g. ``{"flash_attn":
+    "flash-attn-3 3.0.0b1"}``: what a run's manifest records next to the library versions."""
+    return dict(_KERNELS_RUN)
+
+
+def _record_kernel(backend: str, label: str, distribution: str | None = None) -> None:
+    if backend in _KERNELS_RUN:
+        return
+    version = None
+    if distribution is not None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            version = None
+    _KERNELS_RUN[backend] = f"{label} {version}" if version else label
 
 
 def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with only the keyword arguments its signature names (the flash-attn 2 and 4 and
-    torch signatures differ in optional extras)."""
+    """Call ``fn`` with only the keyword arguments its signature names (the flash-attn 2, 3 and 4
+    and torch signatures differ in optional extras)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -180,22 +258,24 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
                       scale: float) -> torch.Tensor:
     found = _flash_varlen_fn()
     if found is None:
-        raise AttentionBackendError("flash_attn: neither flash-attn-4 nor flash-attn 2 is importable")
-    _, fn = found
+        raise AttentionBackendError("flash_attn: none of flash-attn-3, flash-attn-4, flash-attn 2 "
+                                    "is importable")
+    label, fn = found
+    _record_kernel("flash_attn", label, label if label != "flash-attn-2" else "flash-attn")
     b, h, s, d = q.shape
     cu = layout.cu_seqlens
+    # Every flash-attention generation takes grouped KV heads as they are (KV < H).
     out = _call_with_supported(
         fn, _tokens_major(q), _tokens_major(k), _tokens_major(v),
         cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=layout.max_seqlen,
         max_seqlen_k=layout.max_seqlen, softmax_scale=scale, causal=True)
-    out = out[0] if isinstance(out, tuple) else out  # flash-attn-4 returns (out, lse)
+    out = out[0] if isinstance(out, tuple) else out  # flash-attn-3/4 may return (out, lse)
     return out.reshape(b, s, h, d)
 
 
 def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
                  scale: float) -> torch.Tensor:
-    from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn = _torch_varlen_fn()
     b, h, s, d = q.shape
     kv = k.shape[1]
     params = inspect.signature(varlen_attn).parameters
@@ -205,9 +285,10 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Docu
         extra["window_size"] = (-1, 0)
     else:
         extra["is_causal"] = True
+    gqa = "enable_gqa" in params  # torch >= 2.12; 2.11's varlen_attn has no such argument
     if kv != h:
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
+        if gqa:
+            extra["enable_gqa"] = True  # grouped KV heads go in as they are: no H/KV-fold copy
         else:
             k = k.repeat_interleave(h // kv, dim=1)
             v = v.repeat_interleave(h // kv, dim=1)
@@ -215,9 +296,12 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Docu
         extra["scale"] = scale
     elif abs(scale - d ** -0.5) > 1e-12:
         q = q * (scale / d ** -0.5)  # no scale argument: fold a non-default scale into q
+    _record_kernel("torch_varlen", "torch varlen_attn" + (" (enable_gqa)" if gqa else ""),
+                   "torch")
     cu = layout.cu_seqlens
     out = varlen_attn(_tokens_major(q), _tokens_major(k), _tokens_major(v), cu, cu,
                       layout.max_seqlen, layout.max_seqlen, **extra)
+    out = out[0] if isinstance(out, tuple) else out  # return_aux asks for (out, lse)
     return out.reshape(b, s, h, d)
 
 
@@ -263,12 +347,11 @@ def flex_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Doc
                   scale: float, *, compiled: bool | None = None) -> torch.Tensor:
     """FlexAttention with a same-document causal mask. ``compiled`` defaults to "on CUDA"; eager
     mode (CPU tests) is exact but materialises the scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     if compiled is None:
         compiled = q.is_cuda
     block_mask = _block_masks.get(layout.doc_ids.to(q.device), compile_mask=compiled)
-    fn = _compiled_flex() if compiled else flex_attention
+    fn = _flex_fn(compiled)
+    _record_kernel("flex", "flex_attention" + (" compiled" if compiled else " eager"), "torch")
     out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
 
@@ -315,7 +398,8 @@ def unavailable_reason(backend: str, device: str | torch.device,
         return f"supports only float16/bfloat16, not {dtype}"
     if backend == "flash_attn":
         found = _flash_varlen_fn()
-        return None if found is not None else "neither flash-attn-4 nor flash-attn 2 is importable"
+        return None if found is not None else ("none of flash-attn-3, flash-attn-4, "
+                                                "flash-attn 2 is importable")
     if not _has_torch_varlen():
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
     return None
@@ -323,13 +407,16 @@ def unavailable_reason(backend: str, device: str | torch.device,
 
 def select_backend(requested: str, device: str | torch.device,
                    dtype: torch.dtype | None = None,
-                   reason: Callable[[str, Any, Any], str | None] = unavailable_reason) -> str:
+                   reason: Callable[[str, Any, Any], str | None] | None = None) -> str:
     """The concrete backend for ``requested`` (``auto`` or a backend name) on ``device``.
 
     ``auto`` takes the first available of flash_attn, torch_varlen, flex, sdpa (sdpa always is).
     An explicitly requested backend that cannot run raises :class:`AttentionBackendError` with the
-    reason. ``reason`` is injectable so the choice can be tested for any combination of installs.
+    reason. ``reason`` (default :func:`unavailable_reason`, looked up when called) is injectable so
+    the choice can be tested for any combination of installs.
     """
+    if reason is None:
+        reason = unavailable_reason
     if requested == "auto":
         for backend in BACKENDS:
             if reason(backend, device, dtype) is None:
@@ -347,12 +434,15 @@ def select_backend(requested: str, device: str | torch.device,
 # ----------------------------------------------------------------------------------------------
 
 def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       position_ids: torch.Tensor, *, backend: str,
-                       scale: float | None = None) -> torch.Tensor:
+                       position_ids: torch.Tensor | None, *, backend: str,
+                       scale: float | None = None,
+                       layout: DocumentLayout | None = None) -> torch.Tensor:
     """Causal attention within the documents that ``position_ids`` delimit.
 
     query ``[B, H, S, D]``, key/value ``[B, KV, S, D]`` (KV divides H), position_ids ``[B, S]``
     (or ``[1, S]``, broadcast over the batch). Returns ``[B, S, H, D]`` in query's dtype.
+    ``layout``: the documents, precomputed by the caller (no host sync here); it must cover
+    exactly these ``B x S`` tokens, and ``position_ids`` are then not read.
     """
     if backend not in _KERNELS:
         raise ValueError(f"unknown attention backend {backend!r}")
@@ -362,10 +452,17 @@ def document_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                          "the same tokens (no KV cache: these backends are for training)")
     if h % key.shape[1]:
         raise ValueError(f"{key.shape[1]} key/value heads do not divide {h} query heads")
-    if position_ids.shape[-1] != s:
-        raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens, attention {s}")
-    position_ids = position_ids.to(query.device).expand(b, s)
-    layout = document_layout(position_ids)
+    if layout is not None:
+        if tuple(layout.doc_ids.shape) != (b, s):
+            raise ValueError(f"the precomputed document layout covers {tuple(layout.doc_ids.shape)} "
+                             f"tokens, attention [B, S] = {(b, s)} (under Ulysses it must be the "
+                             "full row's, not the local chunk's)")
+    else:
+        if position_ids is None:
+            raise ValueError("document attention needs position_ids or a precomputed layout")
+        if position_ids.shape[-1] != s:
+            raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens, attention {s}")
+        layout = document_layout(position_ids.to(query.device).expand(b, s))
     return _KERNELS[backend](query, key, value, layout, d ** -0.5 if scale is None else scale)
 
 
@@ -379,6 +476,7 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     Called by ``LlamaAttention`` as ``fn(module, q, k, v, attention_mask, dropout=..., scaling=...,
     position_ids=..., **kwargs)``, directly or through DeepSpeed's Ulysses wrapper.
     """
+    layout = kwargs.pop(LAYOUT_KWARG, None)
     del kwargs  # output_attentions, cache positions, ...: nothing here depends on them
     if dropout:
         raise ValueError("attention dropout is not supported by the document-masked backends "
@@ -388,11 +486,11 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
         # by the caller: honouring it is not supported, ignoring it would be silently wrong.
         raise ValueError("document attention takes its mask from position_ids; a prepared "
                          "attention_mask is not supported (padding is not part of packed rows)")
-    if position_ids is None:
+    if position_ids is None and layout is None:
         # Plain (unpacked) rows: one document per row.
         position_ids = torch.arange(query.shape[2], device=query.device).unsqueeze(0)
     return document_attention(query, key, value, position_ids, backend=backend,
-                              scale=scaling), None
+                              scale=scaling, layout=layout), None
 
 
 def register_attention_backends() -> dict[str, str]:
@@ -403,8 +501,17 @@ def register_attention_backends() -> dict[str, str]:
     from transformers import AttentionInterface
 
     for backend, name in HF_NAMES.items():
+        check_hf_name(name)
         AttentionInterface.register(name, functools.partial(hf_attention_forward, backend=backend))
     return dict(HF_NAMES)
+
+
+def check_hf_name(name: str) -> None:
+    """Refuse a name transformers would not dispatch as a plain registered function."""
+    bad = [part for part in RESERVED_IN_HF_NAMES if part in name]
+    if bad:
+        raise ValueError(f"attention name {name!r} contains {bad[0]!r}, which transformers "
+                         "dispatches on (see RESERVED_IN_HF_NAMES); register it under another name")
 
 
 def hf_name(backend: str) -> str:

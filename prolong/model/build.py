@@ -36,7 +36,13 @@ from typing import Any
 
 import torch
 
-from prolong.model.attention import hf_name, register_attention_backends, select_backend
+from prolong.model.attention import (
+    LAYOUT_KWARG,
+    DocumentLayout,
+    hf_name,
+    register_attention_backends,
+    select_backend,
+)
 from prolong.model.loss import chunked_lm_loss
 from prolong.model.zero3 import Zero3Init, build_partitioned, load_partitioned
 from prolong.spec import ArchitectureSpec, ModelSpec
@@ -213,22 +219,28 @@ def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dt
                                                 local_files_only=local_files_only)
 
 
-def decoder_hidden_states(model: Any, input_ids: torch.Tensor,
-                          position_ids: torch.Tensor) -> torch.Tensor:
+def decoder_hidden_states(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          layout: DocumentLayout | None = None) -> torch.Tensor:
     """Final-norm hidden states ``[B, S, Hd]`` of a causal LM's decoder body (no LM head).
 
     ``position_ids`` are required: they carry the document boundaries (and, under Ulysses, ALST
-    asserts they are present in every attention call).
+    asserts they are present in every attention call). ``layout``: the documents of the sequence
+    attention sees (the full row, also under Ulysses), computed once per micro-batch by the
+    caller; every layer (and its recompute) then reuses it instead of deriving it with two host
+    syncs (see :mod:`prolong.model.attention`).
     """
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    extra = {} if layout is None else {LAYOUT_KWARG: layout}
+    out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False, **extra)
     return out.last_hidden_state
 
 
 def packed_lm_loss(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor,
                    shift_labels: torch.Tensor, *, normalizer: float, chunk_tokens: int = 8192,
-                   checkpoint: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder body + chunked, globally normalised LM loss for one packed micro-batch."""
-    hidden = decoder_hidden_states(model, input_ids, position_ids)
+                   checkpoint: bool = True,
+                   layout: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder body + chunked, globally normalised LM loss for one packed micro-batch
+    (``layout``: see :func:`decoder_hidden_states`)."""
+    hidden = decoder_hidden_states(model, input_ids, position_ids, layout)
     return chunked_lm_loss(hidden, model.get_output_embeddings(), shift_labels,
                            normalizer=normalizer, chunk_tokens=chunk_tokens, checkpoint=checkpoint)

@@ -19,7 +19,9 @@ Under bf16 with ZeRO >= 1 our DeepSpeed config accumulates gradients in fp32
 (:mod:`prolong.parallel.deepspeed_config`); DeepSpeed's ZeRO optimizers keep an fp32 master
 partition even for fp32 models; ``offloadOptimizer`` moves master and moments to host memory.
 ZeRO >= 1 also allocates its gradient-reduction bucket up front, ``reduce_bucket_size`` = 5e8
-elements whatever the model's size (two of them with ``overlap_comm``, which we turn on on GPUs).
+elements whatever the model's size (two of them with ``overlap_comm``, which we turn on on GPUs),
+at the reduction's precision (``parallelism.communication.dataType``, fp32 by default; ZeRO-3
+then also holds the bucket cast to it while reducing).
 
 **Activation checkpoints**: with activation checkpointing every decoder layer keeps its input,
 one hidden state per local token (T = sequenceLength / SP), plus the final hidden state that the
@@ -162,9 +164,15 @@ def estimate_memory(spec: TrainSpec, arch: ArchitectureSpec) -> MemoryEstimate:
     if zero == 0:
         buffers = 0.0
     else:
-        bucket_bytes = 4 if zero == 1 else act
-        copies = 2 if gpu and zero in (1, 2) else 1  # overlap_comm double-buffers ZeRO 1/2
+        # The reduction's precision (parallelism.communication.dataType): ZeRO 2 buckets at it;
+        # ZeRO-3 buckets in the model's dtype and casts the whole bucket to it before reducing
+        # (stage3.__avg_scatter_contiguous_grads), a second, wider copy while it is reduced.
+        comm = 4 if par.communication.data_type == "fp32" or act == 4 else 2
+        bucket_bytes = {1: 4, 2: comm, 3: act}[zero]
+        copies = 2 if spec.overlap_comm and zero in (1, 2) else 1  # overlap_comm double-buffers
         buffers = REDUCE_BUCKET_ELEMENTS * bucket_bytes * copies
+        if zero == 3 and comm != act:
+            buffers += REDUCE_BUCKET_ELEMENTS * comm
 
     # -- activations ---------------------------------------------------------------------------
     t = spec.sequence_length // sp  # local tokens per worker

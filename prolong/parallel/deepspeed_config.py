@@ -28,6 +28,13 @@ Choices that are not just copying a field:
   ``reduce_scatter: false`` it divides by DP only for buckets that fit ``reduce_bucket_size`` and
   by DP x SP for larger ones. The loss normalisation in :mod:`prolong.parallel.ulysses` relies on
   one fixed divisor per stage.
+- **Gradient reduction** at one stated precision, ``parallelism.communication.dataType`` (fp32
+  by default), written as both ``communication_data_type`` and
+  ``seq_parallel_communication_data_type``: left alone, DeepSpeed 0.19 reduces a bf16 model's
+  gradients in bf16 without SP but in fp32 with SP > 1 (``engine._configure_distributed_model``
+  swaps in the SP type), so stage 1 and stage 2 would differ and the plan would count the wrong
+  bucket width. ``overlap_comm`` follows ``parallelism.communication.overlapComm`` (on GPUs by
+  default); the SP parity tests run it forced on, on CPU (case ``2+overlap``).
 - **Sequence parallelism.** ``sequence_parallel_size`` = SP (DeepSpeed uses it for its batch
   arithmetic when no mpu says otherwise; the trainer also passes the mpu).
 - **Activation checkpointing** is applied on the model side (transformers'
@@ -59,7 +66,7 @@ def deepspeed_config(spec: TrainSpec, dims: ParallelDims) -> dict[str, Any]:
 
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=spec.cluster.device == "gpu",
+        zero.update(contiguous_gradients=True, overlap_comm=spec.overlap_comm,
                     reduce_scatter=True)
     if par.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": spec.cluster.device == "gpu"}
@@ -75,6 +82,10 @@ def deepspeed_config(spec: TrainSpec, dims: ParallelDims) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": LOG_EVERY_NEVER,
         "wall_clock_breakdown": False,
+        # One stated reduction precision: DeepSpeed otherwise reduces in the model's dtype
+        # without SP and switches to seq_parallel_communication_data_type (default fp32) with it.
+        "communication_data_type": par.communication.data_type,
+        "seq_parallel_communication_data_type": par.communication.data_type,
     }
     if bf16 and stage >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}

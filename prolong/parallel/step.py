@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prolong.model.attention import document_layout
 from prolong.parallel.dims import ParallelGroups
 from prolong.parallel.ulysses import (
     SP_FIELDS,
@@ -63,18 +64,23 @@ def train_step(engine: Any, rows: Sequence[Mapping[str, Any] | Any], groups: Par
     if len(rows) != gas:
         raise ValueError(f"the engine accumulates {gas} micro-batches per step, got {len(rows)} rows")
     device = getattr(engine, "device", None)
-    local = []
+    local, layouts = [], []
     for row in rows:
-        shard = sp_shard(_fields(row), groups.sp_rank, groups.sp)
+        fields = _fields(row)
+        shard = sp_shard(fields, groups.sp_rank, groups.sp)
         local.append({k: v.to(device, non_blocking=True) if device is not None else v
                       for k, v in shard.items()})
+        # The documents of the full row (what attention sees after Ulysses' all-to-all), once
+        # per micro-batch: its two host syncs are then not paid again in every layer.
+        full_pos = fields["position_ids"]
+        layouts.append(document_layout(full_pos.to(device) if device is not None else full_pos))
     n_global = global_valid_tokens([b["shift_labels"] for b in local], groups.world_group)
     norm = normalizer(n_global, zero_stage=engine.zero_optimization_stage(), dp=groups.dp,
                            sp=groups.sp, grad_accum_steps=gas)
     ce_sum = torch.zeros((), dtype=torch.float64, device=local[0]["shift_labels"].device)
     for i, b in enumerate(local):
         loss, ce = engine(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                          shift_labels=b["shift_labels"], normalizer=norm)
+                          shift_labels=b["shift_labels"], normalizer=norm, layout=layouts[i])
         engine.backward(loss)
         ce_sum += ce.detach().double()
         last = i == gas - 1

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from prolong.data.packing import IGNORE_INDEX
+from prolong.model.attention import DocumentLayout
 from prolong.model.build import packed_lm_loss
 from prolong.parallel.dims import ParallelGroups
 
@@ -310,7 +311,11 @@ class CausalLMWithLoss(torch.nn.Module):
         self.loss_kwargs = loss_kwargs
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                shift_labels: torch.Tensor, normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:
+                shift_labels: torch.Tensor, normalizer: float,
+                layout: DocumentLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # layout: the full row's documents (prolong.model.attention.document_layout), computed
+        # once per micro-batch so no layer pays the host syncs of deriving it.
+        extra = {} if layout is None else {"layout": layout}
         loss, _ = self.loss_fn(self.model, input_ids, position_ids, shift_labels,
-                               normalizer=normalizer, **self.loss_kwargs)
+                               normalizer=normalizer, **self.loss_kwargs, **extra)
         return loss, loss.detach() * normalizer

@@ -313,6 +313,20 @@ class MemorySpec(SpecModel):
     allocator grows segments instead of fragmenting at long, varying sizes."""
 
 
+class CommunicationSpec(SpecModel):
+    """How gradients travel between workers (scheduling only: the same gradients up to the
+    reduction's rounding, so a stage resubmitted with other settings resumes its checkpoints)."""
+
+    data_type: Literal["fp32", "bf16"] = "fp32"
+    """Precision of DeepSpeed's gradient reduction (``communication_data_type`` and
+    ``seq_parallel_communication_data_type``, written both). Left to DeepSpeed, a bf16 stage
+    would reduce in bf16 without SP and silently in fp32 with SP>1; stated here, every stage
+    reduces at one precision and ``prolongctl plan`` counts its buckets at that width."""
+    overlap_comm: bool | None = None
+    """Overlap the gradient reduction with the backward (DeepSpeed ``overlap_comm``; double
+    reduce buckets under ZeRO 1/2). Left out: on for GPU workers, off on CPU."""
+
+
 class ParallelismSpec(SpecModel):
     """How one stage is split across workers."""
 
@@ -330,6 +344,8 @@ class ParallelismSpec(SpecModel):
     """Keep optimizer state in CPU memory (ZeRO-Offload)."""
     memory: MemorySpec = Field(default_factory=MemorySpec)
     """Loss chunk, activation offload, tiled MLP and allocator settings (scheduling only)."""
+    communication: CommunicationSpec = Field(default_factory=CommunicationSpec)
+    """Gradient-reduction precision and overlap (scheduling only)."""
 
 
 class CheckpointSpec(SpecModel):
@@ -588,6 +604,12 @@ class TrainSpec(SpecModel):
         if self.precision != "auto":
             return self.precision
         return "bf16" if self.cluster.device == "gpu" else "fp32"
+
+    @property
+    def overlap_comm(self) -> bool:
+        """``parallelism.communication.overlapComm`` with auto resolved: on for GPU workers."""
+        stated = self.parallelism.communication.overlap_comm
+        return self.cluster.device == "gpu" if stated is None else stated
 
     @property
     def rows_per_step(self) -> int:

@@ -50,6 +50,8 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     # gradients up to float rounding (tests/model/test_memory_knobs.py), so a stage that ran out
     # of memory can be resubmitted with them and resume its own checkpoints.
     ("parallelism", "memory"),
+    # Gradient-reduction precision and overlap: the same gradients up to the reduction's rounding.
+    ("parallelism", "communication"),
 )
 
 DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}

@@ -4,7 +4,10 @@ Ulysses wrapper calls the core function."""
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prolong.model import attention as A
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_stand_ins as K
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -357,77 +363,24 @@ def test_hf_entry_refuses_what_it_cannot_honour():
 # ----------------------------------------------------------------------------------------------
 # the varlen adapters on CPU, against stand-in kernels with the real signatures
 # ----------------------------------------------------------------------------------------------
-# The real kernels are CUDA-only (tested above on a GPU). These stand-ins implement varlen
-# semantics densely and assert the calling convention, so the conversion code (token-major
-# layout, int32 cu_seqlens, max length, GQA, scale, causality flag) is tested everywhere.
-
-def _dense_varlen(q, k, v, cu, scale, causal):
-    """[T, H, D] varlen attention, one sequence at a time, written independently of the backends."""
-    assert cu.dtype == torch.int32 and q.dim() == 3
-    h, kv = q.shape[1], k.shape[1]
-    k = k.repeat_interleave(h // kv, dim=1)
-    v = v.repeat_interleave(h // kv, dim=1)
-    out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for a, b in itertools.pairwise(bounds):
-        scores = torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * scale
-        if causal:
-            scores = scores.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(),
-                                        float("-inf"))
-        out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[a:b])
-    return out
-
-
-def _check_max(cu, max_q, max_k):
-    longest = int((cu[1:] - cu[:-1]).max())
-    assert max_q == max_k == longest
-
-
-def torch_varlen_new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                     scale=None, window_size=(-1, -1), enable_gqa=False):
-    """torch >= 2.11: causal as window_size=(-1, 0), GQA via enable_gqa, a scale argument."""
-    assert window_size == (-1, 0) and return_aux is None
-    assert enable_gqa == (key.shape[1] != query.shape[1])
-    _check_max(cu_seq_q, max_q, max_k)
-    return _dense_varlen(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, True)
-
-
-def torch_varlen_old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False,
-                     return_aux=None):
-    """torch 2.9/2.10: is_causal, no GQA, no scale (always 1/sqrt(D))."""
-    assert is_causal and key.shape[1] == query.shape[1]
-    _check_max(cu_seq_q, max_q, max_k)
-    return _dense_varlen(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, True)
-
-
-def fa2_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):
-    assert causal and dropout_p == 0.0
-    _check_max(cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    return _dense_varlen(q, k, v, cu_seqlens_q, softmax_scale, True)
-
-
-def fa4_varlen(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-               max_seqlen_k=None, seqused_q=None, seqused_k=None, page_table=None,
-               softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
-               softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, return_lse=False):
-    assert causal
-    _check_max(cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = _dense_varlen(q, k, v, cu_seqlens_q, softmax_scale, True)
-    return out, torch.zeros(q.shape[1], q.shape[0])  # flash-attn-4 returns (out, lse)
-
+# The real kernels are CUDA-only (tested above on a GPU). The stand-ins
+# (tests/model/kernel_stand_ins.py) have the real signatures, assert the calling convention and
+# compute varlen attention densely, so the conversion code (token-major layout, int32 cu_seqlens,
+# max length, GQA, scale, causality flag) is tested everywhere.
 
 @pytest.mark.parametrize("scale", [None, 0.2])
 @pytest.mark.parametrize(("backend", "fake"), [
-    ("torch_varlen", torch_varlen_new), ("torch_varlen", torch_varlen_old),
-    ("flash_attn", fa2_varlen), ("flash_attn", fa4_varlen)],
-    ids=["torch-new", "torch-old", "flash-attn-2", "flash-attn-4"])
+    ("torch_varlen", K.varlen_attn_2_12), ("torch_varlen", K.varlen_attn_2_11),
+    ("torch_varlen", K.varlen_attn_2_10), ("flash_attn", K.fa2_varlen),
+    ("flash_attn", K.fa3_varlen), ("flash_attn", K.fa4_varlen)],
+    ids=["torch-2.12", "torch-2.11", "torch-2.10", "flash-attn-2", "flash-attn-3", "flash-attn-4"])
 def test_varlen_adapters_with_stand_in_kernels(monkeypatch, backend, fake, scale):
     import torch.nn.attention.varlen as varlen_mod
 
+    # torch's own module attribute: the adapter looks varlen_attn up there at every call.
     monkeypatch.setattr(varlen_mod, "varlen_attn", fake)
     monkeypatch.setattr(A, "_flash_varlen_fn", lambda: ("stand-in", fake))
+    K.CALLS.clear()
     gen = torch.Generator().manual_seed(21)
     b, h, kv, s, d = 2, 4, 2, 30, 8
     q, k, v = random_qkv(gen, b, h, kv, s, d)
@@ -435,3 +388,22 @@ def test_varlen_adapters_with_stand_in_kernels(monkeypatch, backend, fake, scale
     got = A.document_attention(q, k, v, pos, backend=backend, scale=scale)
     want = A.document_attention(q, k, v, pos, backend="sdpa", scale=scale)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert K.check_logged_max_lengths() == 1
+
+
+def test_torch_varlen_passes_grouped_kv_heads_only_where_the_kernel_takes_them(monkeypatch):
+    """torch 2.12+ (enable_gqa): KV heads go in as they are; torch 2.11 (no enable_gqa): repeated
+    to H. The stand-ins assert the head counts they receive."""
+    import torch.nn.attention.varlen as varlen_mod
+
+    seen = []
+    for fake in (K.varlen_attn_2_12, K.varlen_attn_2_11):
+        def spy(query, key, *args, _fake=fake, **kwargs):
+            seen.append((_fake.__name__, query.shape[1], key.shape[1]))
+            return _fake(query, key, *args, **kwargs)
+        spy.__signature__ = inspect.signature(fake)
+        monkeypatch.setattr(varlen_mod, "varlen_attn", spy)
+        gen = torch.Generator().manual_seed(5)
+        q, k, v = random_qkv(gen, 1, 8, 2, 12, 8)
+        A.document_attention(q, k, v, torch.tensor([positions_for([5, 7])]), backend="torch_varlen")
+    assert seen == [("varlen_attn_2_12", 8, 2), ("varlen_attn_2_11", 8, 8)]

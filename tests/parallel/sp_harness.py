@@ -24,7 +24,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 WORKER = HERE / "sp_worker.py"
-CORE_ATTN = "prolong_sdpa"
+CORE_ATTN = "prolong_docs_reference"  # prolong.model.attention.hf_name("sdpa"), checked below
 
 # Tiny Llama of the brief: 2 layers, hidden 64, 4 heads, 2 KV heads, vocab 256, fp32.
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -69,16 +69,18 @@ def arch_spec() -> Any:
     return ArchitectureSpec(**TINY)
 
 
-def make_model(state_dict: dict[str, torch.Tensor] | None = None, seed: int = 0) -> Any:
+def make_model(state_dict: dict[str, torch.Tensor] | None = None, seed: int = 0,
+               attn: str = CORE_ATTN) -> Any:
     from transformers import LlamaForCausalLM
 
-    from prolong.model.attention import register_attention_backends
+    from prolong.model.attention import hf_name, register_attention_backends
     from prolong.model.build import llama_config
 
+    assert hf_name("sdpa") == CORE_ATTN
     register_attention_backends()
     torch.manual_seed(seed)
     model = LlamaForCausalLM._from_config(llama_config(arch_spec(), rope_theta=1e4),
-                                          attn_implementation=CORE_ATTN, dtype=torch.float32)
+                                          attn_implementation=attn, dtype=torch.float32)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     model.config.use_cache = False
@@ -99,7 +101,8 @@ def make_problem(seed: int) -> dict[str, Any]:
 
 def train_spec(*, zero_stage: int, sp: int, world: int, seq_len: int = SEQ_LEN, rows: int = ROWS,
                activation_checkpointing: bool = False, offload_optimizer: bool = False,
-               grad_clip: float | None = OPTIM["grad_clip"], device: str = "cpu") -> Any:
+               grad_clip: float | None = OPTIM["grad_clip"], device: str = "cpu",
+               overlap_comm: bool | None = None) -> Any:
     """A real PretrainSpec for the layout (its DeepSpeed config is what the workers use)."""
     from prolong.spec import PretrainSpec
 
@@ -115,7 +118,8 @@ def train_spec(*, zero_stage: int, sp: int, world: int, seq_len: int = SEQ_LEN, 
         "schedule": {"peakLR": OPTIM["lr"], "warmupSteps": 0, "decay": "constant"},
         "parallelism": {"sequenceParallel": sp, "zeroStage": zero_stage,
                         "activationCheckpointing": activation_checkpointing,
-                        "offloadOptimizer": offload_optimizer},
+                        "offloadOptimizer": offload_optimizer,
+                        "communication": {"overlapComm": overlap_comm}},
         "cluster": {"device": device, "nodes": 1, "workersPerNode": world},
     })
 

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+import kernel_stand_ins as K
 
 
 def parse_case(case: str) -> tuple[int, set[str]]:
@@ -29,9 +31,13 @@ def parse_case(case: str) -> tuple[int, set[str]]:
     offload (parallelism.offloadOptimizer: optimizer state on CPU, exactly as the trainer
     configures it), bf16 (DeepSpeed's
     bf16 mode on CPU: a smoke check of the GPU config, not held to fp32 tolerances), resume
-    (save a DeepSpeed checkpoint after one step, resume it in a fresh engine)."""
+    (save a DeepSpeed checkpoint after one step, resume it in a fresh engine), overlap
+    (parallelism.communication.overlapComm forced on, as on the GPUs), attn-<backend> (the
+    backend's registered name through the Ulysses wrapper, with its CUDA kernel replaced by the
+    CPU stand-in of tests/model/kernel_stand_ins.py)."""
     stage, *flags = case.split("+")
-    unknown = set(flags) - {"ac", "plain", "offload", "bf16", "resume"}
+    unknown = {f for f in flags if not f.startswith("attn-")} - {
+        "ac", "plain", "offload", "bf16", "resume", "overlap"}
     if unknown:
         raise ValueError(f"unknown case flags {unknown}")
     return int(stage), set(flags)
@@ -48,14 +54,25 @@ def build_engine(stage: int, flags: set[str], problem: dict, groups):
     dims = groups.dims
     spec = H.train_spec(zero_stage=stage, sp=dims.sp, world=dims.world_size,
                         activation_checkpointing="ac" in flags,
-                        offload_optimizer="offload" in flags)
+                        offload_optimizer="offload" in flags,
+                        overlap_comm=True if "overlap" in flags else None)
     if "bf16" in flags:
         spec = spec.model_copy(update={"precision": "bf16"})
     gas = spec.micro_batches_per_rank
     assert spec.parallel_dims == dims and gas * dims.dp == len(problem["rows"])
 
-    model = H.make_model(problem["state_dict"])
-    apply_ulysses(model, groups, H.CORE_ATTN, seq_length=H.SEQ_LEN)
+    attn = H.CORE_ATTN
+    backend = next((f.removeprefix("attn-") for f in flags if f.startswith("attn-")), None)
+    if backend is not None:
+        from prolong.model import attention as A
+
+        K.install(A)  # only the CUDA kernels: names, dispatch and the wrapper are the real ones
+        attn = A.hf_name(backend)
+    model = H.make_model(problem["state_dict"], attn=attn)
+    name = apply_ulysses(model, groups, attn, seq_length=H.SEQ_LEN)
+    assert model.config._attn_implementation == name
+    if "overlap" in flags:
+        assert spec.overlap_comm
     if "ac" in flags:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Small loss chunks so the chunked (and checkpointed) loss path runs several chunks.

@@ -34,7 +34,10 @@ TOL = 1e-5
 UPDATE_TOL = 1e-3  # the update (after - before) amplifies fp32 noise where |g| ~ eps; see below
 LAYOUTS = {
     # name: (world, sp, cases)
-    "sp2": (2, 2, ["0", "1", "2", "3", "2+ac", "3+plain", "2+offload"]),
+    # attn-*: each GPU backend's registered name through DeepSpeed's Ulysses wrapper (kernel
+    # swapped for its CPU stand-in); overlap: overlap_comm on, as the GPUs run it.
+    "sp2": (2, 2, ["0", "1", "2", "3", "2+ac", "3+plain", "2+offload", "2+attn-flash_attn",
+                   "2+attn-torch_varlen", "2+attn-flex", "2+overlap"]),
     "sp2xdp2": (4, 2, ["0", "1", "2", "3", "3+ac", "1+offload", "3+offload", "2+bf16",
                        "3+bf16", "3+resume"]),
     "dp2": (2, 1, ["2", "3"]),
