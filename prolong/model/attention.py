@@ -224,7 +224,8 @@ _KERNELS_RUN: dict[str, str] = {}
 
 def kernels_run() -> dict[str, str]:
     """Which kernel each backend used so far in this process, e.g. ``{"flash_attn":
-    "flash-attn-3 3.0.0b1"}``: what a run's manifest records next to the library versions."""
+    "flash-attn-3==3.0.0b1"}`` (no spaces): what a run's manifest records next to the library
+    versions (``prolong.versions.versions()["attention-kernel"]``)."""
     return dict(_KERNELS_RUN)
 
 
@@ -239,7 +240,7 @@ def _record_kernel(backend: str, label: str, distribution: str | None = None) ->
             version = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             version = None
-    _KERNELS_RUN[backend] = f"{label} {version}" if version else label
+    _KERNELS_RUN[backend] = f"{label}=={version}" if version else label
 
 
 def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -296,8 +297,7 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Docu
         extra["scale"] = scale
     elif abs(scale - d ** -0.5) > 1e-12:
         q = q * (scale / d ** -0.5)  # no scale argument: fold a non-default scale into q
-    _record_kernel("torch_varlen", "torch varlen_attn" + (" (enable_gqa)" if gqa else ""),
-                   "torch")
+    _record_kernel("torch_varlen", "torch.varlen_attn" + ("+enable_gqa" if gqa else ""), "torch")
     cu = layout.cu_seqlens
     out = varlen_attn(_tokens_major(q), _tokens_major(k), _tokens_major(v), cu, cu,
                       layout.max_seqlen, layout.max_seqlen, **extra)
@@ -351,7 +351,7 @@ def flex_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Doc
         compiled = q.is_cuda
     block_mask = _block_masks.get(layout.doc_ids.to(q.device), compile_mask=compiled)
     fn = _flex_fn(compiled)
-    _record_kernel("flex", "flex_attention" + (" compiled" if compiled else " eager"), "torch")
+    _record_kernel("flex", "flex_attention" + ("+compiled" if compiled else "+eager"), "torch")
     out = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out.transpose(1, 2)
 

@@ -183,7 +183,7 @@ def install(attention_module: Any, *, flash: Any = fa3_varlen,
                 for name in ("_flash_varlen_fn", "_torch_varlen_fn", "_flex_fn",
                              "unavailable_reason")}
     real_reason = previous["unavailable_reason"]
-    attention_module._flash_varlen_fn = lambda: ("stand-in " + flash.__name__, flash)
+    attention_module._flash_varlen_fn = lambda: ("stand-in-" + flash.__name__, flash)
     attention_module._torch_varlen_fn = lambda: torch_varlen
     attention_module._flex_fn = lambda compiled: flex
 
