@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# One prepared GPU check for issue 10: at most 8 minutes on one H100/H200, figures as a table in
-# $OUT (figures.md, figures.json) with every part's log beside it.
+# One prepared GPU check (issues 10, 19): at most 9 minutes on one H100/H200, figures as a table
+# in $OUT (figures.md, figures.json) with every part's log beside it.
 #
 #   bash bench/gpu_check.sh [--out DIR] [--wheels DIR] [--budget SECONDS] [--python PY]
 #   bash bench/gpu_check.sh --cpu-dry-run      # the same script at CPU sizes, here
 #
-# Parts, in order, each under its own `timeout` (never past the overall --budget, default 450 s):
-#   env         nvidia-smi, torch/CUDA, prolong.versions, the allocator setting      (env.txt)
+# Parts, in order, each under its own `timeout` (never past the overall --budget, default 540 s):
+#   env         nvidia-smi, torch/CUDA, prolong.versions, the workers' allocator setting
+#               (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, exported)         (env.txt)
 #   install     carried wheels (--wheels, default .whl; see bench/fetch_wheels.sh) into a private
 #               --target with pip --no-index --no-deps; nothing is fetched          (parts.log)
+#   memory plan bench/peak_memory.py: both sides' estimated peaks at 1B and 64K/32K/16K on this
+#               card; the ratio runs at the longest length where both fit (the transformers
+#               baseline's full 64K logits alone are 78 GiB), our MFU at 64K    (parts.log)
 #   matmul      the card's two ceilings: bf16 8192^3 matmul rate, 4 GiB copy rate   (parts.log)
-#   throughput  bench/train_throughput.py at 1B/64K, one document: ours vs the transformers
-#               baseline (2 warm-up + 4 timed steps each)                            (throughput.log)
-#   memory      the memory probe: peak CUDA memory of our training step at 4 layers of the 8B
-#               shape and 65,536 tokens (one rank's share of 512K at SP=8)           (probe.log)
-#   gpu tests   pytest -m gpu: each GPU attention backend, forward and backward, against the
-#               SDPA reference on random document lengths with GQA                  (tests.log)
+#   ratio       bench/train_throughput.py at 1B and the plan's ratio length, one document: ours
+#               vs the transformers baseline (2 warm-up + 4 timed steps each)      (throughput.log)
+#   mfu         the same at 1B/64K, ours alone: tokens/s and MFU                    (throughput.log)
+#   memory probe  world 1, 4 of the 8B shape's 32 layers, 65,536 tokens: peak CUDA memory of our
+#               step beside the plan's estimate for that same spec (one rank holding the whole
+#               optimizer state, no SP; not a 512K SP=8 rank)                     (probe.log)
+#   gpu tests   pytest -m gpu -k "not flex": flash_attn and torch_varlen, forward and backward,
+#               against the SDPA reference on random document lengths with GQA      (tests.log)
+#   flex test   last, alone: compiled FlexAttention at one static shape, with a per-test
+#               timeout (a cold compile takes minutes)                             (tests.log)
 # A part that cannot run (no CUDA, no deepspeed: only the baseline runs, no time left) is a
 # SKIPPED row that says why; a part that fails or times out is a FAILED/TIMEOUT row. Following the
 # device notes (METHOD.md): warm-up steps before timing, the device synchronised around each
@@ -31,7 +39,7 @@ ARGS_LINE="$*"  # for the table's title, before the loop below consumes the argu
 OUT_DIR=${OUT:-}
 WHEELS=${GPU_CHECK_WHEELS:-$REPO/.whl}
 WHEELS_GIVEN=0
-BUDGET=450
+BUDGET=540
 PY=
 DRY=0
 while [ $# -gt 0 ]; do
@@ -69,6 +77,12 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 if [ "$DRY" = 1 ]; then DEVICE=cpu; else DEVICE=cuda; fi
 export DS_ACCELERATOR=$DEVICE  # over an inherited value (the Makefile exports cpu)
+
+# The workers' allocator setting (prolong.model.memory.allocator_env), unless the caller set one.
+if [ -z "${PYTORCH_CUDA_ALLOC_CONF:-}" ]; then
+  PYTORCH_CUDA_ALLOC_CONF=$("$PY" -c 'from prolong.model.memory import CUDA_ALLOC_CONF as c; print(c["PYTORCH_CUDA_ALLOC_CONF"])' 2>/dev/null) || PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  export PYTORCH_CUDA_ALLOC_CONF
+fi
 
 say() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$LOG" >&2; }
 left() { echo $(( BUDGET - ( $(date +%s) - START ) )); }
@@ -158,6 +172,24 @@ say "imports: missing [${MISSING# }]; $FLASH"
   echo "imports missing: [${MISSING# }]; $FLASH"
 } >>"$OUT_DIR/env.txt"  # after the install: the versions the parts below run with
 
+# ---- memory plan --------------------------------------------------------------------------
+# Estimated for the real card even in the dry run (an 80 GB H100 there): the sizes it picks are
+# the device's; the dry run then trains at CPU sizes.
+RATIO_SEQ_LEN=0
+if echo "$MISSING" | grep -qw pydantic; then
+  part "memory plan" skipped 0 "cannot import pydantic: carry the wheels"
+else
+  DEVBYTES=$("$PY" -c 'import torch; print(torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else "")' 2>/dev/null)
+  GPUTYPE=$("$PY" -c 'import torch; n = torch.cuda.get_device_name().upper() if torch.cuda.is_available() else "H100"; print(next((k for k in ("H200", "H100", "A100", "B200") if k in n), "H100"))' 2>/dev/null)
+  limited "memory plan" 30 "$LOG" "$PY" "$REPO/bench/peak_memory.py" --shape 1b --lengths 32768,16384 \
+    --mfu-length 65536 --gpu-type "${GPUTYPE:-H100}" ${DEVBYTES:+--device-bytes "$DEVBYTES"} --json "$WORK/raw/plan.json"
+  if [ "$RC" = 0 ] && [ -s "$WORK/raw/plan.json" ]; then
+    result "memory plan" "$WORK/raw/plan.json"
+    RATIO_SEQ_LEN=$(grep -E '^RATIO_SEQ_LEN=' "$LOG" | tail -n 1 | cut -d= -f2)
+    grep -E '^  (S=|ratio|no candidate)' "$LOG" | tail -n 5 >&2
+  elif [ "$RC" != -1 ]; then part "memory plan" failed "$SECS" "exit $RC; see parts.log"; fi
+fi
+
 # ---- matmul ceiling -----------------------------------------------------------------------
 if [ "$DRY" = 1 ]; then MM=(--n 256 --copy-mib 64 --device cpu --repeats 3); else MM=(--n 8192 --copy-mib 4096 --device cuda); fi
 limited "matmul" 60 "$LOG" "$PY" "$REPO/bench/matmul_ceiling.py" "${MM[@]}" --json "$WORK/raw/mm.json"
@@ -166,9 +198,11 @@ if [ "$RC" = 0 ]; then result matmul "$WORK/raw/mm.json"; elif [ "$RC" != -1 ]; 
 # ---- throughput and memory probe ----------------------------------------------------------
 if [ "$DRY" = 1 ]; then
   TP=(--device cpu --shape tiny --seq-len 512 --warmup 1 --steps 2)
+  MFU=(--device cpu --shape tiny --seq-len 1024 --warmup 0 --steps 1)
   PROBE=(--device cpu --shape tiny --seq-len 512 --warmup 1 --steps 1)
 else
-  TP=(--device cuda --shape 1b --seq-len 65536 --warmup 2 --steps 4)
+  TP=(--device cuda --shape 1b --seq-len "${RATIO_SEQ_LEN:-0}" --warmup 2 --steps 4)
+  MFU=(--device cuda --shape 1b --seq-len 65536 --warmup 2 --steps 4)
   PROBE=(--device cuda --shape 8b --layers 4 --seq-len 65536 --warmup 1 --steps 2)
 fi
 bench_part() {  # bench_part NAME MAX LOG JSON ONLY ARGS...
@@ -181,13 +215,23 @@ bench_part() {  # bench_part NAME MAX LOG JSON ONLY ARGS...
     part "$name (ours)" skipped 0 "deepspeed not importable: only the transformers baseline runs"
     only=baseline
   fi
-  : >"$logfile"
+  echo "==== $name: train_throughput.py $*" >>"$logfile"
   limited "$name" "$max" "$logfile" "$PY" "$REPO/bench/train_throughput.py" "$@" --only "$only" --json "$json"
   if [ -s "$json" ]; then result "$name" "$json"
   elif [ "$RC" != -1 ]; then part "$name" failed "$SECS" "exit $RC: $(tail -n 1 "$logfile" | cut -c1-200)"; fi
 }
-bench_part "throughput" 240 "$OUT_DIR/throughput.log" "$WORK/raw/tp.json" both "${TP[@]}"
-bench_part "memory probe" 90 "$OUT_DIR/probe.log" "$WORK/raw/probe.json" ours "${PROBE[@]}"
+: >"$OUT_DIR/throughput.log"
+: >"$OUT_DIR/probe.log"
+if [ "$DRY" = 0 ] && [ "${RATIO_SEQ_LEN:-0}" = 0 ]; then
+  part "ratio" skipped 0 "the memory plan found no length at which both sides fit (see parts.log)"
+else
+  bench_part "ratio" 180 "$OUT_DIR/throughput.log" "$WORK/raw/tp.json" both "${TP[@]}" \
+    --purpose "ratio at the plan's length"
+fi
+bench_part "mfu" 110 "$OUT_DIR/throughput.log" "$WORK/raw/mfu.json" ours "${MFU[@]}" \
+  --purpose "MFU, ours alone"
+bench_part "memory probe" 80 "$OUT_DIR/probe.log" "$WORK/raw/probe.json" ours "${PROBE[@]}" \
+  --purpose "memory probe (world 1, whole optimizer state, no SP)"
 
 # ---- gpu-marked tests ---------------------------------------------------------------------
 TESTS=$(grep -rl --include='*.py' 'pytest.mark.gpu' tests | sort | tr '\n' ' ')
@@ -197,16 +241,28 @@ elif [ -z "$TESTS" ]; then
   part "gpu tests" skipped 0 "no gpu-marked tests found"
 else
   : >"$OUT_DIR/tests.log"
-  # shellcheck disable=SC2086
-  limited "gpu tests" 150 "$OUT_DIR/tests.log" "$PY" -m pytest -q -m gpu -p no:cacheprovider $TESTS
-  summary=$(grep -E '(passed|failed|skipped|deselected|error)' "$OUT_DIR/tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
-  case "$RC" in
-    -1) ;;
-    0) part "gpu tests" ok "$SECS" "$summary" ;;
-    5) part "gpu tests" skipped "$SECS" "no gpu test collected: $summary" ;;
-    *) part "gpu tests" failed "$SECS" "pytest exit $RC: $summary" ;;
-  esac
-  if [ "$DEVICE" = cpu ] && [ "$RC" = 0 ]; then
+  # A per-test timeout where pytest-timeout is there (a hung compile fails one test, not the part).
+  PER_TEST=()
+  have pytest_timeout && PER_TEST=(--timeout 60)
+  pytest_part() {  # pytest_part NAME MAX PYTEST-ARGS...
+    local name=$1 max=$2; shift 2
+    echo "==== $name: pytest $*" >>"$OUT_DIR/tests.log"
+    # shellcheck disable=SC2086
+    limited "$name" "$max" "$OUT_DIR/tests.log" "$PY" -m pytest -q -p no:cacheprovider "$@" $TESTS
+    local summary
+    summary=$(grep -E '(passed|failed|skipped|deselected|error)' "$OUT_DIR/tests.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
+    case "$RC" in
+      -1) ;;
+      0) part "$name" ok "$SECS" "$summary" ;;
+      5) part "$name" skipped "$SECS" "no gpu test collected: $summary" ;;
+      *) part "$name" failed "$SECS" "pytest exit $RC: $summary" ;;
+    esac
+  }
+  pytest_part "gpu tests" 90 -m gpu -k "not flex" "${PER_TEST[@]}"
+  # Flex last and alone: a cold compile can take minutes, and nothing after it is lost.
+  [ "${#PER_TEST[@]}" -gt 0 ] && PER_TEST=(--timeout 150)
+  pytest_part "flex test" 170 -m gpu -k "gpu_flex_one_shape" "${PER_TEST[@]}"
+  if [ "$DEVICE" = cpu ]; then
     say "gpu tests: on CPU every gpu test skips; this only proves the invocation"
   fi
 fi

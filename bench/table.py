@@ -92,6 +92,8 @@ def _train_throughput(r: dict[str, Any]) -> list[Row]:
     cpu = c["device"] == "cpu"
     case = (f"{c['shape']} S={c['seq_len']} x{c['rows']} ({c['docs']} doc) "
             f"{'CPU' if cpu else c['device_name']} {c['precision']}")
+    if c.get("purpose"):
+        case = f"{c['purpose']}: {case}"
     rows: list[Row] = []
     sides = [(k, n) for k, n in (("ours", "ours"), ("baseline", "transformers baseline"))
              if r.get(k) is not None]
@@ -108,6 +110,13 @@ def _train_throughput(r: dict[str, Any]) -> list[Row]:
                  f"peak {c['memory_kind']} ({' / '.join(n for _, n in sides)})", " / ".join(peaks),
                  "over the timed steps" if not cpu else "RSS high-water mark minus RSS before "
                  "the side was built"))
+    plans = [r[k].get("plan_peak_bytes") for k, _ in sides]
+    if any(p is not None for p in plans):
+        rows.append(("train throughput", case,
+                     f"peak estimated ({' / '.join(n for _, n in sides)})",
+                     " / ".join(fmt_bytes(p) for p in plans),
+                     "ours: the plan's estimate (prolong.model.memory) for this run's own spec, "
+                     "world 1 (no SP, no partitioning); baseline: bench/peak_memory.py"))
     if r.get("ratio") is not None:
         note = ("CPU ratio (fp32, 2 cores): says nothing about the GPU target" if cpu
                 else "target >= 1.3x at 1B/64K, one document")
@@ -136,6 +145,23 @@ def _sp_overhead(r: dict[str, Any]) -> list[Row]:
     ]
 
 
+def _memory_plan(r: dict[str, Any]) -> list[Row]:
+    case = f"{r['shape']} on one {r['gpu_type']} ({fmt_bytes(r['device_bytes'])})"
+    rows: list[Row] = [
+        ("memory plan", case, f"S={row['seq_len']:,} peak estimated (ours / transformers baseline)",
+         f"{fmt_bytes(row['ours'])} / {fmt_bytes(row['baseline'])}",
+         f"baseline's full logits {fmt_bytes(row['baseline_parts']['logits'])}; fits under "
+         f"{fmt_bytes(r['fraction'] * r['device_bytes'])}: ours "
+         f"{'yes' if row['ours'] <= r['fraction'] * r['device_bytes'] else 'NO'}, baseline "
+         f"{'yes' if row['baseline'] <= r['fraction'] * r['device_bytes'] else 'NO'}")
+        for row in r["rows"]]
+    chosen = r["ratio_length"]
+    rows.append(("memory plan", case, "ratio length (both sides fit)",
+                 f"{chosen:,}" if chosen else "none",
+                 f"MFU with ours alone at S={r['mfu_length']:,}"))
+    return rows
+
+
 def _part(r: dict[str, Any]) -> list[Row]:
     return [("gpu check", r["name"], "status", r["status"].upper(),
              "; ".join(x for x in (r.get("detail", ""),
@@ -161,7 +187,7 @@ def _not_measured(r: dict[str, Any]) -> list[Row]:
 
 
 KINDS = {"data_loader": _data_loader, "train_throughput": _train_throughput,
-         "sp_overhead": _sp_overhead, "part": _part, "matmul": _matmul,
+         "sp_overhead": _sp_overhead, "part": _part, "matmul": _matmul, "memory_plan": _memory_plan,
          "not_measured": _not_measured}
 
 

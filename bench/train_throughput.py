@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import common
+from bench import common, peak_memory
 from bench.table import table_of, write_atomic
 
 
@@ -79,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the result here")
+    ap.add_argument("--purpose", default=None,
+                    help="what this run is for, shown in the table (e.g. 'memory probe')")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for the result's command line
     for name in ("seq_len", "rows", "steps"):
@@ -208,7 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    "device": device, "device_name": common.device_name(device),
                    "precision": spec.resolved_precision, "baseline_precision": b_precision,
                    "zero_stage": args.zero_stage, "warmup": args.warmup, "steps": args.steps,
-                   "peak": peak_source, "memory_kind": meter.kind, "seed": args.seed},
+                   "peak": peak_source, "memory_kind": meter.kind, "seed": args.seed,
+                   "purpose": args.purpose},
         "versions": common.versions_summary(),
         "date": common.today(),
         "command": common.command_line("bench/train_throughput.py", args.argv),
@@ -227,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 return ours
 
             result["ours"] = _measure(
-                f"prolong_{{backend}}, ZeRO-{args.zero_stage}, chunked loss", build_ours,
+                f"attention {{backend}}, ZeRO-{args.zero_stage}, chunked loss", build_ours,
                 lambda o: common.ours_step(o, rows), arch=arch, args=args, rows=rows,
                 device=device, meter=meter, peak=peak)
             backend = result["config"].get("attention_ours", "?")
@@ -243,6 +246,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 meter=meter, peak=peak)
             result["config"]["attention_baseline"] = attn
     state.clear()
+    # The estimates beside the measured peaks: the plan's for our side's own spec (world 1, no
+    # SP, the whole optimizer state on this one device), bench/peak_memory's for the baseline.
+    from prolong.model.memory import estimate_memory
+
+    if "ours" in result:
+        result["ours"]["plan_peak_bytes"] = estimate_memory(spec, arch).peak
+    if "baseline" in result:
+        result["baseline"]["plan_peak_bytes"] = peak_memory.baseline_peak(
+            arch, args.seq_len, b_precision).peak
     ours, base = result.get("ours"), result.get("baseline")
     if ours and base and ours["status"] == base["status"] == "ok":
         result["ratio"] = ours["tokens_per_s"] / base["tokens_per_s"]

@@ -149,8 +149,10 @@ def memory_rows(e: MemoryEstimate, spec: TrainSpec, arch: ArchitectureSpec) -> l
                      if zero == 3 and par.communication.data_type != dtype else ""))
                   if zero else "none under ZeRO-0"),
         MemoryRow("activation checkpoints", e.checkpoints,
-                  ("final hidden state (layer inputs offloaded)" if mem.activation_offload else
-                   f"{arch.num_layers + 1} hidden states x {tokens:,} tokens")
+                  (("final hidden state (layer inputs offloaded)" if mem.activation_offload else
+                    f"{arch.num_layers + 1} hidden states x {tokens:,} tokens")
+                   + (f" + {arch.num_layers} attention outputs and LSEs (saveAttention)"
+                      if mem.save_attention else ""))
                   if par.activation_checkpointing else "all saved activations (no checkpointing)"),
         MemoryRow("largest transient", e.transient,
                   f"{e.transient_kind}; of loss chunk ({min(mem.loss_chunk_tokens, tokens):,} "

@@ -25,7 +25,8 @@ then also holds the bucket cast to it while reducing).
 
 **Activation checkpoints**: with activation checkpointing every decoder layer keeps its input,
 one hidden state per local token (T = sequenceLength / SP), plus the final hidden state that the
-loss reads: (L + 1) x T x hiddenSize activations. With ``activationOffload`` the layer inputs live
+loss reads: (L + 1) x T x hiddenSize activations. ``saveAttention`` (selective checkpointing) adds
+each layer's attention output and log-sum-exp: L x T x (hiddenSize activations + heads fp32). With ``activationOffload`` the layer inputs live
 in host memory. Without checkpointing every layer keeps all it saves for the backward instead.
 
 **Transients**, the largest of:
@@ -203,6 +204,11 @@ def estimate_memory(spec: TrainSpec, arch: ArchitectureSpec) -> MemoryEstimate:
         if mem.activation_offload:
             host += arch.num_layers * t * h * act
             checkpoints = t * h * act
+        if mem.save_attention:
+            # Each layer's attention output (T x H in the activation dtype; under Ulysses heads/SP
+            # of the full sequence, the same count) and its log-sum-exp (fp32, one per head and
+            # token), kept on the device by selective checkpointing.
+            checkpoints += arch.num_layers * (t * h * act + t * arch.num_attention_heads * 4)
         layer = attention + mlp + hidden_grads + gathered_layer
     else:
         checkpoints = arch.num_layers * layer_saved + t * h * act

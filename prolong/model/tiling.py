@@ -84,12 +84,14 @@ def apply_memory_settings(model: Any, parallelism: ParallelismSpec) -> None:
     """What ``parallelism.memory`` changes in a built model (the train loop calls this before
     handing the model to DeepSpeed): activation offload and TiledMLP."""
     memory = parallelism.memory
-    if memory.activation_offload:
+    if memory.activation_offload or memory.save_attention:
         if not parallelism.activation_checkpointing:  # the spec rules refuse this first
-            raise ValueError("parallelism.memory.activationOffload needs activationCheckpointing")
-        # Re-enabled with offload: build_model enabled plain checkpointing, and enabling again
-        # would add a second input-grad hook to the embeddings.
+            raise ValueError("parallelism.memory.activationOffload and saveAttention need "
+                             "activationCheckpointing")
+        # Re-enabled with offload / selective saving: build_model enabled plain checkpointing,
+        # and enabling again would add a second input-grad hook to the embeddings.
         model.disable_input_require_grads()
-        enable_activation_checkpointing(model, offload=True)
+        enable_activation_checkpointing(model, offload=memory.activation_offload,
+                                        save_attention=memory.save_attention)
     if memory.tiled_mlp:
         tile_mlps(model, memory.tiled_mlp_shards)

@@ -308,6 +308,11 @@ class MemorySpec(SpecModel):
     tiled_mlp_shards: int | None = Field(None, ge=1)
     """Tiles per MLP call with tiledMlp. Left out: auto, ceil(local tokens / hiddenSize) as ALST
     does (16 at 65,536 local tokens of Llama-3-8B)."""
+    save_attention: bool = False
+    """Selective activation checkpointing: keep each layer's attention output and log-sum-exp
+    (T x hiddenSize activations and T x heads floats per layer: 0.5 GiB per layer at 65,536 local
+    tokens of Llama-3-8B), so the backward's recompute re-runs the projections but not the
+    attention kernel. Needs activationCheckpointing."""
     expandable_segments: bool = True
     """Run GPU workers with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, so that the caching
     allocator grows segments instead of fragmenting at long, varying sizes."""

@@ -163,6 +163,10 @@ def _check_memory(spec: TrainSpec) -> list[SpecIssue]:
         out.append(SpecIssue("parallelism.memory.activationOffload", "needs "
                              "parallelism.activationCheckpointing: true (it offloads the "
                              "checkpointed layer inputs)", True))
+    if mem.save_attention and not par.activation_checkpointing:
+        out.append(SpecIssue("parallelism.memory.saveAttention", "needs "
+                             "parallelism.activationCheckpointing: true (it keeps the attention "
+                             "outputs a checkpointed layer would recompute)", True))
     if mem.activation_offload and spec.cluster.device == "cpu":
         # transformers offloads into pinned host memory, which a CPU-only torch cannot allocate
         # ("pin_memory=True requires a CUDA or other accelerator backend"); on a CPU worker the

@@ -236,11 +236,19 @@ def test_gpu_check_cpu_dry_run_writes_its_table(tmp_path):
     assert len(files) <= 8 and {"figures.md", "figures.json", "env.txt"} <= set(files), files
     figures = json.loads((out / "figures.json").read_text())
     kinds = [r["bench"] for r in figures]
-    assert kinds.count("train_throughput") == 2 and "matmul" in kinds, kinds
+    assert kinds.count("train_throughput") == 3 and "matmul" in kinds, kinds
     parts = {r["name"]: r["status"] for r in figures if r["bench"] == "part"}
-    assert parts == {"install": "skipped", "gpu tests": "ok"}, parts
-    probe = [r for r in figures if r["bench"] == "train_throughput"][1]
-    assert "baseline" not in probe and probe["ours"]["status"] == "ok"
+    assert parts == {"install": "skipped", "gpu tests": "ok", "flex test": "ok"}, parts
+    # The memory plan is made for the real card (an 80 GB H100): the ratio runs where both sides
+    # fit, the MFU at 64K with ours alone.
+    plan = next(r for r in figures if r["bench"] == "memory_plan")
+    assert plan["ratio_length"] == 32768 and plan["mfu_length"] == 65536
+    ratio, mfu, probe = [r for r in figures if r["bench"] == "train_throughput"]
+    assert "baseline" in ratio and "baseline" not in mfu and "baseline" not in probe
+    assert probe["ours"]["status"] == "ok" and probe["ours"]["plan_peak_bytes"] > 0
+    assert probe["config"]["purpose"].startswith("memory probe (world 1")
     md = (out / "figures.md").read_text()
     assert f"command: bash bench/gpu_check.sh --cpu-dry-run --out {out}" in md
     assert "ratio ours / baseline" in md and "no wheels in" in md
+    assert "peak estimated (ours / transformers baseline)" in md
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in md

@@ -214,7 +214,9 @@ def test_flex_backward_on_cpu_is_unsupported():
     assert "no backward" in A.unavailable_reason("flex", "cpu")
 
 
-GPU_BACKENDS = ["flash_attn", "torch_varlen", "flex"]
+GPU_BACKENDS = ["flash_attn", "torch_varlen"]
+"""The varlen kernels; flex (compiled per static shape: minutes cold) has its own one-shape test,
+which bench/gpu_check.sh runs last, in its own part."""
 
 
 @pytest.mark.gpu
@@ -241,6 +243,19 @@ def test_gpu_backends_long_documents(backend):
         pytest.skip(f"{backend}: {why}")
     _compare_backend(backend, device="cuda", dtype=torch.bfloat16, seed=7, grads=True,
                      tol=2e-2, s=4096, b=1, d=128, h=8, kv=2, lengths=[3000, 700, 1, 299, 96])
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("lengths", [None, [700, 1, 227, 96]], ids=["random", "long-doc"])
+def test_gpu_flex_one_shape(lengths):
+    """Compiled FlexAttention at one static shape (bf16, S=1024, GQA), random documents and a long
+    one with short ones beside it: one compile for both."""
+    why = A.unavailable_reason("flex", "cuda", torch.bfloat16)
+    if why:
+        pytest.skip(f"flex: {why}")
+    _compare_backend("flex", device="cuda", dtype=torch.bfloat16, seed=4, grads=True, tol=2e-2,
+                     s=1024, b=1, d=128, h=8, kv=2, lengths=lengths)
 
 
 @pytest.mark.gpu
