@@ -182,6 +182,9 @@ def install(attention_module: Any, *, flash: Any = fa3_varlen,
     previous = {name: getattr(attention_module, name)
                 for name in ("_flash_varlen_fn", "_torch_varlen_fn", "_flex_fn",
                              "unavailable_reason")}
+    # What the process records as the kernels that ran: the stand-ins' names stay out of it.
+    previous["_KERNELS_RUN"] = dict(attention_module._KERNELS_RUN)
+    attention_module._KERNELS_RUN.clear()
     real_reason = previous["unavailable_reason"]
     attention_module._flash_varlen_fn = lambda: ("stand-in-" + flash.__name__, flash)
     attention_module._torch_varlen_fn = lambda: torch_varlen
@@ -197,6 +200,10 @@ def install(attention_module: Any, *, flash: Any = fa3_varlen,
 
 
 def restore(attention_module: Any, previous: dict[str, Any]) -> None:
+    previous = dict(previous)
+    ran = previous.pop("_KERNELS_RUN")
+    attention_module._KERNELS_RUN.clear()
+    attention_module._KERNELS_RUN.update(ran)
     for name, value in previous.items():
         setattr(attention_module, name, value)
 

@@ -106,7 +106,8 @@ def test_zero_stages_by_hand():
                                                                              12 * n, 0)
     z2 = estimate_memory(with_parallelism(spec, zero_stage=2), arch)
     assert (z2.parameters, z2.gradients, z2.optimizer) == (2 * n, 4 * n / w, 12 * n / w)
-    assert z2.zero_buffers == 2 * REDUCE_BUCKET_ELEMENTS * 2  # overlap_comm double buffer
+    # overlap_comm double-buffers; ZeRO-2 buckets at the reduction's precision (fp32 by default)
+    assert z2.zero_buffers == 2 * REDUCE_BUCKET_ELEMENTS * 4
     assert not z0.fits  # 16 bytes x 8B parameters on every GPU
 
 

@@ -37,9 +37,13 @@ def main() -> None:
     from prolong.model.build import build_model
     from prolong.model.tiling import apply_memory_settings
     from prolong.parallel.step import train_step
+    from prolong.parallel.ulysses import skip_cpu_shm_comm_build
     from prolong.train.engine import build_engine
 
     torch.set_num_threads(1)
+    # As the Worker does: no JIT build of DeepSpeed's CPU shared-memory op (gloo never uses it,
+    # and its build waits on a lock in the shared torch_extensions cache).
+    skip_cpu_shm_comm_build()
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"),
                         ("WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)
