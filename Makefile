@@ -52,7 +52,7 @@ test: setup
 	$(BIN)/hadolint images/train/Dockerfile images/operator/Dockerfile
 	# Two xdist workers; the tests that start Ray run one after another (tests/conftest.py groups
 	# them), the rest spread over both. The bench scripts' end-to-end runs are make bench's.
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not bench" --durations=15 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not bench and not chaos" --durations=15 tests
 
 # The main job on the embedded default: the quickstart pipeline on a local Ray instance with a
 # tiny Llama (data prepared from a local corpus, no download): stage1 -> stage2 (SP=2) -> SFT ->
@@ -72,6 +72,8 @@ bench: setup
 	$(BIN)/python bench/run_all.py
 	# The bench scripts end to end (SP overhead on two ranks, gpu_check.sh --cpu-dry-run).
 	$(BIN)/python -m pytest -q -m bench tests/bench
+	# The chaos drills: 20 SIGKILLed workers in one stage, storage faults (tests marked chaos).
+	$(BIN)/python -m pytest -q -s -m chaos tests
 
 clean:
 	rm -rf runs .pytest_cache

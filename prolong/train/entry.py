@@ -20,6 +20,7 @@ from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOG_MODE_ENV
 from prolong.stage.payload import StageRun
+from prolong.train.chaos import CHAOS_ENV
 from prolong.train.faults import FAULT_ENV
 
 
@@ -34,13 +35,15 @@ def worker_env(gpu: bool, *, console_logs: bool = False,
     intra-op thread per worker (each worker owns one core; more threads only contend). On GPU:
     the CUDA allocator setting of ``memory`` (parallelism.memory.expandableSegments). Worker
     output goes to the stage's logs/ unless ``console_logs``. A fault injection set on the driver
-    (:data:`prolong.train.faults.FAULT_ENV`) travels along."""
+    (:data:`prolong.train.faults.FAULT_ENV`) or a chaos drill
+    (:data:`prolong.train.chaos.CHAOS_ENV`) travels along."""
     env = {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                           "TOKENIZERS_PARALLELISM": "false"}
     env.update(allocator_env(memory or MemorySpec(), gpu=gpu))
     env[LOG_MODE_ENV] = "console" if console_logs else "files"
-    if os.environ.get(FAULT_ENV):
-        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    for name in (FAULT_ENV, CHAOS_ENV):  # drills set on the driver
+        if os.environ.get(name):
+            env[name] = os.environ[name]
     return env
 
 

@@ -65,6 +65,7 @@ from prolong.stage.directory import (
 )
 from prolong.stage.logs import stage_output
 from prolong.stage.payload import StageRun
+from prolong.train.chaos import chaos_point
 from prolong.train.checkpoints import (
     CHECKPOINT_TAG,
     TRAINER_STATE,
@@ -187,6 +188,10 @@ class Worker:
         self.name_suffix = ""
         """Appended to checkpoint names after a resume fell back past a broken checkpoint."""
 
+    def _chaos(self, point: str, step: int) -> None:
+        """A moment a chaos drill may kill a worker in (prolong.train.chaos; no-op without one)."""
+        chaos_point(point, step, stage_dir=self.ref.directory, rank=self.rank)
+
     # ---- set-up --------------------------------------------------------------------------
 
     def _model(self) -> torch.nn.Module:
@@ -207,6 +212,7 @@ class Worker:
         import ray.train  # on the worker, where Ray Train runs this (see train_worker)
 
         stage = StageDir(self.ref.directory)
+        self._chaos("start", 0)
         checkpoint = ray.train.get_checkpoint()
         # Loaded (and for another world size converted) while its local directory is at hand.
         with (checkpoint.as_directory() if checkpoint is not None
@@ -266,6 +272,7 @@ class Worker:
     def train_one(self, built: Engine, loader: MixtureLoader, step: int) -> StepMetrics:
         """Step ``step``: this rank's rows of it through :func:`train_step`, and its metrics."""
         rows = loader.next_step()
+        self._chaos("step", step)  # a drill's kill lands here: rows drawn, the step under way
         lr = built.scheduler.get_last_lr()[0]
         start = time.perf_counter()
         result = train_step(built.engine, rows, self.groups)
@@ -294,6 +301,8 @@ class Worker:
             self.write_checkpoint(Path(tmp), engine, loader, step, stage)
             ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(step, self.name_suffix))
+        if self.rank == 0:
+            self._chaos("saved", step)
 
     def write_checkpoint(self, directory: Path, engine: Any, loader: MixtureLoader, step: int,
                          stage: StageDir) -> None:
@@ -301,6 +310,7 @@ class Worker:
         RNG state, and on rank 0 the trainer state (step, loader state, this run's layout)."""
         engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG)
         maybe_fault("save", step, stage, rank=self.rank)
+        self._chaos("save", step)  # shards written, RNG and trainer state not yet
         torch.save(_rng_state(), directory / rng_file(self.rank))
         if self.rank == 0:
             state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict(),
@@ -314,6 +324,8 @@ class Worker:
         if source is None:
             return 0
         engine = built.engine
+        if resume:
+            self._chaos("load", step_of(source.uri.rsplit("/", 1)[-1]) or 0)
         # Upstream: weights and AdamW moments; the LR schedule starts afresh (as ProLong's stage
         # 2 did), so the scheduler state is not loaded.
         kwargs = ({} if resume else
@@ -438,7 +450,9 @@ class Worker:
         try:
             save_weights(model, tmp)
             if self.rank == 0:
+                self._chaos("final", step)  # weights written locally, final/ not published
                 _write_final(tmp, self.run_info.tokenizer_dir, stage.final_uri)
+                self._chaos("final", step)  # final/ published, no manifest or COMPLETE yet
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)

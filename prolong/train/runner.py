@@ -38,6 +38,7 @@ from prolong.stage.lock import LOCK_FILE, StageLock, StageLocked
 from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
 from prolong.stage.uri import absolute
+from prolong.train.chaos import ChaosSpecError, chaos_drill
 from prolong.train.entry import build_trainer
 from prolong.train.summary import StageOutcome, print_summary
 from prolong.versions import summary as versions_summary
@@ -209,8 +210,14 @@ def _run_stage(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None
                            log=lambda m: console.print(m, markup=False, soft_wrap=True))
         else:
             run = stage_run(job, ref, loaded, upstream_dir)
-            with _progress(job, ref, console, enabled=progress):
+            with (_progress(job, ref, console, enabled=progress),
+                  chaos_drill(run.stage_ref().directory, world=job.spec.cluster.world_size,
+                              every_steps=job.spec.checkpoint.every_steps,
+                              max_failures=job.spec.cluster.max_failures,
+                              say=lambda m: console.print(m, markup=False, soft_wrap=True))):
                 build_trainer(run, console_logs=verbose).fit()
+    except ChaosSpecError as exc:
+        raise RunError(str(exc)) from None
     except Exception as exc:  # Ray Train / Ray task failures carry the worker's traceback
         raise RunError(f"stage {ref.stage} failed: {_root_cause(exc)}{_logs_hint(ref)}") from exc
 
