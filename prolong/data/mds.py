@@ -103,6 +103,40 @@ def _ndarray_decoder(encoding: str, where: str):
     return decode
 
 
+def _shard_entry(entry: Any, directory: Path, where: str) -> _Shard:
+    """One shard of index.json, checked: a malformed entry is a DataError naming the shard."""
+    if not isinstance(entry, dict):
+        raise DataError(f"shard entry is a {type(entry).__name__}, not an object", path=where)
+    if entry.get("format", "mds") != "mds":
+        raise DataError(f"shard format {entry.get('format')!r} is not mds", path=where)
+    compression = entry.get("compression")
+    algo = compression.split(":")[0] if isinstance(compression, str) else compression
+    if compression is not None and algo not in SUPPORTED_COMPRESSIONS:
+        raise DataError(f"MDS compression {compression!r} is not supported (supported: "
+                        f"{', '.join(SUPPORTED_COMPRESSIONS)})", path=where)
+    try:
+        stored = entry["zip_data"] if compression else entry["raw_data"]
+        basename = stored["basename"]
+        names, encodings, sizes = (list(entry[k]) for k in (
+            "column_names", "column_encodings", "column_sizes"))
+        shard = _Shard(directory / basename, compression or None,
+                       int(entry["raw_data"]["bytes"]), names, encodings, sizes,
+                       int(entry["samples"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"malformed shard entry ({type(exc).__name__}: {exc})", path=where) \
+            from None
+    if not isinstance(basename, str) or not basename or Path(basename).name != basename:
+        raise DataError(f"shard file name {basename!r} is not a file in the dataset directory",
+                        path=where)
+    if not (len(names) == len(encodings) == len(sizes)) or not names or \
+            not all(isinstance(x, str) for x in (*names, *encodings)) or \
+            not all(x is None or (isinstance(x, int) and x >= 0) for x in sizes):
+        raise DataError("column_names, column_encodings and column_sizes disagree", path=where)
+    if shard.samples < 0 or shard.raw_bytes < 0:
+        raise DataError("negative samples or bytes", path=where)
+    return shard
+
+
 @dataclass(frozen=True)
 class _Shard:
     path: Path
@@ -131,22 +165,14 @@ class MDSDataset:
             entries = index["shards"]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"unreadable MDS index: {exc}", path=str(index_path)) from None
+        if not isinstance(entries, list):
+            raise DataError(f"unreadable MDS index: shards is a {type(entries).__name__}, not a "
+                            "list", path=str(index_path))
         self.shards: list[_Shard] = []
         self._decoders = []
         for i, entry in enumerate(entries):
             where = f"{index_path} shard {i}"
-            if entry.get("format", "mds") != "mds":
-                raise DataError(f"shard format {entry.get('format')!r} is not mds", path=where)
-            compression = entry.get("compression")
-            algo = (compression or "none").split(":")[0]
-            if algo not in SUPPORTED_COMPRESSIONS:
-                raise DataError(f"MDS compression {compression!r} is not supported (supported: "
-                                f"{', '.join(SUPPORTED_COMPRESSIONS)})", path=where)
-            stored = entry["zip_data"] if compression else entry["raw_data"]
-            shard = _Shard(self.directory / stored["basename"], compression if compression else None,
-                           int(entry["raw_data"]["bytes"]), list(entry["column_names"]),
-                           list(entry["column_encodings"]), list(entry["column_sizes"]),
-                           int(entry["samples"]))
+            shard = _shard_entry(entry, self.directory, where)
             self._decoders.append([_decoder(e, f"{shard.path} column {n}")
                                    for n, e in zip(shard.names, shard.encodings, strict=True)])
             self.shards.append(shard)
@@ -181,21 +207,39 @@ class MDSDataset:
         if offsets[-1] > len(buf) or np.any(np.diff(offsets) < 0):
             raise DataError("truncated or corrupt MDS shard (sample offsets out of range)",
                             path=where)
+        if offsets[0] < 4 * (n + 2):
+            raise DataError("corrupt MDS shard (sample offsets overlap its header)", path=where)
         n_var = sum(1 for s in shard.sizes if s is None)
         for i in range(n):
             sample = buf[offsets[i]: offsets[i + 1]]
-            var_sizes = np.frombuffer(sample[: 4 * n_var], np.uint32) if n_var else ()
-            pos, k, out = 4 * n_var, 0, {}
-            for name, size, decode in zip(shard.names, shard.sizes, decoders, strict=True):
-                if size is None:
-                    size = int(var_sizes[k])
-                    k += 1
-                out[name] = decode(sample[pos: pos + size])
-                pos += size
-            if pos != len(sample):
+            try:
+                out = _sample(sample, shard, decoders, n_var)
+            except DataError:
+                raise
+            except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
+                # A column's bytes that its encoding cannot decode: a corrupt shard, or an
+                # index.json whose columns are not the shard's.
+                raise DataError(f"sample {i} does not decode ({type(exc).__name__}: "
+                                f"{str(exc)[:120]})", path=where) from None
+            if out is None:
                 raise DataError(f"sample {i}: column sizes do not add up to the sample's bytes",
                                 path=where)
             yield out
+
+
+def _sample(sample: memoryview, shard: _Shard, decoders, n_var: int) -> dict[str, Any] | None:
+    """One sample's columns (None when their sizes do not add up to its bytes)."""
+    var_sizes = np.frombuffer(sample[: 4 * n_var], np.uint32) if n_var else ()
+    pos, k, out = 4 * n_var, 0, {}
+    for name, size, decode in zip(shard.names, shard.sizes, decoders, strict=True):
+        if size is None:
+            size = int(var_sizes[k])
+            k += 1
+        if pos + size > len(sample):
+            return None
+        out[name] = decode(sample[pos: pos + size])
+        pos += size
+    return out if pos == len(sample) else None
 
 
 def _decompress(shard: _Shard) -> bytes:
@@ -242,6 +286,9 @@ def iter_documents(root: str | Path) -> Iterator[tuple[str, np.ndarray, str | No
         rel = ds_dir.relative_to(root).as_posix() if ds_dir != root else "."
         for i, sample in enumerate(ds):
             ids = np.asarray(sample["input_ids"]).reshape(-1)
+            if not np.issubdtype(ids.dtype, np.integer):
+                raise DataError(f"sample {i}: input_ids are {ids.dtype}, not integer token ids",
+                                path=str(ds_dir))
             domain = sample.get("domain")
             spans = sample.get("indices")
             if spans is None:

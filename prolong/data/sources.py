@@ -266,21 +266,40 @@ def _jsonl(stream: DataStream, conv: bool) -> Iterator[Document]:
                 except json.JSONDecodeError as exc:
                     raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})",
                                     path=where) from None
+                except RecursionError:  # the parser recurses once per nesting level
+                    raise DataError("invalid JSON: nested too deeply", path=where) from None
                 yield Document(f"{rel}:{lineno}", **_field(row, stream, conv, where))
 
 
 def _rows(batches: Iterable[Any], stream: DataStream, conv: bool, path: str,
           rel: str) -> Iterator[Document]:
-    """Documents from record batches (pyarrow RecordBatch or dict of columns)."""
+    """Documents from record batches (pyarrow RecordBatch or dict of columns). A file that turns
+    out corrupt past its header (a bad page, a truncated batch, invalid UTF-8 in a string
+    column) is a DataError naming it and the first row of the batch that failed."""
     name = stream.messages_field if conv else stream.text_field
     row = 0
-    for batch in batches:
-        column = batch[name] if isinstance(batch, dict) else batch.column(name)
-        values = column if isinstance(column, list) else column.to_pylist()
+    batches = iter(batches)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            column = batch[name] if isinstance(batch, dict) else batch.column(name)
+            values = column if isinstance(column, list) else column.to_pylist()
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+            # pyarrow's errors are OSError or ValueError (ArrowInvalid) subclasses; decoding a
+            # string column raises UnicodeDecodeError (a ValueError).
+            raise DataError(f"unreadable from row {row + 1}: {_first_line(exc)}",
+                            path=path) from None
         for value in values:
             row += 1
             yield Document(f"{rel}:{row}", **_field({name: value}, stream, conv,
                                                    f"{path} row {row}"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _require_column(names: list[str], stream: DataStream, conv: bool, path: str) -> None:
@@ -298,7 +317,8 @@ def _parquet(stream: DataStream, conv: bool) -> Iterator[Document]:
         try:
             pf = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for a non-parquet file
-            raise DataError(f"not a readable parquet file: {exc}", path=str(path)) from None
+            raise DataError(f"not a readable parquet file: {_first_line(exc)}",
+                            path=str(path)) from None
         _require_column(pf.schema_arrow.names, stream, conv, str(path))
         yield from _rows(pf.iter_batches(columns=[name], batch_size=1024), stream, conv,
                          str(path), _rel(path, stream))
@@ -313,13 +333,13 @@ def _arrow(stream: DataStream, conv: bool) -> Iterator[Document]:
             reader = pa.ipc.open_file(source)
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
             schema = reader.schema
-        except pa.ArrowInvalid:
+        except (pa.ArrowException, OSError, ValueError):
             source.seek(0)
             try:
                 reader = pa.ipc.open_stream(source)
-            except pa.ArrowInvalid as exc:
-                raise DataError(f"not an Arrow IPC file or stream: {exc}", path=str(path)) \
-                    from None
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                raise DataError(f"not an Arrow IPC file or stream: {_first_line(exc)}",
+                                path=str(path)) from None
             batches, schema = reader, reader.schema
         _require_column(schema.names, stream, conv, str(path))
         yield from _rows(batches, stream, conv, str(path), _rel(path, stream))
