@@ -297,6 +297,14 @@ def _rows(batches: Iterable[Any], stream: DataStream, conv: bool, path: str,
                                                    f"{path} row {row}"))
 
 
+def _names(schema: Any, path: str) -> list[str]:
+    """A file's column names (a corrupt schema can hold names that are not UTF-8)."""
+    try:
+        return list(schema.names)
+    except ValueError as exc:
+        raise DataError(f"unreadable schema: {_first_line(exc)}", path=path) from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text if len(text) <= 200 else text[:197] + "..."
@@ -319,7 +327,7 @@ def _parquet(stream: DataStream, conv: bool) -> Iterator[Document]:
         except Exception as exc:  # pyarrow raises several types for a non-parquet file
             raise DataError(f"not a readable parquet file: {_first_line(exc)}",
                             path=str(path)) from None
-        _require_column(pf.schema_arrow.names, stream, conv, str(path))
+        _require_column(_names(pf.schema_arrow, str(path)), stream, conv, str(path))
         yield from _rows(pf.iter_batches(columns=[name], batch_size=1024), stream, conv,
                          str(path), _rel(path, stream))
 
@@ -341,7 +349,7 @@ def _arrow(stream: DataStream, conv: bool) -> Iterator[Document]:
                 raise DataError(f"not an Arrow IPC file or stream: {_first_line(exc)}",
                                 path=str(path)) from None
             batches, schema = reader, reader.schema
-        _require_column(schema.names, stream, conv, str(path))
+        _require_column(_names(schema, str(path)), stream, conv, str(path))
         yield from _rows(batches, stream, conv, str(path), _rel(path, stream))
 
 
