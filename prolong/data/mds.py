@@ -173,12 +173,12 @@ class MDSDataset:
         for i, entry in enumerate(entries):
             where = f"{index_path} shard {i}"
             shard = _shard_entry(entry, self.directory, where)
+            self._decoders.append([_decoder(e, f"{shard.path} column {n}")
+                                   for n, e in zip(shard.names, shard.encodings, strict=True)])
             if self.shards and (shard.names, shard.encodings) != (self.shards[0].names,
                                                                   self.shards[0].encodings):
                 raise DataError("columns differ from shard 0's (one dataset has one set of "
                                 "columns)", path=where)
-            self._decoders.append([_decoder(e, f"{shard.path} column {n}")
-                                   for n, e in zip(shard.names, shard.encodings, strict=True)])
             self.shards.append(shard)
 
     def __len__(self) -> int:

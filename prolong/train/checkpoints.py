@@ -13,6 +13,7 @@ an engine, so that every rank can check a candidate and all agree before any of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -39,6 +40,69 @@ def checkpoint_dir_name(step: int, suffix: str = "") -> str:
 def step_of(name: str) -> int | None:
     match = _NAME.match(name)
     return int(match.group(1)) if match else None
+
+
+def digests_file(rank: int) -> str:
+    return f"digests-rank{rank:05d}.json"
+
+
+def _owned_by(rank: int, relative: str) -> bool:
+    """Whether ``relative`` (a path inside a checkpoint) is one rank ``rank`` writes: its RNG
+    file and DeepSpeed's per-rank shards (``zero_pp_rank_<r>_...``); rank 0 also everything
+    else DeepSpeed and the trainer write once (model states under ZeRO 0-2, ``latest``, the
+    trainer state). Ranks that share one directory (the tests' plain torch.distributed runs)
+    then never hash each other's files while those are being written."""
+    name = relative.rsplit("/", 1)[-1]
+    if name.startswith("rng-rank") or name.startswith("digests-rank"):
+        return name == rng_file(rank)
+    match = re.match(r"zero_pp_rank_(\d+)_", name)
+    return int(match.group(1)) == rank if match else rank == 0
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_digests(directory: Path, rank: int) -> None:
+    """Rank ``rank``'s part of checkpoint ``directory`` is written: record the SHA-256 of each
+    of its files (``digests-rank<r>.json``, written last). A flipped bit in a tensor leaves an
+    archive torch opens without complaint; only the digest tells it from the one written."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    digests = {rel: _sha256(p) for p in files
+               if _owned_by(rank, rel := p.relative_to(directory).as_posix())}
+    tmp = directory / (digests_file(rank) + ".tmp")
+    tmp.write_text(json.dumps(digests, sort_keys=True))
+    tmp.replace(directory / digests_file(rank))
+
+
+def _digest_problems(directory: Path, world: int, ranks: set[int] | None) -> list[str]:
+    """Files that differ from what their rank recorded (checkpoints written before digests
+    were recorded have none, and are judged on the rest)."""
+    present = [r for r in range(world) if (directory / digests_file(r)).is_file()]
+    if not present:
+        return []
+    problems = [f"missing {digests_file(r)}" for r in range(world) if r not in present]
+    for r in present:
+        if ranks is not None and r not in ranks:
+            continue
+        try:
+            digests = json.loads((directory / digests_file(r)).read_text())
+            if not isinstance(digests, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{digests_file(r)} unreadable ({type(exc).__name__})")
+            continue
+        for rel, want in sorted(digests.items()):
+            path = directory / rel
+            if not path.is_file():
+                problems.append(f"missing {rel}")
+            elif _sha256(path) != want:
+                problems.append(f"{rel} differs from what rank {r} wrote (SHA-256)")
+    return problems
 
 
 def rng_file(rank: int) -> str:
@@ -108,9 +172,11 @@ def read_layout(directory: Path) -> Layout:
     return Layout(world=max(world, len(optim)), zero_stage=zero)
 
 
-def checkpoint_problems(directory: Path) -> list[str]:
-    """What makes a checkpoint unusable (empty: usable), judged against the layout that wrote it.
-    Whether it fits the resuming run is :func:`prolong.train.reshape.load_tag`'s question."""
+def checkpoint_problems(directory: Path, ranks: set[int] | None = None) -> list[str]:
+    """What makes a checkpoint unusable (empty: usable), judged against the layout that wrote it
+    and the digests its ranks recorded (those of ``ranks`` only, when given: each resuming rank
+    hashes the files it loads, and the ranks agree). Whether it fits the resuming run is
+    :func:`prolong.train.reshape.load_tag`'s question."""
     problems: list[str] = []
     try:
         state = json.loads((directory / TRAINER_STATE).read_text())
@@ -136,7 +202,7 @@ def checkpoint_problems(directory: Path) -> list[str]:
         except Exception as exc:  # a truncated or corrupt archive fails in many ways
             problems.append(f"{CHECKPOINT_TAG}/{f.name} cannot be read "
                             f"({type(exc).__name__}: {str(exc)[:80]})")
-    return problems
+    return problems + _digest_problems(directory, world, ranks)
 
 
 def older_checkpoints(stage: StageDir, than_step: int) -> list[str]:

@@ -77,6 +77,7 @@ from prolong.train.checkpoints import (
     rng_file,
     rng_file_for,
     step_of,
+    write_digests,
 )
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
@@ -316,6 +317,7 @@ class Worker:
             state = {"step": step, "stage_id": self.ref.id, "loader": loader.state_dict(),
                      "layout": self.layout.to_json()}
             (directory / TRAINER_STATE).write_text(json.dumps(state))
+        write_digests(directory, self.rank)  # last: a checkpoint's files as written
 
     def _restore(self, built: Engine, loader: MixtureLoader, source: LoadSource | None, *,
                  resume: bool) -> int:
@@ -368,7 +370,8 @@ class Worker:
         why: list[str] = []  # this rank's reason per candidate, for the error if none is usable
         for i, (cand_name, uri) in enumerate(candidates):
             directory = latest if uri is None else Path(local_copy(uri))
-            problems = checkpoint_problems(directory)
+            # Each rank hashes its own files and rank 0's (the ranks agree below).
+            problems = checkpoint_problems(directory, ranks={0, self.rank})
             if self._agree(not problems):
                 source, reason = self._prepare(directory, stage.uri_of(cand_name))
                 if source is not None:
