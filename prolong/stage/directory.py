@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -61,12 +62,29 @@ def publish_directory(local_dir: str, uri: str) -> None:
     if isinstance(fs, pafs.LocalFileSystem):
         partial = Path(path + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(local_dir, partial)
+        try:
+            shutil.copytree(local_dir, partial)
+        except OSError as exc:  # a full disk, a quota: nothing half-copied stays behind
+            shutil.rmtree(partial, ignore_errors=True)
+            raise _copy_failure(exc, uri) from None
         partial.chmod(0o755)  # mkdtemp's 0700 would hide the contents from other users
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial, path)
     else:
         pafs.copy_files(local_dir, path, destination_filesystem=fs)
+
+
+def _copy_failure(exc: OSError, uri: str) -> OSError:
+    """One OSError (errno kept) for a failed copy: shutil.copytree gathers one error per file
+    into a list, which would print as a page of tuples."""
+    if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) \
+            and exc.args[0]:
+        why = str(exc.args[0][0][-1])
+        code = re.match(r"\[Errno (\d+)\] ([^:]+)", why)
+        if code:
+            return OSError(int(code.group(1)), f"{code.group(2)}: cannot publish {uri}")
+        return OSError(f"cannot publish {uri}: {why[:200]}")
+    return OSError(exc.errno, f"{exc.strerror or exc}: cannot publish {uri}")
 
 
 class Manifest(BaseModel):
