@@ -34,7 +34,7 @@ from tests.operator.conftest import Cluster, load_handlers, pipeline_cr
 pytestmark = pytest.mark.timeout(900)
 
 SAMPLE = 40  # make test, validation layer
-END_TO_END_SAMPLE = 3  # make test, over kmock
+END_TO_END_SAMPLE = 2  # make test, over kmock
 FULL = 1000
 FULL_END_TO_END = 200
 

@@ -75,10 +75,11 @@ def test_a_plan_beyond_max_failures_is_refused(tmp_path, monkeypatch):
         pass
 
 
-def _spawn(stage: Path, rank: int, steps: int, every: int) -> subprocess.Popen:
+def _spawn(stage: Path, rank: int, steps: int, every: int, group: int) -> subprocess.Popen:
     env = {**os.environ, CHAOS_ENV: "seed:0,kills:1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, str(REPO / "tests/train/chaos_worker.py"),
-                             str(stage), str(rank), str(steps), str(every)], env=env)
+                             str(stage), str(rank), str(steps), str(every), str(group)],
+                            env=env)
 
 
 def _events(stage: Path) -> str:
@@ -89,15 +90,15 @@ def _events(stage: Path) -> str:
 def test_the_killer_sigkills_workers_at_the_moments_they_announce(tmp_path):
     # Two stand-in workers per group; when the killer SIGKILLs one, the test stops the other and
     # starts a new group (Ray Train's restart), until the stage's final marker is written.
-    stage, steps, every = tmp_path / "stage", 24, 2
+    stage, steps, every = tmp_path / "stage", 16, 2
     stage.mkdir()
-    plan = plan_kills(ChaosSpec(seed=5, kills=7), world=2, every_steps=every)
+    plan = plan_kills(ChaosSpec(seed=5, kills=5), world=2, every_steps=every)
     killed_by_us: list[int] = []
     with ChaosMonkey(stage, plan) as monkey:
         for _group in range(len(plan) + 1):
             procs = []
             for rank in range(2):  # up one after the other, as Ray Train's group starts
-                procs.append(_spawn(stage, rank, steps, every))
+                procs.append(_spawn(stage, rank, steps, every, _group))
                 while f'"pid": {procs[-1].pid},' not in _events(stage):
                     time.sleep(0.01)
             deadline = time.monotonic() + 60
@@ -119,7 +120,7 @@ def test_the_killer_sigkills_workers_at_the_moments_they_announce(tmp_path):
     # after a late restart can be fewer than a kill's drawn skip), never nothing.
     assert len(kills) == len(plan)
     assert all(k["point"] in (p.point, "final") for k, p in zip(kills, plan, strict=True))
-    assert sum(k["point"] == p.point for k, p in zip(kills, plan, strict=True)) >= 5
+    assert sum(k["point"] == p.point for k, p in zip(kills, plan, strict=True)) >= 4
     # The planned rank, or the announcer where the planned one had already exited (rank 1 has
     # nothing to do during final/ here; in a Worker it waits in the last barrier).
     assert all(k["victim_rank"] in (p.victim, k["announced_by"]) for k, p in zip(kills, plan,
@@ -131,4 +132,4 @@ def test_the_killer_sigkills_workers_at_the_moments_they_announce(tmp_path):
     # A restart loads the newest checkpoint the killer saw saved.
     loads = [k for k in kills if k["point"] == "load"]
     assert all(k["checkpoint"] == k["step"] for k in loads)
-    assert "7 of 7 planned worker kills" in monkey.summary()
+    assert "5 of 5 planned worker kills" in monkey.summary()
