@@ -36,7 +36,7 @@ from prolong.train.checkpoints import (
     write_digests,
 )
 
-SAMPLE = 40
+SAMPLE = 30
 FULL = 1000
 KINDS = ("truncate", "bitflip", "bitflips", "empty", "zero-run", "delete")
 
