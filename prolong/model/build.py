@@ -126,7 +126,8 @@ def check_architecture(config: Any, arch: ArchitectureSpec, *, where: str = "the
 def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, source: str | None = None,
                 activation_checkpointing: bool = False, local_files_only: bool = False,
-                seed: int | None = None, zero3: Zero3Init | None = None) -> Any:
+                seed: int | None = None, zero3: Zero3Init | None = None,
+                load_weights: bool = True) -> Any:
     """A ``LlamaForCausalLM`` (or the checkpoint's causal-LM class) ready to train.
 
     ``source`` overrides ``spec.source`` (the train loop passes a ``fromStage`` weights directory
@@ -134,6 +135,11 @@ def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
     ``spec.architecture`` (seeded by ``seed`` when given). ``zero3``: build it partitioned for
     ZeRO-3 (its parameters then live where ``deepspeed.zero.Init`` put them, and ``device`` is
     not used); pretrained weights must then be a local safetensors directory.
+
+    ``load_weights=False``: the shape only (the source's config, checked as usual), with the
+    parameters left unset (no read of the weights, no random init), for a caller that loads a
+    DeepSpeed checkpoint over them at once: a resume, or a ``weightsAndOptimizer`` start, would
+    otherwise read the 16 GB of an 8B model only for ``load_checkpoint`` to overwrite them.
     """
     register_attention_backends()
     backend = select_backend(spec.attention, device, dtype)
@@ -146,18 +152,24 @@ def build_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
         if seed is not None:
             torch.manual_seed(seed)
         if zero3 is not None:
-            model = build_partitioned(cfg, zero3, attn=attn, dtype=dtype, init=True)
-        else:
+            model = build_partitioned(cfg, zero3, attn=attn, dtype=dtype, init=load_weights)
+        elif load_weights:
             from transformers import LlamaForCausalLM
 
             model = LlamaForCausalLM._from_config(cfg, attn_implementation=attn, dtype=dtype)
+        else:
+            model = _unloaded(cfg, attn=attn, dtype=dtype)
     elif zero3 is not None:
         if not Path(source).is_dir():
             raise FileNotFoundError(f"model source {source!r} is not a local directory (ZeRO-3 "
                                     "streams weights from a local or staged directory)")
         config = pretrained_config(source, spec, local_files_only=True)
         model = build_partitioned(config, zero3, attn=attn, dtype=dtype, init=False)
-        load_partitioned(model, source)
+        if load_weights:
+            load_partitioned(model, source)
+    elif not load_weights:
+        model = _unloaded(pretrained_config(source, spec, local_files_only=local_files_only),
+                          attn=attn, dtype=dtype)
     else:
         model = _load_pretrained(source, spec, attn=attn, dtype=dtype,
                                  local_files_only=local_files_only)
@@ -257,6 +269,18 @@ def pretrained_config(source: str, spec: ModelSpec, *, local_files_only: bool) -
         set_rope_theta(config, spec.rope_theta)
     config.use_cache = False
     return config
+
+
+def _unloaded(config: Any, *, attn: str, dtype: torch.dtype) -> Any:
+    """The causal LM of ``config`` with its parameters left as allocated (transformers'
+    ``no_init_weights``: no init pass), for a checkpoint load to fill."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    model.tie_weights()
+    return model
 
 
 def _load_pretrained(source: str, spec: ModelSpec, *, attn: str, dtype: torch.dtype,

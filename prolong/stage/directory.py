@@ -43,14 +43,19 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(absolute(uri))
 
 
-def local_copy(uri: str) -> str:
+def local_copy(uri: str, *, only: tuple[str, ...] | None = None) -> str:
     """A local directory holding ``uri``: itself when local, else a downloaded copy (a model's
-    weights or a checkpoint on an object store, for libraries that read only local files)."""
+    weights or a checkpoint on an object store, for libraries that read only local files).
+    ``only``: download just these files of it (a model's config without its weights)."""
     if not is_object_store(uri):
         return uri
     fs, path = resolve(uri)
     local = tempfile.mkdtemp(prefix="prolong-download-")
-    pafs.copy_files(path, local, source_filesystem=fs)
+    if only is None:
+        pafs.copy_files(path, local, source_filesystem=fs)
+    else:
+        for name in only:
+            pafs.copy_files(f"{path.rstrip('/')}/{name}", f"{local}/{name}", source_filesystem=fs)
     return local
 
 

@@ -81,7 +81,13 @@ from prolong.train.checkpoints import (
 )
 from prolong.train.engine import Engine, build_engine
 from prolong.train.faults import maybe_fault
-from prolong.train.metrics import RayGauges, StepMetrics, make_step_metrics, step_flops
+from prolong.train.metrics import (
+    RayGauges,
+    StepMetrics,
+    make_step_metrics,
+    step_flops,
+    with_save_time,
+)
 from prolong.train.report import (
     CURVES_PNG,
     TRAIN_REPORT,
@@ -110,19 +116,23 @@ def zero3_partitioning(spec: TrainSpec, groups: ParallelGroups) -> Zero3Init | N
 
 
 def training_model(spec: TrainSpec, groups: ParallelGroups, device: str | torch.device, *,
-                   source: str | None = None) -> tuple[torch.nn.Module, str]:
+                   source: str | None = None,
+                   load_weights: bool = True) -> tuple[torch.nn.Module, str]:
     """The model a training worker hands to :func:`~prolong.train.engine.build_engine`, and its
     attention backend: built from ``source`` (a local directory) or randomly from the spec,
     partitioned as it is created under ZeRO-3, routed through Ulysses, with the spec's
     ``parallelism.memory`` settings (activation offload, TiledMLP) applied. The one build order:
-    the Worker and bench/ (which measures what the product trains) both call it."""
+    the Worker and bench/ (which measures what the product trains) both call it.
+    ``load_weights=False``: the shape only, for a DeepSpeed checkpoint to fill
+    (:func:`~prolong.model.build.build_model`)."""
     dtype = TORCH_DTYPES[spec.resolved_precision]
     zero3 = zero3_partitioning(spec, groups)
     if zero3 is not None:
         ensure_deepspeed_comm()  # zero.Init partitions over deepspeed.comm's wrapped groups
     model = build_model(spec.model, device=device, dtype=dtype, source=source,
                         activation_checkpointing=spec.parallelism.activation_checkpointing,
-                        seed=spec.seed, zero3=zero3, local_files_only=True)
+                        seed=spec.seed, zero3=zero3, local_files_only=True,
+                        load_weights=load_weights)
     backend = select_backend(spec.model.attention, device, dtype)
     apply_ulysses(model, groups, hf_name(backend), seq_length=spec.sequence_length)
     apply_memory_settings(model, spec.parallelism)
@@ -195,13 +205,19 @@ class Worker:
 
     # ---- set-up --------------------------------------------------------------------------
 
-    def _model(self) -> torch.nn.Module:
+    def _model(self, *, load_weights: bool = True) -> torch.nn.Module:
+        """The model to train. ``load_weights=False`` when a checkpoint is loaded over it at once
+        (a resume, a ``weightsAndOptimizer`` start): its shape comes from the same source's
+        config, its weights are not read (16 GB for an 8B model)."""
         # The upstream stage's final/, else the staged (or local) model: never the hub.
         if self.run_info.upstream_dir is not None:
-            source = local_copy(StageDir(self.run_info.upstream_dir).final_uri)
+            final = StageDir(self.run_info.upstream_dir).final_uri
+            # Only config.json is read when the weights are not: fetch that alone.
+            source = local_copy(final, only=None if load_weights else ("config.json",))
         else:
             source = model_load_dir(self.spec.model)
-        return training_model(self.spec, self.groups, self.device, source=source)[0]
+        return training_model(self.spec, self.groups, self.device, source=source,
+                              load_weights=load_weights)[0]
 
     def _loader(self) -> MixtureLoader:
         shards = {domain: TokenShards(path) for domain, path in self.run_info.shard_dirs.items()}
@@ -231,17 +247,19 @@ class Worker:
             while step < self.spec.total_steps:
                 step += 1
                 metrics = self.train_one(built, loader, step)
-                record = metrics.as_record()
-                if log is not None:
-                    log.append(record)
-                if gauges is not None:
-                    gauges.update(metrics)
                 # Only checkpoints go through ray.train.report: each report waits for Ray Train's
                 # controller (about a second on 2 CPUs, 410 s of a 300-step quickstart stage),
                 # and nothing reads per-step results from Ray; metrics.jsonl and the gauges
-                # carry every step.
+                # carry every step. The save counts in the step's wall time, so its row is
+                # written after it (a crash mid-save replays the step, and its row, anyway).
                 if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.total_steps:
-                    self._save_and_report(built.engine, loader, step, record, stage)
+                    saving = time.perf_counter()
+                    self._save_and_report(built.engine, loader, step, metrics.as_record(), stage)
+                    metrics = with_save_time(metrics, time.perf_counter() - saving)
+                if log is not None:
+                    log.append(metrics.as_record())
+                if gauges is not None:
+                    gauges.update(metrics)
                 maybe_fault("step", step, stage, rank=self.rank)
         finally:
             if log is not None:
@@ -254,15 +272,17 @@ class Worker:
         own; or an older usable one) or started from the upstream stage's final
         checkpoint (weightsAndOptimizer), through the universal copy when the checkpoint was
         written on another world size. The engine is built after the choice: whether it loads
-        a universal checkpoint is part of its DeepSpeed config."""
-        model = self._model()  # parallelism.memory applied; the loss chunk goes to the engine
-        self.arch = self.spec.model.architecture or architecture_of(model)
+        a universal checkpoint is part of its DeepSpeed config. The model's weights are read only
+        when no checkpoint is loaded over them."""
         if latest is not None:
             source = self._usable_checkpoint(latest, latest_name or latest.name)
         elif self.spec.model.init == "weightsAndOptimizer":
             source = self._upstream_checkpoint()
         else:
             source = None
+        # parallelism.memory applied; the loss chunk goes to the engine
+        model = self._model(load_weights=source is None)
+        self.arch = self.spec.model.architecture or architecture_of(model)
         built = build_engine(model, self.spec, self.groups,
                              load_universal=source is not None and source.tag == UNIVERSAL_TAG,
                              chunk_tokens=self.spec.parallelism.memory.loss_chunk_tokens)
@@ -271,7 +291,10 @@ class Worker:
         return Started(built, model, loader, step)
 
     def train_one(self, built: Engine, loader: MixtureLoader, step: int) -> StepMetrics:
-        """Step ``step``: this rank's rows of it through :func:`train_step`, and its metrics."""
+        """Step ``step``: this rank's rows of it through :func:`train_step`, and its metrics
+        (throughput over the wall time from asking the loader to the metrics; the caller adds a
+        checkpoint save's time with :func:`~prolong.train.metrics.with_save_time`)."""
+        asked = time.perf_counter()
         rows = loader.next_step()
         self._chaos("step", step)  # a drill's kill lands here: rows drawn, the step under way
         lr = built.scheduler.get_last_lr()[0]
@@ -290,7 +313,8 @@ class Worker:
             tokens=self.spec.global_batch_tokens, dense_flops=float(flops[0]),
             causal_flops=float(flops[1]), valid_tokens=result.valid_tokens, devices=self.world,
             device_kind=self.spec.cluster.device, gpu_type=self.spec.cluster.gpu_type,
-            tokens_per_domain=loader.tokens_by_domain)
+            tokens_per_domain=loader.tokens_by_domain, data_s=start - asked,
+            wall_s=time.perf_counter() - asked)
 
     # ---- checkpoints ---------------------------------------------------------------------
 

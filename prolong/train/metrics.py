@@ -5,6 +5,11 @@ bar and Ray Train's result), ``ray.util.metrics`` gauges (Prometheus / the Ray d
 panels, names ``prolong_<metric>``, exported as ``ray_prolong_<metric>``), and ``metrics.jsonl`` in
 the stage directory.
 
+Throughput and MFU are over the step's **wall time** (``wall_s``): waiting for the loader
+(``data_s``), the optimizer step itself (``seconds``) and the checkpoint save at the step's end
+(``save_s``; zero on steps that save none). Over ``seconds`` alone they read high by the data
+wait and, on a saving step, by the save: what a user pays for is the wall time.
+
 MFU is model FLOPs per second per device over the device's dense bf16 peak. The dense convention
 charges every token full attention over the row (6N + 12·L·H·d·S); the document-causal one charges
 what a document-masked causal kernel actually computes (6N + 6·L·H·d·Σdᵢ²/S), from the real
@@ -14,7 +19,7 @@ document lengths of the step's rows.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from prolong.model.flops import PEAK_BF16_FLOPS, dense_flops_per_token, doc_causal_flops_per_token
@@ -74,12 +79,19 @@ class StepMetrics:
     valid_tokens: int
     """Tokens that were prediction targets (the loss normaliser)."""
     seconds: float
+    """The optimizer step alone (forward, backward, update of every micro-batch)."""
     tokens_per_s: float
     tokens_per_s_per_device: float
     mfu_dense: float | None
     mfu_doc_causal: float | None
     tokens_per_domain: dict[str, int] = field(default_factory=dict)
     """Cumulative tokens consumed per domain since the start of the stage."""
+    data_s: float = 0.0
+    """Waiting for this rank's rows of the step (the loader's planning and reading)."""
+    save_s: float = 0.0
+    """Writing and reporting the checkpoint after the step (0 on steps that save none)."""
+    wall_s: float = 0.0
+    """The step's wall time: data wait + step + save + bookkeeping; throughput and MFU use it."""
 
     def as_record(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,19 +112,34 @@ def step_flops(arch: ArchitectureSpec, seq_len: int, rows_doc_lengths: Iterable[
 def make_step_metrics(*, step: int, loss: float, lr: float, grad_norm: float | None,
                       seconds: float, tokens: int, dense_flops: float, causal_flops: float,
                       valid_tokens: int, devices: int, device_kind: str, gpu_type: str,
-                      tokens_per_domain: dict[str, int]) -> StepMetrics:
+                      tokens_per_domain: dict[str, int], data_s: float = 0.0,
+                      save_s: float = 0.0, wall_s: float | None = None) -> StepMetrics:
     """Throughput and MFU of a step that processed ``tokens`` tokens and the given FLOPs (summed
-    over all data-parallel ranks, see :func:`step_flops`) on ``devices`` devices."""
+    over all data-parallel ranks, see :func:`step_flops`) on ``devices`` devices, over its wall
+    time ``wall_s`` (at least ``data_s + seconds + save_s``, which it is when not given)."""
     seconds = max(seconds, 1e-9)
+    wall = max(wall_s if wall_s is not None else 0.0, data_s + seconds + save_s)
     peak = PEAK_BF16_FLOPS.get(gpu_type) if device_kind == "gpu" else None
-    denom = peak * devices * seconds if peak else None
+    denom = peak * devices * wall if peak else None
     return StepMetrics(
         step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens, valid_tokens=valid_tokens,
-        seconds=seconds, tokens_per_s=tokens / seconds,
-        tokens_per_s_per_device=tokens / seconds / devices,
+        seconds=seconds, tokens_per_s=tokens / wall,
+        tokens_per_s_per_device=tokens / wall / devices,
         mfu_dense=dense_flops / denom if denom else None,
         mfu_doc_causal=causal_flops / denom if denom else None,
-        tokens_per_domain=dict(tokens_per_domain))
+        tokens_per_domain=dict(tokens_per_domain), data_s=data_s, save_s=save_s, wall_s=wall)
+
+
+def with_save_time(m: StepMetrics, save_s: float) -> StepMetrics:
+    """``m`` with the checkpoint save that followed its step counted in: ``save_s`` and the wall
+    time grow by it, and throughput and MFU are over the longer wall time."""
+    wall = m.wall_s + save_s
+    scale = m.wall_s / wall if wall > 0 else 1.0
+    return replace(m, save_s=m.save_s + save_s, wall_s=wall,
+                   tokens_per_s=m.tokens_per_s * scale,
+                   tokens_per_s_per_device=m.tokens_per_s_per_device * scale,
+                   mfu_dense=None if m.mfu_dense is None else m.mfu_dense * scale,
+                   mfu_doc_causal=None if m.mfu_doc_causal is None else m.mfu_doc_causal * scale)
 
 
 class RayGauges:

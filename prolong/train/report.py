@@ -3,8 +3,10 @@ and the figures ``prolongctl report`` puts side by side.
 
 Every figure is computed from ``metrics.jsonl`` (one row per step, replayed steps replaced):
 
-- *step time* is the sum of the steps' own seconds: the time the devices spent training, without
-  start-up, data preparation or checkpoint writes; *device-hours* = step time x devices / 3600;
+- *step time* is the sum of the steps' wall times (``wall_s``: the data wait, the optimizer step
+  and the checkpoint saves; rows written before wall_s existed count their ``seconds``), without
+  start-up or data preparation; *device-hours* = step time x devices / 3600; the data wait and
+  the saves are also shown alone;
 - *tokens/s per device* = tokens / step time / devices;
 - MFU is the mean of the per-step values (only on GPUs: a CPU has no rated peak here), in both
   conventions (dense 6N + 12LHdS, and document-causal).
@@ -43,6 +45,10 @@ class TrainingFigures:
     mfu_dense: float | None
     mfu_doc_causal: float | None
     tokens_per_domain: dict[str, int]
+    data_seconds: float = 0.0
+    """Of step_seconds: waiting for the loader."""
+    save_seconds: float = 0.0
+    """Of step_seconds: writing checkpoints."""
 
     @property
     def device_hours(self) -> float:
@@ -78,7 +84,9 @@ def training_figures(records: Sequence[dict[str, Any]], devices: int) -> Trainin
     k = loss_window(len(losses))
     return TrainingFigures(
         steps=len(records), tokens=sum(int(r["tokens"]) for r in records),
-        step_seconds=sum(float(r["seconds"]) for r in records), devices=devices,
+        step_seconds=sum(float(r.get("wall_s") or r["seconds"]) for r in records),
+        data_seconds=sum(float(r.get("data_s", 0.0)) for r in records),
+        save_seconds=sum(float(r.get("save_s", 0.0)) for r in records), devices=devices,
         first_loss=_mean(losses[:k]), last_loss=_mean(losses[-k:]) if losses else None,
         min_loss=min(losses) if losses else None,
         mfu_dense=_mean([r.get("mfu_dense") for r in records]),
@@ -103,6 +111,8 @@ def training_markdown(title: str, fig: TrainingFigures, *, device: str) -> str:
         f"{fmt(fig.last_loss, '.4f')} (min {fmt(fig.min_loss, '.4f')}) |",
         f"| devices | {fig.devices} x {device} |",
         f"| step time | {fmt(fig.step_seconds, ',.1f')} s |",
+        f"| of which data wait; checkpoint saves | {fig.data_seconds:,.1f} s; "
+        f"{fig.save_seconds:,.1f} s |",
         f"| device-hours | {fmt(fig.device_hours, ',.4f')} |",
         f"| tokens/s (all devices) | {fmt(fig.tokens_per_s)} |",
         f"| tokens/s per device | {fmt(fig.tokens_per_s_per_device)} |",
@@ -113,7 +123,8 @@ def training_markdown(title: str, fig: TrainingFigures, *, device: str) -> str:
         "| domain | tokens | share |", "|---|---|---|",
         *(f"| {d} | {n:,} | {n / total:.1%} |" for d, n in fig.tokens_per_domain.items()),
         "",
-        "Step time is the sum of the steps' own seconds (no start-up or checkpoint writes); "
+        "Step time is the sum of the steps' wall times (data wait and checkpoint saves "
+        "included, start-up not); tokens/s and MFU are over it; "
         "device-hours = step time x devices / 3600. Curves: curves.png.", ""]
     return "\n".join(lines)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -116,3 +117,18 @@ def test_final_problems_name_each_missing_weight_file(tmp_path):
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
     (d / "final" / "model-00001-of-00002.safetensors").write_bytes(b"x")
     assert final_problems(str(d)) == [f"{d}/final/model-00002-of-00002.safetensors is missing"]
+
+
+def test_local_copy_of_only_some_files(tmp_path):
+    """A model whose weights will not be read is fetched as its config alone."""
+    from prolong.stage.directory import local_copy
+
+    src = tmp_path / "final"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    assert local_copy(str(src), only=("config.json",)) == str(src)  # local: read in place
+    copy = Path(local_copy(f"file://{src}", only=("config.json",)))
+    assert sorted(p.name for p in copy.iterdir()) == ["config.json"]
+    assert sorted(p.name for p in Path(local_copy(f"file://{src}")).iterdir()) == [
+        "config.json", "model.safetensors"]

@@ -12,6 +12,8 @@ Rank 0 writes each task's losses to the plan's output file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import os
@@ -36,6 +38,37 @@ class GlooContext:
         return dist.get_rank()
 
 
+@contextlib.contextmanager
+def load_spies():
+    """Counts of the product's own loaders while the block runs: the weights loaders
+    ``build_model`` calls (``from_pretrained``'s wrapper, ZeRO-3's streaming loader) and
+    DeepSpeed's ``load_checkpoint`` (the universal load calls it too). Each spy calls the real
+    function."""
+    import deepspeed.runtime.engine as ds_engine
+
+    import prolong.model.build as build
+
+    counts = {"weights": 0, "checkpoint": 0}
+    targets = [(build, "_load_pretrained", "weights"), (build, "load_partitioned", "weights"),
+               (ds_engine.DeepSpeedEngine, "load_checkpoint", "checkpoint")]
+    originals = [getattr(owner, name) for owner, name, _ in targets]
+
+    def spy(real, kind):
+        @functools.wraps(real)
+        def counted(*args, **kwargs):
+            counts[kind] += 1
+            return real(*args, **kwargs)
+        return counted
+
+    for (owner, name, kind), real in zip(targets, originals, strict=True):
+        setattr(owner, name, spy(real, kind))
+    try:
+        yield counts
+    finally:
+        for (owner, name, _), real in zip(targets, originals, strict=True):
+            setattr(owner, name, real)
+
+
 def run_task(task: dict) -> dict:
     from prolong.stage.directory import StageDir
     from prolong.stage.payload import StageRun
@@ -53,7 +86,8 @@ def run_task(task: dict) -> dict:
         except Exception as exc:
             return {"error": f"{type(exc).__name__}: {exc}"}
         raise AssertionError(f"task {task['name']} started")
-    started = worker.start(Path(resume) if resume else None)
+    with load_spies() as loads:
+        started = worker.start(Path(resume) if resume else None)
     built, loader = started.built, started.loader
     losses = {}
     for step in range(started.step + 1, task["until"] + 1):
@@ -71,7 +105,7 @@ def run_task(task: dict) -> dict:
             gathered = dict(gathered_parameters(started.model))
             if dist.get_rank() == 0:
                 torch.save(gathered, task["gathered_to"])
-    out = {"start_step": started.step, "losses": losses,
+    out = {"start_step": started.step, "losses": losses, "loads": loads,
            "universal": built.config.get("checkpoint", {}).get("load_universal", False)}
     built.engine.destroy()
     del built, started

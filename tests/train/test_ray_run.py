@@ -117,6 +117,17 @@ def uninterrupted(ray_cluster, prepared, tmp_path_factory) -> StageDir:
     return only_stage(path)
 
 
+def test_step_metrics_count_the_data_wait_and_the_saves(uninterrupted):
+    """Each row of the train loop's metrics.jsonl: the data wait, the save on exactly the
+    checkpointed steps (3, 6 and the last), and throughput over the wall time they add up to."""
+    records = read_metrics(uninterrupted)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        assert r["data_s"] > 0 and r["wall_s"] >= r["data_s"] + r["seconds"] + r["save_s"]
+        assert (r["save_s"] > 0) == (r["step"] in (3, 6, 8)), r
+        assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["wall_s"])
+
+
 def test_crash_while_checkpointing_resumes_like_an_uninterrupted_run(uninterrupted, prepared,
                                                                     tmp_path, monkeypatch):
     # Rank 0 dies while checkpoint 6 is being written (its shards on disk, not yet reported), and

@@ -49,6 +49,16 @@ def test_figures_follow_their_definitions():
     assert long.last_loss == pytest.approx(8.0 - 0.5 * 38.5)  # steps 37-40
     assert fig.mfu_dense is None and fig.cost(2.0) == pytest.approx(fig.device_hours * 2.0)
     assert training_figures(_records(3, mfu=True), 1).mfu_dense == pytest.approx(0.4)
+    # Rows with a wall time: step time, device-hours and tokens/s are over it, and the data
+    # wait and saves are shown on their own.
+    walled = [{**r, "wall_s": 0.75, "data_s": 0.05, "save_s": 0.2 if r["step"] == 3 else 0.0}
+              for r in _records(6)]
+    fig = training_figures(walled, devices=4)
+    assert fig.step_seconds == pytest.approx(4.5) and fig.save_seconds == pytest.approx(0.2)
+    assert fig.data_seconds == pytest.approx(0.3)
+    assert fig.tokens_per_s == pytest.approx(6 * 2048 / 4.5)
+    assert "| of which data wait; checkpoint saves | 0.3 s; 0.2 s |" in training_markdown(
+        "p/s", fig, device="H100")
 
 
 def test_markdown_and_curves_are_written_for_people():

@@ -52,10 +52,10 @@ TOLERANCE = 1e-5
 
 
 def job(*, world: int, sp: int = 1, zero: int = 2, steps: int = STEPS,
-        upstream: bool = False) -> dict:
+        upstream: bool = False, init: str = "weightsAndOptimizer") -> dict:
     model = {"architecture": TINY, "attention": "sdpa"}
     if upstream:
-        model.update(fromStage="up", init="weightsAndOptimizer")
+        model.update(fromStage="up", init=init)
     streams = [{"domain": "text", "path": "text.jsonl", "format": "jsonl", "proportion": 0.6},
                {"domain": "long", "path": "long.jsonl", "format": "jsonl", "packing": "long",
                 "proportion": 0.4}]
@@ -121,6 +121,9 @@ def runs(tmp_path_factory):
                   until=SAVE, upstream_dir=str(Path(checkpoint("up1")).parent)),
              task("down-from-up2", job(world=1, steps=SAVE, upstream=True), stage="down2",
                   until=SAVE, upstream_dir=str(Path(checkpoint("up2")).parent)),
+             # init: weights, the one start that reads the upstream weights (and no checkpoint).
+             task("weights-from-up1", job(world=1, steps=SAVE, upstream=True, init="weights"),
+                  stage="down4", until=1, upstream_dir=str(Path(checkpoint("up1")).parent)),
              # Refused: another ZeRO stage; shards that open but do not convert (made below).
              task("zero3-from-up2", job(world=1, zero=3, steps=SAVE, upstream=True),
                   stage="down3", upstream_dir=str(Path(checkpoint("up2")).parent),
@@ -199,6 +202,20 @@ def test_the_universal_copy_is_made_once(runs):
     log = runs["logs"]["1b"]
     assert log.count(f"converting {runs['checkpoint']('dp2-z2')} (written by 2 workers "
                      "(DP 2 x SP 1), ZeRO-2) to a universal checkpoint for 1 worker") == 1, log
+
+
+def test_a_start_loads_its_weights_once(runs):
+    """A resume and a weightsAndOptimizer start build the model without reading its weights and
+    load only the checkpoint; init: weights reads the weights; a fresh start reads neither
+    (counted by spies around the product's loaders, reshape_worker.load_spies)."""
+    results = runs["results"]
+    checkpoint_only = {"weights": 0, "checkpoint": 1}
+    for name in ("ref-z2>dp2", "ref-z3>sp2", "dp2-z2>1", "sp2-z2>1", "dp2-z3>1", "sp2-z3>1",
+                 "dp2-z2>1 again", "down-from-up1", "down-from-up2"):
+        assert results[name]["loads"] == checkpoint_only, (name, results[name]["loads"])
+    assert results["weights-from-up1"]["loads"] == {"weights": 1, "checkpoint": 0}
+    for name in ("ref-z2", "ref-z3", "dp2-z3", "sp2-z3"):
+        assert results[name]["loads"] == {"weights": 0, "checkpoint": 0}, name
 
 
 def test_rows_each_rank_reads_after_the_change(runs):
