@@ -119,9 +119,10 @@ def plan(
                                               "document-causal FLOPs figure."),
 ) -> None:
     """Show what a job or pipeline will do: steps, tokens per stage and per domain, rows per
-    step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu, and
+    step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu,
     each training stage's estimated peak memory per GPU against the GPU's (warned when it does
-    not fit).
+    not fit) and its lockstep efficiency (how much of each micro-step the replicas train rather
+    than wait for the slowest row).
 
     [bold]Examples[/bold]
 
@@ -470,6 +471,11 @@ def _print_stage(p: planning.StagePlan) -> None:
         if p.flops_dense is not None:
             out.print(f"  FLOPs/token: dense 6N+12LHdS {format_count(p.flops_dense)} | "
                       f"document-causal 6N+6LHd·Σd²/S {format_count(p.flops_doc_causal)}")
+        if p.lockstep is not None:
+            out.print(f"  lockstep efficiency {p.lockstep.efficiency:.2f}: mean / max row FLOPs "
+                      f"per micro-step under the loader's placement ({p.lockstep.steps} steps "
+                      "replayed over document lengths; ZeRO-3 makes every replica wait for the "
+                      "slowest row)")
         _print_memory(p)
         domains = Table(show_edge=False, pad_edge=False, box=None)
         domains.add_column("  domain", no_wrap=True)

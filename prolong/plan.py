@@ -2,13 +2,16 @@
 
 Attention cost depends on document lengths, which are only known once data is prepared. Until then
 the document-causal figure assumes ``short_doc_tokens`` for concat/conversation streams; long
-streams are exact (every document is targetLength tokens).
+streams are exact (every document is targetLength tokens). The lockstep efficiency of a training
+stage (how much of each micro-step its replicas spend waiting for the slowest row) replays the
+loader's own planning and placement over such lengths (:mod:`prolong.data.lockstep`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prolong.eval.tasks import HELMET_TASKS
 from prolong.model.flops import (
@@ -20,6 +23,9 @@ from prolong.model.flops import (
 from prolong.model.memory import GIB, MemoryEstimate, estimate_memory
 from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec, resolved_architecture
 from prolong.stage.identity import StageRef
+
+if TYPE_CHECKING:  # the replay imports the loader, and with it torch: only when a plan needs it
+    from prolong.data.lockstep import LockstepEstimate
 
 DEFAULT_MFU = 0.4
 DEFAULT_SHORT_DOC_TOKENS = 2048
@@ -72,14 +78,19 @@ class StagePlan:
     """``memory`` as the lines ``prolongctl plan`` prints."""
     memory_warning: str | None = None
     """Set when the estimate does not fit the device, or fits with under 10% to spare."""
+    lockstep: LockstepEstimate | None = None
+    """Training: mean / max row FLOPs per micro-step under the loader's placement, replayed."""
     notes: list[str] = field(default_factory=list)
 
 
 def plan_stage(job: Job, ref: StageRef, arch: ArchitectureSpec | None, *, mfu: float = DEFAULT_MFU,
-               short_doc_tokens: int = DEFAULT_SHORT_DOC_TOKENS) -> StagePlan:
+               short_doc_tokens: int = DEFAULT_SHORT_DOC_TOKENS,
+               lockstep: bool = True) -> StagePlan:
+    """``lockstep``: replay the loader to estimate the lockstep efficiency (about half a second
+    per training stage; deadlines, which need only the GPU-hours, skip it)."""
     if isinstance(job, EvalJob):
         return _plan_eval(job, ref, arch, mfu)
-    return _plan_train(job.spec, ref, job.kind, arch, mfu, short_doc_tokens)
+    return _plan_train(job.spec, ref, job.kind, arch, mfu, short_doc_tokens, lockstep)
 
 
 def _gpu_hours(total_flops: float, cluster_device: str, gpu_type: str, mfu: float) -> float | None:
@@ -89,11 +100,11 @@ def _gpu_hours(total_flops: float, cluster_device: str, gpu_type: str, mfu: floa
 
 
 def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpec | None,
-                mfu: float, short_doc_tokens: int) -> StagePlan:
+                mfu: float, short_doc_tokens: int, lockstep: bool) -> StagePlan:
     domains = [DomainTokens(s.domain, s.proportion, s.proportion * spec.total_tokens)
                for s in spec.data.streams]
     notes: list[str] = []
-    dense = causal = total = hours = memory = None
+    dense = causal = total = hours = memory = balance = None
     if arch is None:
         notes.append(f"architecture inherited from stage {spec.model.from_stage}: plan the "
                      "pipeline file for FLOPs")
@@ -110,6 +121,8 @@ def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpe
         total = dense * spec.total_tokens
         hours = _gpu_hours(total, spec.cluster.device, spec.cluster.gpu_type, mfu)
         memory = estimate_memory(spec, arch)
+        if lockstep:
+            balance = _lockstep(spec, arch, short_doc_tokens, notes)
     return StagePlan(
         stage=ref, kind=kind, gpus=spec.cluster.world_size, device=spec.cluster.device,
         gpu_type=spec.cluster.gpu_type, sequence_length=spec.sequence_length,
@@ -118,7 +131,30 @@ def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpe
         warmup_steps=spec.warmup_steps, domains=domains, flops_dense=dense,
         flops_doc_causal=causal, total_flops=total, gpu_hours=hours, memory=memory,
         memory_rows=memory_rows(memory, spec, arch) if memory is not None else [],
-        memory_warning=memory_warning(memory, spec) if memory is not None else None, notes=notes)
+        memory_warning=memory_warning(memory, spec) if memory is not None else None,
+        lockstep=balance, notes=notes)
+
+
+def _lockstep(spec: TrainSpec, arch: ArchitectureSpec, short_doc_tokens: int,
+              notes: list[str]) -> LockstepEstimate:
+    """The stage's lockstep efficiency, and a note on what more sequence parallelism (fewer
+    replicas, more micro-batches each for the placement to sort) would give."""
+    from prolong.data.lockstep import replay_lockstep  # imports torch (prolong.data.packing)
+
+    node = spec.cluster.workers_per_node
+    wider = [sp for sp in range(spec.sp_size + 1, node + 1) if node % sp == 0]
+    by_sp = replay_lockstep(spec, arch, short_doc_tokens=short_doc_tokens, sp_options=wider)
+    own = by_sp.pop(spec.sp_size)
+    if by_sp:
+        why = (f"at SP {own.sp} each rank runs one micro-batch, so a step's rows all run at once "
+               "and no placement can balance them; " if own.micro_batches_per_rank == 1 else "")
+        sps = " / ".join(str(e.sp) for e in by_sp.values())
+        notes.append(f"{why}lockstep efficiency at SP {sps} ("
+                     + " / ".join(str(e.micro_batches_per_rank) for e in by_sp.values())
+                     + " micro-batches per rank): "
+                     + " / ".join(f"{e.efficiency:.2f}" for e in by_sp.values())
+                     + ", for Ulysses' all-to-all per layer")
+    return own
 
 
 def _gib(value: float) -> str:
@@ -211,7 +247,7 @@ def wall_hours(job: Job, ref: StageRef, jobs: dict[str, Job] | None = None, *,
     None without an estimate (CPU, unknown shape). ``jobs``: the pipeline's stages, through which
     fromStage finds the architecture."""
     arch = resolved_architecture(job, jobs or {})
-    hours = plan_stage(job, ref, arch, mfu=mfu).gpu_hours
+    hours = plan_stage(job, ref, arch, mfu=mfu, lockstep=False).gpu_hours
     return None if hours is None else hours / job.spec.cluster.world_size
 
 

@@ -94,6 +94,9 @@ def test_plan_prints_the_recipe_budget():
         assert steps in row and tokens in row, row
         assert re.search(r"\d[\d,]* *$", row), row  # GPU-hours column
     assert "document-causal" in text and "GPU-hours" in text
+    # Each training stage's lockstep efficiency, and what more SP would give stage 1.
+    assert len(re.findall(r"lockstep efficiency \d\.\d\d: mean / max row FLOPs", text)) == 3
+    assert "lockstep efficiency at SP 2 / 4 / 8 (2 / 4 / 8 micro-batches per rank)" in text
 
 
 def test_plan_mfu_option_scales_hours():

@@ -14,17 +14,29 @@ How a step's rows are chosen, deterministically from the seed:
    reordered. The stream's cursor (document ordinal across epochs, plus the concat carry-over
    offset) is all the state there is; with concat packing every token is used exactly once per
    epoch (a row may straddle two epochs). See :mod:`prolong.data.packing` for the modes.
-3. **Which rank.** The step's ``rows_per_step`` rows are put in a seeded order (seed, step) and
-   global row ``j`` of that order goes to data-parallel rank ``j % dp_size``. The shuffle keeps the
-   largest-deficit pattern from handing one rank the same stream every step (which would
-   load the expensive long documents on the same devices every time). Every rank plans all
-   global rows (lengths only, cheap) but reads tokens only for its own, so the global rows, the
-   state and the per-domain counts are identical on every rank and independent of ``dp_size``.
-   The loader knows nothing of sequence parallelism: every SP rank of a group builds the same
-   loader (same dp_rank) and gets the same rows; :func:`prolong.data.packing.sp_slice` cuts them.
-4. **Order within the rank** (``reorder=True``): a rank's micro-batches are sorted by Σ(document
-   length²), most expensive first, as ProLong did (its sort key was the negative cost): the k-th
-   micro-step then costs about the same on every rank, and the peak memory shows at the first.
+3. **Which rank and micro-step** (:func:`place_rows`). The step's ``rows_per_step`` rows are put
+   in a seeded order (seed, step). With ``reorder=True`` (the spec's ``reorderMicroBatches``)
+   they are then dealt by cost, **lockstep-aware**: ZeRO-3 gathers every layer over all ranks,
+   so each micro-step lasts as long as its most expensive row on any rank. The rows are sorted by
+   Σ(document length²) (what document-causal attention costs; the linear FLOPs are the same
+   for every row of ``S`` tokens), most expensive first, stable (equal costs keep the seeded
+   order); micro-step ``k`` takes sorted rows ``k·dp .. k·dp + dp - 1``, which minimises the
+   sum of the micro-steps' maxima; within a micro-step the dearest row goes to the rank with the
+   least cost so far (longest processing time first), so the ranks' totals stay even where only
+   the step boundary synchronises (ZeRO 0-2). The peak memory shows at the first micro-step,
+   as with ProLong's sort. With ``reorder=False`` global row ``j`` of the seeded order goes to
+   rank ``j % dp_size``. Either way the shuffle keeps the deficit pattern from handing one rank
+   the same stream every step, and a step's set of rows does not depend on the placement, so
+   neither does its gradient (the loss is the token mean over all of them).
+   Every rank plans all global rows (lengths only, cheap) but reads tokens only for its own, so
+   the global rows, the state and the per-domain counts are identical on every rank and
+   independent of ``dp_size``; the placement is a pure function of the planned rows, so the
+   state holds nothing for it. The loader knows nothing of sequence parallelism: every SP rank
+   of a group builds the same loader (same dp_rank) and gets the same rows;
+   :func:`prolong.data.packing.sp_slice` cuts them.
+4. **Lockstep efficiency** (:func:`lockstep_efficiency`): mean row cost over max row cost per
+   micro-step, time-weighted; ``prolongctl plan`` replays this planning over document lengths
+   (:mod:`prolong.data.lockstep`) to print it for each training stage.
 
 Because every rank plans every global row, it also knows the step's global numbers without any
 communication: tokens per domain (cumulative, for metrics) and the count of loss positions over all
@@ -86,17 +98,55 @@ def next_stream(proportions: Sequence[float], counts: Sequence[int],
     return best
 
 
+def place_rows(costs: Sequence[int], dp_size: int, *, lockstep: bool = True) -> list[list[int]]:
+    """Which of a step's global rows each data-parallel rank runs, in micro-step order: one list
+    of indices into ``costs`` (the rows' Σd², in the seeded order) per rank. ``lockstep``: dealt
+    by cost (module docstring, item 3); otherwise row ``j`` goes to rank ``j % dp_size``.
+    Deterministic: ints and stable sorts only."""
+    n = len(costs)
+    if dp_size < 1 or n % dp_size:
+        raise ValueError(f"{n} rows cannot be dealt evenly over {dp_size} ranks")
+    if not lockstep:
+        return [list(range(r, n, dp_size)) for r in range(dp_size)]
+    order = sorted(range(n), key=lambda j: -costs[j])
+    ranks: list[list[int]] = [[] for _ in range(dp_size)]
+    totals = [0] * dp_size
+    for k in range(0, n, dp_size):
+        cheapest_first = sorted(range(dp_size), key=lambda r: (totals[r], r))
+        for j, r in zip(order[k:k + dp_size], cheapest_first, strict=True):
+            ranks[r].append(j)
+            totals[r] += costs[j]
+    return ranks
+
+
+def lockstep_efficiency(micro_steps: Sequence[Sequence[float]]) -> float:
+    """Σ mean / Σ max over micro-steps, each given as the costs of its rows on every rank: the
+    share of the devices' time that does work when every micro-step waits for its slowest row
+    (1.0 when every row of a micro-step costs the same)."""
+    busy = sum(sum(c) / len(c) for c in micro_steps)
+    wall = sum(max(c) for c in micro_steps)
+    return busy / wall if wall else 1.0
+
+
+def row_costs(planned: Sequence[tuple[int, Sequence[Span]]]) -> list[int]:
+    """Σd² of each planned row, (stream, spans) (each span is one document of the row): the
+    placement's cost, exact in ints."""
+    return [sum((b - a) * (b - a) for _, a, b in spans) for _, spans in planned]
+
+
 class _Stream:
     """One stream's documents in shuffled per-epoch order, and its cursor."""
 
-    def __init__(self, stream: DataStream, shards: TokenShards, target_length: int, seed: int):
+    def __init__(self, stream: DataStream, shards: TokenShards | Any, target_length: int,
+                 seed: int):
         self.domain = stream.domain
         self.packing = stream.packing
         self.target_length = target_length
         self.shards = shards
         # Plain ndarray views of the memory maps: slicing an np.memmap runs Python-level
         # __array_finalize__ per slice, a third of the planning time for short documents.
-        self.tokens = shards.tokens.view(np.ndarray)
+        # None for lengths alone (prolong.data.lockstep): such a stream plans rows, builds none.
+        self.tokens = None if shards.tokens is None else shards.tokens.view(np.ndarray)
         self.mask = None if shards.mask_array is None else shards.mask_array.view(np.ndarray)
         self.offsets = shards.offsets
         self.lengths = shards.lengths
@@ -105,6 +155,7 @@ class _Stream:
         self.seed = seed
         self.cursor = Cursor()
         self._perms: dict[int, np.ndarray] = {}
+        self._perm_lengths: dict[int, np.ndarray] = {}
         where = str(shards.directory)
         if self.n_docs == 0 or shards.num_tokens == 0:
             raise DataError("the stream has no tokens", domain=self.domain, path=where)
@@ -124,8 +175,11 @@ class _Stream:
             p = rng.permutation(self.n_docs)
             # A row straddles at most two epochs; keep the current one and the next.
             for old in [e for e in self._perms if e < epoch - 1]:
-                del self._perms[old]
+                del self._perms[old], self._perm_lengths[old]
             self._perms[epoch] = p
+            # The lengths in this epoch's order: planning reads one per document, every step on
+            # every rank (and prolongctl plan replays it), so one lookup instead of two.
+            self._perm_lengths[epoch] = self.lengths[p]
         return p
 
     def doc_id(self, ordinal: int) -> int:
@@ -133,7 +187,12 @@ class _Stream:
         return int(self.perm(epoch)[i])
 
     def length_of(self, ordinal: int) -> int:
-        return int(self.lengths[self.doc_id(ordinal)])
+        epoch, i = divmod(ordinal, self.n_docs)
+        lengths = self._perm_lengths.get(epoch)
+        if lengths is None:
+            self.perm(epoch)
+            lengths = self._perm_lengths[epoch]
+        return int(lengths[i])
 
     def plan(self, seq_len: int) -> list[Span]:
         spans, self.cursor = plan_row(self.packing, seq_len, self.length_of, self.cursor,
@@ -240,19 +299,29 @@ class MixtureLoader:
             self.rows_per_step)
         return [planned[j] for j in order]
 
-    def next_rows(self) -> list[PackedRow]:
-        """This rank's rows of the next step (numpy), in micro-step order."""
+    def next_planned(self) -> list[tuple[int, list[Span]]]:
+        """All global rows of the next step, (stream, spans) in the seeded order, without reading
+        a token; advances the loader (state, tokens per domain, step targets) to the next step.
+        Which rank runs which is :func:`place_rows` of their costs (:meth:`next_placement`)."""
         planned = self._plan_step()
-        rows = [self.streams[i].build(spans) for i, spans in planned[self.dp_rank::self.dp_size]]
-        if self.reorder:
-            # Stable: rows of equal cost keep their seeded order.
-            rows.sort(key=lambda r: -r.attention_cost)
         self.step_targets = 0
         for i, spans in planned:
             self.tokens_by_domain[self.streams[i].domain] += self.seq_len
             self.step_targets += self.streams[i].targets(spans)
         self.step += 1
-        return rows
+        return planned
+
+    def next_placement(self) -> list[list[tuple[int, list[Span]]]]:
+        """The next step's global rows as every data-parallel rank runs them: per rank, its
+        (stream, spans) in micro-step order (reads no tokens)."""
+        planned = self.next_planned()
+        placed = place_rows(row_costs(planned), self.dp_size, lockstep=self.reorder)
+        return [[planned[j] for j in rank] for rank in placed]
+
+    def next_rows(self) -> list[PackedRow]:
+        """This rank's rows of the next step (numpy), in micro-step order."""
+        return [self.streams[i].build(spans)
+                for i, spans in self.next_placement()[self.dp_rank]]
 
     def next_step(self) -> list[MicroBatch]:
         """This rank's micro-batches of the next step, as [1, S] torch tensors."""

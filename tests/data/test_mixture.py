@@ -6,6 +6,7 @@ position in the stream: coverage, document boundaries and masks can be checked e
 from __future__ import annotations
 
 import json
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prolong.data.errors import DataError
-from prolong.data.mixture import MixtureLoader, next_stream
+from prolong.data.mixture import MixtureLoader, lockstep_efficiency, next_stream, place_rows
 from prolong.data.packing import IGNORE_INDEX, sp_slice
 from prolong.data.shards import ShardWriter, TokenShards
 from prolong.spec import DataStream, PretrainJob
@@ -218,17 +219,46 @@ def test_sp_ranks_of_a_group_get_the_same_rows_and_slices(shards):
             assert (joined == full.shift_labels.numpy()).all()
 
 
-def test_reordering_sorts_by_sum_of_squares_and_keeps_the_rows(shards):
-    plain = loader(shards, rows_per_step=8, dp_size=2, dp_rank=1, reorder=False, seed=4)
-    sorted_ = loader(shards, rows_per_step=8, dp_size=2, dp_rank=1, reorder=True, seed=4)
-    changed = False
+def _cost(row) -> int:
+    return int((row.doc_lengths.astype(np.int64) ** 2).sum())
+
+
+def test_lockstep_placement_deals_the_step_s_rows_by_cost(shards):
+    """reorder=True: the same rows per step as the seeded deal (and as one rank alone), each
+    micro-step's rows all dearer than the next one's, and per step a lockstep efficiency at least
+    that of the old placement (seeded deal, then each rank's rows sorted by cost)."""
+    dp = 4
+    seeded = [loader(shards, rows_per_step=8, dp_size=dp, dp_rank=r, reorder=False, seed=4)
+              for r in range(dp)]
+    dealt = [loader(shards, rows_per_step=8, dp_size=dp, dp_rank=r, reorder=True, seed=4)
+             for r in range(dp)]
+    alone = loader(shards, rows_per_step=8, reorder=True, seed=4)
+    better = 0
     for _ in range(15):
-        a, b = plain.next_rows(), sorted_.next_rows()
-        assert sorted(flat(a)) == sorted(flat(b))
-        costs = [int((r.doc_lengths.astype(np.int64) ** 2).sum()) for r in b]
-        assert costs == sorted(costs, reverse=True)
-        changed |= flat(a) != flat(b)
-    assert changed
+        old = [sorted(ld.next_rows(), key=lambda r: -_cost(r)) for ld in seeded]
+        new = [ld.next_rows() for ld in dealt]
+        assert sorted(flat(chain(*old))) == sorted(flat(chain(*new))) == sorted(
+            flat(alone.next_rows()))
+        waves = [[_cost(rank[k]) for rank in new] for k in range(2)]
+        assert min(waves[0]) >= max(waves[1])
+        old_waves = [[_cost(rank[k]) for rank in old] for k in range(2)]
+        assert lockstep_efficiency(waves) >= lockstep_efficiency(old_waves) - 1e-12
+        better += lockstep_efficiency(waves) > lockstep_efficiency(old_waves) + 1e-9
+    assert better  # the fixture's steps are not all balanced already
+    assert {ld.state_dict() == alone.state_dict() for ld in dealt} == {True}
+
+
+def test_place_rows_by_cost_then_least_loaded_rank():
+    costs = [5, 9, 1, 9, 3, 7]  # the seeded order
+    # Sorted (stable): 9 (j=1), 9 (j=3), 7 (5), 5 (0), 3 (4), 1 (2). Micro-step 0: rows 1, 3, 7
+    # to ranks 0, 1, 2; micro-step 1: the dearest left (5) to the rank with the least so far (2),
+    # then 3 and 1 to ranks 0 and 1 (tied at 9: the lower rank first).
+    assert place_rows(costs, 3) == [[1, 4], [3, 2], [5, 0]]
+    assert place_rows(costs, 1) == [[1, 3, 5, 0, 4, 2]]
+    assert place_rows(costs, 2, lockstep=False) == [[0, 2, 4], [1, 3, 5]]
+    assert lockstep_efficiency([[9, 9, 7], [5, 3, 1]]) == pytest.approx((25 / 3 + 3) / 14)
+    with pytest.raises(ValueError, match="evenly"):
+        place_rows(costs, 4)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
