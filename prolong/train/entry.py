@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import os
 
+from prolong.k8s.rayjob import DEFAULT_CPUS_PER_WORKER
 from prolong.model.memory import allocator_env
-from prolong.spec import MemorySpec
+from prolong.spec import ClusterSpec, MemorySpec
 from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOG_MODE_ENV
@@ -29,16 +30,45 @@ def run_storage_path(ref: StageRef) -> str:
     return StageDir(ref.pipeline_directory).uri
 
 
-def worker_env(gpu: bool, *, console_logs: bool = False,
-               memory: MemorySpec | None = None) -> dict[str, str]:
-    """Environment of the training workers. On CPU: DeepSpeed's CPU accelerator, and one
-    intra-op thread per worker (each worker owns one core; more threads only contend). On GPU:
-    the CUDA allocator setting of ``memory`` (parallelism.memory.expandableSegments). Worker
-    output goes to the stage's logs/ unless ``console_logs``. A fault injection set on the driver
-    (:data:`prolong.train.faults.FAULT_ENV`) or a chaos drill
-    (:data:`prolong.train.chaos.CHAOS_ENV`) travels along."""
-    env = {} if gpu else {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                          "TOKENIZERS_PARALLELISM": "false"}
+SPARE_CPUS_PER_GPU_WORKER = 2
+"""Of a GPU worker's cores, kept from its compute threads: NCCL's proxy threads, Ray's and the
+loader's work run beside them."""
+
+
+def worker_threads(cluster: ClusterSpec) -> int:
+    """Compute threads of one training worker (OpenMP, torch intra-op). On GPU: the cores the
+    RayJob gives each worker (``kubernetes.cpusPerWorker``, default 22) less
+    :data:`SPARE_CPUS_PER_GPU_WORKER`: the optimizer step under ``offloadOptimizer`` (DeepSpeed's
+    CPU AdamW) and the universal-checkpoint conversion run on them. Ray Train reserves one CPU
+    per worker and would otherwise set ``OMP_NUM_THREADS=1``, leaving 21 of the 22 idle. On
+    CPU: one (each worker owns one core; more threads only contend)."""
+    if cluster.device != "gpu":
+        return 1
+    cpus = cluster.kubernetes.cpus_per_worker or DEFAULT_CPUS_PER_WORKER["gpu"]
+    return max(1, int(cpus) - SPARE_CPUS_PER_GPU_WORKER)
+
+
+def usable_threads(wanted: int, local_workers: int, available: int | None = None) -> int:
+    """``wanted`` threads, at most this process's share of the cores it may run on (a GPU box
+    with fewer cores than the spec's pods, e.g. a workstation): oversubscribed OpenMP threads
+    spin against each other."""
+    if available is None:
+        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    return max(1, min(wanted, available // max(1, local_workers)))
+
+
+def worker_env(gpu: bool, *, console_logs: bool = False, memory: MemorySpec | None = None,
+               threads: int = 1) -> dict[str, str]:
+    """Environment of the training workers: ``threads`` OpenMP / MKL threads
+    (:func:`worker_threads`; set here, Ray keeps an ``OMP_NUM_THREADS`` it finds). On CPU:
+    DeepSpeed's CPU accelerator. On GPU: the CUDA allocator setting of ``memory``
+    (parallelism.memory.expandableSegments). Worker output goes to the stage's logs/ unless
+    ``console_logs``. A fault injection set on the driver (:data:`prolong.train.faults.FAULT_ENV`)
+    or a chaos drill (:data:`prolong.train.chaos.CHAOS_ENV`) travels along."""
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if not gpu:
+        env.update({"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     env.update(allocator_env(memory or MemorySpec(), gpu=gpu))
     env[LOG_MODE_ENV] = "console" if console_logs else "files"
     for name in (FAULT_ENV, CHAOS_ENV):  # drills set on the driver
@@ -74,7 +104,8 @@ def build_trainer(run: StageRun, *, console_logs: bool = False):
         failure_config=FailureConfig(max_failures=cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=job.spec.checkpoint.keep),
         worker_runtime_env={"env_vars": worker_env(
-            gpu, console_logs=console_logs, memory=job.spec.parallelism.memory)},
+            gpu, console_logs=console_logs, memory=job.spec.parallelism.memory,
+            threads=worker_threads(cluster))},
     )
     return TorchTrainer(
         train_worker,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import sys
@@ -80,6 +81,7 @@ from prolong.train.checkpoints import (
     write_digests,
 )
 from prolong.train.engine import Engine, build_engine
+from prolong.train.entry import usable_threads
 from prolong.train.faults import maybe_fault
 from prolong.train.metrics import (
     RayGauges,
@@ -147,6 +149,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     run = StageRun.from_config(config)
     context = ray.train.get_context()
+    # The threads worker_env asked for, at most this worker's share of the machine's cores.
+    torch.set_num_threads(usable_threads(int(os.environ.get("OMP_NUM_THREADS", "1")),
+                                         context.get_local_world_size()))
     with stage_output(run.stage_ref().directory, f"worker-rank{context.get_world_rank():03d}"):
         Worker(run, context).run()
 
