@@ -64,6 +64,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("lr", "Learning rate", "sci", "Learning rate of the step.", "lr"),
     Metric("domain_tokens", "Tokens per domain", "short",
            "Training tokens consumed so far from each data domain.", "tokens_per_domain", by_domain=True),
+    Metric("data_seconds", "Data wait", "s", "Seconds the step waited for its rows (rank 0).", "data_s"),
+    Metric("save_seconds", "Checkpoint save", "s",
+           "Seconds the checkpoint after the step took to write (0 on other steps).", "save_s"),
     Metric("step", "Step", "none", "Optimizer step.", "step"),
 )
 
