@@ -22,6 +22,16 @@ TINY = dict(numLayers=2, hiddenSize=32, numAttentionHeads=4, numKeyValueHeads=2,
             intermediateSize=64, vocabSize=128, tieWordEmbeddings=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny float64 ops: with several intra-op threads on a small, busy machine the thread
+    wake-ups cost 10-40x the arithmetic (as in tests/model/conftest.py). Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("lockstep")
