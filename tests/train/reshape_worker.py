@@ -89,9 +89,10 @@ def run_task(task: dict) -> dict:
     with load_spies() as loads:
         started = worker.start(Path(resume) if resume else None)
     built, loader = started.built, started.loader
-    losses = {}
+    losses, grad_norms = {}, {}
     for step in range(started.step + 1, task["until"] + 1):
-        losses[step] = worker.train_one(built, loader, step).loss
+        metrics = worker.train_one(built, loader, step)
+        losses[step], grad_norms[step] = metrics.loss, metrics.grad_norm
         if step in task.get("save", []):
             directory = Path(stage.uri) / checkpoint_dir_name(step)
             directory.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,8 @@ def run_task(task: dict) -> dict:
             gathered = dict(gathered_parameters(started.model))
             if dist.get_rank() == 0:
                 torch.save(gathered, task["gathered_to"])
-    out = {"start_step": started.step, "losses": losses, "loads": loads,
+    out = {"start_step": started.step, "losses": losses, "grad_norms": grad_norms,
+           "loads": loads,
            "universal": built.config.get("checkpoint", {}).get("load_universal", False)}
     built.engine.destroy()
     del built, started
