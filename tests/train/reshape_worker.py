@@ -102,7 +102,11 @@ def save_state(built, model, path: str) -> None:
         shape = getattr(p, "ds_shape", p.shape)
         state["weights"][name] = safe_get_full_fp32_param(p).detach().clone().reshape(shape)
         for key in ("exp_avg", "exp_avg_sq"):
-            state[key][name] = safe_get_full_optimizer_state(p, key).detach().clone().reshape(shape)
+            try:
+                value = safe_get_full_optimizer_state(p, key)
+            except ValueError:  # the optimizer holds no such state (nothing was loaded)
+                value = torch.zeros(shape)
+            state[key][name] = value.detach().clone().reshape(shape)
     state["lr"] = [g["lr"] for g in built.engine.optimizer.param_groups]
     state["scheduler_lr"] = built.scheduler.get_last_lr()
     if dist.get_rank() == 0:
