@@ -350,8 +350,9 @@ async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
     created: dict[str, datetime] = {}  # RayJob -> when the API server stored its create
 
     def record_creates(request) -> None:
-        if request.action == kmock.action.CREATE and request.data["kind"] == "RayJob":
-            created.setdefault(request.data["metadata"]["name"], datetime.now(timezone.utc))
+        data = request.data if isinstance(request.data, dict) else {}
+        if request.action == kmock.action.CREATE and data.get("kind") == "RayJob":
+            created.setdefault(data["metadata"]["name"], datetime.now(timezone.utc))
 
     cluster.kmock.on_write.append(record_creates)
     async with running_operator():
