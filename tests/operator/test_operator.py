@@ -379,7 +379,7 @@ async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
         assert_fits_the_crd(status)
 
         # KubeRay gives up at the deadline: the stage waits 2 s, then attempt 2 is created.
-        ended = datetime.now(timezone.utc).replace(microsecond=0)  # as KubeRay writes it
+        ended = datetime.now(timezone.utc)
         await cluster.set_rayjob_status(first, {
             "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
             "message": "The RayJob has passed the preRunningDeadlineSeconds",
