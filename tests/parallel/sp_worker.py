@@ -135,7 +135,7 @@ def run_case(case: str, problem: dict, groups, work: Path) -> dict:
     for rows in step_rows:
         grads = {}
 
-        def read_grads() -> None:  # collective under ZeRO-1/2/3: every rank, same order
+        def read_grads(grads: dict = grads) -> None:  # collective under ZeRO-1/2/3
             for name, p in model.named_parameters():
                 g = safe_get_full_grad(p)
                 assert g is not None, f"no gradient for {name}"
