@@ -118,7 +118,12 @@ def runs(tmp_path_factory):
            task("sp2-z2", job(world=2, sp=2), until=SAVE, save=[SAVE]),
            task("sp2-z3", job(world=2, sp=2, zero=3), save=[SAVE]),
            task("ref-z3>sp2", job(world=2, sp=2, zero=3), stage="ref-z3",
-                resume=checkpoint("ref-z3"))]
+                resume=checkpoint("ref-z3")),
+           # The same world size with another SP degree: DeepSpeed's own shards load as they
+           # are (load_tag answers "ds"); SP 2 then DP 2, so the mpu note above still holds
+           # for everything before it.
+           task("sp2-z3>dp2", job(world=2, zero=3), stage="sp2-z3",
+                resume=checkpoint("sp2-z3"))]
     back = [task(f"{c}>1", job(world=1, zero=int(c[-1])), stage=c, resume=checkpoint(c))
             for c in ("dp2-z2", "sp2-z2", "dp2-z3", "sp2-z3")]
     back += [task("dp2-z2>1 again", job(world=1), stage="dp2-z2", resume=checkpoint("dp2-z2"),
@@ -204,6 +209,19 @@ def test_one_worker_resumes_on_two(runs, case, reference):
     assert err <= TOLERANCE, (losses(resumed, after), losses(ref, after))
     norm_err = worst_relative(grad_norms(resumed, after), grad_norms(ref, after))
     assert norm_err <= TOLERANCE, (grad_norms(resumed, after), grad_norms(ref, after))
+
+
+def test_same_world_size_with_another_sp_degree_resumes_natively(runs):
+    """A ZeRO-3 checkpoint of SP 2 on 2 workers resumed on 2 workers without SP (DP 2): the
+    same world, so DeepSpeed's shards load as they are, and the trajectory is the
+    layout-independent one of the 1-worker run."""
+    results = runs["results"]
+    resumed, ref = results["sp2-z3>dp2"], results["ref-z3"]
+    assert resumed["start_step"] == SAVE and not resumed["universal"]
+    after = range(SAVE + 1, STEPS + 1)
+    assert worst(losses(resumed, after), losses(ref, after)) <= TOLERANCE, (
+        losses(resumed, after), losses(ref, after))
+    assert worst_relative(grad_norms(resumed, after), grad_norms(ref, after)) <= TOLERANCE
 
 
 def test_a_stage_starts_from_an_upstream_of_another_world_size(runs):
