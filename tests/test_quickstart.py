@@ -11,6 +11,7 @@ stage 1 -> stage 2 (SP=2) -> SFT -> eval on a real local Ray, with the real cons
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -31,6 +32,11 @@ summary and the scores); the full quickstart prints the same shape."""
 
 
 MAIN_LINE = ("stage1", "stage2", "sft", "eval")
+SFT_BELOW_LN_V = 0.25
+"""A fresh init's first loss is at or above ln V (8.35 against 8.32 measured on the quickstart's
+stage 1); after the shortened stages 1 and 2 (6 steps) SFT starts clearly below it."""
+SFT_NEAR_STAGE2 = 1.0
+"""Nats between SFT's first loss (its own data) and stage 2's last."""
 
 
 def shortened(tmp: Path, data_dir: Path | None = None) -> Path:
@@ -78,6 +84,21 @@ def stage_dirs(runs: Path) -> dict[str, Path]:
             if p.is_dir() and ".superseded-" not in p.name}
 
 
+def losses(stage_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in
+            (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_sft_starts_from_stage2(dirs: dict[str, Path]) -> None:
+    """SFT (``init: weights``) starts from stage 2's final/: its first loss is near stage 2's
+    last and far below ln V, where a fresh init's would be."""
+    vocab = json.loads((dirs["sft"] / "final" / "config.json").read_text())["vocab_size"]
+    sft, stage2 = losses(dirs["sft"])[0], losses(dirs["stage2"])[-1]
+    print(f"SFT's first loss {sft:.3f}, stage 2's last {stage2:.3f}, ln V {math.log(vocab):.3f}")
+    assert sft < math.log(vocab) - SFT_BELOW_LN_V, (sft, stage2, math.log(vocab))
+    assert abs(sft - stage2) < SFT_NEAR_STAGE2, (sft, stage2)
+
+
 def test_shortened_quickstart(tmp_path, quickstart_data):
     pipeline = shortened(tmp_path, quickstart_data)
     first = prolongctl("run", str(pipeline))
@@ -93,6 +114,7 @@ def test_shortened_quickstart(tmp_path, quickstart_data):
     for name in ("stage1", "stage2", "sft"):
         assert (dirs[name] / "report.md").is_file() and (dirs[name] / "curves.png").is_file()
     trained = {n: (dirs[n] / "metrics.jsonl").stat().st_mtime_ns for n in ("stage1", "stage2", "sft")}
+    assert_sft_starts_from_stage2(dirs)
     results = (dirs["eval"] / "results.json").read_text()
     assert str(dirs["sft"] / "final") in results  # eval ran on SFT's final/ weights
     for name in ("report.md", "scores.png"):

@@ -243,16 +243,22 @@ def _record_kernel(backend: str, label: str, distribution: str | None = None) ->
     _KERNELS_RUN[backend] = f"{label}=={version}" if version else label
 
 
-def _call_with_supported(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Call ``fn`` with only the keyword arguments its signature names (the flash-attn 2, 3 and 4
-    and torch signatures differ in optional extras)."""
+FLASH_VARLEN_KEYWORDS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
+                         "softmax_scale", "causal")
+"""The keywords :func:`flash_attn_varlen` passes: each is part of what the call means (document
+bounds, scale, causality), so the kernel's signature must name every one of them."""
+
+
+def unnamed_keywords(fn: Callable[..., Any], keywords: Any) -> list[str]:
+    """Those of ``keywords`` that ``fn``'s signature does not name (none when it takes
+    ``**kwargs`` or has no inspectable signature: then the call itself will tell)."""
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return fn(*args, **kwargs)
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        kwargs = {key: val for key, val in kwargs.items() if key in params}
-    return fn(*args, **kwargs)
+        return []
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return []
+    return [key for key in keywords if key not in params]
 
 
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: DocumentLayout,
@@ -262,14 +268,21 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout:
         raise AttentionBackendError("flash_attn: none of flash-attn-3, flash-attn-4, flash-attn 2 "
                                     "is importable")
     label, fn = found
-    _record_kernel("flash_attn", label, label if label != "flash-attn-2" else "flash-attn")
     b, h, s, d = q.shape
     cu = layout.cu_seqlens
+    kwargs = dict(zip(FLASH_VARLEN_KEYWORDS, (cu, cu, layout.max_seqlen, layout.max_seqlen,
+                                              scale, True), strict=True))
+    # A keyword the kernel does not name is refused, never dropped: without ``causal`` the
+    # kernel would attend to later tokens, without ``softmax_scale`` use its default scale.
+    missing = unnamed_keywords(fn, kwargs)
+    if missing:
+        raise AttentionBackendError(
+            f"flash_attn: the installed {label} varlen kernel ({getattr(fn, '__module__', '?')}."
+            f"{getattr(fn, '__qualname__', fn)}) takes no {', '.join(missing)}; this version is "
+            "not supported (use attention: torch_varlen or sdpa)")
+    _record_kernel("flash_attn", label, label if label != "flash-attn-2" else "flash-attn")
     # Every flash-attention generation takes grouped KV heads as they are (KV < H).
-    out = _call_with_supported(
-        fn, _tokens_major(q), _tokens_major(k), _tokens_major(v),
-        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=layout.max_seqlen,
-        max_seqlen_k=layout.max_seqlen, softmax_scale=scale, causal=True)
+    out = fn(_tokens_major(q), _tokens_major(k), _tokens_major(v), **kwargs)
     out = out[0] if isinstance(out, tuple) else out  # flash-attn-3/4 may return (out, lse)
     return out.reshape(b, s, h, d)
 

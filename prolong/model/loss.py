@@ -84,9 +84,3 @@ def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module | torch.Tenso
         total = part if total is None else total + part
     n_valid = (shift_labels != IGNORE_INDEX).sum()
     return total / normalizer, n_valid
-
-
-def full_logits_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module | torch.Tensor,
-                        shift_labels: torch.Tensor, *, normalizer: float) -> torch.Tensor:
-    """The same loss from the full logits at once (the reference for tests; short rows only)."""
-    return _chunk_ce_sum(hidden, shift_labels, lm_head) / normalizer

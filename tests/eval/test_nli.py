@@ -46,6 +46,22 @@ def test_a_shard_of_qampari_records_gets_citation_scores(tiny_nli):
     assert scored[1]["citation"]["recall"] == 0.0  # no citation: unsupported, model not asked
 
 
+def test_citation_scores_follow_what_the_model_was_trained_on(tiny_nli):
+    """The scores themselves, not just their range: a claim cited to a passage the tiny model
+    was trained to entail it scores recall and precision 1.0; cited to a passage it was trained
+    to contradict it, 0.0."""
+    docs = [{"title": "0", "text": "the sky is blue"}, {"title": "1", "text": "grass is green"}]
+    scores = {}
+    for out in ("is blue [1]", "is blue [2]"):  # QAMPARI's claim: "the sky" + " is blue"
+        record = {"task": "alce_qampari", "output": out, "score": 0.0,
+                  "cite_inputs": cite_inputs(out, "the sky", docs)}
+        (scored,) = score_shard([record], {"nli_model": str(tiny_nli), "device": "cpu"})
+        c = scored["citation"]
+        assert [ch["claim"] for ch in c["checks"]] == ["the sky is blue"], c
+        scores[out] = (c["recall"], c["precision"])
+    assert scores == {"is blue [1]": (1.0, 1.0), "is blue [2]": (0.0, 0.0)}, scores
+
+
 def test_preflight_names_what_is_missing(tmp_path, tiny_nli):
     preflight(None, ["alce_asqa"])  # no NLI model: citations are not computed, nothing to check
     preflight(str(tmp_path), ["nq"])  # no ALCE task: the model is never loaded

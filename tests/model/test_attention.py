@@ -158,10 +158,11 @@ def _compare_backend(backend: str, *, device: str, dtype: torch.dtype, seed: int
     else:
         pos = torch.tensor([positions_for(lengths)] * b)
     pos = pos.to(device)
-    # The reference runs in float64 on the CPU from the very same (rounded) inputs.
+    # The reference: the dense block-diagonal mask (no code shared with any backend, sdpa
+    # included), in float64 on the CPU from the very same (rounded) inputs.
     ref_in = [x.detach().double().cpu().requires_grad_(grads) for x in (q, k, v)]
     test_in = [x.detach().requires_grad_(grads) for x in (q, k, v)]
-    want = A.document_attention(*ref_in, pos.cpu(), backend="sdpa")
+    want = dense_masked_attention(*ref_in, pos.cpu(), d ** -0.5)
     got = A.document_attention(*test_in, pos, backend=backend)
     assert got.shape == (b, s, h, d) and got.dtype == dtype
     assert_near(got, want, tol, "out")
@@ -401,7 +402,7 @@ def test_varlen_adapters_with_stand_in_kernels(monkeypatch, backend, fake, scale
     q, k, v = random_qkv(gen, b, h, kv, s, d)
     pos, _ = batch_positions(gen, b, s)
     got = A.document_attention(q, k, v, pos, backend=backend, scale=scale)
-    want = A.document_attention(q, k, v, pos, backend="sdpa", scale=scale)
+    want = dense_masked_attention(q, k, v, pos, d ** -0.5 if scale is None else scale)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert K.check_logged_max_lengths() == 1
 
@@ -422,3 +423,45 @@ def test_torch_varlen_passes_grouped_kv_heads_only_where_the_kernel_takes_them(m
         q, k, v = random_qkv(gen, 1, 8, 2, 12, 8)
         A.document_attention(q, k, v, torch.tensor([positions_for([5, 7])]), backend="torch_varlen")
     assert seen == [("varlen_attn_2_12", 8, 2), ("varlen_attn_2_11", 8, 8)]
+
+
+def fa_varlen_without(*names: str):
+    """A flash-attn-like varlen stand-in whose signature lacks ``names`` (as an older or newer
+    release might): it computes what a kernel would without them (no causal mask, its own
+    default scale)."""
+    def kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **given):
+        return K.dense_varlen(q, k, v, cu_seqlens_q,
+                              given.get("softmax_scale") or q.shape[-1] ** -0.5,
+                              given.get("causal", False))
+
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in
+              ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k")]
+    params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None)
+               for n in ("softmax_scale", "causal") if n not in names]
+    kernel.__signature__ = inspect.Signature(params)
+    return kernel
+
+
+@pytest.mark.parametrize("missing", [("causal",), ("softmax_scale",), ("softmax_scale", "causal")])
+def test_flash_adapter_refuses_a_kernel_that_does_not_name_a_keyword(monkeypatch, missing):
+    """Dropping ``causal`` would attend to later tokens, dropping ``softmax_scale`` use the
+    kernel's default: the adapter must refuse such a kernel, naming what it lacks."""
+    monkeypatch.setattr(A, "_flash_varlen_fn", lambda: ("stand-in", fa_varlen_without(*missing)))
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = random_qkv(gen, 1, 4, 2, 16, 8)
+    pos, _ = batch_positions(gen, 1, 16)
+    with pytest.raises(A.AttentionBackendError) as info:
+        A.document_attention(q, k, v, pos, backend="flash_attn", scale=0.2)
+    assert f"takes no {', '.join(missing)}" in str(info.value), str(info.value)
+
+
+def test_installed_flash_kernel_names_every_keyword_the_adapter_passes():
+    """Where flash-attn is installed (the GPU image), its real varlen kernel's signature must
+    name what the adapter passes; skipped where it is not (it needs CUDA to import)."""
+    found = A._flash_varlen_fn()
+    if found is None:
+        pytest.skip("flash-attn is not installed here")
+    kind, fn = found
+    params = inspect.signature(fn).parameters  # the real one: no **kwargs escape hatch
+    missing = [key for key in A.FLASH_VARLEN_KEYWORDS if key not in params]
+    assert missing == [], f"{kind} {fn.__module__}.{fn.__qualname__} takes no {missing}"

@@ -8,6 +8,7 @@ import copy
 from datetime import datetime, timezone
 
 import jsonschema
+import kmock
 import pytest
 import yaml
 
@@ -346,6 +347,14 @@ async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
     cr["spec"].update(retryBackoffSeconds=2, retryBackoffMaxSeconds=2)
     name = cr["metadata"]["name"]
     first = rayjob_for(cr, "stage1")
+    created: dict[str, datetime] = {}  # RayJob -> when the API server stored its create
+
+    def record_creates(request) -> None:
+        data = request.data if isinstance(request.data, dict) else {}
+        if request.action == kmock.action.CREATE and data.get("kind") == "RayJob":
+            created.setdefault(data["metadata"]["name"], datetime.now(timezone.utc))
+
+    cluster.kmock.on_write.append(record_creates)
     async with running_operator():
         await cluster.create_pipeline(cr)
         rayjob = await cluster.wait_rayjob(first)
@@ -370,10 +379,11 @@ async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
         assert_fits_the_crd(status)
 
         # KubeRay gives up at the deadline: the stage waits 2 s, then attempt 2 is created.
+        ended = datetime.now(timezone.utc)
         await cluster.set_rayjob_status(first, {
             "jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded",
             "message": "The RayJob has passed the preRunningDeadlineSeconds",
-            "endTime": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")})
+            "endTime": ended.isoformat().replace("+00:00", "Z")})
         status = await cluster.wait_status(
             name, lambda s: (s.get("stages") or [{}])[0].get("phase") == "Retrying")
         stage1 = status["stages"][0]
@@ -383,6 +393,9 @@ async def test_a_stage_stuck_initializing_says_why_then_fails_and_backs_off(
         assert_fits_the_crd(status)
         assert rayjob_for(cr, "stage1", 2) not in cluster.rayjobs()  # not before the backoff
         await cluster.wait_rayjob(rayjob_for(cr, "stage1", 2))
+        # The 2 s backoff, not the 0.3 s resync: attempt 2 exists no earlier than endTime + 2 s.
+        waited = (created[rayjob_for(cr, "stage1", 2)] - ended).total_seconds()
+        assert waited >= 2, f"attempt 2 created {waited:.2f} s after the failed attempt's endTime"
         await cluster.wait("events", lambda: ("Warning", "StageRetried") in
                            [(t, r) for t, r, _ in cluster.events()])
     reasons = [(t, r) for t, r, _ in cluster.events()]

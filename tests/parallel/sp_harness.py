@@ -95,8 +95,10 @@ def make_problem(seed: int) -> dict[str, Any]:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
+    # Two optimizer steps, on different rows: a step that reuses stale state (moments, LR,
+    # weights of the bf16 copy) shows in the second.
     return {"seed": seed, "state_dict": {k: v.clone() for k, v in model.state_dict().items()},
-            "rows": make_rows(seed), "optim": dict(OPTIM)}
+            "rows": make_rows(seed), "rows2": make_rows(seed + 1), "optim": dict(OPTIM)}
 
 
 def train_spec(*, zero_stage: int, sp: int, world: int, seq_len: int = SEQ_LEN, rows: int = ROWS,
@@ -128,14 +130,44 @@ def train_spec(*, zero_stage: int, sp: int, world: int, seq_len: int = SEQ_LEN, 
 # Reference: one process, the whole global batch, plain torch
 # --------------------------------------------------------------------------------------------
 
+STEP_ROWS = ("rows", "rows2")
+"""The problem's rows of optimizer step 1 and step 2."""
+
+
+def gradients(state_dict: dict[str, torch.Tensor], rows: list[dict[str, torch.Tensor]]
+              ) -> tuple[float, dict[str, torch.Tensor]]:
+    """The single process's token-mean loss and full gradients on one global batch, in fp32."""
+    model = make_model(state_dict)
+    loss = _accumulate(model, rows)
+    return loss, {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+
+
 def reference(problem: dict[str, Any]) -> dict[str, Any]:
-    """Loss, full gradients and the weights after one AdamW step (with clipping) of the single
-    process on the same global batch."""
-    from prolong.model.build import packed_lm_loss
+    """Loss, full gradients, global grad norm and the weights after each of two AdamW steps (with
+    clipping) of the single process on the same global batches: step 1 at the top level,
+    step 2 under ``"second"``."""
     from prolong.parallel.deepspeed_config import param_groups
 
+    o = problem["optim"]
     model = make_model(problem["state_dict"])
-    rows = problem["rows"]
+    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o["weight_decay"]), lr=o["lr"],
+                            betas=o["betas"], eps=o["eps"])
+    steps = []
+    for key in STEP_ROWS:
+        model.zero_grad(set_to_none=True)
+        loss = _accumulate(model, problem[key])
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"]))
+        opt.step()
+        params = {k: p.detach().clone() for k, p in model.named_parameters()}
+        steps.append({"loss": loss, "grads": grads, "params": params, "grad_norm": grad_norm})
+    return {**steps[0], "second": steps[1]}
+
+
+def _accumulate(model: Any, rows: list[dict[str, torch.Tensor]]) -> float:
+    """Backward of the token mean over ``rows`` (gradients accumulate in ``.grad``); the loss."""
+    from prolong.model.build import packed_lm_loss
+
     n = sum(int((r["shift_labels"] != -100).sum()) for r in rows)
     total = 0.0
     for r in rows:
@@ -143,14 +175,29 @@ def reference(problem: dict[str, Any]) -> dict[str, Any]:
                                  normalizer=n, checkpoint=False)
         loss.backward()
         total += float(loss.detach())
-    grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
-    o = problem["optim"]
-    opt = torch.optim.AdamW(param_groups(model.named_parameters(), o["weight_decay"]), lr=o["lr"],
-                            betas=o["betas"], eps=o["eps"])
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"]))
-    opt.step()
-    params = {k: p.detach().clone() for k, p in model.named_parameters()}
-    return {"loss": total, "grads": grads, "params": params, "grad_norm": grad_norm}
+    return total
+
+
+def fp32_master_adamw(masters: dict[str, torch.Tensor], grads: list[dict[str, torch.Tensor]],
+                      optim: dict[str, Any]) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """What mixed-precision training must do with the gradients it computed: torch AdamW (with
+    clipping at the global norm) on fp32 master weights, one step per gradient dict. Returns,
+    after each step, the masters and both moments (``exp_avg``, ``exp_avg_sq``)."""
+    from prolong.parallel.deepspeed_config import param_groups
+
+    params = {k: torch.nn.Parameter(v.detach().float().clone()) for k, v in masters.items()}
+    opt = torch.optim.AdamW(param_groups(params.items(), optim["weight_decay"]), lr=optim["lr"],
+                            betas=optim["betas"], eps=optim["eps"])
+    out = []
+    for g in grads:
+        for k, p in params.items():
+            p.grad = g[k].detach().float().reshape(p.shape).clone()
+        torch.nn.utils.clip_grad_norm_(params.values(), optim["grad_clip"])
+        opt.step()
+        out.append({"params": {k: p.detach().clone() for k, p in params.items()},
+                    **{m: {k: opt.state[p][m].clone() for k, p in params.items()}
+                       for m in ("exp_avg", "exp_avg_sq")}})
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,9 +219,13 @@ def worst(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[f
 
 
 def update_err(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
-               before: dict[str, torch.Tensor]) -> tuple[float, str]:
-    """Relative error of the *update* (after - before): stricter than comparing weights."""
-    errs = {k: rel_err(got[k] - before[k], ref[k] - before[k]) for k in ref}
+               before: dict[str, torch.Tensor],
+               got_before: dict[str, torch.Tensor] | None = None) -> tuple[float, str]:
+    """Relative error of the *update* (after - before): stricter than comparing weights.
+    ``got_before``: where ``got`` started, when not from ``before`` (a second step)."""
+    got_before = before if got_before is None else got_before
+    errs = {k: rel_err(got[k] - got_before[k].reshape(got[k].shape), ref[k] - before[k])
+            for k in ref}
     name = max(errs, key=errs.get)
     return errs[name], name
 

@@ -3,8 +3,9 @@
 Launched by sp_harness.launch with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. For each
 requested ZeRO stage it builds the model from the problem's weights, wires it through the
 trainer's own code (ParallelDims -> groups, apply_ulysses, prolong.train.engine.build_engine),
-runs one optimizer step over the global batch and gathers the full
-gradients (before the step) and full weights (after it). Rank 0 saves them.
+runs two optimizer steps (the problem's ``rows``, then ``rows2``) and gathers, for each, the
+full gradients (before the update) and full weights (after it); under bf16 also the fp32 master
+weights before the first step and the AdamW moments after each. Rank 0 saves them.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ def parse_case(case: str) -> tuple[int, set[str]]:
     (save a DeepSpeed checkpoint after one step, resume it in a fresh engine), overlap
     (parallelism.communication.overlapComm forced on, as on the GPUs), attn-<backend> (the
     backend's registered name through the Ulysses wrapper, with its CUDA kernel replaced by the
-    CPU stand-in of tests/model/kernel_stand_ins.py)."""
+    CPU stand-in of tests/model/kernel_stand_ins.py), sp4 (SP = 4 on the launch's 4 ranks
+    whatever its --sp: more SP ranks than the model's 2 KV heads, where DeepSpeed's Ulysses
+    replicates KV heads)."""
     stage, *flags = case.split("+")
     unknown = {f for f in flags if not f.startswith("attn-")} - {
-        "ac", "plain", "offload", "bf16", "resume", "overlap"}
+        "ac", "plain", "offload", "bf16", "resume", "overlap", "sp4"}
     if unknown:
         raise ValueError(f"unknown case flags {unknown}")
     return int(stage), set(flags)
@@ -77,11 +80,13 @@ def build_engine(stage: int, flags: set[str], problem: dict, groups):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Small loss chunks so the chunked (and checkpointed) loss path runs several chunks.
     built = production_build_engine(model, spec, groups, chunk_tokens=8, checkpoint=True)
-    rows = problem["rows"][groups.dp_rank * gas:(groups.dp_rank + 1) * gas]
-    return built.engine, model, rows
+    mine = slice(groups.dp_rank * gas, (groups.dp_rank + 1) * gas)
+    return built.engine, model, [problem[key][mine] for key in H.STEP_ROWS]
 
 
 def full_params(model) -> dict:
+    """The full weights DeepSpeed optimizes: the fp32 masters (ZeRO >= 1, or bf16), the module's
+    own parameters otherwise (ZeRO-0 in fp32 keeps no other copy)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     params = {}
@@ -90,6 +95,29 @@ def full_params(model) -> dict:
         full = p.detach() if full is None else full
         params[name] = full.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
     return params
+
+
+def full_moments(engine, model) -> dict | None:
+    """AdamW's exp_avg and exp_avg_sq as DeepSpeed holds them (fp32 optimizer state), gathered;
+    None where DeepSpeed keeps no mapping (ZeRO-0 in fp32)."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    # DeepSpeed 0.19's ZeRO-1/2 links each parameter to its optimizer state once, right after
+    # the first param group's first step, when torch's AdamW (whose state is created lazily)
+    # has no state yet for the second group (no weight decay): the link is redone here, with
+    # DeepSpeed's own function, now that every group has state.
+    zero_optimizer = engine.optimizer
+    if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    out = {"exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in model.named_parameters():  # collective: every rank, same order
+        for key, moments in out.items():
+            full = safe_get_full_optimizer_state(p, key)
+            if full is None:
+                return None
+            moments[name] = full.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+    return out
 
 
 def run_case(case: str, problem: dict, groups, work: Path) -> dict:
@@ -101,40 +129,46 @@ def run_case(case: str, problem: dict, groups, work: Path) -> dict:
     stage, flags = parse_case(case)
     if "resume" in flags:
         return run_resume(stage, flags, problem, groups, work / f"ckpt-{case}")
-    engine, model, rows = build_engine(stage, flags, problem, groups)
-    grads = {}
+    engine, model, step_rows = build_engine(stage, flags, problem, groups)
+    masters = full_params(model) if "bf16" in flags else None  # before any step
+    steps = []
+    for rows in step_rows:
+        grads = {}
 
-    def read_grads() -> None:  # collective under ZeRO-1/2/3: every rank, same order
-        for name, p in model.named_parameters():
-            g = safe_get_full_grad(p)
-            assert g is not None, f"no gradient for {name}"
-            grads[name] = g.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
+        def read_grads(grads: dict = grads) -> None:  # collective under ZeRO-1/2/3
+            for name, p in model.named_parameters():
+                g = safe_get_full_grad(p)
+                assert g is not None, f"no gradient for {name}"
+                grads[name] = g.detach().clone().reshape(getattr(p, "ds_shape", p.shape))
 
-    def plain_mean(n, *, zero_stage, **kw):  # the ZeRO-1/2 divisor whatever the stage
-        return loss_normalizer(n, zero_stage=min(zero_stage, 1), **kw)
+        def plain_mean(n, *, zero_stage, **kw):  # the ZeRO-1/2 divisor whatever the stage
+            return loss_normalizer(n, zero_stage=min(zero_stage, 1), **kw)
 
-    result = train_step(engine, rows, groups, before_update=read_grads,
-                        normalizer=plain_mean if "plain" in flags else loss_normalizer)
-    assert grads, "before_update was not called"
-    params = full_params(model)
+        result = train_step(engine, rows, groups, before_update=read_grads,
+                            normalizer=plain_mean if "plain" in flags else loss_normalizer)
+        assert grads, "before_update was not called"
+        steps.append({"loss": result.loss, "grads": grads, "params": full_params(model),
+                      "grad_norm": result.grad_norm, "valid_tokens": result.valid_tokens,
+                      "moments": full_moments(engine, model) if "bf16" in flags else None})
+    lp_dtypes = {str(p.dtype) for p in model.parameters()}
     engine.destroy()
     del engine
     gc.collect()
-    return {"loss": result.loss, "grads": grads, "params": params, "grad_norm": result.grad_norm,
-            "valid_tokens": result.valid_tokens}
+    return {**steps[0], "second": steps[1], "masters_before": masters,
+            "module_dtypes": sorted(lp_dtypes)}
 
 
 def run_resume(stage: int, flags: set[str], problem: dict, groups, ckpt: Path) -> dict:
     """Step, save, step; a fresh engine loads the checkpoint and repeats the second step."""
     from prolong.parallel.step import train_step
 
-    engine, model, rows = build_engine(stage, flags, problem, groups)
+    engine, model, (rows, _) = build_engine(stage, flags, problem, groups)
     train_step(engine, rows, groups)
     engine.save_checkpoint(str(ckpt), tag="step1")
     second = train_step(engine, rows, groups)
     params = full_params(model)
     engine.destroy()
-    engine2, model2, rows2 = build_engine(stage, flags, problem, groups)
+    engine2, model2, (rows2, _) = build_engine(stage, flags, problem, groups)
     engine2.load_checkpoint(str(ckpt), tag="step1")
     resumed = train_step(engine2, rows2, groups)
     params_resumed = full_params(model2)
@@ -159,11 +193,15 @@ def main() -> None:
         from prolong.parallel.dims import ParallelDims
 
         groups = ParallelDims(world_size=world, sp=args.sp, workers_per_node=world).build()
+        sp4 = None  # built once, when a case asks for it (new_group is collective)
         problem = torch.load(args.problem, weights_only=False)
         results, timings = {}, {}
         for case in args.cases.split(","):
             t0 = time.perf_counter()
-            results[case] = run_case(case, problem, groups, Path(args.out).parent)
+            if "sp4" in parse_case(case)[1] and sp4 is None:
+                sp4 = ParallelDims(world_size=world, sp=4, workers_per_node=world).build()
+            results[case] = run_case(case, problem, sp4 if "sp4" in case else groups,
+                                     Path(args.out).parent)
             timings[case] = time.perf_counter() - t0
         if rank == 0:
             torch.save({"results": results, "timings": timings}, args.out)

@@ -89,6 +89,8 @@ def run_task(task: dict) -> dict:
     with load_spies() as loads:
         started = worker.start(Path(resume) if resume else None)
     built, loader = started.built, started.loader
+    if task.get("state_after_start"):  # what the stage inherited, before its first step
+        save_state(built, started.model, task["state_after_start"])
     losses, grad_norms = {}, {}
     for step in range(started.step + 1, task["until"] + 1):
         metrics = worker.train_one(built, loader, step)
@@ -98,12 +100,16 @@ def run_task(task: dict) -> dict:
             directory.mkdir(parents=True, exist_ok=True)
             worker.write_checkpoint(directory, built.engine, loader, step, stage)
             dist.barrier()
+    if task.get("state_at_end"):  # what a downstream stage must inherit
+        save_state(built, started.model, task["state_at_end"])
     if task.get("finalize"):
         worker._finalize(built.engine, started.model, stage, task["until"])
-        if task.get("gathered_to"):  # what final/ must hold, gathered by DeepSpeed
-            from prolong.model.zero3 import gathered_parameters
+        if task.get("gathered_to"):  # what final/ must hold: DeepSpeed's own fp32 gather,
+            # not prolong.model.zero3's (which final/ is written with)
+            from deepspeed.utils import safe_get_full_fp32_param
 
-            gathered = dict(gathered_parameters(started.model))
+            gathered = {name: safe_get_full_fp32_param(p).detach().clone().reshape(p.ds_shape)
+                        for name, p in started.model.named_parameters()}
             if dist.get_rank() == 0:
                 torch.save(gathered, task["gathered_to"])
     out = {"start_step": started.step, "losses": losses, "grad_norms": grad_norms,
@@ -113,6 +119,33 @@ def run_task(task: dict) -> dict:
     del built, started
     gc.collect()
     return out
+
+
+def save_state(built, model, path: str) -> None:
+    """The full fp32 weights, AdamW moments and learning rate the engine holds, gathered by
+    DeepSpeed (collective: every rank), saved by rank 0."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero_optimizer = built.engine.optimizer
+    if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        # DeepSpeed 0.19's ZeRO-1/2 links parameters to optimizer state after the first param
+        # group's first step, before torch's AdamW made state for the second: link again.
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()
+    state = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in model.named_parameters():
+        shape = getattr(p, "ds_shape", p.shape)
+        state["weights"][name] = safe_get_full_fp32_param(p).detach().clone().reshape(shape)
+        for key in ("exp_avg", "exp_avg_sq"):
+            try:
+                value = safe_get_full_optimizer_state(p, key)
+            except ValueError:  # the optimizer holds no such state (nothing was loaded)
+                value = torch.zeros(shape)
+            state[key][name] = value.detach().clone().reshape(shape)
+    state["lr"] = [g["lr"] for g in built.engine.optimizer.param_groups]
+    state["scheduler_lr"] = built.scheduler.get_last_lr()
+    if dist.get_rank() == 0:
+        torch.save(state, path)
 
 
 def main() -> None:
