@@ -225,6 +225,29 @@ def ray_upstream_pending(target: StageTarget, ray: RayJobs) -> str | None:
     return None
 
 
+# Ray's dashboard answers 500 "No available agent to submit job" until the head's job agent has
+# registered, which takes seconds after a head starts (longer on a busy node). The request was not
+# taken, so asking again is safe; anything else is not retried.
+AGENT_NOT_READY = "No available agent to submit job"
+AGENT_WAIT_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
+def submit_when_agent_ready(send: Callable[[], Any], console: Console, *,
+                            waits: tuple[float, ...] = AGENT_WAIT_S,
+                            sleep: Callable[[float], None] = time.sleep) -> Any:
+    """``send()``, asked again after each wait while Ray says its job agent is not up yet."""
+    for wait in (*waits, None):
+        try:
+            return send()
+        except Exception as exc:
+            if wait is None or AGENT_NOT_READY not in str(exc):
+                raise
+            console.print(f"Ray's job agent is not up yet; submitting again in {wait:g} s",
+                          markup=False)
+            sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def submit_ray(what: Submission, ray: RayJobs, console: Console, *,
                dry_run: bool = False, with_upstream: bool = False) -> Submitted:
     """Submit a stage (or a whole pipeline) through the Job Submission API unless its submission
@@ -264,8 +287,11 @@ def submit_ray(what: Submission, ray: RayJobs, console: Console, *,
             if key in meta:
                 env[var] = meta[key]
         try:
-            ray.client.submit_job(entrypoint=entrypoint, submission_id=sid, metadata=meta,
-                                  runtime_env={"working_dir": tmp, "env_vars": env})
+            submit_when_agent_ready(
+                lambda: ray.client.submit_job(entrypoint=entrypoint, submission_id=sid,
+                                              metadata=meta,
+                                              runtime_env={"working_dir": tmp, "env_vars": env}),
+                console)
         except Exception as exc:
             again = ray.info(sid) if "already exists" in str(exc) else None
             if again is None:

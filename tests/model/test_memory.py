@@ -131,7 +131,8 @@ def test_workers_and_pods_get_the_allocator_setting():
     spec = rayjob["spec"]["rayClusterSpec"]
     pods = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for pod in pods:
-        (container,) = pod["template"]["spec"]["containers"]
+        # The Ray container comes first; the head also runs the driver-log follower (HTTPMode).
+        container = pod["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     _, cpu_rayjob = render(load(JOBS / "quickstart/stage1.yaml"))
