@@ -20,6 +20,12 @@ bounded in size so that building, training a tokenizer on it and tokenizing it t
   (:mod:`prolong.data.retrieval`): a JSON object of UUID pairs with lookups, RULER needle lists
   with questions and answers; context sizes log-uniform from :data:`RETRIEVAL_MIN_CHARS` to
   :data:`RETRIEVAL_MAX_CHARS`, so a stream's ``minLength``/``maxLength`` picks one length bucket.
+- ``retrieval-short``: the same kinds of documents at short-row sizes (contexts of
+  :data:`SHORT_RETRIEVAL_MIN_CHARS` to :data:`SHORT_RETRIEVAL_MAX_CHARS`, word-key needles twice as
+  often as the other kinds), and ten times as many: a base model trained on 256-token rows reads
+  each one at most a few times instead of learning its keys by heart.
+- ``repeats``: copy documents (:mod:`prolong.data.repeats`), random segments over a small alphabet
+  or of needle-like items, each repeated: the induction curriculum of the quickstart base.
 - ``sft-conversations``: conversations in UltraChat form (``messages``: [{role, content}]): a user
   asks what a standard-library object does and the assistant answers with its documentation;
   a user asks about a Python reference topic and the assistant answers with its opening; and
@@ -48,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from prolong.data.errors import DataError
+from prolong.data.repeats import repeat_documents
 from prolong.data.retrieval import retrieval_dialogue, retrieval_documents
 from prolong.data.sources import is_binary, repo_document
 from prolong.spec import EMBEDDED_CORPORA
@@ -69,6 +76,11 @@ RETRIEVAL_DIALOGUES = 600
 RETRIEVAL_DOCUMENTS = 4_000
 RETRIEVAL_MIN_CHARS = 250
 RETRIEVAL_MAX_CHARS = 9_000
+SHORT_RETRIEVAL_DOCUMENTS = 40_000
+SHORT_RETRIEVAL_MIN_CHARS = 120
+SHORT_RETRIEVAL_MAX_CHARS = 1_200
+SHORT_RETRIEVAL_KINDS = ("needle_words", "json_kv", "needle_words", "needle_uuids")
+REPEAT_DOCUMENTS = 60_000
 SEED = 1234
 
 _PROSE_NAMES = re.compile(r"^(license|licence|copying|notice|readme|authors|changelog|changes)"
@@ -312,5 +324,19 @@ def _retrieval() -> Iterator[dict[str, Any]]:
         yield {"id": f"retrieval/{i}", "text": text}
 
 
+def _retrieval_short() -> Iterator[dict[str, Any]]:
+    docs = retrieval_documents(SEED + 1, SHORT_RETRIEVAL_DOCUMENTS,
+                               min_chars=SHORT_RETRIEVAL_MIN_CHARS,
+                               max_chars=SHORT_RETRIEVAL_MAX_CHARS, kinds=SHORT_RETRIEVAL_KINDS)
+    for i, text in enumerate(docs):
+        yield {"id": f"retrieval-short/{i}", "text": text}
+
+
+def _repeats() -> Iterator[dict[str, Any]]:
+    for i, text in enumerate(repeat_documents(SEED, REPEAT_DOCUMENTS)):
+        yield {"id": f"repeats/{i}", "text": text}
+
+
 BUILDERS = {"code-repos": _code_repos, "books": _books, "short-text": _short_text,
-            "retrieval": _retrieval, "sft-conversations": _sft_conversations}
+            "retrieval": _retrieval, "retrieval-short": _retrieval_short, "repeats": _repeats,
+            "sft-conversations": _sft_conversations}

@@ -140,13 +140,17 @@ def needle_document(rng: random.Random, needles: int, questions: int, *, uuids: 
 UNIT_CHARS = {"json_kv": 80, "needle_words": 62, "needle_uuids": 118}
 
 
-def retrieval_documents(seed: int, count: int, *, min_chars: int,
-                        max_chars: int) -> Iterator[str]:
+def retrieval_documents(seed: int, count: int, *, min_chars: int, max_chars: int,
+                        kinds: tuple[str, ...] = KINDS) -> Iterator[str]:
     """``count`` documents whose context sizes are log-uniform between ``min_chars`` and
-    ``max_chars`` characters, kinds in turn; a pure function of the arguments."""
+    ``max_chars`` characters, ``kinds`` in turn (a kind named twice comes twice as often); a pure
+    function of the arguments."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise ValueError(f"retrieval kinds {unknown or '()'}: expected some of {', '.join(KINDS)}")
     rng = random.Random(f"retrieval/{seed}")
     for i in range(count):
-        kind = KINDS[i % len(KINDS)]
+        kind = kinds[i % len(kinds)]
         chars = min_chars * (max_chars / min_chars) ** rng.random()
         units = max(1, round(chars / UNIT_CHARS[kind]))
         questions = rng.randint(*QUESTIONS)

@@ -44,7 +44,8 @@ _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])
 DOMAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # Local corpora that `prolongctl data prepare` builds without any download (see prolong.data).
-EMBEDDED_CORPORA = ("code-repos", "books", "short-text", "retrieval", "sft-conversations")
+EMBEDDED_CORPORA = ("code-repos", "books", "short-text", "retrieval", "retrieval-short", "repeats",
+                    "sft-conversations")
 
 
 class SpecModel(BaseModel):
@@ -195,7 +196,8 @@ class DataStream(SpecModel):
     """jsonl / parquet / arrow / hf_disk (datasets.save_to_disk); repo_dir: every sub-directory is
     one repository whose files are concatenated into one document; text_dir: one document per
     file; mds: ProLong's released Mosaic shards (already tokenized); embedded: a corpus built
-    locally without download (code-repos, books, short-text, retrieval, sft-conversations)."""
+    locally without download (code-repos, books, short-text, retrieval, retrieval-short, repeats,
+    sft-conversations)."""
     proportion: float = Field(gt=0, le=1)
     """Share of the stage's training tokens drawn from this stream; shares sum to 1."""
     packing: Packing = "concat"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -74,3 +75,15 @@ def test_retrieval_corpus_spans_both_length_buckets(tmp_path):
 def test_unknown_corpus(tmp_path):
     with pytest.raises(DataError, match="one of code-repos"):
         corpus.corpus_file("wikipedia", tmp_path)
+
+
+def test_base_curriculum_corpora():
+    """retrieval-short: documents sized for short rows, word-key needles most often; repeats: copy
+    documents. (The builders' first records: the whole corpora take seconds to write.)"""
+    short = [d["text"] for d in itertools.islice(corpus._retrieval_short(), 400)]
+    sizes = sorted(len(t) for t in short)
+    assert sizes[len(sizes) // 2] < 1_500 < sizes[-1] < corpus.SHORT_RETRIEVAL_MAX_CHARS + 2_000
+    assert sum("magic number" in t for t in short) == 200  # half are word-key needle documents
+    assert corpus.SHORT_RETRIEVAL_DOCUMENTS >= 10 * corpus.RETRIEVAL_DOCUMENTS
+    repeats = [d["text"] for d in itertools.islice(corpus._repeats(), 400)]
+    assert all(len(set(t.rstrip("\n").split("\n"))) == 1 for t in repeats)

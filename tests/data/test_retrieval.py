@@ -98,3 +98,13 @@ def test_dialogues_answer_in_the_prompts_phrasing():
                 assert answer["content"] == \
                     f"{ONE_PREFIX.format(one='number', query=key)} {needles[key]}."
     assert seen == {"kv", "needle"}
+
+
+def test_documents_of_chosen_kinds_come_in_their_shares():
+    docs = list(retrieval_documents(3, 40, min_chars=120, max_chars=1_200,
+                                    kinds=("needle_words", "needle_words", "json_kv")))
+    numbers = sum("magic number" in d for d in docs)
+    assert numbers == 27 and sum(KV_INSTRUCTION in d for d in docs) == 13
+    assert not any("magic uuid" in d for d in docs)
+    with pytest.raises(ValueError, match="needle_word"):
+        next(retrieval_documents(3, 1, min_chars=120, max_chars=200, kinds=("needle_word",)))
