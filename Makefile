@@ -59,7 +59,7 @@ test: setup
 # HELMET's synthetic recall tasks. Outputs in runs/quickstart/; complete stages are skipped.
 quickstart: setup
 	$(BIN)/prolongctl validate jobs/quickstart/*.yaml
-	$(BIN)/prolongctl plan jobs/quickstart/pipeline.yaml
+	$(BIN)/prolongctl plan --summary jobs/quickstart/pipeline.yaml
 	$(BIN)/prolongctl run jobs/quickstart/pipeline.yaml
 	@echo "quickstart ran: stage1 -> stage2 (SP=2) -> sft -> eval of jobs/quickstart/pipeline.yaml; outputs in runs/quickstart/"
 

@@ -117,25 +117,32 @@ def plan(
     short_doc_tokens: int = typer.Option(planning.DEFAULT_SHORT_DOC_TOKENS, min=1,
                                          help="Assumed length of short documents for the "
                                               "document-causal FLOPs figure."),
+    summary_only: bool = typer.Option(False, "--summary",
+                                      help="Only the one-table summary (stage, kind, steps, "
+                                           "tokens, devices, GPU-hours), without each stage's "
+                                           "detail."),
 ) -> None:
     """Show what a job or pipeline will do: steps, tokens per stage and per domain, rows per
     step, FLOPs per token (6N+12LHdS and document-causal 6N+6LHd·Σd²/S), GPU-hours at --mfu,
     each training stage's estimated peak memory per GPU against the GPU's (warned when it does
     not fit) and its lockstep efficiency (how much of each micro-step the replicas train rather
-    than wait for the slowest row).
+    than wait for the slowest row). --summary prints the first table only (the quickstart's first
+    screen).
 
     [bold]Examples[/bold]
 
       prolongctl plan jobs/prolong-8b/pipeline.yaml
 
       prolongctl plan jobs/prolong-8b/stage2-512k.yaml --mfu 0.3
+
+      prolongctl plan jobs/quickstart/pipeline.yaml --summary
     """
     with user_errors():
         loaded = load(file)
     plans = [planning.plan_stage(job, ref, resolved_architecture(job, loaded.jobs), mfu=mfu,
                                  short_doc_tokens=short_doc_tokens)
              for job, ref in _stages(loaded)]
-    _print_plan(loaded, plans, mfu)
+    _print_plan(loaded, plans, mfu, detail=not summary_only)
 
 
 @app.command()
@@ -438,7 +445,8 @@ def format_hours(plan: planning.StagePlan) -> str:
     return f"{plan.gpu_hours:,.0f}"
 
 
-def _print_plan(loaded: Loaded, plans: list[planning.StagePlan], mfu: float) -> None:
+def _print_plan(loaded: Loaded, plans: list[planning.StagePlan], mfu: float, *,
+                detail: bool = True) -> None:
     doc = loaded.document
     out.print(f"[bold]{doc.metadata.name}[/bold] ({doc.kind}, {loaded.path}): "
               f"GPU-hours at MFU {mfu:.2f} on 6N+12LHdS")
@@ -451,6 +459,8 @@ def _print_plan(loaded: Loaded, plans: list[planning.StagePlan], mfu: float) -> 
         summary.add_row(p.stage.stage, p.kind, format_count(p.steps), format_count(p.tokens), gpus,
                         format_hours(p))
     out.print(summary)
+    if not detail:
+        return
     for p in plans:
         _print_stage(p)
 

@@ -99,6 +99,17 @@ def test_plan_prints_the_recipe_budget():
     assert "lockstep efficiency at SP 2 / 4 / 8 (2 / 4 / 8 micro-batches per rank)" in text
 
 
+def test_plan_summary_is_the_first_table_only():
+    """The quickstart's first screen: one table, no per-stage memory breakdown."""
+    full = run("plan", str(JOBS / "quickstart/pipeline.yaml")).output
+    short = run("plan", str(JOBS / "quickstart/pipeline.yaml"), "--summary").output
+    assert "memory per worker" in full and "memory per worker" not in short
+    lines = short.strip().splitlines()
+    assert full.startswith(short.rstrip()) and len(lines) == 3 + 6  # title, header, rule, stages
+    assert [line.split()[0] for line in lines[3:]] == ["stage1", "stage2", "sft", "eval",
+                                                      "sft-from-stage1", "eval-from-stage1"]
+
+
 def test_plan_mfu_option_scales_hours():
     def hours(mfu: str) -> int:
         text = run("plan", str(JOBS / "prolong-8b/stage1-64k.yaml"), "--mfu", mfu).output
