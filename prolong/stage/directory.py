@@ -117,6 +117,9 @@ class Manifest(BaseModel):
     """URI of the last DeepSpeed checkpoint (what weightsAndOptimizer loads)."""
     steps: int | None = None
     tokens: int | None = None
+    tokenizer_hash: str | None = None
+    """Content hash of final/'s tokenizer (prolong.data.tokenizer.tokenizer_hash): a copy of the
+    weights shipped elsewhere can be checked against the run that made it."""
     model: str | None = None
     """The weights an eval stage evaluated."""
     results: str | None = None

@@ -479,11 +479,12 @@ class Worker:
         holds the whole model (gathering them all at once would put 16 GB of Llama-3-8B on every
         GPU and in rank 0's host memory). Every rank takes part in the gathers."""
         tmp = tempfile.mkdtemp(prefix="prolong-final-") if self.rank == 0 else None
+        tok_hash = None
         try:
             save_weights(model, tmp)
             if self.rank == 0:
                 self._chaos("final", step)  # weights written locally, final/ not published
-                _write_final(tmp, self.run_info.tokenizer_dir, stage.final_uri)
+                tok_hash = _write_final(tmp, self.run_info.tokenizer_dir, stage.final_uri)
                 self._chaos("final", step)  # final/ published, no manifest or COMPLETE yet
         finally:
             if tmp is not None:
@@ -495,22 +496,28 @@ class Worker:
                 self.ref, self.run_info.job, final=stage.final_uri,
                 final_checkpoint=stage.uri_of(checkpoint_dir_name(step, self.name_suffix)),
                 steps=step, tokens=step * self.spec.global_batch_tokens,
-                summary=metrics_summary(records), versions=versions()))
+                tokenizer_hash=tok_hash, summary=metrics_summary(records), versions=versions()))
             stage.mark_complete()
         if dist.is_initialized():
             dist.barrier()
 
 
-def _write_final(weights_dir: str, tokenizer_dir: str | None, final_uri: str) -> None:
-    """The written weights and the stage's tokenizer, published under final/ in one move. The
-    tokenizer is where prolong.data.prepare.tokenizer_ref put it (a staged copy may be on an
-    object store: load_dir fetches it)."""
+def _write_final(weights_dir: str, tokenizer_dir: str | None, final_uri: str) -> str | None:
+    """The written weights and the stage's tokenizer, published under final/ in one move; returns
+    the tokenizer's content hash (None without one) for the manifest. The tokenizer is where
+    prolong.data.prepare.tokenizer_ref put it (a staged copy may be on an object store: load_dir
+    fetches it)."""
     from transformers import AutoTokenizer  # only rank 0 writes final/, once per stage
 
+    from prolong.data.tokenizer import tokenizer_hash
+
+    tok_hash = None
     if tokenizer_dir is not None:
-        AutoTokenizer.from_pretrained(load_dir(tokenizer_dir),
-                                      local_files_only=True).save_pretrained(weights_dir)
+        tok = AutoTokenizer.from_pretrained(load_dir(tokenizer_dir), local_files_only=True)
+        tok.save_pretrained(weights_dir)
+        tok_hash = tokenizer_hash(tok)
     publish_directory(weights_dir, final_uri)
+    return tok_hash
 
 
 def metrics_summary(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,14 @@ import re
 
 import pytest
 
-from prolong.data.repeats import ALPHABET, ITEMS, REPEATS, SYMBOLS, repeat_document, repeat_documents
+from prolong.data.repeats import (
+    ALPHABET,
+    ITEMS,
+    REPEATS,
+    SYMBOLS,
+    repeat_document,
+    repeat_documents,
+)
 
 
 @pytest.mark.parametrize("kind", ["symbols", "items"])

@@ -20,6 +20,7 @@ import yaml
 from rich.console import Console
 from safetensors.torch import load_file
 
+from prolong.data.tokenizer import load_tokenizer, tokenizer_hash
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.train.faults import FAULT_ENV
 from prolong.train.runner import run_file
@@ -94,6 +95,8 @@ def test_sp2_stage_learns_and_completes(ray_cluster, prepared, tmp_path):
     assert (Path(stage.uri) / "checkpoint-000030").is_dir()
     assert {p.name for p in (Path(stage.uri) / "final").iterdir()} >= {
         "config.json", "model.safetensors", "tokenizer.json"}
+    # The manifest names final/'s tokenizer by content (a shipped copy is checked against it).
+    assert manifest.tokenizer_hash == tokenizer_hash(load_tokenizer(Path(stage.uri) / "final"))
     # Same id again: nothing runs, nothing changes.
     before = (Path(stage.uri) / "metrics.jsonl").read_text()
     run_file(path, progress=False)
