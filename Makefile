@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE = 1
 
-.PHONY: setup test quickstart lint bench clean
+.PHONY: setup test quickstart quickstart-base lint bench clean
 
 setup: $(STAMP)
 
@@ -62,6 +62,14 @@ quickstart: setup
 	$(BIN)/prolongctl plan --summary jobs/quickstart/pipeline.yaml
 	$(BIN)/prolongctl run jobs/quickstart/pipeline.yaml
 	@echo "quickstart ran: stage1 -> stage2 (SP=2) -> sft -> eval of jobs/quickstart/pipeline.yaml; outputs in runs/quickstart/"
+
+# Re-make the quickstart's pretrained base (jobs/quickstart/base/, what the quickstart's stage 1
+# starts from, as ProLong's starts from Llama-3-8B-Instruct): run jobs/quickstart/base.yaml (about
+# an hour on 2 busy cores; it resumes from its checkpoints when interrupted), then ship its final/
+# (weights, tokenizer), manifest.json and curves.png into the repository. Commit the result.
+quickstart-base: setup
+	$(BIN)/prolongctl run jobs/quickstart/base.yaml
+	$(BIN)/python -m prolong.run.ship jobs/quickstart/base.yaml jobs/quickstart/base
 
 lint: setup
 	$(BIN)/ruff check .

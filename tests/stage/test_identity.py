@@ -101,20 +101,22 @@ def test_directories_follow_the_layout():
 PINNED_PIPELINE_IDS = {
     "prolong-8b/pipeline.yaml": {"stage1": "a12b524d", "stage2": "def3c1ca", "sft": "dd601f0d",
                                  "eval": "a93d35c6"},
-    "quickstart/pipeline.yaml": {"stage1": "58b0561a", "stage2": "89ddf25c", "sft": "62475fb8",
-                                 "eval": "b7c32476", "sft-from-stage1": "663fee73",
-                                 "eval-from-stage1": "0e6e8ee5"},
+    # Issue 22: stage 1 continues the shipped base (model.source), with its tokenizer and shape.
+    "quickstart/pipeline.yaml": {"stage1": "007f1d45", "stage2": "9820f20d", "sft": "0a9a6c85",
+                                 "eval": "22a09d27", "sft-from-stage1": "96a77a2a",
+                                 "eval-from-stage1": "233bfbb2"},
 }
 PINNED_STANDALONE_IDS = {
     "prolong-8b/stage1-64k.yaml": "a12b524d",
     "prolong-8b/stage2-512k.yaml": "6c67c7e2",
     "prolong-8b/sft.yaml": "a9d1ede2",
     "prolong-8b/eval.yaml": "78f044bf",
-    "quickstart/stage1.yaml": "58b0561a",
-    "quickstart/stage2.yaml": "871e1532",
-    "quickstart/sft.yaml": "a6ecc41b",
+    "quickstart/base.yaml": "0ffa5a8f",
+    "quickstart/stage1.yaml": "007f1d45",
+    "quickstart/stage2.yaml": "01ab7181",
+    "quickstart/sft.yaml": "4679d415",
     "quickstart/eval.yaml": "741802bc",
-    "quickstart/sft-from-stage1.yaml": "0a7ac04a",
+    "quickstart/sft-from-stage1.yaml": "7410370a",
     "quickstart/eval-from-stage1.yaml": "25a5a900",
 }
 
