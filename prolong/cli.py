@@ -199,7 +199,7 @@ def run(
       prolongctl run /etc/prolong/job.yaml --ray-address auto
     """
     # The engine loads torch, transformers and the data pipeline: only `run` pays for them.
-    from prolong.train.runner import RunError, run_file
+    from prolong.run.runner import RunError, run_file
 
     with user_errors():
         try:
@@ -234,8 +234,8 @@ def report(targets: list[Path] = REPORT_TARGETS_ARG, price: float | None = PRICE
     """
     # Reading stage directories loads pyarrow's filesystems (+0.2 s): only `report` needs them.
     from prolong.eval.report import SCORES_PNG, comparison_png
-    from prolong.train.report import eval_results, run_markdown, run_rows
-    from prolong.train.summary import print_run_report
+    from prolong.run.report import eval_results, run_markdown, run_rows
+    from prolong.run.summary import print_run_report
 
     with user_errors():
         try:

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from prolong.cli import app
 from prolong.jobfile import FROM_STAGE_FIELD, job_stage
 from prolong.k8s.backend import submission
+from prolong.run.runner import data_source, stages_of
 from prolong.spec import SpecError
 from prolong.specfile import load
 from prolong.stage.identity import pipeline_stages
-from prolong.train.runner import data_source, stages_of
 from tests.conftest import JOBS
 
 runner = CliRunner()

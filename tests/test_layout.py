@@ -112,8 +112,8 @@ def test_the_cycle_finder_finds_cycles():
 def test_the_graph_sees_imports_inside_functions():
     graph = import_graph()
     # prolong.cli imports the runner only when `prolongctl run` runs
-    assert "prolong.train.runner" in graph["prolong.cli"]
-    assert "prolong.stage.identity" in graph["prolong.train.runner"]
+    assert "prolong.run.runner" in graph["prolong.cli"]
+    assert "prolong.stage.identity" in graph["prolong.run.runner"]
 
 
 def test_no_import_cycles():
@@ -193,3 +193,20 @@ def test_the_planner_depends_only_on_stage_and_spec():
         outside = {t for t in graph[module]
                    if not t.startswith(("prolong.reconcile", "prolong.stage", "prolong.spec"))}
         assert not outside, f"{module} imports {sorted(outside)}"
+
+
+def test_the_run_layer_sits_above_train_and_eval():
+    """prolong.run (stage order, locks, skips, the run's summary and report) drives training and
+    eval stages; neither imports it, and the training engine does not import the eval harness."""
+    graph = import_graph()
+    found = []
+    for module in sorted(MODULES):
+        below = module.startswith(("prolong.train", "prolong.eval"))
+        for target in sorted(graph[module]):
+            if below and (target == "prolong.run" or target.startswith("prolong.run.")):
+                found.append(f"{module} imports {target}")
+            if module.startswith("prolong.train") and target.startswith("prolong.eval"):
+                found.append(f"{module} imports {target}")
+    assert not found, "\n".join(found)
+    assert "prolong.run.runner" in graph["prolong.cli"]
+    assert {"prolong.train.entry", "prolong.eval.job"} <= graph["prolong.run.runner"]

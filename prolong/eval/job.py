@@ -263,4 +263,4 @@ def run_eval_stage(job: EvalJob, ref: StageRef, upstream_dir: str | None, *,
         summary={"average": results["average"]["mean"],
                  **{c: v["mean"] for c, v in results["categories"].items()}}))
     stage.mark_complete()
-    return results  # the caller reports the stage's result (prolong.train.summary)
+    return results  # the caller reports the stage's result (prolong.run.summary)

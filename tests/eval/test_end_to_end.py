@@ -150,7 +150,7 @@ def test_prolongctl_run_evaluates_on_ray_workers(tmp_path, helmet_dir, tiny_mode
     no-op."""
     import ray
 
-    from prolong.train.runner import run_file
+    from prolong.run.runner import run_file
 
     root = tmp_path / "runs"
     (root / "data").mkdir(parents=True)

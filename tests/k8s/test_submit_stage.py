@@ -87,7 +87,7 @@ async def test_stage2_after_stage1_succeeded_names_stage1s_real_id_and_directory
     # The entrypoint's own reading of those two files (prolongctl run /etc/prolong/job.yaml):
     # stage 2 of the pipeline, starting from stage 1's directory, with stage 1's tokenizer.
     # Imported here: the runner loads torch and the eval harness, which the other tests skip.
-    from prolong.train.runner import stages_of
+    from prolong.run.runner import stages_of
 
     etc = tmp_path / "etc-prolong"
     etc.mkdir()

@@ -21,9 +21,9 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from prolong.data.tokenizer import load_tokenizer, tokenizer_hash
+from prolong.run.runner import run_file
 from prolong.stage.directory import StageDir, read_metrics
 from prolong.train.faults import FAULT_ENV
-from prolong.train.runner import run_file
 from tests.conftest import job_dict
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]

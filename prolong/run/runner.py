@@ -12,7 +12,7 @@ KubeRay head pod) it joins that cluster. For each stage, in order:
   (:func:`prolong.eval.job.run_eval_stage`).
 
 A progress bar follows ``metrics.jsonl`` in the stage directory, which workers append to; each
-stage ends with one result line and the run with a summary (:mod:`prolong.train.summary`). Worker
+stage ends with one result line and the run with a summary (:mod:`prolong.run.summary`). Worker
 output goes to ``<stage dir>/logs/`` (:mod:`prolong.stage.logs`), not to the console.
 """
 
@@ -30,6 +30,7 @@ from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.datacheck import check_data_dir
 from prolong.eval.job import run_eval_stage
 from prolong.jobfile import job_stage
+from prolong.run.summary import StageOutcome, print_summary
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, final_problems, read_metrics
@@ -40,7 +41,6 @@ from prolong.stage.payload import StageFileError, StageRun, read_stage_file, sta
 from prolong.stage.uri import absolute
 from prolong.train.chaos import ChaosSpecError, chaos_drill
 from prolong.train.entry import build_trainer
-from prolong.train.summary import StageOutcome, print_summary
 from prolong.versions import summary as versions_summary
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from prolong.run.report import StageRow
+from prolong.run.summary import StageOutcome, summary_table
 from prolong.stage.identity import StageRef
-from prolong.train.report import StageRow
-from prolong.train.summary import StageOutcome, summary_table
 
 
 def test_summary_fits_80_columns_with_the_quickstarts_longest_stage_names():

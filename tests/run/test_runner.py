@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prolong.run.runner import RunError, out_of_date, run_file
 from prolong.specfile import load
 from prolong.stage.directory import Manifest, StageDir
 from prolong.stage.identity import pipeline_stages, standalone_stage
 from prolong.stage.lock import LOCK_FILE, StageLock
-from prolong.train.runner import RunError, out_of_date, run_file
 from tests.conftest import JOBS, job_dict
 
 

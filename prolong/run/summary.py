@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 from prolong.eval.report import REPORT, SCORES_PNG
+from prolong.run.report import StageRow, eval_score_rows, stage_row
 from prolong.stage.directory import StageDir
 from prolong.stage.identity import StageRef
 from prolong.stage.logs import LOGS_DIR
-from prolong.train.report import StageRow, eval_score_rows, fmt, stage_row
+from prolong.train.report import fmt
 
 
 @dataclass(frozen=True)
