@@ -111,7 +111,7 @@ PINNED_STANDALONE_IDS = {
     "prolong-8b/stage2-512k.yaml": "6c67c7e2",
     "prolong-8b/sft.yaml": "a9d1ede2",
     "prolong-8b/eval.yaml": "78f044bf",
-    "quickstart/base.yaml": "0ffa5a8f",
+    "quickstart/base.yaml": "9fa74b20",
     "quickstart/stage1.yaml": "007f1d45",
     "quickstart/stage2.yaml": "01ab7181",
     "quickstart/sft.yaml": "4679d415",
