@@ -22,6 +22,7 @@ import contextlib
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -38,7 +39,7 @@ from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.lock import LOCK_FILE, StageLock, StageLocked
 from prolong.stage.logs import logs_dir
 from prolong.stage.payload import StageFileError, StageRun, read_stage_file, stage_file_beside
-from prolong.stage.uri import absolute
+from prolong.stage.uri import absolute, is_object_store
 from prolong.train.chaos import ChaosSpecError, chaos_drill
 from prolong.train.entry import build_trainer
 from prolong.versions import summary as versions_summary
@@ -241,11 +242,24 @@ def _prepare(path: str | Path, progress: bool) -> None:
     prepare_file(str(path), progress=progress)
 
 
+def worker_job(job: Job) -> dict[str, Any]:
+    """The job as its workers receive it (by alias, JSON): a ``model.source`` that is a local
+    directory here travels absolute, because workers run in another directory (the quickstart's
+    stage 1 names its base as ./jobs/quickstart/base/final). The stage's id was computed here,
+    from the spec as written."""
+    data = job.model_dump(mode="json", by_alias=True)
+    model = data["spec"].get("model") or {}
+    source = model.get("source")
+    if source and not is_object_store(source) and Path(source).is_dir():
+        model["source"] = absolute(source)
+    return data
+
+
 def stage_run(job: Job, ref: StageRef, loaded: Loaded, upstream_dir: str | None) -> StageRun:
     """What the workers of one stage receive (every path absolute)."""
     shards = {domain: absolute(str(d)) for domain, d in shard_dirs(job, loaded).items()}
     ref = ref.with_storage_root(absolute(ref.storage_root))
-    return StageRun(job=job.model_dump(mode="json", by_alias=True), stage=ref.to_json(),
+    return StageRun(job=worker_job(job), stage=ref.to_json(),
                     upstream_dir=absolute(upstream_dir) if upstream_dir else None,
                     shard_dirs=shards, tokenizer_dir=absolute(tokenizer_ref(job, loaded).location))
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prolong.run.runner import RunError, out_of_date, run_file
+from prolong.run.runner import RunError, out_of_date, run_file, worker_job
 from prolong.specfile import load
 from prolong.stage.directory import Manifest, StageDir
 from prolong.stage.identity import pipeline_stages, standalone_stage
@@ -95,3 +95,15 @@ def test_supersede_keeps_the_replaced_outputs_and_the_lock(tmp_path):
     assert sorted(p.name for p in aside.iterdir()) == ["final", "results.json"]
     assert [p.name for p in (tmp_path / "stage").iterdir()] == [LOCK_FILE]
     assert not stage.is_complete() and stage.completed_at() is None
+
+
+def test_workers_get_a_local_model_source_as_an_absolute_path(monkeypatch, tmp_path):
+    """Workers run in another directory: stage 1's ./jobs/quickstart/base/final must reach them
+    absolute, or they look for it where they run (and refuse to download it)."""
+    job = load(JOBS / "quickstart/stage1.yaml").document
+    monkeypatch.chdir(JOBS.parent)
+    sent = worker_job(job)["spec"]["model"]["source"]
+    assert sent == str((JOBS / "quickstart/base/final").resolve())
+    assert job.spec.model.source == "./jobs/quickstart/base/final"  # the spec keeps its words
+    monkeypatch.chdir(tmp_path)  # not a directory from here: left as written (a hub id, say)
+    assert worker_job(job)["spec"]["model"]["source"] == "./jobs/quickstart/base/final"
