@@ -53,6 +53,7 @@ def stage_spec(tmp: Path, data: Path, *, steps: int, every: int, sp: int, seq: i
     spec["sequenceLength"] = seq
     spec["globalBatchTokens"] = seq * 2
     spec["steps"] = steps
+    spec["schedule"] = {**spec["schedule"], "warmupSteps": None, "warmupRatio": 0.1}
     spec["checkpoint"] = {"everySteps": every, "keep": 2}
     spec["parallelism"]["sequenceParallel"] = sp
     spec["cluster"]["maxFailures"] = max_failures
