@@ -58,7 +58,7 @@ def shortened(tmp: Path, data_dir: Path | None = None) -> Path:
                                    if p.name not in ("pipeline.yaml", "base.yaml"))
     # The main line only: the branch without the long stage (sft-from-stage1, eval-from-stage1)
     # would be two more Ray launches; what it adds is tested on its own (out_of_date in
-    # tests/train/test_runner.py, the shared score table in tests/train/test_report.py).
+    # tests/run/test_runner.py, the shared score table in tests/run/test_report.py).
     pipeline = yaml.safe_load((out / "pipeline.yaml").read_text())
     pipeline["spec"]["stages"] = [s for s in pipeline["spec"]["stages"] if s["name"] in MAIN_LINE]
     (out / "pipeline.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from prolong.run.runner import run_file
 from prolong.train.chaos import CHAOS_ENV, read_kills
 from prolong.train.checkpoints import checkpoint_problems, step_of
-from prolong.train.runner import run_file
 from tests.train.test_ray_run import _final_weights, _losses_by_step, only_stage, stage_spec
 
 # Each kill costs a worker-group restart (Ray Train notices the death, stops the group, starts

@@ -65,8 +65,8 @@ def test_final_published_onto_a_full_disk_is_whole_or_absent(tmp_path):
 def test_a_stage_on_a_filling_disk_stops_in_one_line_then_resumes(tmp_path_factory):
     import ray
 
+    from prolong.run.runner import RunError, run_file
     from prolong.train.checkpoints import checkpoint_problems
-    from prolong.train.runner import RunError, run_file
     from tests.train.test_ray_run import _final_weights, _losses_by_step, only_stage, stage_spec
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
