@@ -48,16 +48,6 @@ def worker_threads(cluster: ClusterSpec) -> int:
     return max(1, int(cpus) - SPARE_CPUS_PER_GPU_WORKER)
 
 
-def usable_threads(wanted: int, local_workers: int, available: int | None = None) -> int:
-    """``wanted`` threads, at most this process's share of the cores it may run on (a GPU box
-    with fewer cores than the spec's pods, e.g. a workstation): oversubscribed OpenMP threads
-    spin against each other."""
-    if available is None:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-    return max(1, min(wanted, available // max(1, local_workers)))
-
-
 def worker_env(gpu: bool, *, console_logs: bool = False, memory: MemorySpec | None = None,
                threads: int = 1) -> dict[str, str]:
     """Environment of the training workers: ``threads`` OpenMP / MKL threads

@@ -81,7 +81,6 @@ from prolong.train.checkpoints import (
     write_digests,
 )
 from prolong.train.engine import Engine, build_engine
-from prolong.train.entry import usable_threads
 from prolong.train.faults import maybe_fault
 from prolong.train.metrics import (
     RayGauges,
@@ -105,6 +104,7 @@ from prolong.train.reshape import (
     load_tag,
     load_universal,
 )
+from prolong.train.threads import usable_threads
 from prolong.versions import versions
 
 

@@ -8,7 +8,8 @@ from prolong.spec import ClusterSpec
 from prolong.specfile import load
 from prolong.stage.identity import pipeline_stages
 from prolong.stage.payload import StageRun
-from prolong.train.entry import build_trainer, usable_threads, worker_threads
+from prolong.train.entry import build_trainer, worker_threads
+from prolong.train.threads import usable_threads
 from tests.conftest import JOBS
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
