@@ -33,6 +33,7 @@ from prolong.k8s.backend import (
     submission,
 )
 from prolong.k8s.kube_backend import default_namespace, dry_run_offline
+from prolong.k8s.mounts import check_mounts
 from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
 from prolong.k8s.staged import check_submission
@@ -66,6 +67,8 @@ def validate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every issue, not just the first."),
 ) -> None:
     """Check spec files: structure, recipe rules, and (for pipelines) the stages they reference.
+    A stage that names a volume (storage.volumeClaim, cluster.kubernetes.volumes) runs on
+    Kubernetes: every local path it reads must lie under a volume its pods mount.
 
     Prints one line per file and exits 2 if any file is invalid.
 
@@ -79,6 +82,8 @@ def validate(
     for path in files:
         try:
             loaded = load(path)
+            # A stage that names a volume runs on Kubernetes: its pods must see what it reads.
+            check_mounts(loaded, declared_only=True)
         except SpecError as exc:
             failed += 1
             err.print(exc.one_line() if not verbose else str(exc), markup=False)
@@ -143,8 +148,9 @@ def render(
     file: Path = FILE_ARG,
     namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace to put on the objects."),
 ) -> None:
-    """Print the Kubernetes objects for a spec as YAML: a ConfigMap and a KubeRay RayJob for a job,
-    the ProLongPipeline custom resource (stages inline) for a pipeline.
+    """Print the Kubernetes objects for a spec as YAML: for a job its ConfigMap, its preparation
+    Job (CPU only: model staging and data preparation, completed before the RayJob is created)
+    and its KubeRay RayJob; the ProLongPipeline custom resource (stages inline) for a pipeline.
 
     [bold]Examples[/bold]
 
@@ -155,7 +161,8 @@ def render(
 
     with user_errors():
         loaded = load(file)
-    out.print(dump_all(render_objects(loaded, namespace=namespace)), markup=False, end="")
+    out.print(dump_all(render_objects(loaded, namespace=namespace, preparation=True)),
+              markup=False, end="")
 
 
 PIPELINE_OPT = typer.Option(None, "--pipeline", help="For a job file: the pipeline file whose stage "
@@ -175,6 +182,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show the workers' and Ray's log lines on the console too "
                                       "(they always go to each stage's logs/)."),
+    require_prepared: bool = typer.Option(
+        False, "--require-prepared", help="Refuse (one line) a stage whose model is not staged "
+        "or whose data is not prepared, instead of preparing it here (a RayJob's head: the "
+        "stage's preparation Job did that before the GPUs were asked for)."),
 ) -> None:
     """Run a job, or a pipeline stage after stage, on Ray Train: prepares the data, trains, and
     writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/, logs/,
@@ -189,7 +200,7 @@ def run(
 
       prolongctl run jobs/quickstart/pipeline.yaml --until sft
 
-      prolongctl run /etc/prolong/job.yaml --ray-address auto
+      prolongctl run /etc/prolong/job.yaml --ray-address auto --require-prepared
     """
     # The engine loads torch, transformers and the data pipeline: only `run` pays for them.
     from prolong.train.runner import RunError, run_file
@@ -197,7 +208,7 @@ def run(
     with user_errors():
         try:
             run_file(file, ray_address=ray_address, progress=not no_progress, until=until,
-                     verbose=verbose, pipeline_file=pipeline)
+                     verbose=verbose, pipeline_file=pipeline, require_prepared=require_prepared)
         except RunError as exc:
             err.print(f"prolongctl run: {exc}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None
@@ -340,7 +351,10 @@ def submit(
       prolongctl submit jobs/prolong-8b/stage1-64k.yaml --ray-address http://localhost:8265 --ray-token-secret ml/prolong-ray
     """
     with cluster_errors():
-        what = submission(load(file), pipeline)
+        loaded = load(file)
+        if not ray_address:  # the pods must see every path the stages read
+            check_mounts(loaded)
+        what = submission(loaded, pipeline)
         # Before the cluster is asked anything: a stage whose staged model is missing would be
         # found by its workers only after every GPU was provisioned (prolong.k8s.staged).
         check_submission(what, err, with_upstream=with_upstream)
