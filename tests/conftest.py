@@ -86,3 +86,21 @@ def serve_kuberay_crd(kmock: Any, tag: str | None = "v1.7.0", priority: float = 
                                     '"rayjobs.ray.io" not found'}
     else:
         route << crd(tag)
+def on_volume(job: dict[str, Any], root: Path, claim: str = "prolong-runs") -> dict[str, Any]:
+    """``job`` (a job file's dict) with its storage on a claim mounted at ``root``, as a stage
+    submitted to Kubernetes needs (prolong.k8s.mounts: a relative ./runs is in no pod's
+    volume). ``root`` is also a directory of this machine, where the tests write markers."""
+    job["spec"]["storage"] = {"root": str(root), "volumeClaim": claim}
+    return job
+
+
+def quickstart_on_volume(dest: Path, root: Path) -> Path:
+    """A copy of jobs/quickstart in ``dest`` whose stages keep their outputs on a claim mounted
+    at ``root`` (:func:`on_volume`); returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in (JOBS / "quickstart").glob("*.yaml"):
+        doc = yaml.safe_load(src.read_text())
+        if doc.get("kind") != "ProLongPipeline":
+            on_volume(doc, root)
+        (dest / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
