@@ -373,6 +373,52 @@ def submit(
         raise typer.Exit(EXIT_FAILED)
 
 
+DOCTOR_FILES_ARG = typer.Argument(None, show_default=False,
+                                  help="The spec files you will submit (their claims, Secrets, "
+                                       "queues and images are checked).")
+
+
+@app.command()
+def doctor(
+    files: list[Path] = DOCTOR_FILES_ARG,
+    namespace: str = NAMESPACE_OPT,
+    operator_namespace: str = typer.Option(None, "--operator-namespace",
+                                           help="Where the chart installed the operator "
+                                                "(default: --namespace)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Do not start the Pod that checks "
+                                  "a written claim is writable by the pods' user."),
+    probe_timeout: float = typer.Option(120.0, "--probe-timeout", min=1,
+                                        help="Seconds to wait for that Pod."),
+) -> None:
+    """Check a cluster before the first submit, one line per check: KubeRay's RayJob CRD (>= 1.6),
+    the operator running and watching the namespace, each claim the stages mount (Bound, its
+    access mode, writable by the pods' user), the Secrets and Kueue LocalQueues the specs name,
+    and that each stage names its image. Exits 2 when any check fails.
+
+    [bold]Examples[/bold]
+
+      prolongctl doctor jobs/prolong-8b/pipeline.yaml -n ml
+
+      prolongctl doctor -n ml --operator-namespace prolong-system
+    """
+    # Imported here: the kubernetes client is heavy and only this command and submit need it.
+    from prolong.k8s.doctor import run_checks
+    from prolong.k8s.kube_backend import kube_client
+
+    with cluster_errors():
+        jobs = [job for path in files or [] for job in load(path).jobs.values()]
+        ns = namespace or default_namespace()
+        checks = run_checks(kube_client(), ns, jobs, operator_namespace=operator_namespace,
+                            probe=not no_probe, probe_timeout=probe_timeout)
+    for check in checks:
+        out.print(check.line(), markup=False)
+    failed = [c for c in checks if not c.ok]
+    out.print(f"{len(checks) - len(failed)} of {len(checks)} checks passed in namespace {ns}",
+              markup=False)
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
 @app.command()
 def status(name: str = NAME_ARG, namespace: str = NAMESPACE_OPT,
            ray_address: str = RAY_ADDRESS_OPT, ray_token: str = RAY_TOKEN_OPT,
