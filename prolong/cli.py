@@ -547,6 +547,10 @@ def _print_stage(p: planning.StagePlan) -> None:
     if p.gpu_hours is not None:
         wall = p.gpu_hours / max(1, p.gpus)
         out.print(f"  GPU-hours {p.gpu_hours:,.0f} (about {wall:,.1f} h on {p.gpus} GPUs)")
+    if p.at_risk_gpu_hours is not None:
+        out.print(f"  checkpoints about every {p.checkpoint_hours * 60:,.0f} min: up to "
+                  f"{p.at_risk_gpu_hours:,.0f} GPU-hours at risk per interruption "
+                  "(checkpoint.everySteps / everyMinutes)")
     for note in p.notes:
         out.print(f"  [dim]note: {note}[/dim]")
 

@@ -364,6 +364,11 @@ class CheckpointSpec(SpecModel):
     always saved."""
     keep: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
+    every_minutes: float | None = Field(None, gt=0)
+    """Also save at the first step that ends at least this many minutes after the last save
+    (rank 0's clock, broadcast so every rank saves at the same step). Bounds the work one
+    interruption loses when steps are long: ProLong's 512K stage runs about 5 min a step, so
+    everySteps 125 alone is about 10 h of 64 GPUs. Scheduling only: the stage id ignores it."""
 
 
 class StorageSpec(SpecModel):
