@@ -186,13 +186,17 @@ async def test_a_lost_status_patch_still_posts_its_events_once(cluster: Cluster)
 
 
 @pytest.mark.asyncio
-async def test_a_status_conflict_is_planned_again_from_fresh_state(cluster: Cluster) -> None:
+async def test_a_status_conflict_is_planned_again_from_fresh_state(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two operators overlap (a rolling update): while the first one's status patch is on its
     way, the second sees stage 1 succeed, starts stage 2 and writes that. The first one's patch,
     planned from the older state, must not overwrite it: its resourceVersion is stale (409), so
     it reads again and plans again."""
     cr = pipeline_cr()
     name = cr["metadata"]["name"]
+    # The first one's status patch waits while the other reconciles (six calls): its client
+    # must not time out meanwhile, or the race is not the one staged here.
+    monkeypatch.setenv("PROLONG_API_TIMEOUT_SECONDS", "10")
     first, other = load_handlers(), load_handlers()  # two processes: two sets of locks
     api = first.kube_client()
     await cluster.create_pipeline(cr)

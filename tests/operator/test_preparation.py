@@ -54,6 +54,8 @@ async def test_the_rayjob_is_created_only_once_the_preparation_completed(cluster
         await cluster.set_job(prep, "Complete")
         await cluster.wait_rayjob(rayjob_for(cr, "stage1"))
         status = await cluster.wait_status(name, lambda s: phases(s)[:1] == ["Submitted"])
+        await cluster.wait("the StageSubmitted event", lambda: "StageSubmitted" in
+                           [r for _, r, _ in cluster.events()])
     assert creates(cluster) == [("jobs", prep), ("rayjobs", rayjob_for(cr, "stage1"))]
     reasons = [r for _, r, _ in cluster.events()]
     assert reasons.index("StagePreparing") < reasons.index("StageSubmitted")
