@@ -104,3 +104,25 @@ def quickstart_on_volume(dest: Path, root: Path) -> Path:
             on_volume(doc, root)
         (dest / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
     return dest
+
+
+CHART_REQUIRED: dict[str, Any] = {
+    "operator": {"image": {"repository": "registry.example.com/ml/prolong-operator"}},
+    "rayCluster": {"image": {"repository": "registry.example.com/ml/prolong-train"}},
+    "storage": {"storageClassName": "efs-sc"},
+}
+"""What the chart makes every install name: its images (none is published under a default
+name) and, for the claim it creates, a ReadWriteMany StorageClass."""
+
+
+def chart_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over :data:`CHART_REQUIRED` (a deep merge: ``values`` wins)."""
+    def merge(base: Any, over: Any) -> Any:
+        if not isinstance(base, dict) or not isinstance(over, dict):
+            return copy.deepcopy(over)
+        out = copy.deepcopy(base)
+        for key, value in over.items():
+            out[key] = merge(out.get(key), value) if key in out else copy.deepcopy(value)
+        return out
+
+    return merge(CHART_REQUIRED, values)

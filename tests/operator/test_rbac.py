@@ -35,6 +35,7 @@ import pytest
 import yaml
 from kubernetes.client import BatchV1Api, CoreV1Api, CustomObjectsApi
 
+from tests.conftest import chart_values
 from tests.operator.conftest import (
     HANDLERS,
     NAMESPACE,
@@ -227,7 +228,7 @@ async def a_pipeline_life(cluster: Cluster) -> None:
 
 def rendered(values: dict[str, Any]) -> tuple[set[Grant], list[dict[str, Any]]]:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(chart_values(values), name="prolong", namespace=NAMESPACE, is_install=True)
     objs = [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o]
     (role,) = [o for o in objs if o["kind"] in ("Role", "ClusterRole")
