@@ -126,8 +126,17 @@ NETWORK_RESOURCES: dict[str, dict[str, int]] = {
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "tcp": {},
     "infiniband": {"NCCL_IB_DISABLE": "0"},
-    "efa": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"},
+    # NCCL_NET_PLUGIN in the container env, not in /etc/profile.d: KubeRay >= 1.4 starts Ray
+    # with `/bin/bash -c` (utils.GetContainerCommand: `-l` only with ENABLE_LOGIN_SHELL on the
+    # operator), which reads no profile. The plugin's directory is on the image's
+    # LD_LIBRARY_PATH (images/train/Dockerfile); without this variable NCCL never loads it.
+    "efa": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_NET_PLUGIN": "ofi"},
 }
+FABRIC_CHECK = ["python", "-m", "prolong.k8s.fabric"]
+"""The GPU workers' container command: KubeRay runs it before ``ray start`` as ``<command> &&
+ulimit ...; ray start ...`` under ``/bin/bash -c`` (ray-operator/controllers/ray/common/pod.go,
+BuildPod), so the check that says which network NCCL took runs in every GPU pod, and with
+PROLONG_FABRIC_STRICT=1 a wrong fabric stops the pod before Ray starts."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -385,6 +394,8 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     worker = _container(WORKER_CONTAINER, image, worker_res, env, [worker_shm_mount, *storage_mounts],
                         [{"name": "metrics", "containerPort": RAY_METRICS_PORT}], env_from,
                         ["IPC_LOCK"] if rdma else [])
+    if cluster.device == "gpu":
+        worker["command"] = list(FABRIC_CHECK)
     worker_pod = _pod_spec(worker, [worker_shm_vol, *storage_volumes], cluster, workers=True)
 
     group = "gpu-workers" if cluster.device == "gpu" else "cpu-workers"
