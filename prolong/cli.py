@@ -32,7 +32,8 @@ from prolong.k8s.backend import (
     resolve_name,
     submission,
 )
-from prolong.k8s.kube_backend import default_namespace, dry_run_offline
+from prolong.k8s.doctor import run_checks
+from prolong.k8s.kube_backend import default_namespace, dry_run_offline, kube_client
 from prolong.k8s.mounts import check_mounts
 from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
@@ -401,10 +402,6 @@ def doctor(
 
       prolongctl doctor -n ml --operator-namespace prolong-system
     """
-    # Imported here: the kubernetes client is heavy and only this command and submit need it.
-    from prolong.k8s.doctor import run_checks
-    from prolong.k8s.kube_backend import kube_client
-
     with cluster_errors():
         jobs = [job for path in files or [] for job in load(path).jobs.values()]
         ns = namespace or default_namespace()

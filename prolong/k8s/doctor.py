@@ -102,6 +102,7 @@ class Doctor:
     def __init__(self, api: Any, namespace: str, jobs: list[Job], *,
                  operator_namespace: str | None = None, probe: bool = True,
                  probe_timeout: float = 120.0, poll: float = 2.0) -> None:
+        # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
         from kubernetes.client import AppsV1Api, CoreV1Api, CustomObjectsApi
 
         self.api, self.namespace, self.jobs = api, namespace, jobs
@@ -232,6 +233,7 @@ class Doctor:
 
     # -- plumbing
     def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        # Imported here: kubernetes (and its urllib3) is heavy; see __init__.
         from kubernetes.client import ApiException
         from urllib3.exceptions import HTTPError
 

@@ -26,7 +26,7 @@ from prolong.stage.identity import StageRef
 from prolong.stage.names import fit_name
 
 PREPARE_SUFFIX = "-prep"
-JOB_NAME_MAX = 63
+PREPARATION_NAME_MAX = 63
 """A Job's name becomes the ``job-name`` label of its pods: at most 63 characters."""
 ROLE_LABEL = "prolong.dev/role"
 """``preparation`` on the Job and its pod (the RayJob's pods have none)."""
@@ -42,7 +42,7 @@ filesystem layer, and rendering must not)."""
 def preparation_name(rayjob: str) -> str:
     """The Job of the stage whose first RayJob is named ``rayjob`` (one per stage id: retries
     of the stage reuse its preparation)."""
-    return fit_name(rayjob + PREPARE_SUFFIX, JOB_NAME_MAX)
+    return fit_name(rayjob + PREPARE_SUFFIX, PREPARATION_NAME_MAX)
 
 
 def stages_model(job: Job) -> bool:
