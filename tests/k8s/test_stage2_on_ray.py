@@ -19,6 +19,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def run_preparation(prep: dict[str, Any], etc: Path, spec_mount: str) -> None:
     for container in [*pod.get("initContainers", []), *pod["containers"]]:
         command = [arg.replace(spec_mount, str(etc)) for arg in container["command"]]
         env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+        # The image's PATH starts with its venv (images/train/Dockerfile); here this one's.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{container['name']}: {done.stderr[-3000:]}"
 
