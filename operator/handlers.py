@@ -461,11 +461,15 @@ def create_preparation(api: ApiClient, body: dict[str, Any], pipeline: ProLongPi
     namespace = body["metadata"]["namespace"]
     refs = {r.stage: r for r in pipeline_stages(pipeline, jobs)}
     first = rayjob_name(jobs[stage].metadata.name, refs[stage].id)
-    create_stage(api, body, pipeline, jobs, PlannedRayJob(stage, refs[stage].id, first, 1),
-                 configmap_only=True)
+    run = PlannedRayJob(stage, refs[stage].id, first, 1)
+    create_stage(api, body, pipeline, jobs, run, configmap_only=True)
     job = stage_preparation(pipeline, jobs, stage, namespace=namespace, managed_by=MANAGED_BY)
     job["metadata"]["ownerReferences"] = [owner_reference(body)]
-    _exists_already(BatchV1Api(api).create_namespaced_job, namespace, job)
+    try:
+        _exists_already(BatchV1Api(api).create_namespaced_job, namespace, job)
+    except Refused as exc:  # Pod Security, a quota: the stage shows it, as for a RayJob
+        raise CreateRefused(run, body, f"its preparation Job {job['metadata']['name']}: "
+                                       f"{exc}") from None
 
 
 def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
@@ -490,14 +494,15 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     except CrdUnreadable as exc:  # no RBAC for it: the strict create still refuses an unknown
         logging.getLogger(__name__).warning("KubeRay's version not checked: %s", exc)
     try:
-        _create_stage_objects(api, run, namespace, configmap, rayjob, owner)
+        _create_stage_objects(api, run, namespace, configmap, rayjob, owner,
+                              configmap_only=configmap_only)
     except Refused as exc:
         raise CreateRefused(run, body, str(exc)) from None
 
 
 def _create_stage_objects(api: ApiClient, run: PlannedRayJob, namespace: str,
                           configmap: dict[str, Any], rayjob: dict[str, Any],
-                          owner: dict[str, Any]) -> None:
+                          owner: dict[str, Any], *, configmap_only: bool = False) -> None:
     core, custom = CoreV1Api(api), CustomObjectsApi(api)
     ray = (RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL)
     if _exists_already(core.create_namespaced_config_map, namespace, configmap):

@@ -167,7 +167,8 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
             prep = (preparations or {}).get(ref.stage)
             next_name = attempt_rayjob_name(first, latest.attempt + 1 if latest else 1)
             if st is None and (latest is None or retry) and prep is not None and \
-                    prep.outcome != "succeeded" and not (taken and next_name in taken):
+                    prep.outcome != "succeeded" and \
+                    not ((taken or {}).get(next_name) or (refused or {}).get(next_name)):
                 if prep.outcome == "failed":
                     failure = (f"stage {ref.stage} preparation Job {prep.name} failed: "
                                f"{prep.reason}; no RayJob created (fix the input, then delete "
