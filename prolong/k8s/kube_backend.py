@@ -335,7 +335,7 @@ def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool 
     # Without a preparation: the RayJob first, then its ConfigMap with the RayJob as owner from
     # birth (no ConfigMap is ever left behind by a refused RayJob; the head pod waits for the
     # ConfigMap to mount, a moment later). With one: the ConfigMap first (the preparation Job
-    # mounts it), the Job to completion, and only then the RayJob, which both go with.
+    # mounts it), the Job to completion, and only then the RayJob.
     if prep is not None:  # the GPUs are asked for only once the data and model are ready
         kube.create(configmap)
         prepare_first(kube, prep, console)
@@ -346,8 +346,8 @@ def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool 
         return Submitted("RayJob", ns, name, False, state)
     if prep is None:
         create_owned_configmap(kube, configmap, created)
-    else:  # the ConfigMap and the preparation Job go with their RayJob (garbage collection)
-        own_preparation(kube, configmap, prep, created)
+    # With a preparation, its ConfigMap and Job were created before the RayJob, so they have no
+    # owner (no patch is needed or granted): `prolongctl delete` removes them by their labels.
     console.print(f"created ConfigMap {ns}/{configmap['metadata']['name']} and RayJob {ns}/{name} "
                   f"(stage {labels[STAGE_LABEL]}, id {labels[STAGE_ID_LABEL]})", markup=False)
     return Submitted("RayJob", ns, name, True, "submitted", objects)
@@ -372,24 +372,6 @@ def create_owned_configmap(kube: Kube, configmap: dict[str, Any], rayjob: dict[s
                   propagation_policy="Background", missing_ok=True)
         raise ClusterError(f"{exc}; RayJob {kube.namespace}/{meta['name']} deleted again, "
                            "nothing left behind") from None
-
-
-def own_preparation(kube: Kube, configmap: dict[str, Any], prep: dict[str, Any],
-                    rayjob: dict[str, Any]) -> None:
-    """The stage's ConfigMap and preparation Job, created before ``rayjob``, now owned by it (they
-    go with it: garbage collection)."""
-    meta = rayjob.get("metadata") or {}
-    if not meta.get("uid"):  # the create's answer had no body: read the RayJob back
-        meta = (kube.get_rayjob(meta["name"]) or {}).get("metadata") or meta
-    if not meta.get("uid"):
-        return
-    owner = {"metadata": {"ownerReferences": [{
-        "apiVersion": f"{RAY_GROUP}/{RAY_VERSION}", "kind": "RayJob", "name": meta["name"],
-        "uid": meta["uid"]}]}}
-    kube.call("set the ConfigMap's owner", kube.core.patch_namespaced_config_map,
-              configmap["metadata"]["name"], kube.namespace, owner, missing_ok=True)
-    kube.call("set the preparation Job's owner", kube.batch.patch_namespaced_job,
-              prep["metadata"]["name"], kube.namespace, owner, missing_ok=True)
 
 
 class PreparationFailed(ClusterError):
@@ -888,6 +870,16 @@ def delete_k8s(kube: Kube, name: str, console: Console) -> list[str]:
                               kube.core.delete_namespaced_config_map, cm.metadata.name, ns,
                               missing_ok=True)
                     deleted.append(f"ConfigMap/{cm.metadata.name}")
+            # The stage's preparation Job (created before its RayJob: no owner), its pod with it.
+            jobs = kube.call("list Jobs", kube.batch.list_namespaced_job, ns,
+                             label_selector=selector, missing_ok=True)
+            for job in (jobs.items if jobs is not None else []):
+                job_labels = job.metadata.labels or {}
+                if all(job_labels.get(k) == v for k, v in want.items()):
+                    kube.call(f"delete Job {job.metadata.name}", kube.batch.delete_namespaced_job,
+                              job.metadata.name, ns, propagation_policy="Background",
+                              missing_ok=True)
+                    deleted.append(f"Job/{job.metadata.name}")
     console.print(f"deleted in {ns}: {', '.join(deleted)}", markup=False)
     return deleted
 

@@ -195,7 +195,7 @@ def test_grafana_dashboard(rendered):
     assert f"The dashboard's ConfigMap is in namespace {cm['metadata']['namespace']}." in notes
     assert "searchNamespace" in notes and "monitoring.grafanaDashboard.namespace" in notes
     with helm.Chart.load(CHART) as chart:
-        moved = chart.render({"monitoring": {"grafanaDashboard": {"namespace": "monitoring"}}},
+        moved = chart.render(chart_values({"monitoring": {"grafanaDashboard": {"namespace": "monitoring"}}}),
                              name="prolong", namespace=NAMESPACE, is_install=True)
     assert "The dashboard's ConfigMap is in namespace monitoring." in \
         moved["prolong/templates/NOTES.txt"]

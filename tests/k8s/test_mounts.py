@@ -21,12 +21,18 @@ runner = CliRunner()
 PROLONG_8B = JOBS / "prolong-8b"
 
 
+def _ray_container_only(pod: dict) -> dict:
+    """A Ray pod with its Ray container alone (KubeRay's: the first; a sidecar such as HTTPMode's
+    driver-log follower reads nothing of the stage's)."""
+    return {**pod, "containers": pod["containers"][:1]}
+
+
 def _pods(objs: list[dict]) -> dict[str, dict]:
     """Pod spec of the head, the workers and the preparation Job of a rendered stage."""
     _, rayjob, prep = objs
     cluster = rayjob["spec"]["rayClusterSpec"]
-    pods = {"head": cluster["headGroupSpec"]["template"]["spec"],
-            "workers": cluster["workerGroupSpecs"][0]["template"]["spec"]}
+    pods = {"head": _ray_container_only(cluster["headGroupSpec"]["template"]["spec"]),
+            "workers": _ray_container_only(cluster["workerGroupSpecs"][0]["template"]["spec"])}
     if prep is not None:
         pods["preparation"] = prep["spec"]["template"]["spec"]
     return pods

@@ -29,7 +29,6 @@ from prolong.k8s.submit import open_backend
 from prolong.specfile import dump_yaml, load
 from prolong.stage.identity import pipeline_stages
 from tests.conftest import (
-    JOBS,
     KUBERAY_CRD_PATH,
     job_dict,
     on_volume,
@@ -322,7 +321,7 @@ async def test_open_backend_picks_kubernetes_in_the_context_namespace(api: Api) 
 async def test_submit_refuses_a_kuberay_that_would_drop_fields(api: Api, tmp_path: Path, tag,
                                                               missing) -> None:
     serve_kuberay_crd(api.kmock, tag, priority=1)
-    for path in (stage_file(tmp_path), JOBS / "quickstart" / "pipeline.yaml"):
+    for path in (stage_file(tmp_path), quickstart(tmp_path) / "pipeline.yaml"):
         result = await cli("submit", str(path))
         assert result.exit_code == 2, result.output
         line = result.stderr.strip()
