@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED = 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE = 1
 
-.PHONY: setup test quickstart quickstart-base lint bench clean
+.PHONY: setup test quickstart quickstart-base lint bench clean images
 
 setup: $(STAMP)
 
@@ -82,6 +82,18 @@ bench: setup
 	$(BIN)/python -m pytest -q -m bench tests/bench
 	# The chaos drills: 20 SIGKILLed workers in one stage, storage faults (tests marked chaos).
 	$(BIN)/python -m pytest -q -s -m chaos tests
+
+# Both images, tagged <REGISTRY>/prolong-train:<version> and <REGISTRY>/prolong-operator:<version>
+# (the version is pyproject's, the chart's appVersion): nothing is published under a default
+# name, so the chart and every job file name what this builds. Push them yourself
+# (docker push ...), then helm install with operator.image.repository=<REGISTRY>/prolong-operator
+# and set spec.cluster.image in the job files. DOCKER=podman works too.
+DOCKER  ?= docker
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+images:
+	@test -n "$(REGISTRY)" || { echo "make images REGISTRY=<registry>/<path>: where the images will be pushed" >&2; exit 2; }
+	$(DOCKER) build -f images/train/Dockerfile -t $(REGISTRY)/prolong-train:$(VERSION) .
+	$(DOCKER) build -f images/operator/Dockerfile -t $(REGISTRY)/prolong-operator:$(VERSION) .
 
 clean:
 	rm -rf runs .pytest_cache

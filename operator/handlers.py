@@ -50,7 +50,7 @@ from typing import Any
 
 import kopf
 import urllib3
-from kubernetes.client import ApiClient, ApiException, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, ApiException, BatchV1Api, CoreV1Api, CustomObjectsApi
 from pydantic import ValidationError
 
 from prolong.k8s.client import RetryPolicy, kube_client
@@ -63,7 +63,15 @@ from prolong.k8s.kuberay_version import (
     check_crd,
     read_rayjob_crd,
 )
-from prolong.k8s.rayjob import RAY_GROUP, RAY_PLURAL, RAY_VERSION, render_stage
+from prolong.k8s.preparation import ROLE as PREPARATION_ROLE
+from prolong.k8s.preparation import ROLE_LABEL, job_outcome, needs_preparation, preparation_name
+from prolong.k8s.rayjob import (
+    RAY_GROUP,
+    RAY_PLURAL,
+    RAY_VERSION,
+    render_stage,
+    stage_preparation,
+)
 from prolong.reconcile.claim import adoption_patch, claim, controlled_by_another
 from prolong.reconcile.events import PipelineEvent, invalid_spec_event, transition_events
 from prolong.reconcile.observe import (
@@ -72,13 +80,19 @@ from prolong.reconcile.observe import (
     observe_rayjob,
     pod_failure,
 )
-from prolong.reconcile.planner import Plan, PlannedRayJob, invalid_spec_status, plan_pipeline
+from prolong.reconcile.planner import (
+    Plan,
+    PlannedRayJob,
+    Preparation,
+    invalid_spec_status,
+    plan_pipeline,
+)
 from prolong.reconcile.status import PipelineStatus
 from prolong.spec import API_VERSION, Job, ProLongPipeline, SpecError
 from prolong.specfile import pipeline_from_resource
 from prolong.stage.directory import stage_complete
 from prolong.stage.identity import pipeline_stages
-from prolong.stage.names import ATTEMPT_LABEL, PIPELINE_LABEL, STAGE_ID_LABEL
+from prolong.stage.names import ATTEMPT_LABEL, PIPELINE_LABEL, STAGE_ID_LABEL, rayjob_name
 
 MANAGED_BY = "prolong-operator"
 RESYNC_SECONDS = float(os.environ.get("PROLONG_RESYNC_SECONDS", "60"))
@@ -145,6 +159,15 @@ def resync(name: str, namespace: str, memo: kopf.Memo, logger: logging.Logger, *
                labels={"app.kubernetes.io/managed-by": MANAGED_BY, PIPELINE_LABEL: kopf.PRESENT})
 def rayjob_changed(labels: kopf.Labels, namespace: str, memo: kopf.Memo, logger: logging.Logger,
                    **_: Any) -> None:
+    reconcile(memo.api, namespace, labels[PIPELINE_LABEL], logger, post_event)
+
+
+@kopf.on.event("batch", "v1", "jobs",
+               labels={"app.kubernetes.io/managed-by": MANAGED_BY, PIPELINE_LABEL: kopf.PRESENT,
+                       ROLE_LABEL: PREPARATION_ROLE})
+def preparation_changed(labels: kopf.Labels, namespace: str, memo: kopf.Memo,
+                        logger: logging.Logger, **_: Any) -> None:
+    """A stage's preparation Job changed (completed: its RayJob can be created now)."""
     reconcile(memo.api, namespace, labels[PIPELINE_LABEL], logger, post_event)
 
 
@@ -306,11 +329,15 @@ def _reconcile_once(api: ApiClient, namespace: str, name: str, log: logging.Logg
     observed = [fail_on_pods(api, namespace, observe_rayjob(rj), rj, log) for rj in owned]
     plan = plan_pipeline(pipeline, jobs, observed, now=now,
                          complete=complete, previous=previous, generation=generation,
-                         taken=taken, refused=REFUSALS.holding(namespace, name, generation, now))
+                         taken=taken, refused=REFUSALS.holding(namespace, name, generation, now),
+                         preparations=stage_preparations(api, body, pipeline, jobs))
     for rayjob in plan.deletes:
         log.info("Deleting RayJob %s (its stage id is superseded)", rayjob)
         _call(CustomObjectsApi(api).delete_namespaced_custom_object,
               RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL, rayjob, ok=(404,))
+    for stage in plan.prepares:
+        log.info("Creating the preparation Job of stage %s (before its RayJob)", stage)
+        create_preparation(api, body, pipeline, jobs, stage)
     for run in plan.creates:
         log.info("Creating RayJob %s (stage %s, attempt %d)", run.name, run.stage, run.attempt)
         create_stage(api, body, pipeline, jobs, run)
@@ -406,10 +433,51 @@ def pipeline_rayjobs(api: ApiClient,
     return owned, taken
 
 
+def stage_preparations(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
+                       jobs: dict[str, Job]) -> dict[str, Preparation]:
+    """The preparation Job of every stage (of its current id) that has something to prepare,
+    as observed (absent when not created yet). One list of the pipeline's Jobs."""
+    meta = body["metadata"]
+    names = {ref.stage: preparation_name(rayjob_name(jobs[ref.stage].metadata.name, ref.id))
+             for ref in pipeline_stages(pipeline, jobs) if needs_preparation(jobs[ref.stage])}
+    if not names:
+        return {}
+    found = _call(BatchV1Api(api).list_namespaced_job, meta["namespace"],
+                  label_selector=f"{PIPELINE_LABEL}={meta['name']}")
+    items = {j["metadata"]["name"]: j for j in api.sanitize_for_serialization(found)["items"]
+             if (j["metadata"].get("labels") or {}).get(PIPELINE_LABEL) == meta["name"]}
+    out = {}
+    for stage, name in names.items():
+        outcome, reason = job_outcome(items.get(name))
+        out[stage] = Preparation(name, outcome, reason)
+    return out
+
+
+def create_preparation(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
+                       jobs: dict[str, Job], stage: str) -> None:
+    """Create the stage's ConfigMap (its RayJob uses the same one later) and its preparation
+    Job, both owned by the pipeline. A Job that exists already (a lost answer, a racing
+    reconcile) is the same stage id's: nothing to do."""
+    namespace = body["metadata"]["namespace"]
+    refs = {r.stage: r for r in pipeline_stages(pipeline, jobs)}
+    first = rayjob_name(jobs[stage].metadata.name, refs[stage].id)
+    run = PlannedRayJob(stage, refs[stage].id, first, 1)
+    create_stage(api, body, pipeline, jobs, run, configmap_only=True)
+    job = stage_preparation(pipeline, jobs, stage, namespace=namespace, managed_by=MANAGED_BY)
+    job["metadata"]["ownerReferences"] = [owner_reference(body)]
+    try:
+        _exists_already(BatchV1Api(api).create_namespaced_job, namespace, job)
+    except Refused as exc:  # Pod Security, a quota: the stage shows it, as for a RayJob
+        raise CreateRefused(run, body, f"its preparation Job {job['metadata']['name']}: "
+                                       f"{exc}") from None
+
+
 def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline,
-                 jobs: dict[str, Job], run: PlannedRayJob) -> None:
-    """Create the stage's ConfigMap (shared by its attempts: same stage id, same content) and the
-    attempt's RayJob, both owned by the pipeline. A 409 means the name exists: fine when it is
+                 jobs: dict[str, Job], run: PlannedRayJob, *, configmap_only: bool = False
+                 ) -> None:
+    """Create the stage's ConfigMap (shared by its attempts and its preparation Job: same stage
+    id, same content) and, unless ``configmap_only``, the attempt's RayJob, both owned by the
+    pipeline. A 409 means the name exists: fine when it is
     ours (a create whose response was lost, a racing reconcile), adopted when it is an orphan
     of the same run, NameTaken otherwise (:func:`prolong.reconcile.claim.claim`)."""
     namespace = body["metadata"]["namespace"]
@@ -426,14 +494,15 @@ def create_stage(api: ApiClient, body: dict[str, Any], pipeline: ProLongPipeline
     except CrdUnreadable as exc:  # no RBAC for it: the strict create still refuses an unknown
         logging.getLogger(__name__).warning("KubeRay's version not checked: %s", exc)
     try:
-        _create_stage_objects(api, run, namespace, configmap, rayjob, owner)
+        _create_stage_objects(api, run, namespace, configmap, rayjob, owner,
+                              configmap_only=configmap_only)
     except Refused as exc:
         raise CreateRefused(run, body, str(exc)) from None
 
 
 def _create_stage_objects(api: ApiClient, run: PlannedRayJob, namespace: str,
                           configmap: dict[str, Any], rayjob: dict[str, Any],
-                          owner: dict[str, Any]) -> None:
+                          owner: dict[str, Any], *, configmap_only: bool = False) -> None:
     core, custom = CoreV1Api(api), CustomObjectsApi(api)
     ray = (RAY_GROUP, RAY_VERSION, namespace, RAY_PLURAL)
     if _exists_already(core.create_namespaced_config_map, namespace, configmap):
@@ -442,6 +511,8 @@ def _create_stage_objects(api: ApiClient, run: PlannedRayJob, namespace: str,
         _settle(api, run, configmap, existing and api.sanitize_for_serialization(existing),
                 owner, lambda patch: _call(core.patch_namespaced_config_map, cm_name, namespace,
                                            patch, _content_type=MERGE_PATCH))
+    if configmap_only:
+        return
     if _exists_already(custom.create_namespaced_custom_object, *ray, rayjob):
         existing = _call(custom.get_namespaced_custom_object, *ray, run.name, ok=(404,))
         _settle(api, run, rayjob, existing, owner, lambda patch: _call(

@@ -32,7 +32,9 @@ from prolong.k8s.backend import (
     resolve_name,
     submission,
 )
-from prolong.k8s.kube_backend import default_namespace, dry_run_offline
+from prolong.k8s.doctor import run_checks
+from prolong.k8s.kube_backend import default_namespace, dry_run_offline, kube_client
+from prolong.k8s.mounts import check_mounts
 from prolong.k8s.ray_backend import TokenSecretError
 from prolong.k8s.schemas import InvalidObjects
 from prolong.k8s.staged import check_submission
@@ -66,6 +68,8 @@ def validate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="List every issue, not just the first."),
 ) -> None:
     """Check spec files: structure, recipe rules, and (for pipelines) the stages they reference.
+    A stage that names a volume (storage.volumeClaim, cluster.kubernetes.volumes) runs on
+    Kubernetes: every local path it reads must lie under a volume its pods mount.
 
     Prints one line per file and exits 2 if any file is invalid.
 
@@ -79,6 +83,8 @@ def validate(
     for path in files:
         try:
             loaded = load(path)
+            # A stage that names a volume runs on Kubernetes: its pods must see what it reads.
+            check_mounts(loaded, declared_only=True)
         except SpecError as exc:
             failed += 1
             err.print(exc.one_line() if not verbose else str(exc), markup=False)
@@ -150,8 +156,9 @@ def render(
     file: Path = FILE_ARG,
     namespace: str = typer.Option(None, "--namespace", "-n", help="Namespace to put on the objects."),
 ) -> None:
-    """Print the Kubernetes objects for a spec as YAML: a ConfigMap and a KubeRay RayJob for a job,
-    the ProLongPipeline custom resource (stages inline) for a pipeline.
+    """Print the Kubernetes objects for a spec as YAML: for a job its ConfigMap, its preparation
+    Job (CPU only: model staging and data preparation, completed before the RayJob is created)
+    and its KubeRay RayJob; the ProLongPipeline custom resource (stages inline) for a pipeline.
 
     [bold]Examples[/bold]
 
@@ -162,7 +169,8 @@ def render(
 
     with user_errors():
         loaded = load(file)
-    out.print(dump_all(render_objects(loaded, namespace=namespace)), markup=False, end="")
+    out.print(dump_all(render_objects(loaded, namespace=namespace, preparation=True)),
+              markup=False, end="")
 
 
 PIPELINE_OPT = typer.Option(None, "--pipeline", help="For a job file: the pipeline file whose stage "
@@ -182,6 +190,10 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v",
                                  help="Show the workers' and Ray's log lines on the console too "
                                       "(they always go to each stage's logs/)."),
+    require_prepared: bool = typer.Option(
+        False, "--require-prepared", help="Refuse (one line) a stage whose model is not staged "
+        "or whose data is not prepared, instead of preparing it here (a RayJob's head: the "
+        "stage's preparation Job did that before the GPUs were asked for)."),
 ) -> None:
     """Run a job, or a pipeline stage after stage, on Ray Train: prepares the data, trains, and
     writes <storage.root>/<pipeline>/<stage>-<id>/ (metrics.jsonl, checkpoints, final/, logs/,
@@ -196,7 +208,7 @@ def run(
 
       prolongctl run jobs/quickstart/pipeline.yaml --until sft
 
-      prolongctl run /etc/prolong/job.yaml --ray-address auto
+      prolongctl run /etc/prolong/job.yaml --ray-address auto --require-prepared
     """
     # The engine loads torch, transformers and the data pipeline: only `run` pays for them.
     from prolong.run.runner import RunError, run_file
@@ -204,7 +216,7 @@ def run(
     with user_errors():
         try:
             run_file(file, ray_address=ray_address, progress=not no_progress, until=until,
-                     verbose=verbose, pipeline_file=pipeline)
+                     verbose=verbose, pipeline_file=pipeline, require_prepared=require_prepared)
         except RunError as exc:
             err.print(f"prolongctl run: {exc}", markup=False)
             raise typer.Exit(EXIT_FAILED) from None
@@ -347,7 +359,10 @@ def submit(
       prolongctl submit jobs/prolong-8b/stage1-64k.yaml --ray-address http://localhost:8265 --ray-token-secret ml/prolong-ray
     """
     with cluster_errors():
-        what = submission(load(file), pipeline)
+        loaded = load(file)
+        if not ray_address:  # the pods must see every path the stages read
+            check_mounts(loaded)
+        what = submission(loaded, pipeline)
         # Before the cluster is asked anything: a stage whose staged model is missing would be
         # found by its workers only after every GPU was provisioned (prolong.k8s.staged).
         check_submission(what, err, with_upstream=with_upstream)
@@ -364,6 +379,48 @@ def submit(
         ok = dry_run or not wait or backend.wait(done, err, interval=interval, timeout=timeout)
     if not ok:
         raise typer.Exit(EXIT_FAILED)
+
+
+DOCTOR_FILES_ARG = typer.Argument(None, show_default=False,
+                                  help="The spec files you will submit (their claims, Secrets, "
+                                       "queues and images are checked).")
+
+
+@app.command()
+def doctor(
+    files: list[Path] = DOCTOR_FILES_ARG,
+    namespace: str = NAMESPACE_OPT,
+    operator_namespace: str = typer.Option(None, "--operator-namespace",
+                                           help="Where the chart installed the operator "
+                                                "(default: --namespace)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Do not start the Pod that checks "
+                                  "a written claim is writable by the pods' user."),
+    probe_timeout: float = typer.Option(120.0, "--probe-timeout", min=1,
+                                        help="Seconds to wait for that Pod."),
+) -> None:
+    """Check a cluster before the first submit, one line per check: KubeRay's RayJob CRD (>= 1.6),
+    the operator running and watching the namespace, each claim the stages mount (Bound, its
+    access mode, writable by the pods' user), the Secrets and Kueue LocalQueues the specs name,
+    and that each stage names its image. Exits 2 when any check fails.
+
+    [bold]Examples[/bold]
+
+      prolongctl doctor jobs/prolong-8b/pipeline.yaml -n ml
+
+      prolongctl doctor -n ml --operator-namespace prolong-system
+    """
+    with cluster_errors():
+        jobs = [job for path in files or [] for job in load(path).jobs.values()]
+        ns = namespace or default_namespace()
+        checks = run_checks(kube_client(), ns, jobs, operator_namespace=operator_namespace,
+                            probe=not no_probe, probe_timeout=probe_timeout)
+    for check in checks:
+        out.print(check.line(), markup=False)
+    failed = [c for c in checks if not c.ok]
+    out.print(f"{len(checks) - len(failed)} of {len(checks)} checks passed in namespace {ns}",
+              markup=False)
+    if failed:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 @app.command()
@@ -497,6 +554,10 @@ def _print_stage(p: planning.StagePlan) -> None:
     if p.gpu_hours is not None:
         wall = p.gpu_hours / max(1, p.gpus)
         out.print(f"  GPU-hours {p.gpu_hours:,.0f} (about {wall:,.1f} h on {p.gpus} GPUs)")
+    if p.at_risk_gpu_hours is not None:
+        out.print(f"  checkpoints about every {p.checkpoint_hours * 60:,.0f} min: up to "
+                  f"{p.at_risk_gpu_hours:,.0f} GPU-hours at risk per interruption "
+                  "(checkpoint.everySteps / everyMinutes)")
     for note in p.notes:
         out.print(f"  [dim]note: {note}[/dim]")
 

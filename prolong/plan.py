@@ -81,6 +81,26 @@ class StagePlan:
     lockstep: LockstepEstimate | None = None
     """Training: mean / max row FLOPs per micro-step under the loader's placement, replayed."""
     notes: list[str] = field(default_factory=list)
+    checkpoint_hours: float | None = None
+    """Training: wall-clock hours between two checkpoints at the planned speed (the sooner of
+    checkpoint.everySteps steps and checkpoint.everyMinutes plus the step that ends past it)."""
+    at_risk_gpu_hours: float | None = None
+    """Training: GPU-hours one interruption can lose (the work since the last checkpoint, at
+    most ``checkpoint_hours`` on every GPU)."""
+
+
+def checkpoint_risk(spec: TrainSpec, gpu_hours: float | None) -> tuple[float | None, float | None]:
+    """(hours between checkpoints, GPU-hours at risk per interruption) of a training stage whose
+    whole run costs ``gpu_hours``; (None, None) without an estimate."""
+    if gpu_hours is None or spec.total_steps < 1:
+        return None, None
+    gpus = max(1, spec.cluster.world_size)
+    step_hours = gpu_hours / gpus / spec.total_steps
+    interval = min(spec.checkpoint.every_steps, spec.total_steps) * step_hours
+    if spec.checkpoint.every_minutes is not None:
+        # Saved at the first step that ends past the interval: up to one step later.
+        interval = min(interval, spec.checkpoint.every_minutes / 60.0 + step_hours)
+    return interval, interval * gpus
 
 
 def plan_stage(job: Job, ref: StageRef, arch: ArchitectureSpec | None, *, mfu: float = DEFAULT_MFU,
@@ -132,7 +152,9 @@ def _plan_train(spec: TrainSpec, ref: StageRef, kind: str, arch: ArchitectureSpe
         flops_doc_causal=causal, total_flops=total, gpu_hours=hours, memory=memory,
         memory_rows=memory_rows(memory, spec, arch) if memory is not None else [],
         memory_warning=memory_warning(memory, spec) if memory is not None else None,
-        lockstep=balance, notes=notes)
+        lockstep=balance, notes=notes,
+        checkpoint_hours=checkpoint_risk(spec, hours)[0],
+        at_risk_gpu_hours=checkpoint_risk(spec, hours)[1])
 
 
 def _lockstep(spec: TrainSpec, arch: ArchitectureSpec, short_doc_tokens: int,

@@ -86,3 +86,43 @@ def serve_kuberay_crd(kmock: Any, tag: str | None = "v1.7.0", priority: float = 
                                     '"rayjobs.ray.io" not found'}
     else:
         route << crd(tag)
+def on_volume(job: dict[str, Any], root: Path, claim: str = "prolong-runs") -> dict[str, Any]:
+    """``job`` (a job file's dict) with its storage on a claim mounted at ``root``, as a stage
+    submitted to Kubernetes needs (prolong.k8s.mounts: a relative ./runs is in no pod's
+    volume). ``root`` is also a directory of this machine, where the tests write markers."""
+    job["spec"]["storage"] = {"root": str(root), "volumeClaim": claim}
+    return job
+
+
+def quickstart_on_volume(dest: Path, root: Path) -> Path:
+    """A copy of jobs/quickstart in ``dest`` whose stages keep their outputs on a claim mounted
+    at ``root`` (:func:`on_volume`); returns ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in (JOBS / "quickstart").glob("*.yaml"):
+        doc = yaml.safe_load(src.read_text())
+        if doc.get("kind") != "ProLongPipeline":
+            on_volume(doc, root)
+        (dest / src.name).write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dest
+
+
+CHART_REQUIRED: dict[str, Any] = {
+    "operator": {"image": {"repository": "registry.example.com/ml/prolong-operator"}},
+    "rayCluster": {"image": {"repository": "registry.example.com/ml/prolong-train"}},
+    "storage": {"storageClassName": "efs-sc"},
+}
+"""What the chart makes every install name: its images (none is published under a default
+name) and, for the claim it creates, a ReadWriteMany StorageClass."""
+
+
+def chart_values(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` over :data:`CHART_REQUIRED` (a deep merge: ``values`` wins)."""
+    def merge(base: Any, over: Any) -> Any:
+        if not isinstance(base, dict) or not isinstance(over, dict):
+            return copy.deepcopy(over)
+        out = copy.deepcopy(base)
+        for key, value in over.items():
+            out[key] = merge(out.get(key), value) if key in out else copy.deepcopy(value)
+        return out
+
+    return merge(CHART_REQUIRED, values)

@@ -231,9 +231,10 @@ def test_render_prints_a_rayjob_for_stage2():
     result = run("render", str(JOBS / "prolong-8b/stage2-512k.yaml"), "-n", "training")
     assert result.exit_code == 0, result.output
     objects = list(yaml.safe_load_all(result.output))
-    assert [o["kind"] for o in objects] == ["ConfigMap", "RayJob"]
+    # The stage's preparation Job (CPU only) sits between its ConfigMap and its RayJob.
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Job", "RayJob"]
     assert all(o["metadata"]["namespace"] == "training" for o in objects)
-    workers = objects[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    workers = objects[2]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 8
     limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] in (8, "8")

@@ -140,3 +140,31 @@ def test_lockstep_efficiency_of_the_recipe(prolong_plan):
     figures = [float(x) for x in note.split(": ")[-1].split(",")[0].split(" / ")]
     assert figures[0] == pytest.approx(s1.efficiency, abs=0.01) and figures[2] > 0.95
     assert not any("lockstep" in n for n in prolong_plan["stage2"].notes)  # SP 8 is the node
+def test_gpu_hours_at_risk_per_interruption(prolong_plan):
+    """Stage 2's 125-step cadence alone is about 10 h of 64 GPUs (640 GPU-hours lost to one
+    interruption); the recipe's everyMinutes 45 bounds it to 45 min plus one step everywhere."""
+    from prolong.plan import checkpoint_risk
+
+    stage2 = prolong_plan["stage2"]
+    hours, at_risk = stage2.checkpoint_hours, stage2.at_risk_gpu_hours
+    step_hours = stage2.gpu_hours / stage2.gpus / stage2.steps
+    assert hours == pytest.approx(0.75 + step_hours) and at_risk == pytest.approx(hours * 64)
+    assert 30 <= at_risk <= 64  # 30-60 minutes of 64 GPUs
+    job = load(JOBS / "prolong-8b" / "stage2-512k.yaml").document
+    ckpt = job.spec.checkpoint.model_copy(update={"every_minutes": None})
+    by_steps = job.spec.model_copy(update={"checkpoint": ckpt})
+    assert checkpoint_risk(by_steps, stage2.gpu_hours)[1] == pytest.approx(640, rel=0.01)
+    for p in prolong_plan.values():
+        if p.kind != "EvalJob":
+            assert p.checkpoint_hours * 60 <= 60, (p.stage.stage, p.checkpoint_hours)
+
+
+def test_plan_prints_the_gpu_hours_at_risk():
+    from typer.testing import CliRunner
+
+    from prolong.cli import app
+
+    result = CliRunner().invoke(app, ["plan", str(JOBS / "prolong-8b" / "stage2-512k.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "checkpoints about every 50 min: up to 53 GPU-hours at risk per interruption" in \
+        result.stdout

@@ -45,12 +45,16 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- end -}}
 {{- end -}}
 
+{{- /* No image is published under a default name: the user builds and names both (make images
+REGISTRY=..., then --set operator.image.repository / rayCluster.image.repository). */ -}}
 {{- define "prolong.operatorImage" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- $repo := required "operator.image.repository: name the operator image you built and pushed (make images REGISTRY=<registry>; then --set operator.image.repository=<registry>/prolong-operator)" .Values.operator.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.operator.image.tag) -}}
 {{- end -}}
 
 {{- define "prolong.rayImage" -}}
-{{- printf "%s:%s" .Values.rayCluster.image.repository (default .Chart.AppVersion .Values.rayCluster.image.tag) -}}
+{{- $repo := required "rayCluster.image.repository: name the train image you built and pushed (make images REGISTRY=<registry>; then --set rayCluster.image.repository=<registry>/prolong-train)" .Values.rayCluster.image.repository -}}
+{{- printf "%s:%s" $repo (default .Chart.AppVersion .Values.rayCluster.image.tag) -}}
 {{- end -}}
 
 {{/* Long-lived RayCluster name: at most 47 characters (KubeRay derives longer names from it). */}}
@@ -58,13 +62,16 @@ app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
 {{- default (printf "%s-ray" (include "prolong.fullname" .)) .Values.rayCluster.name | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* Pod securityContext of the Ray pods: Kubernetes' restricted profile, the same as
-prolong.k8s.rayjob.POD_SECURITY_CONTEXT gives every stage's pods (uid 1000: the train image's
-user). */}}
+{{/* Pod securityContext of the Ray pods: Kubernetes restricted profile, the same as
+prolong.k8s.rayjob.POD_SECURITY_CONTEXT gives every stage pods (uid 1000: the train image user;
+fsGroup: the storage volume is group-writable by it, a fresh volume being root; OnRootMismatch
+changes ownership once, not at every start over a large volume). */}}
 {{- define "prolong.raySecurityContext" -}}
 runAsNonRoot: true
 runAsUser: 1000
 runAsGroup: 1000
+fsGroup: 1000
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}

@@ -1,4 +1,8 @@
-# Sourced by login shells (KubeRay starts every Ray pod with `bash -lc`).
+# Sourced by the image's entrypoint (`docker run`) and by login shells. Not what a KubeRay pod
+# runs: KubeRay >= 1.4 starts Ray with `/bin/bash -c` (no login shell, no /etc/profile.d), so a
+# stage's pods get NCCL_NET_PLUGIN in their env (prolong.k8s.rayjob.NETWORK_ENV), the plugin is
+# on the image's LD_LIBRARY_PATH, and the GPU workers run the check as their container command
+# (prolong.k8s.rayjob.FABRIC_CHECK). Here the same, for other starts:
 #
 # 1. NCCL over EFA: a pod of a `network: efa` stage (FI_PROVIDER=efa, prolong.k8s.rayjob) loads
 #    the image's aws-ofi-nccl plugin (NCCL_NET_PLUGIN=ofi, the plugin and its libfabric on the

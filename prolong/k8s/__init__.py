@@ -21,14 +21,19 @@ from prolong.specfile import Loaded
 __all__ = ["dump_all", "render"]
 
 
-def render(loaded: Loaded, *, namespace: str | None = None,
-           pipeline_file: str | None = None) -> list[dict[str, Any]]:
+def render(loaded: Loaded, *, namespace: str | None = None, pipeline_file: str | None = None,
+           preparation: bool = False) -> list[dict[str, Any]]:
     """What ``prolongctl render``/``submit`` print or apply for a loaded spec file: a job file
     as the stage it stands for (:func:`prolong.k8s.target.stage_target`: through the pipeline
-    that references it, so stage.json names the real upstream stages)."""
+    that references it, so stage.json names the real upstream stages). ``preparation``: the
+    stage's preparation Job too, between its ConfigMap and its RayJob (the order of creation:
+    the RayJob only once the Job completed)."""
     if loaded.is_pipeline:
         return [pipeline_resource(loaded.document, namespace=namespace)]
-    return stage_target(loaded, pipeline_file).render(namespace=namespace)
+    target = stage_target(loaded, pipeline_file)
+    configmap, rayjob = target.render(namespace=namespace)
+    prep = target.preparation(namespace=namespace) if preparation else None
+    return [configmap, *([prep] if prep else []), rayjob]
 
 
 class _Dumper(yaml.SafeDumper):

@@ -4,8 +4,11 @@
 environment (prolong.k8s.rayjob); whether NCCL then runs over RDMA depends on the image: the
 verbs providers (mlx5, efa), libfabric and, for EFA, the aws-ofi-nccl net plugin. Without them
 NCCL quietly falls back to TCP sockets, 10-50x slower for the all-reduces and all-to-alls of a
-512K-token step. So the train image runs this module at start (``python -m prolong.k8s.fabric``,
-from /etc/profile.d, which the ``bash -lc`` KubeRay starts Ray with reads): it initialises NCCL
+512K-token step. So every GPU worker pod runs this module before Ray starts: it is the rendered
+container's command (prolong.k8s.rayjob.FABRIC_CHECK), which KubeRay >= 1.4 runs as
+``/bin/bash -c -- "python -m prolong.k8s.fabric && ulimit ...; ray start ..."`` (no login
+shell, so nothing in /etc/profile.d counts; ``docker run`` goes through the image's
+entrypoint, which runs the same check). It initialises NCCL
 once on one GPU with ``NCCL_DEBUG=INFO``, reads which net plugin loaded and which network it
 chose, and logs one line, a WARNING when that is not the fabric the stage asked for. With
 ``--strict`` (or ``PROLONG_FABRIC_STRICT=1``) a mismatch exits 1, failing the pod before training.

@@ -15,6 +15,8 @@ from __future__ import annotations
 import codecs
 import datetime
 import json
+import os
+import time
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -44,6 +46,7 @@ from prolong.k8s.kuberay_version import (
     check_crd,
     read_rayjob_crd,
 )
+from prolong.k8s.preparation import job_outcome
 from prolong.k8s.rayjob import (
     DRIVER_LOG_CONTAINER,
     QUEUE_LABEL,
@@ -114,11 +117,12 @@ class Kube:
 
     def __init__(self, api: Any, namespace: str) -> None:
         # Imported here: kubernetes is heavy and `prolongctl validate` must not load it.
-        from kubernetes.client import CoreV1Api, CustomObjectsApi
+        from kubernetes.client import BatchV1Api, CoreV1Api, CustomObjectsApi
 
         self.api = api
         self.namespace = namespace
         self.core = CoreV1Api(api)
+        self.batch = BatchV1Api(api)
         self.custom = CustomObjectsApi(api)
 
     # -- plumbing
@@ -164,6 +168,12 @@ class Kube:
     def get_pipeline(self, name: str) -> dict[str, Any] | None:
         return self.call(f"get ProLongPipeline {name}", self.custom.get_namespaced_custom_object,
                          *self._custom(GROUP, VERSION, PLURAL), name, missing_ok=True)
+
+    # -- Jobs (stage preparation)
+    def get_job(self, name: str) -> dict[str, Any] | None:
+        found = self.call(f"get Job {name}", self.batch.read_namespaced_job, name,
+                          self.namespace, missing_ok=True)
+        return None if found is None else self.api.sanitize_for_serialization(found)
 
     def server_dry_run(self) -> bool:
         """Whether the API server does server-side dry runs: it publishes OpenAPI v3 (1.24+;
@@ -216,6 +226,10 @@ class Kube:
             extra["dry_run"] = "All"
         if kind == "ConfigMap":
             out = self.call(f"create ConfigMap {name}", self.core.create_namespaced_config_map,
+                            self.namespace, obj, exists_ok=True, **extra)
+            out = self.api.sanitize_for_serialization(out) if out not in (None, EXISTS) else out
+        elif kind == "Job":
+            out = self.call(f"create Job {name}", self.batch.create_namespaced_job,
                             self.namespace, obj, exists_ok=True, **extra)
             out = self.api.sanitize_for_serialization(out) if out not in (None, EXISTS) else out
         else:
@@ -314,18 +328,26 @@ def submit_k8s(what: Submission, kube: Kube, console: Console, *, dry_run: bool 
     for stage, state in states.items():
         console.print(f"upstream stage {stage}: {state.evidence}", markup=False)
     preflight(kube, [rayjob], console)
-    objects = [configmap, rayjob]
+    prep = target.preparation(namespace=ns)
+    objects = [configmap, *([prep] if prep else []), rayjob]
     if dry_run:
         return _dry_run(kube, objects, console, yaml_out)
-    # The RayJob first, then its ConfigMap with the RayJob as owner from birth: no ConfigMap is
-    # ever left behind by a refused RayJob, and no patch is needed (the head pod waits for the
-    # ConfigMap to mount, a moment later).
+    # Without a preparation: the RayJob first, then its ConfigMap with the RayJob as owner from
+    # birth (no ConfigMap is ever left behind by a refused RayJob; the head pod waits for the
+    # ConfigMap to mount, a moment later). With one: the ConfigMap first (the preparation Job
+    # mounts it), the Job to completion, and only then the RayJob.
+    if prep is not None:  # the GPUs are asked for only once the data and model are ready
+        kube.create(configmap)
+        prepare_first(kube, prep, console)
     created = kube.create(rayjob)
     if created is None:  # created by someone else a moment ago
         state = rayjob_line(kube.get_rayjob(name) or {})
         console.print(f"RayJob {ns}/{name} exists: {state}; nothing created", markup=False)
         return Submitted("RayJob", ns, name, False, state)
-    create_owned_configmap(kube, configmap, created)
+    if prep is None:
+        create_owned_configmap(kube, configmap, created)
+    # With a preparation, its ConfigMap and Job were created before the RayJob, so they have no
+    # owner (no patch is needed or granted): `prolongctl delete` removes them by their labels.
     console.print(f"created ConfigMap {ns}/{configmap['metadata']['name']} and RayJob {ns}/{name} "
                   f"(stage {labels[STAGE_LABEL]}, id {labels[STAGE_ID_LABEL]})", markup=False)
     return Submitted("RayJob", ns, name, True, "submitted", objects)
@@ -350,6 +372,47 @@ def create_owned_configmap(kube: Kube, configmap: dict[str, Any], rayjob: dict[s
                   propagation_policy="Background", missing_ok=True)
         raise ClusterError(f"{exc}; RayJob {kube.namespace}/{meta['name']} deleted again, "
                            "nothing left behind") from None
+
+
+class PreparationFailed(ClusterError):
+    """The stage's preparation Job failed: its RayJob is not created (no GPU is asked for)."""
+
+
+def prepare_interval() -> float:
+    """Seconds between reads of a preparation Job while submit waits for it."""
+    return float(os.environ.get("PROLONG_PREPARE_POLL_SECONDS", "5"))
+
+
+def prepare_first(kube: Kube, prep: dict[str, Any], console: Console) -> None:
+    """Create the stage's preparation Job (an existing one is reused: same stage id, same
+    inputs) and wait until it completes; PreparationFailed when it fails. Interrupting submit
+    leaves the Job running: submitting again waits for the same Job, then creates the RayJob."""
+    name = prep["metadata"]["name"]
+    where = f"{kube.namespace}/{name}"
+    if kube.create(prep) is None:
+        console.print(f"preparation Job {where} exists", markup=False)
+    else:
+        console.print(f"created preparation Job {where} (CPU only: model staging and data "
+                      "preparation); the RayJob is created once it completes", markup=False)
+    told = False
+    while True:
+        outcome, why = job_outcome(kube.get_job(name))
+        if outcome == "succeeded":
+            console.print(f"preparation Job {where} complete", markup=False)
+            return
+        if outcome == "failed":
+            raise PreparationFailed(
+                f"preparation Job {where} failed ({why}); RayJob not created, no GPU asked "
+                f"for. Its log: kubectl logs -n {kube.namespace} job/{name} --all-containers; "
+                "fix the input, delete the Job and submit again")
+        if outcome == "absent":
+            raise PreparationFailed(f"preparation Job {where} was deleted while submit waited "
+                                    "for it; RayJob not created")
+        if not told:
+            console.print(f"waiting for preparation Job {where} (Ctrl-C leaves it running; "
+                          "submit again to continue)", markup=False)
+            told = True
+        time.sleep(prepare_interval())
 
 
 def upstream_states(kube: Kube, target: StageTarget) -> dict[str, UpstreamState]:
@@ -393,7 +456,9 @@ def dry_run_offline(what: Submission, namespace: str, reason: str, console: Cons
     (:func:`prolong.k8s.schemas.check_client_side`) and say so. Upstream stages are judged by
     their COMPLETE marker alone."""
     if isinstance(what, StageTarget):
-        objects = what.render(namespace=namespace)
+        configmap, rayjob = what.render(namespace=namespace)
+        prep = what.preparation(namespace=namespace)
+        objects = [configmap, *([prep] if prep else []), rayjob]
         for stage, ref in what.upstream.items():
             seen = ("COMPLETE marker found" if stage_complete(ref.directory) else
                     "not checked: no cluster to ask and no COMPLETE marker readable from here")
@@ -805,6 +870,16 @@ def delete_k8s(kube: Kube, name: str, console: Console) -> list[str]:
                               kube.core.delete_namespaced_config_map, cm.metadata.name, ns,
                               missing_ok=True)
                     deleted.append(f"ConfigMap/{cm.metadata.name}")
+            # The stage's preparation Job (created before its RayJob: no owner), its pod with it.
+            jobs = kube.call("list Jobs", kube.batch.list_namespaced_job, ns,
+                             label_selector=selector, missing_ok=True)
+            for job in (jobs.items if jobs is not None else []):
+                job_labels = job.metadata.labels or {}
+                if all(job_labels.get(k) == v for k, v in want.items()):
+                    kube.call(f"delete Job {job.metadata.name}", kube.batch.delete_namespaced_job,
+                              job.metadata.name, ns, propagation_policy="Background",
+                              missing_ok=True)
+                    deleted.append(f"Job/{job.metadata.name}")
     console.print(f"deleted in {ns}: {', '.join(deleted)}", markup=False)
     return deleted
 

@@ -35,6 +35,8 @@ from prolong.k8s.podtemplate import (
     WORKER_CONTAINER,
     apply_pod_templates,
 )
+from prolong.k8s.preparation import preparation_name
+from prolong.k8s.preparation import render_preparation as preparation_job
 from prolong.model.memory import allocator_env
 from prolong.plan import default_active_deadline
 from prolong.spec import (
@@ -43,7 +45,6 @@ from prolong.spec import (
     Job,
     KubernetesSpec,
     ProLongPipeline,
-    StorageSpec,
 )
 from prolong.stage.identity import StageRef, pipeline_stages, standalone_stage
 from prolong.stage.logs import POD_STDOUT, TEE_ENV
@@ -72,8 +73,9 @@ def _package_version() -> str:
 
 __version__ = _package_version()
 
-ENTRYPOINT = "prolongctl run /etc/prolong/job.yaml --ray-address auto"
-"""What the RayJob runs on the head pod (the engine's ``prolongctl run``)."""
+ENTRYPOINT = "prolongctl run /etc/prolong/job.yaml --ray-address auto --require-prepared"
+"""What the RayJob runs on the head pod (the engine's ``prolongctl run``); the stage's
+preparation Job has staged the model and prepared the data, and the head only checks that."""
 SPEC_MOUNT = "/etc/prolong"
 DEFAULT_IMAGE = f"ghcr.io/prolong-dev/prolong-train:{__version__}"
 """Image used when cluster.image is not set (built from images/train/Dockerfile)."""
@@ -92,8 +94,12 @@ DASHBOARD_PORT = 8265
 RAY_UID = 1000
 """The user the train image runs as (images/train/Dockerfile; KubeRay's images use it too)."""
 POD_SECURITY_CONTEXT = {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_UID,
+                        "fsGroup": RAY_UID, "fsGroupChangePolicy": "OnRootMismatch",
                         "seccompProfile": {"type": "RuntimeDefault"}}
-"""Pod-level part of Kubernetes' restricted profile for every Ray pod we render."""
+"""Pod-level part of Kubernetes' restricted profile for every Ray pod we render. fsGroup: the
+volumes a stage mounts are group-writable by the pods' user (a fresh block volume is owned by
+root); OnRootMismatch changes ownership once, not on every start of a pod over a large
+volume."""
 SUBMITTER_CONTAINER = "ray-job-submitter"
 """KubeRay's submitter container (K8sJobMode: a Job named like the RayJob; SidecarMode: in the
 head pod)."""
@@ -120,8 +126,17 @@ NETWORK_RESOURCES: dict[str, dict[str, int]] = {
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "tcp": {},
     "infiniband": {"NCCL_IB_DISABLE": "0"},
-    "efa": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1"},
+    # NCCL_NET_PLUGIN in the container env, not in /etc/profile.d: KubeRay >= 1.4 starts Ray
+    # with `/bin/bash -c` (utils.GetContainerCommand: `-l` only with ENABLE_LOGIN_SHELL on the
+    # operator), which reads no profile. The plugin's directory is on the image's
+    # LD_LIBRARY_PATH (images/train/Dockerfile); without this variable NCCL never loads it.
+    "efa": {"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "NCCL_NET_PLUGIN": "ofi"},
 }
+FABRIC_CHECK = ["python", "-m", "prolong.k8s.fabric"]
+"""The GPU workers' container command: KubeRay runs it before ``ray start`` as ``<command> &&
+ulimit ...; ray start ...`` under ``/bin/bash -c`` (ray-operator/controllers/ray/common/pod.go,
+BuildPod), so the check that says which network NCCL took runs in every GPU pod, and with
+PROLONG_FABRIC_STRICT=1 a wrong fabric stops the pod before Ray starts."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -223,12 +238,24 @@ def judge_key_env(job: Job) -> list[dict[str, Any]]:
         "name": judge.api_key_secret_ref, "key": JUDGE_API_KEY_ENV}}}]
 
 
-def _storage_volume(storage: StorageSpec) -> tuple[list[dict], list[dict]]:
-    """(volumes, mounts) for the shared storage; none for an object-store root."""
-    if storage.volume_claim is None or is_object_store(storage.root):
-        return [], []
-    return ([{"name": "storage", "persistentVolumeClaim": {"claimName": storage.volume_claim}}],
-            [{"name": "storage", "mountPath": storage.root}])
+def _storage_volume(job: Job) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) for the shared storage (none for an object-store root) and the
+    claims of cluster.kubernetes.volumes: what every pod of the stage mounts
+    (prolong.k8s.mounts holds every path the stage reads to these)."""
+    storage = job.spec.storage
+    volumes, mounts = [], []
+    if storage.volume_claim is not None and not is_object_store(storage.root):
+        volumes.append({"name": "storage",
+                        "persistentVolumeClaim": {"claimName": storage.volume_claim}})
+        mounts.append({"name": "storage", "mountPath": storage.root})
+    for i, vol in enumerate(job.spec.cluster.kubernetes.volumes):
+        volumes.append({"name": f"volume-{i}", "persistentVolumeClaim": {
+            "claimName": vol.claim, "readOnly": vol.read_only}})
+        mount = {"name": f"volume-{i}", "mountPath": vol.mount_path, "readOnly": vol.read_only}
+        if vol.sub_path:
+            mount["subPath"] = vol.sub_path
+        mounts.append(mount)
+    return volumes, mounts
 
 
 def _container(name: str, image: str, resources: dict[str, str], env: list[dict],
@@ -338,7 +365,7 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     env += allocator_pod_env(job)  # no hub_token_env: the Ray pods never download
     env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
                 if k8s.object_store_secret else [])
-    storage_volumes, storage_mounts = _storage_volume(job.spec.storage)
+    storage_volumes, storage_mounts = _storage_volume(job)
     rdma = cluster.device == "gpu" and (k8s.network != "tcp" or bool(k8s.network_resources))
 
     def shm(resources: dict[str, str]) -> tuple[dict, dict]:
@@ -367,6 +394,8 @@ def ray_cluster_spec(job: Job, ref: StageRef, spec_configmap: str,
     worker = _container(WORKER_CONTAINER, image, worker_res, env, [worker_shm_mount, *storage_mounts],
                         [{"name": "metrics", "containerPort": RAY_METRICS_PORT}], env_from,
                         ["IPC_LOCK"] if rdma else [])
+    if cluster.device == "gpu":
+        worker["command"] = list(FABRIC_CHECK)
     worker_pod = _pod_spec(worker, [worker_shm_vol, *storage_volumes], cluster, workers=True)
 
     group = "gpu-workers" if cluster.device == "gpu" else "cpu-workers"
@@ -494,6 +523,41 @@ def lifecycle(k8s: KubernetesSpec) -> dict[str, Any]:
              for policy, ttl in (("DeleteWorkers", k8s.release_workers_after_seconds),
                                  ("DeleteCluster", k8s.delete_cluster_after_seconds))]
     return {"shutdownAfterJobFinishes": False, "deletionStrategy": {"deletionRules": rules}}
+
+
+def render_preparation(job: Job, ref: StageRef, *, namespace: str | None = None,
+                       managed_by: str = "prolongctl") -> dict[str, Any] | None:
+    """The stage's preparation Job (prolong.k8s.preparation), or None when it has nothing to
+    stage or prepare: the RayJob's image, ConfigMap, volumes, object-store env and security,
+    no GPU. It is created, and must complete, before the RayJob."""
+    first = rayjob_name(job.metadata.name, ref.id)
+    cluster = job.spec.cluster
+    k8s = cluster.kubernetes
+    volumes, mounts = _storage_volume(job)
+    env = [{"name": k, "value": v} for k, v in (("PROLONG_PIPELINE", ref.pipeline),
+                                                ("PROLONG_STAGE", ref.stage),
+                                                ("PROLONG_STAGE_ID", ref.id))]
+    env_from = ([{"secretRef": {"name": k8s.object_store_secret}}]
+                if k8s.object_store_secret else [])
+    return preparation_job(
+        job, ref, name=preparation_name(first),
+        labels=stage_labels(job, ref, managed_by=managed_by), image=cluster.image or DEFAULT_IMAGE,
+        configmap=configmap_name(first), spec_mount=SPEC_MOUNT,
+        job_file=f"{SPEC_MOUNT}/{JOB_FILE}", volumes=volumes, mounts=mounts, env=env,
+        env_from=env_from, pod_security=dict(POD_SECURITY_CONTEXT),
+        container_security={"allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+        namespace=namespace)
+
+
+def stage_preparation(pipeline: ProLongPipeline, jobs: dict[str, Job], stage: str, *,
+                      namespace: str | None = None,
+                      managed_by: str = "prolong-operator") -> dict[str, Any] | None:
+    """:func:`render_preparation` of one stage of a resolved pipeline (what the operator
+    creates before the stage's first RayJob)."""
+    refs = {r.stage: r for r in pipeline_stages(pipeline, jobs)}
+    return render_preparation(jobs[stage], refs[stage], namespace=namespace,
+                              managed_by=managed_by)
 
 
 def render_standalone(job: Job, *, namespace: str | None = None) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prolong.jobfile import FROM_STAGE_FIELD, JobStage, job_stage
-from prolong.k8s.rayjob import render_job, render_stage
+from prolong.k8s.rayjob import render_job, render_preparation, render_stage, stage_preparation
 from prolong.reconcile.observe import ObservedRayJob
 from prolong.spec import ProLongPipeline
 from prolong.specfile import Loaded
@@ -37,6 +37,16 @@ class StageTarget(JobStage):
             return render_job(self.job, self.ref, namespace=namespace, managed_by=managed_by)
         return render_stage(self.pipeline.document, self.pipeline.jobs, self.ref.stage,
                             namespace=namespace, managed_by=managed_by)
+
+    def preparation(self, *, namespace: str | None = None,
+                    managed_by: str = "prolongctl") -> dict[str, Any] | None:
+        """The stage's preparation Job (None: nothing to stage or prepare), created and
+        completed before its RayJob."""
+        if self.pipeline is None:
+            return render_preparation(self.job, self.ref, namespace=namespace,
+                                      managed_by=managed_by)
+        return stage_preparation(self.pipeline.document, self.pipeline.jobs, self.ref.stage,
+                                 namespace=namespace, managed_by=managed_by)
 
     def pipeline_until_here(self) -> Loaded:
         """The pipeline cut after this stage (what ``--with-upstream`` submits): same name, so

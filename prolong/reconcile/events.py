@@ -28,6 +28,7 @@ class PipelineEvent:
 
 _STAGE_EVENTS: dict[str, tuple[Literal["Normal", "Warning"], str]] = {
     "Pending": ("Warning", "StageBlocked"),  # only a Pending stage with a message: name taken
+    "Preparing": ("Normal", "StagePreparing"),
     "Submitted": ("Normal", "StageSubmitted"),
     "Running": ("Normal", "StageRunning"),
     "Retrying": ("Warning", "StageAttemptFailed"),

@@ -33,6 +33,12 @@ Policy, in one place:
   ``status.specChange`` and an Event say which was applied. Finished RayJobs are left as
   history (logs, their ConfigMap) and go with the pipeline through their ownerReferences. A
   spec edited back to an earlier id finds its finished RayJob (or its running one) again.
+* A stage with something to prepare (a model to stage, token shards to build: the operator
+  says which, in ``preparations``) gets its preparation Job first, and its RayJob only once
+  that Job completed: the stage is Preparing meanwhile, so no GPU waits on a tokenizer. A
+  failed preparation fails the stage (and the pipeline) without any RayJob: its input is
+  wrong, and an attempt on 64 GPUs would fail the same way. Deleting the failed Job lets the
+  operator prepare again.
 * A name the plan would create that exists but is not the pipeline's (``taken``, judged by
   :func:`prolong.reconcile.claim.claim`) is not created under another name: the stage stays
   Pending with the reason and the pipeline is Stalled (reason NameTaken) until the name is free.
@@ -66,8 +72,19 @@ class PlannedRayJob:
 
 
 @dataclass(frozen=True)
+class Preparation:
+    """A stage's preparation Job as observed: ``outcome`` absent, running, succeeded or failed
+    (prolong.k8s.preparation.job_outcome), with the Job controller's reason when failed."""
+
+    name: str
+    outcome: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
-    """What to do now: create these RayJobs, delete those, write this status."""
+    """What to do now: create these preparation Jobs and RayJobs, delete those, write this
+    status."""
 
     creates: tuple[PlannedRayJob, ...]
     deletes: tuple[str, ...]
@@ -75,6 +92,8 @@ class Plan:
     status: PipelineStatus
     retry_at: datetime | None = None
     """When a Retrying stage's next attempt is due (reconcile again then)."""
+    prepares: tuple[str, ...] = ()
+    """Stages whose preparation Job to create (before any RayJob of theirs)."""
 
 
 def retry_backoff(spec: PipelineSpec, failed_attempts: int) -> timedelta:
@@ -87,7 +106,8 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                   rayjobs: Iterable[ObservedRayJob], *, now: datetime,
                   complete: Collection[str] = (), previous: PipelineStatus | None = None,
                   generation: int | None = None, taken: Mapping[str, str] | None = None,
-                  refused: Mapping[str, str] | None = None) -> Plan:
+                  refused: Mapping[str, str] | None = None,
+                  preparations: Mapping[str, Preparation] | None = None) -> Plan:
     """Decide the next step of a validated pipeline.
 
     ``rayjobs``: every RayJob the pipeline owns. ``complete``: stage directories
@@ -98,6 +118,8 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     a quota, Pod Security, a schema) or that this cluster's KubeRay cannot run, with the
     server's message; not created now (the caller bounds the retries). Both leave the stage
     Pending with the reason and the pipeline Stalled.
+    ``preparations``: stage name -> its preparation Job, for the stages (of their current id)
+    that have something to prepare; a stage left out has nothing to prepare.
     """
     refs = pipeline_stages(pipeline, jobs)
     max_attempts = 1 + pipeline.spec.max_stage_retries
@@ -114,6 +136,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
     before = {s.name: s for s in (previous.stages if previous else ())}
 
     creates: list[PlannedRayJob] = []
+    prepares: list[str] = []
     stages: list[StageStatus] = []
     waiting = False  # an earlier stage is not done yet
     failure: str | None = None
@@ -141,6 +164,27 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                     retry_at = due if retry_at is None else min(retry_at, due)
                 else:
                     st = None
+            prep = (preparations or {}).get(ref.stage)
+            next_name = attempt_rayjob_name(first, latest.attempt + 1 if latest else 1)
+            if st is None and (latest is None or retry) and prep is not None and \
+                    prep.outcome != "succeeded" and \
+                    not ((taken or {}).get(next_name) or (refused or {}).get(next_name)):
+                if prep.outcome == "failed":
+                    failure = (f"stage {ref.stage} preparation Job {prep.name} failed: "
+                               f"{prep.reason}; no RayJob created (fix the input, then delete "
+                               "the Job to prepare again)")
+                    st = StageStatus(name=ref.stage, id=ref.id, phase="Failed",
+                                     output_uri=ref.directory,
+                                     attempts=latest.attempt if latest else 0, message=failure)
+                else:
+                    if prep.outcome == "absent":
+                        prepares.append(ref.stage)
+                    st = StageStatus(name=ref.stage, id=ref.id, phase="Preparing",
+                                     output_uri=ref.directory,
+                                     attempts=latest.attempt if latest else 0,
+                                     message=f"preparation Job {prep.name} (CPU only): staging "
+                                             "the model and preparing the data; the RayJob "
+                                             "follows")
             if st is None and (latest is None or retry):
                 attempt = latest.attempt + 1 if latest else 1
                 run = PlannedRayJob(ref.stage, ref.id, attempt_rayjob_name(first, attempt), attempt)
@@ -187,7 +231,7 @@ def plan_pipeline(pipeline: ProLongPipeline, jobs: dict[str, Job],
                                                   if s.name == blocked), None),
                                     held=spec_change.message if held else None,
                                     blocked_by=blocked_by)
-    return Plan(tuple(creates), deletes, status, retry_at)
+    return Plan(tuple(creates), deletes, status, retry_at, tuple(prepares))
 
 
 def _spec_change(policy: str, superseded: list[ObservedRayJob], previous: PipelineStatus | None,
@@ -313,7 +357,8 @@ def _pipeline_phase(stages: list[StageStatus], failure: str | None,
         return "Failed", next(s.name for s in stages if s.phase == "Failed")
     if blocked is not None:
         return "Pending", blocked
-    active = next((s for s in stages if s.phase in ("Submitted", "Running", "Retrying")), None)
+    active = next((s for s in stages if s.phase in ("Preparing", "Submitted", "Running",
+                                                    "Retrying")), None)
     if active is not None:
         return "Running", active.name
     if all(s.phase in _DONE_PHASES for s in stages):

@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 PipelinePhase = Literal["Pending", "Running", "Succeeded", "Failed"]
-StagePhase = Literal["Pending", "Submitted", "Running", "Retrying", "Succeeded", "Failed",
-                     "Skipped"]
+StagePhase = Literal["Pending", "Preparing", "Submitted", "Running", "Retrying", "Succeeded",
+                     "Failed", "Skipped"]
 
 
 class _Status(BaseModel):
@@ -45,7 +45,8 @@ class StageStatus(_Status):
     name: str
     """Stage name (spec.stages[].name)."""
     phase: StagePhase = "Pending"
-    """Pending, Submitted (RayJob created), Running, Retrying (an attempt failed; the next one
+    """Pending, Preparing (its CPU-only preparation Job stages the model and prepares the data;
+    no RayJob yet), Submitted (RayJob created), Running, Retrying (an attempt failed; the next one
     waits out its backoff), Succeeded, Failed, or Skipped (its output directory already holds a
     COMPLETE marker for the same stage id)."""
     id: str | None = None

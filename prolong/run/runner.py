@@ -27,10 +27,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from prolong.data.errors import DataError
 from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.datacheck import check_data_dir
 from prolong.eval.job import run_eval_stage
 from prolong.jobfile import job_stage
+from prolong.model.staging import StagingError, model_location
 from prolong.run.summary import StageOutcome, print_summary
 from prolong.spec import EvalJob, Job, ProLongPipeline
 from prolong.specfile import Loaded, load
@@ -83,11 +85,14 @@ def data_source(loaded: Loaded, pipeline_file: str | Path | None = None) -> Load
 
 def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool = True,
              until: str | None = None, console: Console | None = None,
-             verbose: bool = False, pipeline_file: str | Path | None = None) -> list[StageRef]:
+             verbose: bool = False, pipeline_file: str | Path | None = None,
+             require_prepared: bool = False) -> list[StageRef]:
     """Run every stage of the file that is not complete (up to and including stage ``until``);
     returns the stages, in order. The console gets one line per stage event, a progress bar per
     training stage and a summary at the end; worker output goes to each stage's logs/ (with
-    ``verbose``, to the console as well, through Ray)."""
+    ``verbose``, to the console as well, through Ray). ``require_prepared`` (a RayJob's head):
+    the data and staged model must be ready already (:func:`check_prepared`); nothing is
+    prepared here while the GPUs wait."""
     console = console or Console(stderr=True)
     loaded = load(path)
     stages = stages_of(loaded, pipeline_file)
@@ -137,8 +142,11 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
                 upstream_ready(job, ref, upstream_dirs)
             if isinstance(job, EvalJob):  # bad eval data is bad input (exit 2), before any model
                 check_data_dir(job.spec)
-        if pending:
+        if pending and require_prepared:
+            check_prepared(loaded, [job for job, _, _ in pending])
+        elif pending:
             _prepare(loaded.path, progress)
+        if pending:
             _connect(ray_address, console, verbose=verbose)
         for job, ref, upstream_dirs in pending:
             _run_pending(job, ref, upstream_dirs, loaded, console, walls, progress=progress,
@@ -236,6 +244,27 @@ def _root_cause(exc: BaseException) -> str:
 def _logs_hint(ref: StageRef) -> str:
     where = logs_dir(ref.directory)
     return f" (worker logs: {where})" if where is not None else ""
+
+
+class NotPrepared(RunError):
+    """A stage on a cluster whose preparation (model staging, token shards) is not done."""
+
+
+def check_prepared(loaded: Loaded, jobs: list[Job]) -> None:
+    """Refuse, in one line, a stage whose staged model or token shards are not ready: on a
+    cluster they are made by the stage's preparation Job (prolong.k8s.preparation) before the
+    GPU workers exist, never by the driver while they wait."""
+    for job in jobs:
+        hint = ("its preparation Job (prolongctl model stage / data prepare) has not completed "
+                "for these inputs")
+        try:
+            if job.spec.model.staged_path is not None:
+                model_location(job.spec.model)
+            if not isinstance(job, EvalJob):
+                shard_dirs(job, loaded, verify=True)
+        except (DataError, StagingError) as exc:
+            raise NotPrepared(f"stage {job.metadata.name} is not prepared: {exc}; {hint}"
+                              ) from None
 
 
 def _prepare(path: str | Path, progress: bool) -> None:

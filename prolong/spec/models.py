@@ -366,6 +366,11 @@ class CheckpointSpec(SpecModel):
     always saved."""
     keep: int = Field(2, ge=1)
     """How many recent checkpoints to keep."""
+    every_minutes: float | None = Field(None, gt=0)
+    """Also save at the first step that ends at least this many minutes after the last save
+    (rank 0's clock, broadcast so every rank saves at the same step). Bounds the work one
+    interruption loses when steps are long: ProLong's 512K stage runs about 5 min a step, so
+    everySteps 125 alone is about 10 h of 64 GPUs. Scheduling only: the stage id ignores it."""
 
 
 class StorageSpec(SpecModel):
@@ -384,6 +389,34 @@ class Toleration(SpecModel):
     operator: Literal["Equal", "Exists"] = "Equal"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class VolumeSpec(SpecModel):
+    """A PersistentVolumeClaim mounted into every pod of a stage: the Ray head, the workers and
+    the preparation Job (data sets, a HELMET checkout, NLI and tokenizer copies)."""
+
+    claim: str = Field(pattern=DNS_LABEL)
+    """Name of the PersistentVolumeClaim, in the stage's namespace."""
+    mount_path: str = Field(pattern=r"^/")
+    """Absolute path where the claim is mounted (e.g. /data)."""
+    sub_path: str | None = Field(None, pattern=r"^[^/]")
+    """Directory inside the volume to mount instead of its root."""
+    read_only: bool = True
+    """Mount read-only (input data); false when the stage writes there."""
+
+
+class PrepareSpec(SpecModel):
+    """The CPU-only Kubernetes Job that stages the model and prepares the data of a stage before
+    its GPU RayJob is created (prolong.k8s.preparation)."""
+
+    cpus: int = Field(16, ge=1)
+    """CPU cores of the preparation pod (tokenizer processes: at most this many)."""
+    memory_gi: int = Field(64, ge=1)
+    """Memory in GiB of the preparation pod."""
+    backoff_limit: int = Field(1, ge=0)
+    """Pod retries of the Job before the preparation counts as failed."""
+    active_deadline_seconds: int = Field(86400, ge=60)
+    """Wall-clock limit of the preparation Job (tokenizing 20B tokens takes hours)."""
 
 
 GPUType = Literal["H100", "H200", "A100", "B200"]
@@ -500,6 +533,14 @@ class KubernetesSpec(SpecModel):
     gs://."""
     service_account: str | None = Field(None, pattern=DNS_LABEL)
     """ServiceAccount of the Ray pods (e.g. one bound to a cloud role for object-store access)."""
+    volumes: list[VolumeSpec] = Field(default_factory=list)
+    """More PersistentVolumeClaims for every pod of the stage (head, workers, preparation Job),
+    beside storage.volumeClaim at storage.root. Every local path the stage reads (streams,
+    dataDir, nliModel, sizingTokenizer, stagedPath, ...) must lie under one of them or under
+    storage.root: ``prolongctl validate`` and ``submit`` refuse a stage that reads elsewhere."""
+    prepare: PrepareSpec = Field(default_factory=PrepareSpec)
+    """The CPU-only Job that stages the model and prepares the data before the GPUs are asked
+    for."""
 
 
 class PodTemplates(SpecModel):

@@ -30,6 +30,9 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("cluster", "maxFailures"),
     ("cluster", "kubernetes"),
     ("checkpoint", "keep"),
+    # When checkpoints are taken by time: resuming from any of them gives the same result
+    # (tests/train: resume vs uninterrupted), so the cadence is not part of what is computed.
+    ("checkpoint", "everyMinutes"),
     ("storage", "volumeClaim"),
     # The world layout: the global batch, the data order and the token-mean loss do not depend on
     # it (tests/train/test_reshape.py), and a stage resubmitted on fewer or more workers, or

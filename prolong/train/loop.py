@@ -8,7 +8,9 @@ hold to a single process).
 
 State and its order of writing:
 
-- every ``checkpoint.everySteps`` steps and at the last step, every rank writes its DeepSpeed
+- every ``checkpoint.everySteps`` steps, at the last step and, with ``checkpoint.everyMinutes``,
+  at the first step that long after the last save (rank 0's clock, broadcast:
+  :mod:`prolong.train.cadence`), every rank writes its DeepSpeed
   shards (parameters, optimizer, LR scheduler), the loader state and its RNG state into a local
   temporary directory, reported with ``ray.train.report(checkpoint=...)``: Ray Train persists
   it as ``<stage dir>/checkpoint-<step>`` and only then registers it, so a crash mid-save keeps
@@ -66,6 +68,7 @@ from prolong.stage.directory import (
 )
 from prolong.stage.logs import stage_output
 from prolong.stage.payload import StageRun
+from prolong.train.cadence import CheckpointClock, torch_broadcast
 from prolong.train.chaos import chaos_point
 from prolong.train.checkpoints import (
     CHECKPOINT_TAG,
@@ -248,6 +251,9 @@ class Worker:
         log = MetricsLog(stage, resume_from=step) if self.rank == 0 else None
         gauges = (RayGauges(pipeline=self.ref.pipeline, stage=self.ref.stage,
                             stage_id=self.ref.id) if self.rank == 0 else None)
+        ckpt = self.spec.checkpoint
+        clock = CheckpointClock(ckpt.every_steps, self.spec.total_steps, ckpt.every_minutes,
+                                broadcast=torch_broadcast(self.device if self.gpu else "cpu"))
         try:
             while step < self.spec.total_steps:
                 step += 1
@@ -257,7 +263,8 @@ class Worker:
                 # and nothing reads per-step results from Ray; metrics.jsonl and the gauges
                 # carry every step. The save counts in the step's wall time, so its row is
                 # written after it (a crash mid-save replays the step, and its row, anyway).
-                if step % self.spec.checkpoint.every_steps == 0 or step == self.spec.total_steps:
+                # When: prolong.train.cadence, the same step on every rank.
+                if clock.due(step):
                     saving = time.perf_counter()
                     self._save_and_report(built.engine, loader, step, metrics.as_record(), stage)
                     metrics = with_save_time(metrics, time.perf_counter() - saving)

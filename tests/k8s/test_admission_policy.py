@@ -24,6 +24,7 @@ import yaml
 from prolong.k8s.rayjob import render_stage
 from prolong.specfile import load
 from prolong.stage.names import PIPELINE_LABEL, STAGE_ID_LABEL, STAGE_LABEL
+from tests.conftest import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ml"
@@ -34,7 +35,7 @@ BINDING = "ValidatingAdmissionPolicyBinding"
 
 def render(values: dict[str, Any]) -> list[dict[str, Any]]:
     with helm.Chart.load(REPO / "charts") as chart:
-        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(chart_values(values), name="prolong", namespace=NAMESPACE, is_install=True)
     manifests.pop("prolong/templates/NOTES.txt", None)
     return [o for text in manifests.values() for o in yaml.safe_load_all(text) if o]
 

@@ -13,18 +13,20 @@ import yaml
 
 from prolong.k8s.crd import crd_yaml
 from prolong.train.metrics import METRICS
+from tests.conftest import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts"
 H100 = yaml.safe_load((CHART / "ci" / "h100-values.yaml").read_text())
-VALUES = {"default": {}, "h100": H100,
-          "cluster-wide": {"rbac": {"clusterWide": True}, "rayCluster": {"enabled": True},
-                           "monitoring": {"podMonitor": {"enabled": True},
-                                          "serviceMonitor": {"enabled": True}}},
-          "peering": {"operator": {"peering": {"enabled": True}, "replicas": 3,
-                                   "storage": {"mount": False}}},
-          "cluster-wide-peering": {"rbac": {"clusterWide": True},
-                                   "operator": {"peering": {"enabled": True}}}}
+VALUES = {"default": chart_values({}), "h100": H100,
+          "cluster-wide": chart_values({
+              "rbac": {"clusterWide": True}, "rayCluster": {"enabled": True},
+              "monitoring": {"podMonitor": {"enabled": True},
+                             "serviceMonitor": {"enabled": True}}}),
+          "peering": chart_values({"operator": {"peering": {"enabled": True}, "replicas": 3,
+                                                "storage": {"mount": False}}}),
+          "cluster-wide-peering": chart_values({"rbac": {"clusterWide": True},
+                                                "operator": {"peering": {"enabled": True}}})}
 CLUSTER_SCOPED = ("ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
                   "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
 NAMESPACE = "ml"
@@ -32,7 +34,7 @@ NAMESPACE = "ml"
 # tests/operator/test_rbac.py.
 ALLOWED = {("prolong.dev", "prolongpipelines"), ("prolong.dev", "prolongpipelines/status"),
            ("prolong.dev", "prolongpipelines/finalizers"), ("ray.io", "rayjobs"),
-           ("", "configmaps"), ("", "events"), ("", "pods")}
+           ("", "configmaps"), ("", "events"), ("", "pods"), ("batch", "jobs")}
 
 
 @pytest.fixture
@@ -193,7 +195,7 @@ def test_grafana_dashboard(rendered):
     assert f"The dashboard's ConfigMap is in namespace {cm['metadata']['namespace']}." in notes
     assert "searchNamespace" in notes and "monitoring.grafanaDashboard.namespace" in notes
     with helm.Chart.load(CHART) as chart:
-        moved = chart.render({"monitoring": {"grafanaDashboard": {"namespace": "monitoring"}}},
+        moved = chart.render(chart_values({"monitoring": {"grafanaDashboard": {"namespace": "monitoring"}}}),
                              name="prolong", namespace=NAMESPACE, is_install=True)
     assert "The dashboard's ConfigMap is in namespace monitoring." in \
         moved["prolong/templates/NOTES.txt"]
@@ -249,7 +251,7 @@ def test_values_schema_rejects_bad_values(chart, bad):
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(bad)
     chart.validate_schema(H100)
-    chart.validate_schema({"dashboard": {"service": {"type": "LoadBalancer"}}})  # auth on
+    chart.validate_schema(chart_values({"dashboard": {"service": {"type": "LoadBalancer"}}}))
 
 
 def _container(workload):
@@ -341,3 +343,34 @@ def test_the_long_lived_ray_cluster_is_restricted_and_its_store_fits_in_shm(valu
                   max(ray_constants.REQUIRE_SHM_SIZE_THRESHOLD, int(shm_bytes * 0.95)))
         store = min(int(memory * ray_constants.DEFAULT_OBJECT_STORE_MEMORY_PROPORTION), cap)
         assert store <= shm_bytes, (group.get("groupName", "head"), store, shm_bytes)
+
+
+def test_the_install_names_its_images_and_a_storage_class(chart):
+    """No image is published under a default name, and the default StorageClass (EBS, PD)
+    cannot make a ReadWriteMany claim: an install that names neither is refused, saying what to
+    set and how to build the images."""
+    with pytest.raises(helm.HelmValuesError):  # the claim the chart creates: its class
+        chart.validate_schema({"storage": {"create": True}})
+    chart.validate_schema({"storage": {"create": False}})  # an existing claim: none needed
+    with pytest.raises(Exception, match=r"operator.image.repository: name the operator image.*"
+                                        r"make images REGISTRY"):
+        chart.render(chart_values({"operator": {"image": {"repository": ""}}}), name="prolong",
+                     namespace=NAMESPACE, is_install=True)
+    with pytest.raises(helm.HelmValuesError, match=r"/storage/storageClassName"):
+        chart.render(chart_values({"storage": {"storageClassName": ""}}), name="prolong",
+                     namespace=NAMESPACE, is_install=True)
+
+
+def test_images_storage_class_and_fsgroup_as_named(rendered):
+    objs, notes = rendered["cluster-wide"]
+    assert _one(objs, "PersistentVolumeClaim")["spec"]["storageClassName"] == "efs-sc"
+    deploy = _one(objs, "Deployment")
+    assert _container(deploy)["image"] == "registry.example.com/ml/prolong-operator:0.1.0"
+    ray = _one(objs, "RayCluster")["spec"]
+    for group in (ray["headGroupSpec"], *ray["workerGroupSpecs"]):
+        pod = group["template"]["spec"]
+        assert pod["containers"][0]["image"] == "registry.example.com/ml/prolong-train:0.1.0"
+        assert pod["securityContext"]["fsGroup"] == 1000 == pod["securityContext"]["runAsUser"]
+    assert "make images REGISTRY=<registry>" in notes
+    assert "operator: registry.example.com/ml/prolong-operator:0.1.0" in notes
+    assert "spec.cluster.image" in notes and "prolongctl doctor" in notes

@@ -125,7 +125,64 @@ def test_the_image_hook_loads_the_ofi_plugin_only_for_efa(tmp_path: Path):
         env = _hook_env({**root, **NETWORK_ENV[network]})
         assert "NCCL_NET_PLUGIN" not in env and "aws-ofi-nccl" not in env.get(
             "LD_LIBRARY_PATH", ""), network
-    assert "NCCL_NET_PLUGIN" not in _hook_env({**NETWORK_ENV["efa"], "PROLONG_OFI_ROOT":
-                                               str(tmp_path / "none")})  # image built without
+    # `docker run` of an image built without the plugin: the hook alone does not ask for it.
+    assert "NCCL_NET_PLUGIN" not in _hook_env({"FI_PROVIDER": "efa", "PROLONG_OFI_ROOT":
+                                               str(tmp_path / "none")})
     assert _hook_env({**root, **NETWORK_ENV["efa"], "NCCL_NET_PLUGIN": "mine"})[
         "NCCL_NET_PLUGIN"] == "mine"
+
+
+# -- KubeRay's container command (ray-project/kuberay, ray-operator/controllers/ray) ------------
+# utils/util.go GetContainerCommand (v1.4.2:706-714, v1.7.0:1005-1013): ["/bin/bash", "-c",
+# "--"], "-cl" only when the operator runs with ENABLE_LOGIN_SHELL=true; common/pod.go BuildPod
+# (v1.4.2:444-476, v1.7.0:878-912): the Ray container's own command and args, each word
+# framed by spaces (convertCmdToString, v1.7.0:1036-1042), then "&& ulimit -n
+# ${RAY_START_ULIMIT_OPEN_FILES:-65536}; <ray start ...>", as the single argument.
+
+def kuberay_command(container: dict, ray_start: str) -> list[str]:
+    """The Ray container's command line as KubeRay >= 1.4 (default settings) rewrites it."""
+    def words(cmd: list[str]) -> str:
+        return "".join(f" {w} " for w in cmd)
+
+    cmd = words(container.get("command") or []) + words(container.get("args") or [])
+    generated = f"ulimit -n ${{RAY_START_ULIMIT_OPEN_FILES:-65536}}; {ray_start}"
+    assert "ray start" not in cmd  # else KubeRay leaves the command alone
+    return ["/bin/bash", "-c", "--", f"{cmd} && {generated}" if cmd else generated]
+
+
+def test_the_efa_hook_runs_through_kuberays_own_command_form(tmp_path):
+    """A `network: efa` worker pod, started as KubeRay starts it (bash -c, no login shell): the
+    fabric check runs before Ray, and Ray starts with the EFA plugin selected. `ray start` is
+    replaced by a command that prints the environment Ray would start with."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from prolong.k8s.rayjob import FABRIC_CHECK, render_standalone
+    from prolong.specfile import parse_document
+    from tests.conftest import job_dict
+
+    raw = job_dict("prolong-8b/stage1-64k.yaml")
+    raw["spec"]["cluster"]["kubernetes"]["network"] = "efa"
+    _, rayjob = render_standalone(parse_document(raw))
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    container = group["template"]["spec"]["containers"][0]
+    assert container["command"] == FABRIC_CHECK
+    show = tmp_path / "ray_start.py"
+    show.write_text("import json, os\nprint('RAY-ENV ' + json.dumps(dict(os.environ)))\n")
+    argv = kuberay_command(container, f"{sys.executable} {show}")
+    assert argv[:3] == ["/bin/bash", "-c", "--"] and "-l" not in argv[1]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    # The pod's PATH leads to the image's python; here to this environment's.
+    env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin",
+               PYTHONPATH=os.environ.get("PYTHONPATH", ""), HOME=str(tmp_path))
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    check = [i for i, line in enumerate(lines) if line.startswith("fabric check:")]
+    ray = [i for i, line in enumerate(lines) if line.startswith("RAY-ENV ")]
+    assert check and ray and check[0] < ray[0], done.stdout  # the check, then Ray
+    ray_env = json.loads(lines[ray[0]].removeprefix("RAY-ENV "))
+    assert ray_env["NCCL_NET_PLUGIN"] == "ofi" and ray_env["FI_PROVIDER"] == "efa"

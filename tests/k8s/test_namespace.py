@@ -15,6 +15,7 @@ import yaml
 from prolong.k8s.client import kube_client
 from prolong.k8s.kube_backend import OPERATOR_MARKER
 from prolong.k8s.kubeconfig import resolve_namespace
+from tests.conftest import chart_values
 from tests.k8s import test_submit
 from tests.k8s.test_submit import Api, cli, inline_pipeline
 from tests.operator.apiserver import OPERATOR_CLIENT, Fault, UidApiServer, named, request_of
@@ -67,7 +68,7 @@ def test_the_namespace_is_kubectls(tmp_path, monkeypatch):
 
 def chart_markers(values: dict) -> list[dict]:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values, name="prolong", namespace="ml", is_install=True)
+        manifests = chart.render(chart_values(values), name="prolong", namespace="ml", is_install=True)
     return [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o and o["kind"] == "ConfigMap"
             and o["metadata"]["name"] == OPERATOR_MARKER]

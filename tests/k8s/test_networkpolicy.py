@@ -15,6 +15,7 @@ import yaml
 from prolong.k8s import render
 from prolong.specfile import load
 from prolong.stage.names import STAGE_ID_LABEL
+from tests.conftest import chart_values
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts"
@@ -29,7 +30,7 @@ NOTEBOOK = (NAMESPACE, {"app": "notebook"})  # any other pod of the namespace
 
 def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(chart_values(values), name="prolong", namespace=NAMESPACE, is_install=True)
     manifests.pop("prolong/templates/NOTES.txt", None)
     return [o for text in manifests.values() for o in yaml.safe_load_all(text) if o]
 

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 
 from prolong.k8s.ray_backend import RayJobs
+from prolong.k8s.rayjob import SPEC_MOUNT
 from prolong.k8s.target import stage_target, upstream_state
 from prolong.specfile import load
 from prolong.stage.directory import StageDir, read_metrics, stage_complete
@@ -54,6 +58,20 @@ def mount_configmap(configmap: dict[str, Any], rayjob: dict[str, Any], into: Pat
     return entrypoint.replace(mount["mountPath"], str(into))
 
 
+def run_preparation(prep: dict[str, Any], etc: Path, spec_mount: str) -> None:
+    """Run the stage's preparation Job as its pod would: each container's command in order
+    (init containers first), with the ConfigMap's mount path replaced by ``etc`` (where
+    :func:`mount_configmap` wrote its files) and the container's environment."""
+    pod = prep["spec"]["template"]["spec"]
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        command = [arg.replace(spec_mount, str(etc)) for arg in container["command"]]
+        env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+        # The image's PATH starts with its venv (images/train/Dockerfile); here this one's.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{container['name']}: {done.stderr[-3000:]}"
+
+
 def run_as_kuberay(ray: RayJobs, rayjob: dict[str, Any], entrypoint: str,
                    timeout: float) -> str:
     """Run the entrypoint on the head as KubeRay's submitter does; the job's final status and
@@ -81,9 +99,12 @@ def test_stage2_submitted_alone_trains_from_stage1(ray_head, tmp_path: Path, kub
     stage2 = stage_target(load(jobs / "stage2.yaml"))
     assert stage2.upstream == {"stage1": stage1.ref}
 
-    # Stage 1, through its own RayJob (as `submit stage1.yaml` creates it).
+    # Stage 1, through its own RayJob (as `submit stage1.yaml` creates it): its entrypoint
+    # refuses data that its preparation Job has not prepared, so that Job runs first.
     configmap, rayjob = stage1.render()
-    ran = run_as_kuberay(ray, rayjob, mount_configmap(configmap, rayjob, tmp_path / "etc1"), 600)
+    entrypoint = mount_configmap(configmap, rayjob, tmp_path / "etc1")
+    run_preparation(stage1.preparation(), tmp_path / "etc1", SPEC_MOUNT)
+    ran = run_as_kuberay(ray, rayjob, entrypoint, 600)
     assert ran.startswith("SUCCEEDED"), ran[-3000:]
     assert stage_complete(stage1.ref.directory)
     # What submit checks before it creates stage 2: its upstream's COMPLETE marker.
@@ -94,7 +115,9 @@ def test_stage2_submitted_alone_trains_from_stage1(ray_head, tmp_path: Path, kub
     stage_json = json.loads(configmap["data"][STAGE_FILE])
     assert stage_json["upstreamStages"] == {
         "stage1": {"id": stage1.ref.id, "directory": stage1.ref.directory}}
-    ran = run_as_kuberay(ray, rayjob, mount_configmap(configmap, rayjob, tmp_path / "etc2"), 400)
+    entrypoint = mount_configmap(configmap, rayjob, tmp_path / "etc2")
+    run_preparation(stage2.preparation(), tmp_path / "etc2", SPEC_MOUNT)
+    ran = run_as_kuberay(ray, rayjob, entrypoint, 400)
     assert ran.startswith("SUCCEEDED"), ran[-3000:]
 
     out = StageDir(stage2.ref.directory)

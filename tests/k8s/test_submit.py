@@ -9,6 +9,7 @@ statuses over the same HTTP API (see tests/operator/conftest.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,13 +29,14 @@ from prolong.k8s.submit import open_backend
 from prolong.specfile import dump_yaml, load
 from prolong.stage.identity import pipeline_stages
 from tests.conftest import (
-    JOBS,
     KUBERAY_CRD_PATH,
     job_dict,
+    on_volume,
+    quickstart_on_volume,
     serve_kuberay_crd,
     use_kmock_kubeconfig,
 )
-from tests.operator.conftest import CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
+from tests.operator.conftest import BATCH_JOBS, CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
 PODS = kmock.resource("v1/pods")
@@ -73,11 +75,22 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
         "apiVersion": "v1", "kind": "ConfigMap",
         "metadata": {"name": OPERATOR_MARKER, "namespace": NAMESPACE}}
     serve_kuberay_crd(kmock)  # KubeRay 1.7 installed (tests that want another serve theirs)
+    kmock.resources[BATCH_JOBS] = info(namespaced=True, kind="Job", subresources={"status"},
+                                 verbs=verbs)
     url = str(kmock.url).rstrip("/")
     use_kmock_kubeconfig(url, tmp_path, NAMESPACE, monkeypatch)
+    # submit reads a stage's preparation Job until it ends; the test's Job controller ends it.
+    monkeypatch.setenv("PROLONG_PREPARE_POLL_SECONDS", "0.05")
     async with aiohttp.ClientSession(base_url=url,
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
-        yield Api(kmock, session)
+        api = Api(kmock, session)
+        controller = asyncio.create_task(api.run_job_controller())
+        try:
+            yield api
+        finally:
+            controller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await controller
 
 
 async def cli(*args: str):
@@ -86,7 +99,7 @@ async def cli(*args: str):
 
 
 def stage_file(tmp_path: Path, steps: int = 30) -> Path:
-    job = job_dict("quickstart/stage1.yaml")
+    job = on_volume(job_dict("quickstart/stage1.yaml"), tmp_path / "runs")
     job["spec"]["steps"] = steps
     path = tmp_path / f"stage1-{steps}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -131,15 +144,19 @@ async def test_dry_run_creates_nothing(api: Api, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "client-side" in result.stderr and f"RayJob {NAMESPACE}/" in result.stderr
     objs = list(yaml.safe_load_all(result.stdout))
-    assert [o["kind"] for o in objs] == ["ConfigMap", "RayJob"]
-    assert objs[1]["metadata"]["name"] == rayjob["metadata"]["name"]
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Job", "RayJob"]
+    assert objs[2]["metadata"]["name"] == rayjob["metadata"]["name"]
     assert api.creates(RAYJOBS) == 0 and api.creates(CONFIGMAPS) == 0
     assert not api.rayjobs() and not api.configmaps()
 
 
+def quickstart(tmp_path: Path) -> Path:
+    return quickstart_on_volume(tmp_path / "quickstart", tmp_path / "runs")
+
+
 def inline_pipeline(tmp_path: Path, *, stage2_steps: int | None = None) -> Path:
     """The quickstart pipeline with its stages inline (optionally stage 2 edited)."""
-    doc = yaml.safe_load(dump_yaml(load(JOBS / "quickstart/pipeline.yaml").document))
+    doc = yaml.safe_load(dump_yaml(load(quickstart(tmp_path) / "pipeline.yaml").document))
     if stage2_steps is not None:
         (stage2,) = [s for s in doc["spec"]["stages"] if s["name"] == "stage2"]
         stage2["spec"]["steps"] = stage2_steps
@@ -150,7 +167,7 @@ def inline_pipeline(tmp_path: Path, *, stage2_steps: int | None = None) -> Path:
 
 async def test_pipeline_creates_the_custom_resource_with_stages_inline(api: Api,
                                                                        tmp_path: Path) -> None:
-    source = JOBS / "quickstart/pipeline.yaml"
+    source = quickstart(tmp_path) / "pipeline.yaml"
     result = await cli("submit", str(source))
     assert result.exit_code == 0, result.output
     cr = api.pipeline("quickstart")
@@ -210,8 +227,8 @@ async def test_wait_gates_on_complete_and_succeeded(api: Api, tmp_path: Path, jo
     assert ("succeeded" if code == 0 else "failed") in result.stderr.splitlines()[-1]
 
 
-async def test_wait_follows_a_pipeline(api: Api) -> None:
-    waiting = asyncio.create_task(cli("submit", str(JOBS / "quickstart/pipeline.yaml"), "--wait",
+async def test_wait_follows_a_pipeline(api: Api, tmp_path: Path) -> None:
+    waiting = asyncio.create_task(cli("submit", str(quickstart(tmp_path) / "pipeline.yaml"), "--wait",
                                       "--interval", "0.05", "--timeout", "30"))
     await api.wait("pipeline", lambda: (PIPELINES, NAMESPACE, "quickstart") in api.kmock.objects)
     await api.set_pipeline_status("quickstart", {"phase": "Running", "stages": [
@@ -304,7 +321,7 @@ async def test_open_backend_picks_kubernetes_in_the_context_namespace(api: Api) 
 async def test_submit_refuses_a_kuberay_that_would_drop_fields(api: Api, tmp_path: Path, tag,
                                                               missing) -> None:
     serve_kuberay_crd(api.kmock, tag, priority=1)
-    for path in (stage_file(tmp_path), JOBS / "quickstart" / "pipeline.yaml"):
+    for path in (stage_file(tmp_path), quickstart(tmp_path) / "pipeline.yaml"):
         result = await cli("submit", str(path))
         assert result.exit_code == 2, result.output
         line = result.stderr.strip()

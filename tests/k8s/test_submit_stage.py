@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from prolong.data.prepare import tokenizer_ref
 from prolong.specfile import load
 from prolong.stage.identity import pipeline_stages
 from prolong.stage.payload import JOB_FILE, STAGE_FILE
-from tests.conftest import JOBS
+from tests.conftest import JOBS, quickstart_on_volume
 from tests.k8s import test_submit
 from tests.k8s.test_submit import Api, cli
 from tests.operator.conftest import CONFIGMAPS, PIPELINES, RAYJOBS
@@ -25,10 +26,19 @@ QUICKSTART = JOBS / "quickstart"
 api = test_submit.api  # the kmock API fixture of the other submit tests
 
 
+@pytest.fixture(autouse=True)
+def quickstart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The quickstart files with their storage on a volume, as a stage submitted to Kubernetes
+    needs (tests.conftest.quickstart_on_volume): QUICKSTART names this test's copy."""
+    copy = quickstart_on_volume(tmp_path / "quickstart", tmp_path / "runs")
+    monkeypatch.setattr(sys.modules[__name__], "QUICKSTART", copy)
+    return copy
+
+
 @pytest.fixture
-def refs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """The quickstart pipeline's stages. The working directory is an empty tmp_path, so the
-    relative storage root ./runs holds no COMPLETE marker unless a test writes one."""
+def refs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quickstart: Path) -> dict:
+    """The quickstart pipeline's stages. Their storage root is an empty directory of tmp_path,
+    so it holds no COMPLETE marker unless a test writes one."""
     monkeypatch.chdir(tmp_path)
     loaded = load(QUICKSTART / "pipeline.yaml")
     return {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
@@ -158,7 +168,8 @@ async def test_a_fromstage_file_no_pipeline_references_is_refused(api: Api,
 async def test_render_resolves_the_stage_through_its_pipeline(refs: dict) -> None:
     result = await cli("render", str(QUICKSTART / "stage2.yaml"))
     assert result.exit_code == 0, result.output
-    configmap, _ = yaml.safe_load_all(result.stdout)
+    configmap, prep, _ = yaml.safe_load_all(result.stdout)
+    assert prep["kind"] == "Job"  # the preparation Job sits between ConfigMap and RayJob
     assert json.loads(configmap["data"][STAGE_FILE])["upstreamStages"]["stage1"]["id"] == \
         refs["stage1"].id
     assert "unresolved:" not in result.stdout
@@ -188,7 +199,7 @@ async def test_dry_run_without_a_cluster_checks_here(tmp_path: Path,
         in result.stderr
     assert "upstream stage stage1" in result.stderr and "not checked" in result.stderr
     kinds = [o["kind"] for o in yaml.safe_load_all(result.stdout)]
-    assert kinds == ["ConfigMap", "RayJob"]
+    assert kinds == ["ConfigMap", "Job", "RayJob"]  # the preparation Job checked here too
 
     # Without --dry-run the same cluster is an error (exit 1), not a silent local render.
     real = CliRunner().invoke(app, ["submit", str(QUICKSTART / "stage1.yaml")])

@@ -12,7 +12,7 @@ import yaml
 
 from prolong.model.staging import Staging, stage
 from prolong.specfile import load
-from tests.conftest import job_dict
+from tests.conftest import job_dict, on_volume
 from tests.k8s import test_submit
 from tests.k8s.test_submit import Api, cli
 from tests.operator.conftest import CONFIGMAPS, PIPELINES, RAYJOBS
@@ -24,7 +24,10 @@ api = test_submit.api
 def job_file(tmp_path: Path, *, model: dict | None = None, tokenizer: dict | None = None,
              storage: dict | None = None) -> Path:
     """The quickstart's stage 1 with a staged model source, on its own (no pipeline beside)."""
-    job = job_dict("quickstart/stage1.yaml")
+    job = on_volume(job_dict("quickstart/stage1.yaml"), tmp_path / "runs")
+    # The sources and staging targets of these tests live in tmp_path: a writable claim there.
+    job["spec"]["cluster"]["kubernetes"] = {"volumes": [
+        {"claim": "inputs", "mountPath": str(tmp_path), "readOnly": False}]}
     job["spec"]["model"].update(model or {})
     if tokenizer is None and model and "source" in model:
         tokenizer = {"source": model["source"]}  # not trained: the model is pretrained

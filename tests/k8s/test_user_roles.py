@@ -19,7 +19,7 @@ import kmock
 import pytest
 import yaml
 
-from tests.conftest import JOBS
+from tests.conftest import chart_values, job_dict, on_volume, quickstart_on_volume
 from tests.k8s import test_submit
 from tests.k8s.test_submit import PODS, Api, cli, expected, inline_pipeline, stage_file
 from tests.operator.apiserver import OPERATOR_CLIENT, Fault, UidApiServer, request_of
@@ -66,7 +66,7 @@ def cli_grants(server: kmock.KubernetesEmulator, since: int = 0) -> set[Grant]:
 
 def chart_roles(values: dict | None = None) -> dict[str, set[Grant]]:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values or {}, name="prolong", namespace=NAMESPACE,
+        manifests = chart.render(chart_values(values or {}), name="prolong", namespace=NAMESPACE,
                                  is_install=True)
     objs = [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o]
@@ -89,7 +89,8 @@ async def test_user_roles_grant_exactly_what_the_cli_calls(api: Api, tmp_path: P
     name = expected(path)[1]["metadata"]["name"]
     ok(await cli("submit", str(path)))
     ok(await cli("submit", str(path)))  # exists: nothing created
-    refused = await cli("submit", str(JOBS / "quickstart/stage2.yaml"))  # upstream not done
+    refused = await cli("submit", str(quickstart_on_volume(tmp_path / "qs", tmp_path / "runs")
+                                      / "stage2.yaml"))  # upstream not done
     assert refused.exit_code == 2, refused.output
     ok(await cli("submit", str(inline_pipeline(tmp_path))))
     ok(await cli("submit", str(inline_pipeline(tmp_path, stage2_steps=7))))  # an edit: patch
@@ -126,7 +127,7 @@ async def test_user_roles_grant_exactly_what_the_cli_calls(api: Api, tmp_path: P
 
 async def test_the_roles_aggregate_into_edit_and_view() -> None:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render({}, name="prolong", namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(chart_values({}), name="prolong", namespace=NAMESPACE, is_install=True)
     objs = {o["metadata"]["name"]: o for name, text in manifests.items()
             if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o and o.get("kind") == "ClusterRole"}
@@ -136,10 +137,21 @@ async def test_the_roles_aggregate_into_edit_and_view() -> None:
     assert f"{agg}edit" not in objs["prolong-view"]["metadata"]["labels"]
 
 
+def eval_file(tmp_path: Path) -> Path:
+    """The quickstart eval on a local model: nothing to stage or prepare, so its RayJob is
+    created first, then its ConfigMap (a stage with a preparation creates its ConfigMap first:
+    the preparation Job mounts it)."""
+    job = on_volume(job_dict("quickstart/eval.yaml"), tmp_path / "runs")
+    job["spec"]["model"] = {"source": str(tmp_path / "runs" / "model")}
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
 async def test_a_refused_configmap_leaves_nothing_behind(api: Api, tmp_path: Path) -> None:
     """The RayJob is created first and its ConfigMap owned by it; when the ConfigMap is refused
     (a quota, a webhook) the RayJob is deleted again: no orphan either way."""
-    path = stage_file(tmp_path)
+    path = eval_file(tmp_path)
     configmap, rayjob = expected(path)
     name = rayjob["metadata"]["name"]
     ok = await cli("submit", str(path))
@@ -159,3 +171,12 @@ async def test_a_refused_configmap_leaves_nothing_behind(api: Api, tmp_path: Pat
     assert name not in api.rayjobs() and not api.configmaps()
     assert sum(1 for r in api.kmock if r.action == kmock.action.CREATE
                and r.resource == RAYJOBS) == 2
+
+    # A stage with a preparation: its ConfigMap comes first, so a refused one creates nothing.
+    staged = stage_file(tmp_path)
+    api.kmock.inject(Fault(request_of(OPERATOR_CLIENT, kmock.action.CREATE, CONFIGMAPS),
+                           "reject", status=403))
+    failed = await cli("submit", str(staged))
+    assert failed.exit_code == 1 and "403" in failed.stderr, failed.output
+    assert not api.configmaps() and not api.jobs()
+    assert expected(staged)[1]["metadata"]["name"] not in api.rayjobs()

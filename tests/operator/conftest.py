@@ -45,6 +45,7 @@ NAMESPACE = "default"
 PIPELINES = kmock.resource("prolong.dev/v1alpha1/prolongpipelines")
 RAYJOBS = kmock.resource("ray.io/v1/rayjobs")
 CONFIGMAPS = kmock.resource("v1/configmaps")
+BATCH_JOBS = kmock.resource("batch/v1/jobs")
 EVENTS = kmock.resource("v1/events")
 _module_ids = itertools.count()
 
@@ -84,6 +85,10 @@ class Cluster:
     def __init__(self, kmock: ApiServer, session: aiohttp.ClientSession) -> None:
         self.kmock = kmock
         self.session = session
+        self.jobs_end: str | None = "Complete"
+        """What the Job controller makes of each created Job (Complete, Failed; None: it
+        stays running until the test says)."""
+        self._job_controller: asyncio.Task | None = None
 
     def _path(self, res: kmock.resource, name: str | None = None, sub: str | None = None) -> str:
         base = f"/api/{res.version}" if res.group == "" else f"/apis/{res.group}/{res.version}"
@@ -117,6 +122,32 @@ class Cluster:
         await self._send("PATCH", self._path(RAYJOBS, name, "status"), {"status": {
             "jobDeploymentStatus": deployment, "jobStatus": job, "message": message,
             "dashboardURL": f"{name}-head-svc.{NAMESPACE}.svc:8265"}})
+
+    async def set_job(self, name: str, end: str, reason: str | None = None) -> None:
+        """Play the Job controller: the Job's pods ended (Complete or Failed)."""
+        now = "2026-01-01T00:00:00Z"
+        cond = {"type": end, "status": "True", "lastTransitionTime": now,
+                "reason": reason or ("Completed" if end == "Complete" else "BackoffLimitExceeded"),
+                "message": None if end == "Complete" else "Job has reached the specified "
+                                                          "backoff limit"}
+        counts = {"succeeded": 1} if end == "Complete" else {"failed": 2}
+        await self._send("PATCH", self._path(BATCH_JOBS, name, "status"), {"status": {
+            "conditions": [cond], "startTime": now, **counts}})
+
+    def jobs(self) -> dict[str, dict]:
+        return {key[2]: obj.raw for key, obj in self.kmock.objects.items()
+                if key[0] == BATCH_JOBS and not obj.deleted}
+
+    async def run_job_controller(self) -> None:
+        """Until the test ends: each Job created ends as :attr:`jobs_end` says (a moment later,
+        over HTTP, as the Job controller's status update would)."""
+        done: set[str] = set()
+        while True:
+            for name, job in list(self.jobs().items()):
+                if name not in done and self.jobs_end is not None and not job.get("status"):
+                    done.add(name)
+                    await self.set_job(name, self.jobs_end)
+            await asyncio.sleep(0.05)
 
     def pipeline(self, name: str) -> dict:
         return self.kmock.objects[PIPELINES, NAMESPACE, name].raw
@@ -190,6 +221,8 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     kmock.resources["v1/events"] = info(namespaced=True, kind="Event", verbs={"create"})
     kmock.resources["v1/pods"] = info(namespaced=True, kind="Pod",
                                       verbs={"get", "list", "create"})
+    kmock.resources[BATCH_JOBS] = info(namespaced=True, kind="Job", subresources={"status"},
+                                 verbs={"get", "list", "watch", "create", "patch"})
     # kopf waits for the namespaces resource to be discovered (a real cluster always serves it),
     # though the handlers turn namespace scanning off (kmock 0.8 cannot parse the path
     # /api/v1/namespaces anyway: HTTP 500).
@@ -203,7 +236,14 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     # include kmock's handlers of whatever connections were open then.
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
-        yield Cluster(kmock, session)
+        cluster = Cluster(kmock, session)
+        controller = asyncio.create_task(cluster.run_job_controller())
+        try:
+            yield cluster
+        finally:
+            controller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await controller
     # Every RayJob the operator created passed KubeRay's and Kueue's oracles (a test that
     # expects a refusal clears the list).
     assert not kmock.refusals, kmock.refusals

@@ -186,33 +186,49 @@ async def test_a_lost_status_patch_still_posts_its_events_once(cluster: Cluster)
 
 
 @pytest.mark.asyncio
-async def test_a_status_conflict_is_planned_again_from_fresh_state(cluster: Cluster) -> None:
+async def test_a_status_conflict_is_planned_again_from_fresh_state(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two operators overlap (a rolling update): while the first one's status patch is on its
     way, the second sees stage 1 succeed, starts stage 2 and writes that. The first one's patch,
     planned from the older state, must not overwrite it: its resourceVersion is stale (409), so
     it reads again and plans again."""
     cr = pipeline_cr()
     name = cr["metadata"]["name"]
+    # The first one's status patch waits while the other reconciles (six calls): its client
+    # must not time out meanwhile, or the race is not the one staged here.
+    monkeypatch.setenv("PROLONG_API_TIMEOUT_SECONDS", "10")
     first, other = load_handlers(), load_handlers()  # two processes: two sets of locks
     api = first.kube_client()
     await cluster.create_pipeline(cr)
-    await asyncio.to_thread(first.reconcile, api, NAMESPACE, name)
+    await asyncio.to_thread(first.reconcile, api, NAMESPACE, name)  # stage 1's preparation
+    await cluster.wait("stage 1 prepared", lambda: any(
+        j.get("status") for j in cluster.jobs().values()))
+    await asyncio.to_thread(first.reconcile, api, NAMESPACE, name)  # stage 1's RayJob
     await cluster.set_rayjob(rayjob_for(cr, "stage1"), "Running", "RUNNING")
+    cluster.jobs_end = None  # stage 2's preparation stays running
+
+    hook_errors: list[BaseException] = []
 
     async def the_other_operator_moves_on() -> None:
         await cluster.set_rayjob(rayjob_for(cr, "stage1"), "Complete", "SUCCEEDED")
-        await asyncio.to_thread(other.reconcile, other.kube_client(), NAMESPACE, name)
+        try:
+            await asyncio.to_thread(other.reconcile, other.kube_client(), NAMESPACE, name)
+        except BaseException as exc:  # shown below: the race did not happen as staged
+            hook_errors.append(exc)
+            raise
 
     racing = cluster.kmock.inject(Fault(PATCH_STATUS, "before",
                                         hook=the_other_operator_moves_on))
     plan = await asyncio.to_thread(first.reconcile, api, NAMESPACE, name)
-    assert racing.hits == 1
+    assert racing.hits == 1 and not hook_errors, hook_errors
     status = cluster.status(name)
-    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Submitted", "Pending",
+    assert [s["phase"] for s in status["stages"]] == ["Succeeded", "Preparing", "Pending",
                                                       "Pending"]
-    assert [s.phase for s in plan.status.stages][:2] == ["Succeeded", "Submitted"]
-    assert plan.creates == ()  # the other one created stage 2; this one found it
-    assert sorted(cluster.rayjobs()) == sorted(rayjob_for(cr, s) for s in STAGES[:2])
+    assert [s.phase for s in plan.status.stages][:2] == ["Succeeded", "Preparing"]
+    # The other one created stage 2's preparation; this one found it.
+    assert plan.creates == () and plan.prepares == ()
+    assert sorted(cluster.rayjobs()) == [rayjob_for(cr, "stage1")]
+    assert len(cluster.jobs()) == 2
 
 
 @pytest.mark.asyncio
@@ -232,9 +248,10 @@ async def test_a_rayjob_name_held_by_another_owner_blocks_the_stage(cluster: Clu
     invariants = Invariants(cluster, cr)
     async with running_operator():
         await cluster.create_pipeline(cr)
-        status = await cluster.wait_status(name, lambda s: s.get("conditions"))
+        status = await cluster.wait_status(name, lambda s: s.get("conditions") and
+                                           stage(s, "stage1")["phase"] == "Pending")
         stage1 = stage(status, "stage1")
-        assert stage1["phase"] == "Pending" and "uid-0" in stage1["message"]
+        assert "uid-0" in stage1["message"]
         assert rayjob_for(cr, "stage1") in stage1["message"]
         stalled = condition(status, "Stalled")
         assert (stalled["status"], stalled["reason"]) == ("True", "NameTaken")

@@ -54,6 +54,15 @@ async def reconcile(handlers, cluster: Cluster, name: str, events: list) -> None
                             lambda body, event: events.append(event))
 
 
+async def through_preparation(handlers, cluster: Cluster, name: str, events: list) -> None:
+    """Stage 1's preparation Job created by a first reconcile and completed by the test's Job
+    controller: the next reconcile creates its RayJob (what these tests are about)."""
+    await reconcile(handlers, cluster, name, events)
+    await cluster.wait("stage 1 prepared", lambda: any(
+        j.get("status") for j in cluster.jobs().values()))
+    events.clear()
+
+
 def creates(cluster: Cluster, resource: kmock.resource) -> int:
     return sum(1 for r in cluster.kmock if r.action == kmock.action.CREATE
                and r.resource == resource
@@ -74,6 +83,7 @@ async def test_a_refused_create_stalls_with_the_servers_message_and_is_retried_a
                                          message=message))
     await cluster.create_pipeline(cr)
     events: list = []
+    await through_preparation(handlers, cluster, name, events)
     await reconcile(handlers, cluster, name, events)
     status = cluster.status(name)
     stage1 = status["stages"][0]
@@ -150,6 +160,7 @@ async def test_a_pod_that_cannot_start_fails_the_attempt_at_once(
     rayjob = rayjob_for(cr, "stage1")
     await cluster.create_pipeline(cr)
     events: list = []
+    await through_preparation(handlers, cluster, name, events)
     await reconcile(handlers, cluster, name, events)
     await cluster.set_rayjob_status(rayjob, {"jobDeploymentStatus": "Initializing",
                                              "rayClusterName": f"{rayjob}-rc"})
@@ -179,6 +190,7 @@ async def test_a_pod_still_pulling_is_left_alone(cluster: Cluster, handlers) -> 
     name, rayjob = cr["metadata"]["name"], rayjob_for(cr, "stage1")
     await cluster.create_pipeline(cr)
     events: list = []
+    await through_preparation(handlers, cluster, name, events)
     await reconcile(handlers, cluster, name, events)
     await cluster.set_rayjob_status(rayjob, {"jobDeploymentStatus": "Initializing",
                                              "rayClusterName": f"{rayjob}-rc"})

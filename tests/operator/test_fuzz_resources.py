@@ -271,7 +271,11 @@ async def _one_end_to_end(cluster: Cluster, handlers: Any, api: Any, seed: int,
     lost: list[str] = []
     if mid_run:  # a valid run under way, then its spec edited to the mutant
         await cluster.create_pipeline(cr)
-        await asyncio.to_thread(handlers.reconcile, api, "default", name)
+        await asyncio.to_thread(handlers.reconcile, api, "default", name)  # its preparation
+        await cluster.wait("stage 1 prepared", lambda: any(
+            j.get("status") for j in cluster.jobs().values()
+            if j["metadata"]["labels"].get(PIPELINE_LABEL) == name))
+        await asyncio.to_thread(handlers.reconcile, api, "default", name)  # its RayJob
         before = _rayjobs_of(cluster, name)
         if len(before) != 1:
             lost.append(f"the valid pipeline created {sorted(before)}")

@@ -135,7 +135,8 @@ async def test_a_failed_stage_is_retried_then_the_pipeline_fails(cluster: Cluste
                                 if any(r == "PipelineFailed" for _, r, _ in cluster.events())
                                 else None)
     reasons = [(t, r) for t, r, _ in events]
-    assert reasons[0] == ("Normal", "StageSubmitted")
+    # The stage's preparation Job first, its RayJob once that completed.
+    assert reasons[:2] == [("Normal", "StagePreparing"), ("Normal", "StageSubmitted")]
     assert reasons.count(("Warning", "StageRetried")) == 2
     assert ("Warning", "StageFailed") in reasons and reasons[-1] == ("Warning", "PipelineFailed")
     assert any("NCCL timeout" in m for t, r, m in events if r == "StageFailed")
@@ -288,7 +289,8 @@ async def test_an_invalid_spec_is_reported_in_status_not_crashed_on(cluster: Clu
         await cluster.edit_pipeline(name, cr["spec"], generation=2)
         await cluster.wait_rayjob(rayjob_for(cr, "stage1"))
         status = await cluster.wait_status(
-            name, lambda s: condition(s, "SpecValid")["status"] == "True")
+            name, lambda s: condition(s, "SpecValid")["status"] == "True"
+            and s["stages"][0]["phase"] == "Submitted")
     assert status["observedGeneration"] == 2
     assert phases(status) == ["Submitted", "Pending", "Pending", "Pending"]
 
@@ -314,7 +316,8 @@ async def test_a_stage_whose_output_is_complete_is_skipped(cluster: Cluster, tmp
     async with running_operator():
         await cluster.create_pipeline(cr)
         await cluster.wait_rayjob(rayjob_for(cr, "stage2"))
-        status = await cluster.wait_status(name, lambda s: s.get("currentStage") == "stage2")
+        status = await cluster.wait_status(name, lambda s: s.get("currentStage") == "stage2"
+                                           and s["stages"][1]["phase"] == "Submitted")
     assert sorted(cluster.rayjobs()) == [rayjob_for(cr, "stage2")]
     assert phases(status) == ["Skipped", "Submitted", "Pending", "Pending"]
     assert status["stages"][0]["outputURI"] == stage1.directory

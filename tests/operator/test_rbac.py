@@ -33,8 +33,9 @@ import kmock
 import kopf
 import pytest
 import yaml
-from kubernetes.client import CoreV1Api, CustomObjectsApi
+from kubernetes.client import BatchV1Api, CoreV1Api, CustomObjectsApi
 
+from tests.conftest import chart_values
 from tests.operator.conftest import (
     HANDLERS,
     NAMESPACE,
@@ -49,7 +50,10 @@ pytestmark = pytest.mark.timeout(120)
 CHART = Path(__file__).resolve().parents[2] / "charts"
 Grant = tuple[str, str, str]
 """(apiGroup, resource or resource/subresource, verb)"""
-API_CLASSES = {"CoreV1Api": CoreV1Api, "CustomObjectsApi": CustomObjectsApi}
+API_CLASSES = {"CoreV1Api": CoreV1Api, "BatchV1Api": BatchV1Api,
+               "CustomObjectsApi": CustomObjectsApi}
+BUILTIN_GROUPS = {"CoreV1Api": "", "BatchV1Api": "batch"}
+"""The API group of each built-in API class (its methods name the resource)."""
 KUBE_CLIENT_NAMES = {"ApiClient", "ApiException", *API_CLASSES}
 """What the handlers may import from kubernetes.client: a new API class (BatchV1Api, ...) must
 be taught to this reader first."""
@@ -142,9 +146,9 @@ def handler_calls() -> set[Grant]:
             continue
         verb = VERBS[match.group(1)]
         sub = (match.group(4) or "").lstrip("_")
-        if owner == "CoreV1Api":
+        if owner in BUILTIN_GROUPS:
             resource = _plural(match.group(3))
-            grants.add(("", f"{resource}/{sub}" if sub else resource, verb))
+            grants.add((BUILTIN_GROUPS[owner], f"{resource}/{sub}" if sub else resource, verb))
             continue
         args = api_args(node)
         plural_at = 3 if match.group(2) == "namespaced_" else 2
@@ -224,7 +228,7 @@ async def a_pipeline_life(cluster: Cluster) -> None:
 
 def rendered(values: dict[str, Any]) -> tuple[set[Grant], list[dict[str, Any]]]:
     with helm.Chart.load(CHART) as chart:
-        manifests = chart.render(values, name="prolong", namespace=NAMESPACE, is_install=True)
+        manifests = chart.render(chart_values(values), name="prolong", namespace=NAMESPACE, is_install=True)
     objs = [o for name, text in manifests.items() if not name.endswith("NOTES.txt")
             for o in yaml.safe_load_all(text) if o]
     (role,) = [o for o in objs if o["kind"] in ("Role", "ClusterRole")
@@ -257,6 +261,7 @@ def test_the_reader_sees_the_handlers_calls(code_grants):
     assert ("prolong.dev", "prolongpipelines/status", "patch") in code_grants
     assert ("ray.io", "rayjobs", "create") in code_grants
     assert ("", "configmaps", "create") in code_grants
+    assert ("batch", "jobs", "create") in code_grants and ("batch", "jobs", "list") in code_grants
     assert not any(r == "configmaps" and v == "delete" for _, r, v in code_grants)
 
 
