@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,15 @@ def on_volume(job: dict[str, Any], root: Path, claim: str = "prolong-runs") -> d
     submitted to Kubernetes needs (prolong.k8s.mounts: a relative ./runs is in no pod's
     volume). ``root`` is also a directory of this machine, where the tests write markers."""
     job["spec"]["storage"] = {"root": str(root), "volumeClaim": claim}
+    model = job["spec"].get("model") or {}
+    source = model.get("source")
+    if isinstance(source, str) and source.startswith("./"):
+        # A model in this checkout (the quickstart's base) is on no pod's volume either: a copy
+        # on the claim, as a user would put it there.
+        copied = root / "models" / Path(source).parent.name
+        if not copied.exists():
+            shutil.copytree(REPO / source, copied)
+        model["source"] = str(copied)
     return job
 
 

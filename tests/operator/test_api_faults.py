@@ -22,6 +22,7 @@ from prolong.specfile import pipeline_from_resource
 from prolong.stage.names import LABEL_PREFIX, STAGE_ID_LABEL, STAGE_LABEL
 from tests.operator.apiserver import KOPF_CLIENT, OPERATOR_CLIENT, Fault, named, request_of
 from tests.operator.conftest import (
+    BATCH_JOBS,
     CONFIGMAPS,
     NAMESPACE,
     PIPELINES,
@@ -333,12 +334,18 @@ async def test_a_watch_disconnect_resumes(cluster: Cluster) -> None:
         await cluster.wait_status(name, lambda s: stage(s, "stage1").get("phase") == "Running")
         down = cluster.kmock.inject(Fault(request_of(KOPF_CLIENT, kmock.action.WATCH, RAYJOBS),
                                           "reject", status=503, times=None))
+        # The preparation Jobs' watch is refused too: its re-list after the cut would otherwise
+        # start a reconcile that reads stage 1's new state without any RayJob watch.
+        jobs_down = cluster.kmock.inject(Fault(request_of(KOPF_CLIENT, kmock.action.WATCH,
+                                                          BATCH_JOBS),
+                                               "reject", status=503, times=None))
         assert cluster.kmock.cut_watches() >= 2  # the pipelines' and the RayJobs'
-        await cluster.wait("a refused watch", lambda: down.hits >= 1)
+        await cluster.wait("a refused watch", lambda: down.hits >= 1 and jobs_down.hits >= 1)
         await cluster.set_rayjob(first, "Complete", "SUCCEEDED")
         await asyncio.sleep(0.5)
         assert rayjob_for(cr, "stage2") not in cluster.rayjobs()  # the watch really was down
         cluster.kmock.faults.remove(down)
+        cluster.kmock.faults.remove(jobs_down)
         await cluster.wait_rayjob(rayjob_for(cr, "stage2"))
         status = await cluster.wait_status(name, lambda s: stage(s, "stage2")
                                            .get("phase") == "Submitted")
