@@ -31,7 +31,7 @@ from prolong.k8s.backend import submission
 from prolong.k8s.ray_backend import normalise_address, ray_submission_id, ray_token
 from prolong.specfile import load
 from prolong.stage.directory import StageDir
-from tests.conftest import JOBS, job_dict
+from tests.conftest import JOBS, REPO, job_dict
 
 runner = CliRunner()
 BIN = Path(sys.executable).parent
@@ -117,6 +117,9 @@ def tiny_stage(tmp_path: Path, data_dir: Path) -> Path:
     spec["checkpoint"] = {"everySteps": 3}
     spec["storage"] = {"root": str(tmp_path / "runs")}
     spec["data"]["preparedDir"] = str(data_dir)
+    # The quickstart's base is relative to the checkout; the Ray job's working_dir holds only
+    # the spec, and this local Ray cluster shares this machine's files.
+    spec["model"]["source"] = str(REPO / spec["model"]["source"])
     path = tmp_path / "stage1.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
