@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from prolong.data.mixture import MixtureLoader, lockstep_efficiency, place_rows, row_costs
+from prolong.data.shards import DocumentOffsets
 from prolong.model.flops import doc_causal_flops_per_token
 from prolong.spec import ArchitectureSpec, DataStream, TrainSpec
 
@@ -39,7 +40,7 @@ _SHORT_DOCS = 8192
 _LONG_DOCS = 512
 
 
-class DocumentLengths:
+class DocumentLengths(DocumentOffsets):
     """A stream's document lengths in the shape the loader's planning reads from
     :class:`~prolong.data.shards.TokenShards` (offsets, lengths, counts). It has no tokens:
     building a row from it fails; planning one does not."""
@@ -50,17 +51,6 @@ class DocumentLengths:
     def __init__(self, lengths: np.ndarray, name: str):
         self.offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
         self.directory = Path(f"<lengths of {name}>")
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 def assumed_lengths(spec: TrainSpec, stream: DataStream, *, short_doc_tokens: int,

@@ -95,7 +95,25 @@ class ShardWriter:
         self._closed = True
 
 
-class TokenShards:
+class DocumentOffsets:
+    """What a stream's document offsets tell (count, tokens, lengths): shared by the shards on
+    disk and the lengths-only stand-in the planner replays (prolong.data.lockstep)."""
+
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class TokenShards(DocumentOffsets):
     """Read-only, memory-mapped view of a shard directory."""
 
     def __init__(self, directory: str | Path):
@@ -116,17 +134,6 @@ class TokenShards:
         if self.meta.get("has_mask"):
             self.mask_array = (np.memmap(self.directory / MASK_FILE, dtype=np.uint8, mode="r",
                                          shape=(n_tokens,)) if n_tokens else np.zeros(0, np.uint8))
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.offsets[-1])
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
     def doc(self, i: int) -> np.ndarray:
         """Document ``i`` as a zero-copy view."""
