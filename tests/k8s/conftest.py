@@ -84,3 +84,22 @@ def k8s() -> SimpleNamespace:
     return SimpleNamespace(crd_validator=crd_validator, errors_of=errors_of,
                            kube_validate=kube_validate, strict_openapi=strict_openapi,
                            pod_templates=pod_templates)
+
+
+def shipped_stage_renders() -> list[tuple[str, Any, dict, dict, dict]]:
+    """Every stage of every shipped pipeline as ``submit`` renders it: (pipeline/stage, job,
+    ConfigMap, RayJob, preparation Job)."""
+    from prolong.k8s.rayjob import render_preparation, render_stage
+    from prolong.specfile import load
+    from prolong.stage.identity import pipeline_stages
+    from tests.conftest import JOBS
+
+    out = []
+    for path in sorted(JOBS.glob("*/pipeline.yaml")):
+        loaded = load(path)
+        refs = {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
+        for stage, job in loaded.jobs.items():
+            cm, rj = render_stage(loaded.document, loaded.jobs, stage, namespace="ml")
+            out.append((f"{path.parent.name}/{stage}", job, cm, rj,
+                        render_preparation(job, refs[stage], namespace="ml")))
+    return out

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from prolong.cli import app
 from prolong.k8s.mounts import mount_issues, read_paths
-from prolong.k8s.rayjob import render_preparation, render_stage
+from prolong.k8s.rayjob import render_preparation
 from prolong.spec import SpecError
-from prolong.specfile import load, parse_document
-from prolong.stage.identity import pipeline_stages
+from prolong.specfile import parse_document
 from tests.conftest import JOBS, job_dict
+from tests.k8s.conftest import shipped_stage_renders
 
 runner = CliRunner()
 PROLONG_8B = JOBS / "prolong-8b"
@@ -54,19 +54,8 @@ def _mounted(pod: dict, path: str) -> dict | None:
     return found
 
 
-def _shipped_stages():
-    out = []
-    for path in sorted(JOBS.glob("*/pipeline.yaml")):
-        loaded = load(path)
-        refs = {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
-        for stage, job in loaded.jobs.items():
-            cm, rj = render_stage(loaded.document, loaded.jobs, stage, namespace="ml")
-            prep = render_preparation(job, refs[stage], namespace="ml")
-            out.append((f"{path.parent.name}/{stage}", job, [cm, rj, prep]))
-    return out
-
-
-PROLONG_8B_STAGES = [s for s in _shipped_stages() if s[0].startswith("prolong-8b/")]
+PROLONG_8B_STAGES = [(label, job, [cm, rj, prep]) for label, job, cm, rj, prep
+                     in shipped_stage_renders() if label.startswith("prolong-8b/")]
 
 
 @pytest.mark.parametrize(("label", "job", "objs"), PROLONG_8B_STAGES,

@@ -15,30 +15,17 @@ from typer.testing import CliRunner
 
 from prolong.cli import app
 from prolong.k8s.preparation import HF_TOKEN_ENV, PREPARE_CONTAINER, STAGE_CONTAINER
-from prolong.k8s.rayjob import ENTRYPOINT, GPU_RESOURCE, render_preparation, render_stage
-from prolong.specfile import load
-from prolong.stage.identity import pipeline_stages
+from prolong.k8s.rayjob import ENTRYPOINT, GPU_RESOURCE
 from tests.conftest import JOBS, quickstart_on_volume
 from tests.k8s import test_submit
+from tests.k8s.conftest import shipped_stage_renders
 from tests.k8s.test_submit import Api, cli
 from tests.operator.conftest import BATCH_JOBS, CONFIGMAPS, RAYJOBS
 
 api = test_submit.api
 
 
-def _preparations():
-    out = []
-    for path in sorted(JOBS.glob("*/pipeline.yaml")):
-        loaded = load(path)
-        refs = {r.stage: r for r in pipeline_stages(loaded.document, loaded.jobs)}
-        for stage, job in loaded.jobs.items():
-            cm, rj = render_stage(loaded.document, loaded.jobs, stage, namespace="ml")
-            out.append((f"{path.parent.name}/{stage}", job, cm, rj,
-                        render_preparation(job, refs[stage], namespace="ml")))
-    return out
-
-
-ALL = _preparations()
+ALL = shipped_stage_renders()
 
 
 @pytest.mark.parametrize(("label", "job", "cm", "rj", "prep"), ALL, ids=[a[0] for a in ALL])

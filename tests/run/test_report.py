@@ -15,16 +15,7 @@ from prolong.spec import EvalJob, PretrainJob
 from prolong.stage.directory import Manifest, MetricsLog, StageDir
 from prolong.stage.identity import standalone_stage
 from tests.conftest import job_dict
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _records(steps: int = 6, *, mfu: bool = False) -> list[dict]:
-    return [{"step": s, "loss": 8.0 - 0.5 * s, "lr": 1e-3, "grad_norm": 1.0 / s, "tokens": 2048,
-             "seconds": 0.5, "tokens_per_s": 4096.0,
-             "mfu_dense": 0.4 if mfu else None, "mfu_doc_causal": 0.2 if mfu else None,
-             "tokens_per_domain": {"books": 1024 * s, "code": 1024 * s}}
-            for s in range(1, steps + 1)]
+from tests.train.test_report import step_records
 
 
 def _finished_stage(root, name: str = "stage1") -> StageDir:
@@ -34,7 +25,7 @@ def _finished_stage(root, name: str = "stage1") -> StageDir:
     ref = standalone_stage(job)
     stage = StageDir(ref.directory)
     log = MetricsLog(stage)
-    for r in _records(5):
+    for r in step_records(5):
         log.append(r)
     log.close()
     stage.write_manifest(Manifest.for_stage(ref, job.model_dump(mode="json", by_alias=True),
