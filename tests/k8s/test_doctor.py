@@ -6,7 +6,6 @@ phase)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import yaml
 
 from tests.conftest import JOBS, use_kmock_kubeconfig
 from tests.k8s.test_submit import cli
+from tests.operator.apiserver import in_background
 from tests.operator.conftest import NAMESPACE, Cluster
 from tests.oracles.admission import crd as kuberay_crd
 
@@ -78,13 +78,8 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     async with aiohttp.ClientSession(base_url=url,
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
         api = Api(kmock, session)
-        kubelet = asyncio.create_task(api.kubelet())
-        try:
+        async with in_background(api.kubelet()):
             yield api
-        finally:
-            kubelet.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await kubelet
 
 
 def specs(tmp_path: Path, *, image: bool = True) -> list[Path]:

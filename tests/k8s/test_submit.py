@@ -9,7 +9,6 @@ statuses over the same HTTP API (see tests/operator/conftest.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from tests.conftest import (
     serve_kuberay_crd,
     use_kmock_kubeconfig,
 )
+from tests.operator.apiserver import in_background
 from tests.operator.conftest import BATCH_JOBS, CONFIGMAPS, NAMESPACE, PIPELINES, RAYJOBS, Cluster
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio]
@@ -84,13 +84,8 @@ async def api(kmock: kmock.KubernetesEmulator, tmp_path: Path,
     async with aiohttp.ClientSession(base_url=url,
                                      connector=aiohttp.TCPConnector(force_close=True)) as session:
         api = Api(kmock, session)
-        controller = asyncio.create_task(api.run_job_controller())
-        try:
+        async with in_background(api.run_job_controller()):
             yield api
-        finally:
-            controller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await controller
 
 
 async def cli(*args: str):

@@ -60,6 +60,19 @@ class Fault:
     """What a ``reject`` answers (a webhook's, a quota's words)."""
 
 
+
+@contextlib.asynccontextmanager
+async def in_background(work: Awaitable[Any]) -> AsyncIterator[None]:
+    """``work`` (a test's stand-in controller or kubelet) runs while the block does, and is
+    cancelled and awaited when it ends."""
+    task = asyncio.ensure_future(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
 def request_of(client: str, action: kmock.action, resource: kmock.resource,
                subresource: str | None = None) -> Callable[[kmock.Request], bool]:
     """A matcher: ``client``'s (User-Agent prefix) request of this action on this resource."""

@@ -36,7 +36,7 @@ from prolong.specfile import dump_yaml, load, pipeline_from_resource
 from prolong.stage.identity import StageRef, pipeline_stages
 from prolong.stage.names import attempt_rayjob_name, rayjob_name
 from tests.conftest import serve_kuberay_crd, use_kmock_kubeconfig
-from tests.operator.apiserver import ApiServer
+from tests.operator.apiserver import ApiServer, in_background
 from tests.oracles.admission import warm_oracles
 
 REPO = Path(__file__).resolve().parents[2]
@@ -237,13 +237,8 @@ async def cluster(kmock: ApiServer, tmp_path: Path,
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(base_url=url, connector=connector) as session:
         cluster = Cluster(kmock, session)
-        controller = asyncio.create_task(cluster.run_job_controller())
-        try:
+        async with in_background(cluster.run_job_controller()):
             yield cluster
-        finally:
-            controller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await controller
     # Every RayJob the operator created passed KubeRay's and Kueue's oracles (a test that
     # expects a refusal clears the list).
     assert not kmock.refusals, kmock.refusals
