@@ -6,8 +6,11 @@ own stage ConfigMaps and RayJobs.
 
 cel-python is not cel-go: it lacks the Kubernetes CEL libraries and heterogeneous equality (``x
 != null``), so the policy sticks to standard CEL (macros, ``has``, ``in``, ternaries), which both
-engines evaluate alike; the API server's own type-checking of the expressions against the
-matched kinds is not reproduced here.
+engines evaluate alike. cel-python has no type checker either: tests.oracles.cel_types walks its
+parse tree to check every expression against the types of the kinds the policy matches
+(kubernetes-validate's schemas for ConfigMap and Job, KubeRay's CRDs for RayJob) and of
+``request``, as cel-go's checker does; evaluation alone misses whatever no sample reaches
+(charts/README.md, "What the policy's tests prove", says what stays unproven).
 """
 
 from __future__ import annotations
@@ -22,9 +25,12 @@ import pytest
 import yaml
 
 from prolong.k8s.rayjob import render_stage
+from prolong.k8s.schemas import KUBE_VERSION
 from prolong.specfile import load
 from prolong.stage.names import PIPELINE_LABEL, STAGE_ID_LABEL, STAGE_LABEL
 from tests.conftest import chart_values
+from tests.oracles import admission as oracle
+from tests.oracles import cel_types as C
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "ml"
@@ -173,3 +179,158 @@ def test_other_users_are_not_matched(policy) -> None:
     for user in ("system:serviceaccount:kube-system:generic-garbage-collector",
                  "system:serviceaccount:other:prolong", "alice@example.com"):
         assert admit(policy, "DELETE", None, FOREIGN, user=user) == (True, None), user
+
+
+# -- the API server's type check, as far as cel-python's parse tree allows ----------------------
+
+# Built-in resources a policy may match: (group, plural) -> (kind, apiVersion). A rule naming
+# another fails below until its kind is added here (kubernetes-validate has its schema).
+BUILTIN = {("", "configmaps"): ("ConfigMap", "v1"), ("batch", "jobs"): ("Job", "batch/v1")}
+
+
+def custom_resource_definitions() -> list[tuple[str, dict[str, Any]]]:
+    """(source, CRD): KubeRay's RayJob CRD at every tag we claim, and the chart's own CRDs."""
+    out = [(f"KubeRay {tag}", oracle.crd(tag)) for tag in oracle.kuberay.TAGS.values()]
+    for path in sorted((REPO / "charts" / "crds").glob("*.yaml")):
+        out += [("charts/crds", d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return out
+
+
+def matched_kinds(policy: dict[str, Any]) -> dict[str, C.Obj]:
+    """The type of every kind ``policy``'s resource rules match, per version (a ``*`` version:
+    every version the CRD serves) and, for KubeRay, per claimed tag."""
+    crds: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for source, crd in custom_resource_definitions():
+        crds.setdefault((crd["spec"]["group"], crd["spec"]["names"]["plural"]), []).append(
+            (source, crd))
+    kinds = {}
+    for rule in policy["spec"]["matchConstraints"]["resourceRules"]:
+        versions = rule["apiVersions"]
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                assert "*" not in group + resource, f"cannot enumerate the kinds of {rule}"
+                if (group, resource) in BUILTIN:
+                    kind, api_version = BUILTIN[group, resource]
+                    assert {api_version.rpartition("/")[2], "*"} & set(versions), rule
+                    kinds[f"{api_version}.{kind}"] = C.builtin_kind_type(kind, api_version,
+                                                                        KUBE_VERSION)
+                    continue
+                assert (group, resource) in crds, f"no schema for {group}/{resource}: add it"
+                for source, crd in crds[group, resource]:
+                    for version, kind_type in C.crd_kind_types(crd, KUBE_VERSION).items():
+                        if version in versions or "*" in versions:
+                            kinds[f"{kind_type.name} ({source})"] = kind_type
+    return kinds
+
+
+def test_every_expression_type_checks_against_the_kinds_it_matches(policy) -> None:
+    """Variables, the match condition, the validation and its message, each against ``dyn``
+    objects (what admission compiles) and against ConfigMap v1, Job batch/v1 and RayJob (v1
+    and v1alpha1 of KubeRay 1.6 and 1.7): every field they read exists, every operator has an
+    overload for its operands' types, and each returns the type its place asks for."""
+    kinds = matched_kinds(policy)
+    assert sorted({k.name for k in kinds.values()}) == [
+        "batch/v1.Job", "ray.io/v1.RayJob", "ray.io/v1alpha1.RayJob", "v1.ConfigMap"]
+    assert len(kinds) == 2 + 2 * len(oracle.kuberay.TAGS)
+    checked = C.check_policy(policy, kinds).types
+    assert len(checked) == 1 + len(kinds)
+    for types in checked.values():
+        assert {k: str(v) for k, v in types.items()} == {
+            "spec.variables[0] (stageLabels)": "list(string)",
+            "spec.variables[1] (newIsOurs)": "bool", "spec.variables[2] (oldWasOurs)": "bool",
+            "spec.matchConditions[0] (prolong-operator)": "bool",
+            "spec.validations[0].expression": "bool",
+            "spec.validations[0].messageExpression": "string"}
+
+
+CONFIGMAP_REFUSALS = [
+    ("object.metadata.lables", "undefined field 'lables' of v1.ConfigMap.metadata"),
+    ("has(object.metadata.lables)", "undefined field 'lables'"),
+    ("object.spec.x", "undefined field 'spec' of v1.ConfigMap"),
+    ("request.userInfo.usrname == 'a'", "undefined field 'usrname' of kubernetes.UserInfo"),
+    ("object.metadata.labels['a'] == 1", "no overload of == for (string, int)"),
+    ("object.metadata.name != 0", "no overload of != for (string, int)"),
+    ("object.metadata.name != null", "no overload of != for (string, null_type)"),
+    ("object.metadata.generation == 1.0", "no overload of == for (int, double)"),
+    ("object.metadata.generation + 1u > 0", "no overload of 'add' for (int, uint)"),
+    ("'x' + object.metadata.generation", "no overload of 'add' for (string, int)"),
+    ("1 in object.metadata.labels", "no overload of 'in' for (int, map(string, string))"),
+    ("object.metadata.labels[1]", "a key of map(string, string) must be string, got int"),
+    ("['a', 1]", "list literal mixes string and int"),
+    ("object.metadata.name ? 1 : 2", "the ternary's condition must be bool, got string"),
+    ("object.metadata.labels.all(k, k)", "all()'s predicate must be bool, got string"),
+    ("variables.nope", "undefined field 'nope' of kubernetes.variables"),
+    ("nope", "undeclared reference to 'nope'"),
+    ("object.metadata.name.lowerAscii() == 'a'", "lowerAscii() on string is not modelled"),
+    ("authorizer.group('') != null", "'authorizer' is not modelled"),
+]
+
+
+@pytest.mark.parametrize(("expression", "reason"), CONFIGMAP_REFUSALS,
+                         ids=[e for e, _ in CONFIGMAP_REFUSALS])
+def test_the_type_check_refuses_what_cel_go_refuses(expression, reason) -> None:
+    env = {"object": C.builtin_kind_type("ConfigMap", "v1", KUBE_VERSION),
+           "request": C.request_type(), "variables": C.obj("kubernetes.variables")}
+    with pytest.raises(C.CELTypeError) as info:
+        C.check(expression, env)
+    assert reason in str(info.value), str(info.value)
+
+
+def test_the_type_check_accepts_well_typed_expressions() -> None:
+    """The controls: what cel-go accepts passes, with the type it infers."""
+    env = {"object": C.builtin_kind_type("Job", "batch/v1", KUBE_VERSION),
+           "request": C.request_type()}
+    for expression, want in [
+            ("object.spec.template.spec.containers.all(c, c.image.startsWith('r/'))", "bool"),
+            ("object.spec.backoffLimit > 1.5", "bool"),  # numeric ordering across types
+            ("object.metadata.ownerReferences.map(r, r.name)", "list(string)"),
+            ("object.spec.template.spec.containers[0].resources.limits['cpu']", "dyn"),
+            ("object.metadata.creationTimestamp - object.metadata.creationTimestamp",
+             "google.protobuf.Duration"),
+            ("has(object.spec.suspend) && object.spec.suspend", "bool"),
+            ("request.userInfo.groups.exists(g, g == 'system:masters')", "bool"),
+            ("size(object.metadata.name) + 1", "int"),
+            ("{'a': 1}['a'] == 1 ? [1] + [2] : []", "list(int)")]:
+        assert str(C.check(expression, env)) == want, expression
+
+
+def test_the_type_check_holds_each_expression_to_the_type_its_place_asks(policy) -> None:
+    kinds = {"v1.ConfigMap": C.builtin_kind_type("ConfigMap", "v1", KUBE_VERSION)}
+    for path, text, reason in [
+            (("validations", 0, "expression"), "request.operation",
+             "spec.validations[0].expression, object dyn (admission): must evaluate to bool, "
+             "got string"),
+            (("validations", 0, "messageExpression"), "request.dryRun",
+             "must evaluate to string, got bool"),
+            (("matchConditions", 0, "expression"), "request.userInfo.groups",
+             "spec.matchConditions[0] (prolong-operator), object dyn (admission): must evaluate "
+             "to bool")]:
+        broken = copy.deepcopy(policy)
+        section, index, key = path
+        broken["spec"][section][index][key] = text
+        with pytest.raises(C.CELTypeError) as info:
+            C.check_policy(broken, kinds)
+        assert reason in str(info.value), str(info.value)
+
+
+def test_a_misspelling_no_sample_reaches_passes_evaluation_but_not_the_type_check(
+        policy, stage_objects) -> None:
+    """Why the type check is here. Let UPDATE also admit an object being deleted (so that the
+    operator could drop a finalizer), with ``deletionTimestamp`` misspelled: ``has()`` of an
+    absent key is false in cel-python and cel-go alike, so every sample is admitted or denied
+    exactly as before and the evaluation tests above pass, while in a cluster the clause can
+    never be true. The type check names the field."""
+    broken = copy.deepcopy(policy)
+    rule = broken["spec"]["validations"][0]
+    old = "variables.oldWasOurs && variables.newIsOurs"
+    assert rule["expression"].endswith(old)
+    rule["expression"] = rule["expression"].replace(
+        old, "variables.oldWasOurs && (variables.newIsOurs || "
+             "has(object.metadata.deletionTimestmap))")
+    test_the_operator_may_create_adopt_and_delete_its_own(broken, stage_objects)
+    test_anything_else_is_denied_with_the_reason(broken, stage_objects)
+    test_other_users_are_not_matched(broken)
+    with pytest.raises(C.CELTypeError) as info:
+        C.check_policy(broken, matched_kinds(broken))
+    assert ("spec.validations[0].expression, object v1.ConfigMap: undefined field "
+            "'deletionTimestmap' of v1.ConfigMap.metadata") in str(info.value), str(info.value)
