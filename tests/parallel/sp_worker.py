@@ -31,8 +31,7 @@ def parse_case(case: str) -> tuple[int, set[str]]:
     plain token mean, i.e. the ZeRO-1/2 divisor, whatever the stage: a negative control),
     offload (parallelism.offloadOptimizer: optimizer state on CPU, exactly as the trainer
     configures it), bf16 (DeepSpeed's
-    bf16 mode on CPU: a smoke check of the GPU config, not held to fp32 tolerances), resume
-    (save a DeepSpeed checkpoint after one step, resume it in a fresh engine), overlap
+    bf16 mode on CPU: a smoke check of the GPU config, not held to fp32 tolerances), overlap
     (parallelism.communication.overlapComm forced on, as on the GPUs), attn-<backend> (the
     backend's registered name through the Ulysses wrapper, with its CUDA kernel replaced by the
     CPU stand-in of tests/model/kernel_stand_ins.py), sp4 (SP = 4 on the launch's 4 ranks
@@ -40,7 +39,7 @@ def parse_case(case: str) -> tuple[int, set[str]]:
     replicates KV heads)."""
     stage, *flags = case.split("+")
     unknown = {f for f in flags if not f.startswith("attn-")} - {
-        "ac", "plain", "offload", "bf16", "resume", "overlap", "sp4"}
+        "ac", "plain", "offload", "bf16", "overlap", "sp4"}
     if unknown:
         raise ValueError(f"unknown case flags {unknown}")
     return int(stage), set(flags)
@@ -120,15 +119,13 @@ def full_moments(engine, model) -> dict | None:
     return out
 
 
-def run_case(case: str, problem: dict, groups, work: Path) -> dict:
+def run_case(case: str, problem: dict, groups) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
     from prolong.parallel.step import train_step
     from prolong.parallel.ulysses import loss_normalizer
 
     stage, flags = parse_case(case)
-    if "resume" in flags:
-        return run_resume(stage, flags, problem, groups, work / f"ckpt-{case}")
     engine, model, step_rows = build_engine(stage, flags, problem, groups)
     masters = full_params(model) if "bf16" in flags else None  # before any step
     steps = []
@@ -158,26 +155,6 @@ def run_case(case: str, problem: dict, groups, work: Path) -> dict:
             "module_dtypes": sorted(lp_dtypes)}
 
 
-def run_resume(stage: int, flags: set[str], problem: dict, groups, ckpt: Path) -> dict:
-    """Step, save, step; a fresh engine loads the checkpoint and repeats the second step."""
-    from prolong.parallel.step import train_step
-
-    engine, model, (rows, _) = build_engine(stage, flags, problem, groups)
-    train_step(engine, rows, groups)
-    engine.save_checkpoint(str(ckpt), tag="step1")
-    second = train_step(engine, rows, groups)
-    params = full_params(model)
-    engine.destroy()
-    engine2, model2, (rows2, _) = build_engine(stage, flags, problem, groups)
-    engine2.load_checkpoint(str(ckpt), tag="step1")
-    resumed = train_step(engine2, rows2, groups)
-    params_resumed = full_params(model2)
-    engine2.destroy()
-    gc.collect()
-    return {"loss": second.loss, "loss_resumed": resumed.loss, "params": params,
-            "params_resumed": params_resumed, "global_steps": engine2.global_steps}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--problem", required=True)
@@ -200,8 +177,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if "sp4" in parse_case(case)[1] and sp4 is None:
                 sp4 = ParallelDims(world_size=world, sp=4, workers_per_node=world).build()
-            results[case] = run_case(case, problem, sp4 if "sp4" in case else groups,
-                                     Path(args.out).parent)
+            results[case] = run_case(case, problem, sp4 if "sp4" in case else groups)
             timings[case] = time.perf_counter() - t0
         if rank == 0:
             torch.save({"results": results, "timings": timings}, args.out)

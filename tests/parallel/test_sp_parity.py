@@ -43,7 +43,7 @@ LAYOUTS = {
     "sp2": (2, 2, ["0", "1", "2", "3", "2+ac", "3+plain", "2+offload", "2+attn-flash_attn",
                    "2+attn-torch_varlen", "2+attn-flex", "2+overlap"]),
     "sp2xdp2": (4, 2, ["0", "1", "2", "3", "3+ac", "1+offload", "3+offload", "2+bf16",
-                       "3+bf16", "3+resume", "2+sp4", "3+sp4"]),
+                       "3+bf16", "2+sp4", "3+sp4"]),
     "dp2": (2, 1, ["2", "3"]),
 }
 LAUNCH_TIMEOUT = 240
@@ -97,7 +97,7 @@ def _steps(run: dict, got: dict):
 
 
 CASES = [(layout, case) for layout, (_, _, cases) in LAYOUTS.items() for case in cases
-         if not {"plain", "bf16", "resume"} & set(case.split("+"))]
+         if not {"plain", "bf16"} & set(case.split("+"))]
 BF16_CASES = [(layout, case) for layout, (_, _, cases) in LAYOUTS.items() for case in cases
               if "bf16" in case]
 
@@ -225,18 +225,6 @@ def test_zero1_bf16_under_sp_still_fails_in_deepspeed(tmp_path):
         H.launch(2, ["--problem", str(tmp_path / "problem.pt"), "--out", str(tmp_path / "out.pt"),
                      "--sp", "2", "--cases", "1+bf16"], timeout=LAUNCH_TIMEOUT, log_dir=tmp_path)
     assert "stack expects a non-empty TensorList" in str(info.value), str(info.value)[-3000:]
-
-
-@pytest.mark.slow
-def test_checkpoint_resume_under_sp_repeats_the_step_exactly(tmp_path_factory):
-    """save_checkpoint after step 1 under SP=2 x DP=2, ZeRO-3; a fresh engine that loads it must
-    take the same step 2 (weights, AdamW state, step count) as the engine that never stopped."""
-    run = _run("sp2xdp2", tmp_path_factory)
-    got = run["out"]["3+resume"]
-    assert got["global_steps"] == 2
-    assert got["loss_resumed"] == pytest.approx(got["loss"], rel=1e-6), got
-    err, name = H.worst(got["params_resumed"], got["params"])
-    assert err <= 1e-6, f"seed {run['seed']}: resumed weights differ by {err:.2e} ({name})"
 
 
 @pytest.mark.slow

@@ -6,7 +6,9 @@ of the plan it builds :class:`prolong.train.loop.Worker` for the task's stage an
 ``Worker.run`` calls: ``start`` (resume choice, universal conversion, engine, loader, restore),
 ``train_one`` per step, ``write_checkpoint`` where Ray Train would persist one (here straight into
 the stage directory, where Ray Train copies it) and ``_finalize`` (final/, manifest, COMPLETE).
-Rank 0 writes each task's losses to the plan's output file.
+Rank 0 writes each task's per-step losses, grad norms, learning rates, scheduler step counts and
+digests of the rows it read, and the scheduler's state right after ``start``, to the plan's
+output file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import gc
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -91,10 +94,17 @@ def run_task(task: dict) -> dict:
     built, loader = started.built, started.loader
     if task.get("state_after_start"):  # what the stage inherited, before its first step
         save_state(built, started.model, task["state_after_start"])
-    losses, grad_norms = {}, {}
+    # The schedule where start() left it: the scheduler's step count and the LR it set.
+    scheduler = {"last_epoch": built.scheduler.last_epoch,
+                 "lr": built.scheduler.get_last_lr(),
+                 "optimizer_lr": [g["lr"] for g in built.engine.optimizer.param_groups]}
+    drawn = watch_rows(loader)
+    losses, grad_norms, lrs, rows, scheduler_steps = {}, {}, {}, {}, {}
     for step in range(started.step + 1, task["until"] + 1):
+        scheduler_steps[step] = built.scheduler.last_epoch  # updates taken before this one
         metrics = worker.train_one(built, loader, step)
-        losses[step], grad_norms[step] = metrics.loss, metrics.grad_norm
+        losses[step], grad_norms[step], lrs[step] = metrics.loss, metrics.grad_norm, metrics.lr
+        rows[step] = drawn[-1]
         if step in task.get("save", []):
             directory = Path(stage.uri) / checkpoint_dir_name(step)
             directory.mkdir(parents=True, exist_ok=True)
@@ -113,12 +123,34 @@ def run_task(task: dict) -> dict:
             if dist.get_rank() == 0:
                 torch.save(gathered, task["gathered_to"])
     out = {"start_step": started.step, "losses": losses, "grad_norms": grad_norms,
-           "loads": loads,
+           "lrs": lrs, "rows": rows, "scheduler_steps": scheduler_steps,
+           "scheduler_after_start": scheduler, "loads": loads,
            "universal": built.config.get("checkpoint", {}).get("load_universal", False)}
     built.engine.destroy()
     del built, started
     gc.collect()
     return out
+
+
+def watch_rows(loader) -> list[str]:
+    """A digest of the tokens of every step's rows this rank reads, appended as ``train_one``
+    draws them (a spy around the loader's own ``next_step``, which it calls)."""
+    import hashlib
+
+    digests = []
+    real = loader.next_step
+
+    @functools.wraps(real)
+    def next_step():
+        batches = real()
+        h = hashlib.sha256()
+        for batch in batches:
+            h.update(batch.input_ids.numpy().tobytes())
+        digests.append(h.hexdigest()[:16])
+        return batches
+
+    loader.next_step = next_step
+    return digests
 
 
 def save_state(built, model, path: str) -> None:
@@ -160,7 +192,8 @@ def main() -> None:
     try:
         results = {}
         for task in json.loads(Path(args.plan).read_text()):
-            results[task["name"]] = run_task(task)
+            began = time.perf_counter()
+            results[task["name"]] = {**run_task(task), "seconds": time.perf_counter() - began}
             print(f"task {task['name']} done", file=sys.stderr, flush=True)
         if rank == 0:
             Path(args.out).write_text(json.dumps(results))

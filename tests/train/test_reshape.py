@@ -120,6 +120,9 @@ def runs(tmp_path_factory):
            task("ref-z2>dp2", job(world=2), stage="ref-z2", resume=checkpoint("ref-z2")),
            task("sp2-z2", job(world=2, sp=2), until=SAVE, save=[SAVE]),
            task("sp2-z3", job(world=2, sp=2, zero=3), save=[SAVE]),
+           # The plain restart under SP: the same layout, DeepSpeed's own shards.
+           task("sp2-z3>sp2", job(world=2, sp=2, zero=3), stage="sp2-z3",
+                resume=checkpoint("sp2-z3")),
            task("ref-z3>sp2", job(world=2, sp=2, zero=3), stage="ref-z3",
                 resume=checkpoint("ref-z3")),
            # The same world size with another SP degree: DeepSpeed's own shards load as they
@@ -228,6 +231,46 @@ def test_same_world_size_with_another_sp_degree_resumes_natively(runs):
     assert worst(losses(resumed, after), losses(ref, after)) <= TOLERANCE, (
         losses(resumed, after), losses(ref, after))
     assert worst_relative(grad_norms(resumed, after), grad_norms(ref, after)) <= TOLERANCE
+
+
+def test_sp_resume_continues_the_uninterrupted_run(runs):
+    """Stopped after step 3 of 6 under SP 2, ZeRO-3 (warmup 2 steps, then cosine) and resumed on
+    the same layout through Worker.start: the scheduler resumes at step 3 with the LR the
+    uninterrupted run had there (not warmup's 0), the loader at the rows of step 4 (not those
+    of step 1), and steps 4-6 (rows, LR, loss, grad norm) are those of the run that never
+    stopped. The scheduler is checked itself: one left at its start hides in step 4 (DeepSpeed
+    restores the optimizer's LR with its state) and shows in the loss only at step 6, by 2e-4."""
+    from prolong.train.schedule import lr_at
+
+    results = runs["results"]
+    resumed, ref = results["sp2-z3>sp2"], results["sp2-z3"]
+    spec = PretrainSpec.model_validate(job(world=2, sp=2, zero=3)["spec"])
+    assert spec.schedule.warmup_steps_for(spec.total_steps) == 2 < SAVE
+    assert spec.schedule.decay == "cosine"
+    assert resumed["start_step"] == SAVE and not resumed["universal"]
+    after, before = range(SAVE + 1, STEPS + 1), range(1, SAVE + 1)
+    # The scheduler right after start(): SAVE updates taken, the LR of update SAVE (0-based).
+    want_lr = lr_at(SAVE, spec.schedule, spec.total_steps)
+    sched = resumed["scheduler_after_start"]
+    assert sched["last_epoch"] == ref["scheduler_steps"][str(SAVE + 1)] == SAVE, sched
+    assert sched["lr"] == pytest.approx([want_lr] * len(sched["lr"]), rel=1e-12), (sched, want_lr)
+    assert sched["optimizer_lr"] == pytest.approx(sched["lr"], rel=1e-12), sched
+    assert ref["lrs"][str(SAVE + 1)] == pytest.approx(want_lr, rel=1e-12)
+    assert want_lr not in (0.0, spec.schedule.peak_lr)  # a restart or a constant LR would show
+    # Each step after the resume: the uninterrupted run's LR, rows, loss and grad norm.
+    assert losses(resumed, after, "lrs") == pytest.approx(losses(ref, after, "lrs"), rel=1e-12)
+    assert losses(resumed, after, "lrs") == pytest.approx(
+        [lr_at(s - 1, spec.schedule, spec.total_steps) for s in after], rel=1e-12)
+    assert losses(resumed, after, "scheduler_steps") == losses(ref, after, "scheduler_steps")
+    assert losses(resumed, after, "rows") == losses(ref, after, "rows")
+    assert not set(losses(resumed, after, "rows")) & set(losses(ref, before, "rows")), (
+        "the resumed run read rows of steps before its checkpoint")
+    err = worst(losses(resumed, after), losses(ref, after))
+    print(f"SP 2 resumed at step {SAVE}: steps {SAVE + 1}-{STEPS} within {err:.1e} of the "
+          f"uninterrupted run; LR {losses(resumed, after, 'lrs')} ({resumed['seconds']:.1f} s)")
+    assert err <= TOLERANCE, (losses(resumed, after), losses(ref, after))
+    norm_err = worst_relative(grad_norms(resumed, after), grad_norms(ref, after))
+    assert norm_err <= TOLERANCE, (grad_norms(resumed, after), grad_norms(ref, after))
 
 
 def test_a_stage_starts_from_an_upstream_of_another_world_size(runs):
