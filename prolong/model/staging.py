@@ -44,6 +44,11 @@ HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja")
 """What a hub snapshot copies: config, weights (safetensors only), tokenizer files."""
 
 
+SHIPPED = "shipped.json"
+"""Written into a shipped stage's final/ by ``prolong.run.ship``: which run made these weights
+(pipeline, stage, id). A spec that starts from such a directory names the id as model.revision."""
+
+
 class StagingError(ValueError):
     """Bad input to staging or to loading a staged model: one line naming the field and rule."""
 
@@ -58,6 +63,8 @@ class Staging:
     source: str
     target: str
     allow_hub: bool
+    revision: str | None = None
+    """The hub revision to download (model.revision; the model only)."""
 
 
 def is_staged(uri: str) -> bool:
@@ -97,7 +104,7 @@ def stagings(spec: Any) -> list[Staging]:
         if model.source is None:
             raise StagingError("model.stagedPath: there is no model.source to stage")
         out.append(Staging("model", "model.source", model.source, model.staged_path,
-                           model.allow_hub))
+                           model.allow_hub, model.revision))
     data = getattr(spec, "data", None)
     tok, field = (data.tokenizer, "data.tokenizer") if data is not None else (spec.tokenizer,
                                                                               "tokenizer")
@@ -118,6 +125,8 @@ def stagings(spec: Any) -> list[Staging]:
 def check_source(item: Staging, token: str | None) -> None:
     """Refuse, before any copy, a source that may not or cannot be read."""
     if _is_local_dir(item.source):
+        if item.what == "model":
+            check_revision(item.source, item.revision)
         return
     if is_object_store(item.source) or item.source.startswith(("/", ".")):
         raise StagingError(f"{item.field}: {item.source} is not a local directory")
@@ -142,7 +151,7 @@ def _fill(item: Staging, directory: Path, token: str | None) -> None:
     patterns = list(HUB_FILES) if item.what == "model" else [
         p for p in HUB_FILES if p != "*.safetensors"]
     snapshot_download(item.source, local_dir=str(directory), token=token,
-                      allow_patterns=patterns)
+                      allow_patterns=patterns, revision=item.revision)
 
 
 def _marker_source(item: Staging) -> str:
@@ -163,6 +172,11 @@ def stage(item: Staging, *, token: str | None = None, force: bool = False) -> bo
             raise StagingError(f"{item.field}: {item.target} holds a copy of "
                                f"{done.get('source')}, not {item.source} (pass --force to "
                                "replace it, or name another stagedPath)")
+        if item.what == "model" and done.get("revision") != item.revision:
+            raise StagingError(f"model.revision: {item.target} holds revision "
+                               f"{done.get('revision')!r} of {item.source}, not "
+                               f"{item.revision!r} (pass --force to replace it, or name another "
+                               "stagedPath)")
         if item.what == "tokenizer" or done.get("what") == "model":
             return False
     with tempfile.TemporaryDirectory(prefix="prolong-stage-") as tmp:
@@ -171,7 +185,7 @@ def stage(item: Staging, *, token: str | None = None, force: bool = False) -> bo
         _fill(item, directory, token)
         (directory / STAGED).unlink(missing_ok=True)
         marker = json.dumps({"what": item.what, "source": _marker_source(item),
-                             "stagedAt": time.time()})
+                             "revision": item.revision, "stagedAt": time.time()})
         if is_object_store(item.target):
             # No rename on object stores: the files first, the marker last (the commit point).
             publish_directory(str(directory), item.target)
@@ -215,9 +229,27 @@ def model_location(model: Any) -> str | None:
     if model.source is None:
         return None
     if _is_local_dir(model.source):
+        check_revision(model.source, model.revision)
         return model.source
     raise StagingError(f"model.source: {model.source} is not a local directory and workers do "
                        "not download; set model.stagedPath and run `prolongctl model stage FILE`")
+
+
+def check_revision(directory: str, revision: str | None) -> None:
+    """A local model directory shipped by ``prolong.run.ship`` must be named with its id as
+    ``model.revision``: the id is what makes a stage that starts from it a new run when the
+    shipped weights are re-made (a stage's id is a pure function of its spec, which holds only the
+    directory's path). Other local directories carry no version, so any revision is a label."""
+    marker = Path(directory) / SHIPPED
+    if not marker.is_file():
+        return
+    shipped = json.loads(marker.read_text())
+    if revision != shipped["id"]:
+        said = "is not set" if revision is None else f"is {revision!r}"
+        raise StagingError(f"model.revision: {directory} holds the weights of run "
+                           f"{shipped['pipeline']}/{shipped['stage']}-{shipped['id']} and "
+                           f"model.revision {said}; set it to {shipped['id']!r} so that this "
+                           "stage's id follows the weights it starts from")
 
 
 def model_load_dir(model: Any) -> str | None:

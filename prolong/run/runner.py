@@ -32,9 +32,10 @@ from prolong.data.prepare import prepare_file, shard_dirs, tokenizer_ref
 from prolong.eval.datacheck import check_data_dir
 from prolong.eval.job import run_eval_stage
 from prolong.jobfile import job_stage
-from prolong.model.staging import StagingError, model_location
+from prolong.model.staging import StagingError, check_revision, model_location
 from prolong.run.summary import StageOutcome, print_summary
-from prolong.spec import EvalJob, Job, ProLongPipeline
+from prolong.spec import EvalJob, Job, ProLongPipeline, SpecError
+from prolong.spec.issues import SpecIssue
 from prolong.specfile import Loaded, load
 from prolong.stage.directory import StageDir, final_problems, read_metrics
 from prolong.stage.identity import StageRef, pipeline_stages
@@ -142,6 +143,14 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
                 upstream_ready(job, ref, upstream_dirs)
             if isinstance(job, EvalJob):  # bad eval data is bad input (exit 2), before any model
                 check_data_dir(job.spec)
+            source = job.spec.model.source
+            if source and job.spec.model.staged_path is None and Path(source).is_dir():
+                try:  # a shipped model named without its revision: before Ray, not in a worker
+                    check_revision(source, job.spec.model.revision)
+                except StagingError as exc:  # bad input: exit 2, naming the file and field
+                    rule = str(exc).removeprefix("model.revision: ")
+                    raise SpecError([SpecIssue(f"stage {ref.stage}: spec.model.revision", rule,
+                                               file=str(path))]) from None
         if pending and require_prepared:
             check_prepared(loaded, [job for job, _, _ in pending])
         elif pending:

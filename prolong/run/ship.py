@@ -8,6 +8,11 @@ run's manifest, so a test can hold the copy to the spec: the manifest's stage id
 (editing the spec without re-making the base fails) and final/'s tokenizer is the one the run
 used (its content hash is the manifest's).
 
+final/ also gets ``shipped.json`` (pipeline, stage, id): a stage's id sees its ``model.source``
+only as a path, so a spec that starts from the copy names the id as ``model.revision`` (checked
+wherever the model is loaded, :func:`prolong.model.staging.check_revision`), and re-making the
+base makes every stage after it a new run instead of a finished one.
+
 Only what the next stage loads travels: config, weights, tokenizer files. Checkpoints, logs and
 metrics stay in the run directory. The copy is written beside the destination and renamed over
 it, so an interrupted ship never leaves a half-written base.
@@ -17,11 +22,13 @@ Usage: ``python -m prolong.run.ship SPEC DEST``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 from prolong.jobfile import job_stage
+from prolong.model.staging import SHIPPED
 from prolong.spec import EvalJob
 from prolong.specfile import load
 from prolong.stage.directory import COMPLETE, MANIFEST, StageDir
@@ -51,7 +58,6 @@ def ship_stage(stage_dir: str | Path, dest: str | Path) -> Path:
     stage_dir, dest = Path(stage_dir), Path(dest)
     if not (stage_dir / COMPLETE).is_file():
         raise ShipError(f"{stage_dir}: the stage is not complete (no {COMPLETE}); run it first")
-    StageDir(str(stage_dir)).read_manifest()  # a manifest that does not parse is not shipped
     staging = dest.with_name(dest.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / FINAL).mkdir(parents=True)
@@ -62,6 +68,10 @@ def ship_stage(stage_dir: str | Path, dest: str | Path) -> Path:
             shutil.copy2(stage_dir / FINAL / name, staging / FINAL / name)
     if not (staging / FINAL / "model.safetensors").is_file():
         raise ShipError(f"{stage_dir / FINAL}: no model.safetensors to ship")
+    manifest = StageDir(str(stage_dir)).read_manifest()
+    (staging / FINAL / SHIPPED).write_text(json.dumps(
+        {"pipeline": manifest.pipeline, "stage": manifest.stage, "id": manifest.id}, indent=1)
+        + "\n")
     old = dest.with_name(dest.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():

@@ -132,6 +132,11 @@ class ModelSpec(SpecModel):
     source: str | None = None
     """HF model id or local path of a pretrained causal LM (e.g. meta-llama/Meta-Llama-3-8B-Instruct).
     Leave out, together with fromStage, to start from random weights of ``architecture``."""
+    revision: str | None = None
+    """Which version of ``source``: a hub revision (branch, tag or commit) that staging downloads,
+    or, for a local copy made by ``python -m prolong.run.ship``, the shipped stage's id (its
+    ``shipped.json``; required then, and checked wherever the model is loaded). Part of the stage
+    id, so a stage that names new weights runs again instead of reusing a run made from the old."""
     from_stage: str | None = None
     """Name of an earlier stage of the same pipeline whose final weights this stage starts from."""
     init: Literal["weights", "weightsAndOptimizer"] = "weights"

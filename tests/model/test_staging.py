@@ -186,3 +186,52 @@ def test_a_tokenizer_only_copy_is_replaced_by_the_model_and_another_source_refus
                                              rf"{source}, not {other} \(pass --force"):
         S.stage(S.Staging("model", "model.source", str(other), target, False))
     assert S.stage(S.Staging("model", "model.source", str(other), target, False), force=True)
+
+
+def shipped_copy(source: Path, tmp_path: Path, shipped_id: str = "0badc0de") -> Path:
+    """``source`` as ``prolong.run.ship`` leaves a final/: with its shipped.json."""
+    final = tmp_path / "shipped" / "final"
+    shutil.copytree(source, final)
+    (final / S.SHIPPED).write_text(json.dumps({"pipeline": "demo-base", "stage": "pretrain",
+                                               "id": shipped_id}))
+    return final
+
+
+def test_a_shipped_model_is_loaded_only_under_its_revision(source, tmp_path):
+    # The stage id hashes the spec, which holds the directory's path, not its weights: without
+    # the revision, re-shipping the base would leave every stage made from the old one "complete".
+    final = shipped_copy(source, tmp_path)
+    with pytest.raises(S.StagingError, match=r"^model.revision: .*final holds the weights of run "
+                                             r"demo-base/pretrain-0badc0de and model.revision is "
+                                             r"not set; set it to '0badc0de'"):
+        S.model_location(ModelSpec(source=str(final)))
+    with pytest.raises(S.StagingError, match=r"model\.revision is 'feedface'"):
+        S.model_location(ModelSpec(source=str(final), revision="feedface"))
+    assert S.model_location(ModelSpec(source=str(final), revision="0badc0de")) == str(final)
+    # A plain local directory carries no version: any revision is a label.
+    assert S.model_location(ModelSpec(source=str(source), revision="v1")) == str(source)
+    # The revision is part of the stage's id: new weights, a new run.
+    ids = {stage_id(PretrainJob.model_validate(job_dict({"source": str(final), **r})))
+           for r in ({}, {"revision": "0badc0de"}, {"revision": "feedface"})}
+    assert len(ids) == 3
+
+
+def test_staging_a_shipped_model_checks_its_revision_and_records_it(source, tmp_path):
+    final = shipped_copy(source, tmp_path)
+    target = tmp_path / "staged"
+    spec_file = write_job(tmp_path / "job.yaml", {"source": str(final), "stagedPath": str(target)})
+    result = run("model", "stage", str(spec_file))
+    assert result.exit_code == 2 and "model.revision is not set" in result.output
+    assert not target.exists()
+    spec_file = write_job(tmp_path / "job.yaml", {"source": str(final), "stagedPath": str(target),
+                                                  "revision": "0badc0de"})
+    assert run("model", "stage", str(spec_file)).exit_code == 0
+    assert json.loads((target / S.STAGED).read_text())["revision"] == "0badc0de"
+    # The copy is of that revision: a spec naming another one is refused, not handed the old copy.
+    (final / S.SHIPPED).write_text(json.dumps({"pipeline": "demo-base", "stage": "pretrain",
+                                               "id": "feedface"}))
+    spec_file = write_job(tmp_path / "job.yaml", {"source": str(final), "stagedPath": str(target),
+                                                  "revision": "feedface"})
+    result = run("model", "stage", str(spec_file))
+    assert result.exit_code == 2, result.output
+    assert "holds revision '0badc0de'" in result.output

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from prolong.run.runner import RunError, out_of_date, run_file, worker_job
+from prolong.spec import SpecError
 from prolong.specfile import load
 from prolong.stage.directory import Manifest, StageDir
 from prolong.stage.identity import pipeline_stages, standalone_stage
@@ -107,3 +108,21 @@ def test_workers_get_a_local_model_source_as_an_absolute_path(monkeypatch, tmp_p
     assert job.spec.model.source == "./jobs/quickstart/base/final"  # the spec keeps its words
     monkeypatch.chdir(tmp_path)  # not a directory from here: left as written (a hub id, say)
     assert worker_job(job)["spec"]["model"]["source"] == "./jobs/quickstart/base/final"
+
+
+def test_prolongctl_run_refuses_the_shipped_base_without_its_revision(tmp_path, monkeypatch):
+    """Stage 1 starts from the shipped base (./jobs/quickstart/base/final); its id follows the
+    base's weights only through model.revision, so a spec without it is bad input, refused with
+    the file and field before any data preparation or Ray."""
+    monkeypatch.chdir(JOBS.parent)
+    data = job_dict("quickstart/stage1.yaml")
+    data["spec"]["storage"] = {"root": str(tmp_path / "runs")}
+    del data["spec"]["model"]["revision"]
+    path = tmp_path / "stage1.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as refused:
+        run_file(path, progress=False)
+    line = refused.value.one_line()
+    assert line.startswith(f"{path}: stage pretrain: spec.model.revision: ")
+    assert "model.revision is not set; set it to" in line
+    assert not (tmp_path / "runs").exists()  # nothing was prepared or locked

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from prolong.data.tokenizer import load_tokenizer, tokenizer_hash, train_bpe
+from prolong.model.staging import SHIPPED
 from prolong.run.ship import ShipError, main, ship_stage, stage_directory
 from prolong.stage.directory import StageDir
 
@@ -49,6 +50,9 @@ def test_ships_what_the_next_stage_loads_and_nothing_else(tmp_path):
     assert "stale.bin" not in names and not (tmp_path / "base.partial").exists()
     assert StageDir(str(dest)).read_manifest().tokenizer_hash == \
         tokenizer_hash(load_tokenizer(dest / "final"))
+    # final/ says which run made it: a stage starting from it must name that id (model.revision).
+    assert json.loads((dest / "final" / SHIPPED).read_text()) == \
+        {"pipeline": "demo", "stage": "pretrain", "id": "0123abcd"}
 
 
 def test_ship_command_exits_1_on_an_unfinished_stage(tmp_path, capsys):
@@ -72,6 +76,11 @@ def test_the_shipped_quickstart_base_is_what_base_yaml_declares():
     # The stages that start from it state its shape (the loader checks the config against it).
     stage1 = yaml.safe_load((ROOT / "jobs/quickstart/stage1.yaml").read_text())["spec"]["model"]
     assert stage1["source"] == "./jobs/quickstart/base/final"
+    # ... and its revision, which makes stage 1 (and everything after it) a new run when the base
+    # is re-made: the loader refuses a shipped model named under another revision.
+    shipped = json.loads((BASE / "final" / SHIPPED).read_text())
+    assert shipped == {"pipeline": manifest.pipeline, "stage": "pretrain", "id": manifest.id}
+    assert stage1["revision"] == manifest.id
     config = json.loads((BASE / "final/config.json").read_text())
     arch = stage1["architecture"]
     assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == \
