@@ -20,7 +20,7 @@ from prolong.model.flops import (
     doc_causal_flops_per_token,
     prefill_flops_per_token,
 )
-from prolong.model.memory import GIB, MemoryEstimate, estimate_memory
+from prolong.model.memory import ESTIMATE_MARGIN, GIB, MemoryEstimate, estimate_memory
 from prolong.spec import ArchitectureSpec, EvalJob, Job, TrainSpec, resolved_architecture
 from prolong.stage.identity import StageRef
 
@@ -77,7 +77,8 @@ class StagePlan:
     memory_rows: list[MemoryRow] = field(default_factory=list)
     """``memory`` as the lines ``prolongctl plan`` prints."""
     memory_warning: str | None = None
-    """Set when the estimate does not fit the device, or fits with under 10% to spare."""
+    """Set when the estimate does not fit the device, or fits with less to spare than its margin
+    (prolong.model.memory.ESTIMATE_MARGIN)."""
     lockstep: LockstepEstimate | None = None
     """Training: mean / max row FLOPs per micro-step under the loader's placement, replayed."""
     notes: list[str] = field(default_factory=list)
@@ -224,11 +225,17 @@ def memory_rows(e: MemoryEstimate, spec: TrainSpec, arch: ArchitectureSpec) -> l
 
 
 def memory_warning(e: MemoryEstimate, spec: TrainSpec) -> str | None:
-    """A warning when the estimated peak will not fit the GPU, or barely fits."""
+    """A warning when the estimated peak will not fit the GPU, or may not: the estimate is held
+    to within ESTIMATE_MARGIN of measured peaks, so a peak that close to the device is no proof
+    that it fits."""
     if e.device_bytes is None or not e.tight:
         return None
     gpu = spec.cluster.gpu_type
-    what = "will not fit" if not e.fits else "leaves under 10% of the GPU free"
+    if e.fits:
+        what = (f"may not fit: the estimate is within {ESTIMATE_MARGIN:.0%} of measured peaks, "
+                f"so the peak may reach {_gib(e.upper_bound)}")
+    else:
+        what = "will not fit"
     return (f"estimated peak {_gib(e.peak)} per GPU {what} ({gpu}: {_gib(e.device_bytes)}); "
             "see parallelism.memory (lossChunkTokens, tiledMlp, activationOffload), "
             "offloadOptimizer, a higher zeroStage or more sequenceParallel")
