@@ -18,6 +18,7 @@ import pytest
 from prolong.data.shards import ShardWriter
 from prolong.model.memory import (
     DEVICE_MEMORY_BYTES,
+    ESTIMATE_MARGIN,
     GIB,
     REDUCE_BUCKET_ELEMENTS,
     allocator_env,
@@ -146,10 +147,12 @@ PROBE = Path(__file__).resolve().parent / "memory_probe.py"
 # the profiler's own noise.
 ARCH = dict(numLayers=2, hiddenSize=64, numAttentionHeads=4, numKeyValueHeads=2,
             intermediateSize=256, vocabSize=512, tieWordEmbeddings=False)
-MARGIN = 0.2
-"""estimate / measured must lie in [1 - MARGIN, 1 + MARGIN]. Measured while writing the test
-(ZeRO-0 cases): 0.93 (no checkpointing: autograd keeps a few small tensors per layer that the
-estimate does not count), 0.98-1.02 for the others."""
+MARGIN = ESTIMATE_MARGIN
+"""estimate / measured must lie in [1 - MARGIN, 1 + MARGIN]: the product's own margin, the one
+``plan`` warns with. Measured (the probe as the fixture runs it; 3 runs of every case and 14 more
+of ZeRO-1/2): 0.927 without checkpointing (autograd keeps a few small tensors per layer that the
+estimate does not count), 0.96-1.03 for the others, whole and without the buckets; the buckets
+exactly the estimate's in every run, 8 of which had a bucket freed on gloo's thread."""
 
 CASES = {
     # name: (sequence length, zero stage, activation checkpointing, memory settings)
@@ -158,6 +161,7 @@ CASES = {
     "mlp-bound": (4096, 0, True, {"lossChunkTokens": 512}),
     "mlp-bound-tiled": (4096, 0, True, {"lossChunkTokens": 512, "tiledMlp": True}),
     "loss-bound": (1024, 0, True, {"lossChunkTokens": 1024}),
+    "zero1": (2048, 1, True, {}),
     "zero2": (2048, 2, True, {}),
     "zero2-tiled-chunked": (2048, 2, True, {"tiledMlp": True, "tiledMlpShards": 3,
                                              "lossChunkTokens": 300}),
@@ -212,29 +216,33 @@ def measured(tmp_path_factory):
 
 
 
-# The ZeRO-2 cases measured 1.000 in four runs and 0.50 in one: that run held two of DeepSpeed's
-# 5e8-element reduction buckets at once in its second step (setup_buckets allocates the next
-# micro-step's bucket; the old one was still referenced, apparently until the cycle collector
-# ran). That is a real peak of the product but not a deterministic one, so the ZeRO-1/2 bucket is
-# held by the arithmetic tests above and these cases only by the loss comparison below. (ZeRO-3
-# allocates its bucket once, when the engine is built: 1.000 in every run.)
-PEAK_CASES = [name for name, case in CASES.items() if case[1] in (0, 3)]
+def mib(value: float) -> str:
+    return f"{value / 2**20:.2f} MiB"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PEAK_CASES)
+@pytest.mark.parametrize("name", list(CASES))
 def test_estimate_holds_to_the_measured_cpu_peak(measured, name):
     job_, result = measured[name]
     estimate = estimate_memory(job_.spec, job_.spec.model.architecture)
     ratio = estimate.peak / result["peak"]
     assert 1 - MARGIN <= ratio <= 1 + MARGIN, (
-        f"{name}: estimate {estimate.peak / 2**20:.2f} MiB, measured "
-        f"{result['peak'] / 2**20:.2f} MiB (x{ratio:.3f})")
+        f"{name}: estimate {mib(estimate.peak)}, measured {mib(result['peak'])} (x{ratio:.3f})")
+    # DeepSpeed's reduction buckets (5e8 elements, ~1.9 GiB in fp32) dwarf the small model, so
+    # the whole peak alone would hold little else to the margin: the rest is held on its own...
+    rest = (estimate.peak - estimate.zero_buffers) / result["rest"]
+    assert 1 - MARGIN <= rest <= 1 + MARGIN, (
+        f"{name} without the buckets: estimate {mib(estimate.peak - estimate.zero_buffers)}, "
+        f"measured {mib(result['rest'])} (x{rest:.3f})")
+    # ... and the buckets exactly: never two sets alive at once (see estimate_memory).
+    assert result["buckets"] == estimate.zero_buffers, (
+        f"{name}: {mib(result['buckets'])} of reduction buckets alive at once, the estimate "
+        f"counts {mib(estimate.zero_buffers)}")
 
 
 @pytest.mark.slow
 def test_memory_settings_change_no_loss_through_the_worker(measured):
-    # The train loop's own path (apply_memory_settings, the engine's loss chunk), ZeRO 0, 2, 3:
+    # The train loop's own path (apply_memory_settings, the engine's loss chunk), ZeRO 0-3:
     # the same two losses with TiledMLP and other chunk sizes, up to float rounding.
     def losses(name):
         return measured[name][1]["losses"]
@@ -242,6 +250,7 @@ def test_memory_settings_change_no_loss_through_the_worker(measured):
     assert losses("mlp-bound-tiled") == pytest.approx(losses("mlp-bound"), rel=1e-6)
     assert losses("zero2-tiled-chunked") == pytest.approx(losses("zero2"), rel=1e-6)
     assert losses("zero2") == pytest.approx(losses("checkpointed"), rel=1e-6)
+    assert losses("zero1") == pytest.approx(losses("checkpointed"), rel=1e-6)
     assert losses("zero3-tiled-chunked") == pytest.approx(losses("zero3"), rel=1e-6)
     # ... and the settings did something: the tiled run's peak is well below the plain one's.
     assert measured["mlp-bound-tiled"][1]["peak"] < 0.6 * measured["mlp-bound"][1]["peak"]
