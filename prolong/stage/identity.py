@@ -57,6 +57,11 @@ SCHEDULING_ONLY: tuple[tuple[str, ...], ...] = (
     ("parallelism", "communication"),
 )
 
+ADDED_WHEN_SET: tuple[tuple[str, ...], ...] = (
+    ("model", "revision"),
+)
+"""Result-deciding fields added after stages had run: part of the id only when set."""
+
 DEFAULT_STAGE_NAME = {"PretrainJob": "pretrain", "SFTJob": "sft", "EvalJob": "eval"}
 """The stage name of a job file run on its own."""
 
@@ -114,6 +119,14 @@ def identity_payload(job: Job) -> dict[str, Any]:
         for key in path[:-1]:
             node = node.get(key, {})
         node.pop(path[-1], None)
+    # Fields added after runs exist enter the id only when set, so that every run made before
+    # them keeps its id (and resumes) where the new field is left out.
+    for path in ADDED_WHEN_SET:
+        node = spec
+        for key in path[:-1]:
+            node = node.get(key, {})
+        if node.get(path[-1]) is None:
+            node.pop(path[-1], None)
     return {"kind": job.kind, "spec": spec}
 
 
