@@ -124,16 +124,43 @@ def training_markdown(title: str, fig: TrainingFigures, *, device: str) -> str:
     return "\n".join(lines)
 
 
+SMOOTH_ABOVE = 200
+"""Panels of more steps than this draw a running mean over the faded per-step values."""
+
+
+def smoothing_window(points: int) -> int:
+    """1 (no smoothing) up to SMOOTH_ABOVE points; then about a hundredth of the run, at least 5."""
+    return 1 if points <= SMOOTH_ABOVE else max(5, points // 100)
+
+
+def running_mean(xs: Sequence[float], ys: Sequence[float], window: int
+                 ) -> tuple[list[float], list[float]]:
+    """The mean of each ``window`` consecutive values, placed at the window's middle step."""
+    import numpy as np
+
+    means = np.convolve(np.asarray(ys, dtype=float), np.ones(window) / window, mode="valid")
+    centres = np.convolve(np.asarray(xs, dtype=float), np.ones(window) / window, mode="valid")
+    return centres.tolist(), means.tolist()
+
+
 def curves_png(records: Sequence[dict[str, Any]], title: str) -> bytes:
     """Loss, learning rate, grad norm, tokens/s, MFU and tokens per domain against step."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=100)
     steps = [r["step"] for r in records]
 
-    def panel(ax: Any, key: str, label: str, *, log: bool = False) -> None:
+    def panel(ax: Any, key: str, label: str, *, log: bool = False, smooth: bool = True) -> None:
         pairs = [(s, r[key]) for s, r in zip(steps, records, strict=True) if r.get(key) is not None]
         if pairs:
-            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], linewidth=1.5)
+            xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+            window = smoothing_window(len(pairs)) if smooth else 1
+            if window > 1:  # per-step values of small batches are noise: show their running mean
+                ax.plot(xs, ys, linewidth=0.5, alpha=0.25, color="tab:blue")
+                ax.plot(*running_mean(xs, ys, window), linewidth=1.5, color="tab:blue",
+                        label=f"mean of {window} steps")
+                ax.legend(fontsize=8)
+            else:
+                ax.plot(xs, ys, linewidth=1.5)
             if log and all(p[1] > 0 for p in pairs):
                 ax.set_yscale("log")
         else:
@@ -143,7 +170,7 @@ def curves_png(records: Sequence[dict[str, Any]], title: str) -> bytes:
         ax.grid(alpha=0.3)
 
     panel(axes[0][0], "loss", "loss (token-averaged CE)")
-    panel(axes[0][1], "lr", "learning rate")
+    panel(axes[0][1], "lr", "learning rate", smooth=False)
     panel(axes[0][2], "grad_norm", "gradient norm (before clipping)")
     panel(axes[1][0], "tokens_per_s", "tokens/s (all devices)")
     ax = axes[1][1]

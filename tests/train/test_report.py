@@ -54,3 +54,14 @@ def test_markdown_and_curves_are_written_for_people():
 
     image = matplotlib.image.imread(io.BytesIO(png), format="png")
     assert image.shape[0] >= 600 and image.shape[1] >= 1200  # six readable panels
+
+
+def test_long_runs_draw_a_running_mean_of_the_per_step_noise():
+    from prolong.train.report import running_mean, smoothing_window
+
+    assert smoothing_window(200) == 1 and smoothing_window(28_000) == 280
+    assert smoothing_window(300) == 5
+    xs, ys = running_mean([1, 2, 3, 4, 5], [1.0, 3.0, 1.0, 3.0, 1.0], 2)
+    assert xs == [1.5, 2.5, 3.5, 4.5] and ys == [2.0, 2.0, 2.0, 2.0]
+    png = curves_png(step_records(600), "p/base-0123abcd")
+    assert png.startswith(b"\x89PNG")
