@@ -70,6 +70,8 @@ quickstart: setup
 quickstart-base: setup
 	$(BIN)/prolongctl run jobs/quickstart/base.yaml
 	$(BIN)/python -m prolong.run.ship jobs/quickstart/base.yaml jobs/quickstart/base
+	# Whether the circuit formed: copy and needle-lookup accuracy on held-out documents.
+	$(BIN)/python bench/base_probe.py jobs/quickstart/base/final
 
 lint: setup
 	$(BIN)/ruff check .

@@ -102,17 +102,18 @@ PINNED_PIPELINE_IDS = {
     "prolong-8b/pipeline.yaml": {"stage1": "a12b524d", "stage2": "def3c1ca", "sft": "dd601f0d",
                                  "eval": "a93d35c6"},
     # Issue 22: stage 1 continues the shipped base (model.source), with its tokenizer and shape.
-    "quickstart/pipeline.yaml": {"stage1": "007f1d45", "stage2": "9820f20d", "sft": "0a9a6c85",
-                                 "eval": "22a09d27", "sft-from-stage1": "96a77a2a",
-                                 "eval-from-stage1": "233bfbb2"},
+    # Re-made base (28,000 steps): stage 1 names its id as model.revision, so every id changes.
+    "quickstart/pipeline.yaml": {"stage1": "1e61baad", "stage2": "7720c934", "sft": "5c08c6df",
+                                 "eval": "f0e0a221", "sft-from-stage1": "873dc40c",
+                                 "eval-from-stage1": "e4dec39d"},
 }
 PINNED_STANDALONE_IDS = {
     "prolong-8b/stage1-64k.yaml": "a12b524d",
     "prolong-8b/stage2-512k.yaml": "6c67c7e2",
     "prolong-8b/sft.yaml": "a9d1ede2",
     "prolong-8b/eval.yaml": "78f044bf",
-    "quickstart/base.yaml": "9fa74b20",
-    "quickstart/stage1.yaml": "007f1d45",
+    "quickstart/base.yaml": "f5267ecd",
+    "quickstart/stage1.yaml": "1e61baad",
     "quickstart/stage2.yaml": "01ab7181",
     "quickstart/sft.yaml": "4679d415",
     "quickstart/eval.yaml": "741802bc",
