@@ -117,6 +117,15 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
         else:
             console.print(f"stage {ref.stage} ({ref.id}) is complete: {ref.directory}",
                           markup=False, soft_wrap=True)
+    for job, ref, _ in pending:
+        source = job.spec.model.source
+        if source and job.spec.model.staged_path is None and Path(source).is_dir():
+            try:  # a shipped model named without its revision: before any lock, data or Ray
+                check_revision(source, job.spec.model.revision)
+            except StagingError as exc:  # bad input: exit 2, naming the file and field
+                rule = str(exc).removeprefix("model.revision: ")
+                raise SpecError([SpecIssue(f"stage {ref.stage}: spec.model.revision", rule,
+                                           file=str(path))]) from None
     with contextlib.ExitStack() as held:
         # One run of a stage at a time (prolong.stage.lock): every pending stage is locked
         # before data preparation or Ray start, so a second run of the same stages refuses at once.
@@ -143,14 +152,6 @@ def run_file(path: str | Path, *, ray_address: str | None = None, progress: bool
                 upstream_ready(job, ref, upstream_dirs)
             if isinstance(job, EvalJob):  # bad eval data is bad input (exit 2), before any model
                 check_data_dir(job.spec)
-            source = job.spec.model.source
-            if source and job.spec.model.staged_path is None and Path(source).is_dir():
-                try:  # a shipped model named without its revision: before Ray, not in a worker
-                    check_revision(source, job.spec.model.revision)
-                except StagingError as exc:  # bad input: exit 2, naming the file and field
-                    rule = str(exc).removeprefix("model.revision: ")
-                    raise SpecError([SpecIssue(f"stage {ref.stage}: spec.model.revision", rule,
-                                               file=str(path))]) from None
         if pending and require_prepared:
             check_prepared(loaded, [job for job, _, _ in pending])
         elif pending:
