@@ -50,6 +50,16 @@ EVENTS = kmock.resource("v1/events")
 _module_ids = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator looks for stage outputs where the specs put them, ./runs: run from the
+    checkout, a developer's own `make quickstart` would make every quickstart stage "complete"
+    to it. The tests run in a directory of their own, with the checkout's jobs/ (the quickstart's
+    base is named relative to it)."""
+    (tmp_path / "jobs").symlink_to(REPO / "jobs")
+    monkeypatch.chdir(tmp_path)
+
+
 def load_handlers() -> Any:
     """Import operator/handlers.py as a fresh module (``operator`` is not a package)."""
     name = f"prolong_operator_handlers_{next(_module_ids)}"
