@@ -103,6 +103,16 @@ def obj(type_name: str, /, **fields: Any) -> Obj:
     return Obj(type_name, {k: (lambda v=v: v) for k, v in fields.items()})
 
 
+def member_type(container: Any) -> Any | None:
+    """What ``in`` tests and a comprehension's variable ranges over: a list's elements, a map's
+    keys, dyn for dyn; None for anything else (no overload)."""
+    if isinstance(container, ListOf):
+        return container.elem
+    if isinstance(container, MapOf):
+        return container.key
+    return DYN if container is DYN else None
+
+
 def assignable(a: Any, b: Any) -> bool:
     """Whether values of types ``a`` and ``b`` may meet in ``==``, a ternary or a literal."""
     if a is DYN or b is DYN or a == b or a is b:
@@ -367,15 +377,8 @@ class _Walk:
                 raise CELTypeError(f"no overload of {'==' if op == 'eq' else '!='} for "
                                    f"({left}, {right})")
         elif op == "in":
-            if isinstance(right, ListOf):
-                container_key = right.elem
-            elif isinstance(right, MapOf):
-                container_key = right.key
-            elif right is DYN:
-                container_key = DYN
-            else:
-                raise CELTypeError(f"no overload of 'in' for ({left}, {right})")
-            if not assignable(left, container_key):
+            container_key = member_type(right)
+            if container_key is None or not assignable(left, container_key):
                 raise CELTypeError(f"no overload of 'in' for ({left}, {right})")
         else:
             ok = (DYN in (left, right) or (left == right and left in ORDERED)
@@ -515,13 +518,8 @@ class _Walk:
         raise CELTypeError(f"function {name}() on {receiver} is not modelled by this check")
 
     def _macro(self, range_type: Any, name: str, args: list) -> Any:
-        if isinstance(range_type, ListOf):
-            var_type = range_type.elem
-        elif isinstance(range_type, MapOf):
-            var_type = range_type.key
-        elif range_type is DYN:
-            var_type = DYN
-        else:
+        var_type = member_type(range_type)
+        if var_type is None:
             raise CELTypeError(f"{name}() ranges over a list or map, not {range_type}")
         var = _only_ident(args[0]) if args else None
         if var is None or len(args) not in (2, 3) or (len(args) == 3 and name != "map"):
