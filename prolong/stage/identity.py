@@ -114,19 +114,20 @@ class StageRef:
 def identity_payload(job: Job) -> dict[str, Any]:
     """The part of a job's spec that determines its result (defaults filled in)."""
     spec = job.spec.model_dump(mode="json", by_alias=True)
-    for path in SCHEDULING_ONLY:
+
+    def parent(path: tuple[str, ...]) -> dict[str, Any]:
         node = spec
         for key in path[:-1]:
             node = node.get(key, {})
-        node.pop(path[-1], None)
+        return node
+
+    for path in SCHEDULING_ONLY:
+        parent(path).pop(path[-1], None)
     # Fields added after runs exist enter the id only when set, so that every run made before
     # them keeps its id (and resumes) where the new field is left out.
     for path in ADDED_WHEN_SET:
-        node = spec
-        for key in path[:-1]:
-            node = node.get(key, {})
-        if node.get(path[-1]) is None:
-            node.pop(path[-1], None)
+        if parent(path).get(path[-1]) is None:
+            parent(path).pop(path[-1], None)
     return {"kind": job.kind, "spec": spec}
 
 
